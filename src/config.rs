@@ -1,0 +1,457 @@
+//! Configuration files of the long-running processes (`partner`, `witness`,
+//! `proxy`): TOML read with serde into one struct per process and validated
+//! at load, so that a mistake stops the process before it binds anything.
+//!
+//! Every error names the file, the key and what is wrong with it, e.g.
+//! `proxy.toml: listen: "127.0.0.1:99999" is not a valid address`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::roles::{Role, Safety};
+
+/// Shortest TIMEOUT accepted. The reference raises anything under 5 s to 5 s
+/// (spec 30); pgmirror allows 1 s because its pings are cheap and loopback or
+/// LAN deployments want fast failover. Below 1 s a GC pause or a busy core
+/// would cause false failovers.
+pub const MIN_TIMEOUT_SECS: u64 = 1;
+/// Longest TIMEOUT accepted: past an hour nobody means "automatic" any more.
+pub const MAX_TIMEOUT_SECS: u64 = 3600;
+/// TIMEOUT when none is configured (spec 30).
+pub const DEFAULT_TIMEOUT_SECS: u64 = 10;
+
+/// A configuration file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {key}{problem}")]
+    Invalid {
+        file: String,
+        /// `key: ` with its trailing separator, or empty for a whole-file problem.
+        key: String,
+        problem: String,
+    },
+}
+
+/// A problem found in one key while validating an already-parsed config.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Invalid {
+    pub key: String,
+    pub problem: String,
+}
+
+impl Invalid {
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Invalid {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Checks that go beyond what the types already guarantee.
+pub trait Validate {
+    fn validate(&self) -> Result<(), Invalid>;
+}
+
+/// Reads, parses and validates one configuration file.
+pub fn load<T: DeserializeOwned + Validate>(path: &Path) -> Result<T, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    parse(&file, &text)
+}
+
+/// Parses and validates configuration text; `file` is only used in errors.
+pub fn parse<T: DeserializeOwned + Validate>(file: &str, text: &str) -> Result<T, ConfigError> {
+    let invalid = |key: String, problem: String| ConfigError::Invalid {
+        file: file.to_string(),
+        key,
+        problem,
+    };
+    let deserializer = toml::Deserializer::new(text);
+    let config: T = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        let line = inner
+            .span()
+            .map(|span| format!(" (line {})", line_of(text, span.start)))
+            .unwrap_or_default();
+        let key = if path == "." {
+            String::new()
+        } else {
+            format!("{path}: ")
+        };
+        invalid(key, format!("{}{line}", inner.message().trim_end()))
+    })?;
+    config
+        .validate()
+        .map_err(|bad| invalid(format!("{}: ", bad.key), bad.problem))?;
+    Ok(config)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// A local address to listen on, `ip:port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct ListenAddr(pub SocketAddr);
+
+impl TryFrom<String> for ListenAddr {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        text.parse().map(ListenAddr).map_err(|_| {
+            format!("{text:?} is not a valid address (expected ip:port, e.g. \"127.0.0.1:5430\")")
+        })
+    }
+}
+
+/// A remote endpoint, `host:port` or the reference's `TCP://host:port`
+/// (spec 51); IPv6 literals go in brackets.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+impl FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad =
+            || format!("{text:?} is not a valid endpoint (expected host:port or TCP://host:port)");
+        let rest = match text.get(..6) {
+            Some(scheme) if scheme.eq_ignore_ascii_case("tcp://") => &text[6..],
+            _ => text,
+        };
+        let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if host.is_empty() || port == 0 || host.contains(['/', ' ']) {
+            return Err(bad());
+        }
+        Ok(Endpoint {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl TryFrom<String> for Endpoint {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        text.parse()
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Whether a mirroring endpoint uses mutual TLS (spec 69-70: required by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    #[default]
+    On,
+    /// Plain TCP; only when set explicitly, and logged as a warning.
+    Off,
+}
+
+/// Certificates for a mirroring endpoint: our identity and the CA that signs peers.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    #[serde(default)]
+    pub mode: TlsMode,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    fn validate(&self, section: &str) -> Result<(), Invalid> {
+        if self.mode == TlsMode::Off {
+            return Ok(());
+        }
+        for (name, value) in [("cert", &self.cert), ("key", &self.key), ("ca", &self.ca)] {
+            if value.is_none() {
+                return Err(Invalid::new(
+                    format!("{section}.{name}"),
+                    "missing: mutual TLS needs cert, key and ca (or set mode = \"off\" to run without TLS)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn validate_timeout(key: &str, secs: u64) -> Result<(), Invalid> {
+    if (MIN_TIMEOUT_SECS..=MAX_TIMEOUT_SECS).contains(&secs) {
+        Ok(())
+    } else {
+        Err(Invalid::new(
+            key,
+            format!("{secs} is out of range ({MIN_TIMEOUT_SECS} to {MAX_TIMEOUT_SECS} seconds)"),
+        ))
+    }
+}
+
+fn default_timeout() -> u64 {
+    DEFAULT_TIMEOUT_SECS
+}
+
+/// The PostgreSQL instance a partner agent runs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Directory of initdb, pg_ctl, pg_basebackup, pg_rewind; found like the
+    /// test harness does when absent (PGMIRROR_PG_BIN, PATH, pg_config).
+    pub bin_dir: Option<PathBuf>,
+    pub data_dir: PathBuf,
+    pub port: u16,
+}
+
+/// `pgmirror partner`: the agent beside one PostgreSQL instance.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartnerConfig {
+    /// The mirroring session (e.g. `shop`).
+    pub session: String,
+    /// This partner's server name as shown in status views.
+    pub name: String,
+    /// The role this partner takes when the session is first set up.
+    pub initial_role: Role,
+    /// This partner's mirroring endpoint.
+    pub listen: ListenAddr,
+    /// The other partner's mirroring endpoint.
+    pub peer: Endpoint,
+    /// The witness's endpoint, when the session has one.
+    pub witness: Option<Endpoint>,
+    /// Where the agent keeps its durable state (role, epoch, session state).
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub safety: Safety,
+    /// Seconds of silence after which a connection counts as lost (spec 29-30).
+    #[serde(default = "default_timeout")]
+    pub timeout: u64,
+    /// Prometheus metrics listener.
+    pub metrics: Option<ListenAddr>,
+    pub postgres: PostgresConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+impl Validate for PartnerConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        validate_name("session", &self.session)?;
+        validate_name("name", &self.name)?;
+        validate_timeout("timeout", self.timeout)?;
+        if self.postgres.port == 0 {
+            return Err(Invalid::new("postgres.port", "0 is not a valid port"));
+        }
+        self.tls.validate("tls")
+    }
+}
+
+/// `pgmirror witness`: keeps the role table and arbitrates failover.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessConfig {
+    /// The witness's endpoint, for partners and proxies.
+    pub listen: ListenAddr,
+    /// The SQLite file holding the role table.
+    pub store: PathBuf,
+    pub metrics: Option<ListenAddr>,
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+impl Validate for WitnessConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.store.as_os_str().is_empty() {
+            return Err(Invalid::new("store", "must name a file"));
+        }
+        self.tls.validate("tls")
+    }
+}
+
+/// One session as the proxy sees it: where its partners are (the reference's
+/// Failover Partner list, spec 56) and which client dbnames map to it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySession {
+    /// The partner agents' mirroring endpoints.
+    pub partners: Vec<Endpoint>,
+    pub witness: Option<Endpoint>,
+    /// Client dbnames routed to this session.
+    #[serde(default)]
+    pub databases: Vec<String>,
+}
+
+/// The admin console's login (`dbname=pgmirror`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub user: String,
+    pub password: String,
+}
+
+/// Server certificate for TLS to clients; absent means SSLRequest gets 'N'.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn default_proxy_listen() -> ListenAddr {
+    ListenAddr(SocketAddr::from(([127, 0, 0, 1], 6432)))
+}
+fn default_max_clients() -> usize {
+    1000
+}
+fn default_startup_timeout() -> u64 {
+    10
+}
+fn default_hold_timeout() -> u64 {
+    30
+}
+
+/// `pgmirror proxy`: routes clients to the current principal.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    #[serde(default = "default_proxy_listen")]
+    pub listen: ListenAddr,
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
+    /// Seconds a client has to finish startup and authentication.
+    #[serde(default = "default_startup_timeout")]
+    pub startup_timeout: u64,
+    /// Seconds a new connection is held while no principal serves.
+    #[serde(default = "default_hold_timeout")]
+    pub hold_timeout: u64,
+    /// The session for dbnames no session lists.
+    pub default_session: Option<String>,
+    pub metrics: Option<ListenAddr>,
+    pub tls: Option<ClientTlsConfig>,
+    pub admin: Option<AdminConfig>,
+    pub sessions: BTreeMap<String, ProxySession>,
+}
+
+impl Validate for ProxyConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.sessions.is_empty() {
+            return Err(Invalid::new("sessions", "at least one session is needed"));
+        }
+        for (name, session) in &self.sessions {
+            validate_name(&format!("sessions.{name}"), name)?;
+            if session.partners.is_empty() {
+                return Err(Invalid::new(
+                    format!("sessions.{name}.partners"),
+                    "at least one partner endpoint is needed",
+                ));
+            }
+        }
+        if let Some(default) = &self.default_session {
+            if !self.sessions.contains_key(default) {
+                return Err(Invalid::new(
+                    "default_session",
+                    format!("{default:?} is not one of the [sessions]"),
+                ));
+            }
+        }
+        if self.max_clients == 0 {
+            return Err(Invalid::new("max_clients", "must be at least 1"));
+        }
+        validate_timeout("startup_timeout", self.startup_timeout)?;
+        validate_timeout("hold_timeout", self.hold_timeout)
+    }
+}
+
+/// Session and server names end up in file names, metric labels and SQL
+/// identifiers, so they are kept to a safe alphabet.
+fn validate_name(key: &str, name: &str) -> Result<(), Invalid> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Invalid::new(
+            key,
+            format!("{name:?} is not a valid name (1-63 letters, digits, '_' or '-')"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PROXY: &str = r#"
+listen = "127.0.0.1:6432"
+[sessions.shop]
+partners = ["127.0.0.1:5431", "TCP://[::1]:5441"]
+"#;
+
+    #[test]
+    fn endpoints_accept_reference_and_ipv6_forms() {
+        let config: ProxyConfig = parse("proxy.toml", PROXY).unwrap();
+        let partners = &config.sessions["shop"].partners;
+        assert_eq!(partners[0].to_string(), "127.0.0.1:5431");
+        assert_eq!(partners[1].host, "::1");
+        assert_eq!(partners[1].to_string(), "[::1]:5441");
+    }
+
+    #[test]
+    fn bad_listen_address_names_file_key_and_value() {
+        let text = PROXY.replace("127.0.0.1:6432", "127.0.0.1:99999");
+        let err = parse::<ProxyConfig>("proxy.toml", &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(r#"proxy.toml: listen: "127.0.0.1:99999" is not a valid address"#),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key() {
+        let text = format!("default_session = \"nope\"\n{PROXY}");
+        let err = parse::<ProxyConfig>("p.toml", &text)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            r#"p.toml: default_session: "nope" is not one of the [sessions]"#
+        );
+    }
+}

@@ -1,0 +1,11 @@
+//! pgmirror: SQL Server-style database mirroring for PostgreSQL.
+//!
+//! The binary (`src/main.rs`) only parses the command line and calls into the
+//! modules here, one per process plus the shared vocabulary, so that the
+//! integration tests in `tests/` drive exactly the code the binary runs.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod logging;
+pub mod partner;
+pub mod roles;

@@ -1,0 +1,141 @@
+//! `PgInstance`: a real PostgreSQL server in its own temp dir on a free port
+//! of 127.0.0.1, run as the `postgres` user when the tests run as root.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use pgmirror::partner::engine::{Instance, PgBinaries, RunAs, StopMode};
+use tempfile::TempDir;
+
+use super::free_port;
+
+/// Times a fresh port is tried when the server cannot bind the last one.
+const START_ATTEMPTS: usize = 3;
+
+pub struct PgInstance {
+    pub engine: Instance,
+    dir: TempDir,
+}
+
+impl PgInstance {
+    /// initdb (trust auth, data checksums) and start.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Like `start`, with extra postgresql.conf lines.
+    pub fn start_with(settings: &[&str]) -> Self {
+        let bin = PgBinaries::locate(None).expect("PostgreSQL binaries");
+        let run_as = RunAs::detect().expect("an OS user to run PostgreSQL as");
+        let dir = tempfile::Builder::new()
+            .prefix("pgmirror-test-")
+            .tempdir()
+            .expect("temp dir");
+        run_as.hand_over(dir.path()).expect("chown temp dir");
+        let mut engine = Instance {
+            bin,
+            run_as,
+            data_dir: dir.path().join("data"),
+            socket_dir: dir.path().to_path_buf(),
+            port: free_port(),
+        };
+        engine.initdb("trust", settings).expect("initdb");
+        let mut attempt = 1;
+        while let Err(err) = engine.start() {
+            assert!(attempt < START_ATTEMPTS, "PostgreSQL did not start: {err}");
+            attempt += 1;
+            let old = format!("port = {}\n", engine.port);
+            engine.port = free_port();
+            let conf = engine.data_dir.join("postgresql.conf");
+            let text = std::fs::read_to_string(&conf).expect("postgresql.conf");
+            std::fs::write(
+                &conf,
+                text.replace(&old, &format!("port = {}\n", engine.port)),
+            )
+            .expect("postgresql.conf");
+        }
+        PgInstance { engine, dir }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.engine.port
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.engine.port))
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A libpq connection string for this server on `port`.
+    pub fn conninfo(port: u16) -> String {
+        format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=10")
+    }
+
+    /// A tokio-postgres client straight to the server.
+    pub async fn connect(&self) -> tokio_postgres::Client {
+        connect_port(self.port())
+            .await
+            .expect("connect to PostgreSQL")
+    }
+
+    /// The postmaster's pid, while the server runs.
+    pub fn pid(&self) -> Option<nix::unistd::Pid> {
+        self.engine.postmaster_pid()
+    }
+
+    /// kill -9 of every process of the instance, like a crash.
+    pub fn kill9(&self) {
+        self.engine.signal_all(Signal::SIGKILL);
+        assert!(
+            self.engine.wait_gone(Duration::from_secs(10)),
+            "postgres survived kill -9"
+        );
+    }
+
+    /// SIGSTOP of every process of the instance, like a frozen machine.
+    pub fn freeze(&self) {
+        self.engine.signal_all(Signal::SIGSTOP);
+    }
+
+    pub fn thaw(&self) {
+        self.engine.signal_all(Signal::SIGCONT);
+    }
+
+    pub fn stop(&self) {
+        self.engine.stop(StopMode::Fast).expect("pg_ctl stop");
+    }
+}
+
+/// A tokio-postgres client to a server (or a link in front of one) on `port`.
+pub async fn connect_port(port: u16) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) =
+        tokio_postgres::connect(&PgInstance::conninfo(port), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+impl Drop for PgInstance {
+    fn drop(&mut self) {
+        if self.engine.postmaster_pid().is_none() {
+            return;
+        }
+        // A frozen server cannot act on pg_ctl's signal.
+        self.thaw();
+        if self.engine.stop(StopMode::Immediate).is_err() {
+            self.engine.signal_all(Signal::SIGKILL);
+        }
+        self.engine.wait_gone(Duration::from_secs(10));
+        if std::thread::panicking() {
+            eprintln!(
+                "--- PostgreSQL log of {} ---\n{}",
+                self.dir.path().display(),
+                self.engine.log_tail(40)
+            );
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! `Pgmirror`: a `pgmirror` subcommand started from the built binary, its
+//! output captured in a file that is shown when the test fails, killed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary cargo built for this test run.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_pgmirror");
+
+pub struct Pgmirror {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Pgmirror {
+    /// Starts `pgmirror ARGS` with its stdout and stderr in `dir/NAME.log`.
+    pub fn spawn(name: &str, dir: &Path, args: &[&str]) -> Pgmirror {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("process log file");
+        let child = Command::new(BINARY)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("start pgmirror");
+        Pgmirror {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    /// Everything the process printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Pgmirror {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- pgmirror {} output ---\n{}", self.name, self.output());
+        }
+    }
+}
+
+/// Runs `pgmirror ARGS` to completion (at most a minute) and returns its
+/// exit code and combined output.
+pub fn run(args: &[&str]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut process = Pgmirror::spawn("run", dir.path(), args);
+    let status = process
+        .wait(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("pgmirror {args:?} did not exit"));
+    (status.code(), process.output())
+}
