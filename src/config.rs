@@ -234,6 +234,20 @@ pub struct PostgresConfig {
     pub bin_dir: Option<PathBuf>,
     pub data_dir: PathBuf,
     pub port: u16,
+    /// Addresses PostgreSQL listens on for clients (its `listen_addresses`).
+    #[serde(default = "default_pg_listen")]
+    pub listen_addresses: String,
+    /// The database superuser the agent and the replication stream use.
+    #[serde(default = "default_pg_user")]
+    pub user: String,
+}
+
+fn default_pg_listen() -> String {
+    "127.0.0.1".into()
+}
+
+fn default_pg_user() -> String {
+    "postgres".into()
 }
 
 /// `pgmirror partner`: the agent beside one PostgreSQL instance.

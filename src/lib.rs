@@ -9,3 +9,6 @@ pub mod config;
 pub mod logging;
 pub mod partner;
 pub mod roles;
+pub mod shipper;
+pub mod tls;
+pub mod wire;

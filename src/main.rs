@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use pgmirror::config::{self, PartnerConfig, ProxyConfig, WitnessConfig};
 use pgmirror::logging::{self, LogFormat};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
 
 /// Database mirroring for PostgreSQL: a principal and a mirror kept in step
 /// by shipping WAL, a witness for automatic failover, and a proxy that sends
@@ -52,15 +54,62 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let loaded = match &cli.command {
-        Commands::Partner { config } => config::load::<PartnerConfig>(config).map(drop),
+        Commands::Partner { config } => {
+            return match config::load::<PartnerConfig>(config) {
+                Ok(config) => serve(pgmirror::partner::agent::run(config, shutdown_on_signal())),
+                Err(err) => fail(err),
+            };
+        }
         Commands::Witness { config } => config::load::<WitnessConfig>(config).map(drop),
         Commands::Proxy { config } => config::load::<ProxyConfig>(config).map(drop),
         Commands::Demo => Ok(()),
     };
     if let Err(err) = loaded {
-        eprintln!("pgmirror: {err}");
-        return ExitCode::FAILURE;
+        return fail(err);
     }
     eprintln!("pgmirror: this subcommand is not implemented yet");
     ExitCode::from(NOT_IMPLEMENTED)
+}
+
+fn fail(err: impl std::fmt::Display) -> ExitCode {
+    eprintln!("pgmirror: {err}");
+    ExitCode::FAILURE
+}
+
+/// Runs a long-lived process on a multi-threaded runtime until it returns.
+fn serve<E: std::fmt::Display>(
+    process: impl std::future::Future<Output = Result<(), E>>,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(err),
+    };
+    match runtime.block_on(process) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => fail(err),
+    }
+}
+
+/// A token cancelled on SIGINT or SIGTERM; must be called inside the runtime
+/// that awaits it, so it is created lazily there.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        if let Ok(runtime) = runtime {
+            runtime.block_on(async {
+                let mut terminate = signal(SignalKind::terminate()).ok();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async { match terminate.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+                }
+                tracing::info!("shutting down");
+                trigger.cancel();
+            });
+        }
+    });
+    token
 }

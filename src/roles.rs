@@ -27,6 +27,79 @@ pub enum Role {
     Mirror,
 }
 
+/// `mirroring_state` of spec 2 and 4-11.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MirroringState {
+    /// Paused, forced service, or an old principal back after forced
+    /// service: no WAL moves until RESUME (spec 6).
+    Suspended,
+    /// The partners cannot reach each other (spec 8).
+    Disconnected,
+    /// The mirror is catching up (spec 4).
+    Synchronizing,
+    /// Only on the principal, while a manual failover runs (spec 7).
+    PendingFailover,
+    /// The mirror has caught up (spec 5).
+    Synchronized,
+    /// High performance (SAFETY OFF): the mirror streams asynchronously, so
+    /// it is never known to be synchronized and failover is not possible
+    /// without data loss (spec 2, code 5).
+    Unsynchronized,
+}
+
+impl MirroringState {
+    /// The numeric `mirroring_state` column (spec 2).
+    pub fn code(self) -> i32 {
+        match self {
+            MirroringState::Suspended => 0,
+            MirroringState::Disconnected => 1,
+            MirroringState::Synchronizing => 2,
+            MirroringState::PendingFailover => 3,
+            MirroringState::Synchronized => 4,
+            MirroringState::Unsynchronized => 5,
+        }
+    }
+
+    /// The `mirroring_state_desc` column.
+    pub fn desc(self) -> &'static str {
+        match self {
+            MirroringState::Suspended => "SUSPENDED",
+            MirroringState::Disconnected => "DISCONNECTED",
+            MirroringState::Synchronizing => "SYNCHRONIZING",
+            MirroringState::PendingFailover => "PENDING_FAILOVER",
+            MirroringState::Synchronized => "SYNCHRONIZED",
+            MirroringState::Unsynchronized => "UNSYNCHRONIZED",
+        }
+    }
+}
+
+impl fmt::Display for MirroringState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.desc())
+    }
+}
+
+/// `mirroring_role_sequence`: grows by one at every role switch and fences
+/// stale principals (I1, I4).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(transparent)]
+pub struct Epoch(pub u64);
+
+impl Epoch {
+    pub fn next(self) -> Epoch {
+        Epoch(self.0 + 1)
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 impl fmt::Display for Safety {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -60,6 +133,14 @@ impl fmt::Display for Role {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_codes_follow_the_reference() {
+        assert_eq!(MirroringState::Suspended.code(), 0);
+        assert_eq!(MirroringState::Synchronized.code(), 4);
+        assert_eq!(MirroringState::PendingFailover.desc(), "PENDING_FAILOVER");
+        assert_eq!(Epoch(1).next(), Epoch(2));
+    }
 
     #[test]
     fn safety_parses_case_insensitively_and_rejects_others() {

@@ -13,10 +13,16 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{self, Signal};
+
+use crate::wire::lsn::Lsn;
 use nix::unistd::{Gid, Pid, Uid, User};
 
 /// The OS user that runs PostgreSQL when we are root.
 pub const POSTGRES_OS_USER: &str = "postgres";
+
+/// pgmirror's own settings file in the data directory, included last from
+/// postgresql.conf.
+pub const SETTINGS_FILE: &str = "pgmirror.conf";
 
 /// How long pg_ctl may wait for a start or stop.
 const PG_CTL_WAIT_SECS: u32 = 120;
@@ -184,6 +190,15 @@ pub fn run(mut command: Command) -> Result<Output, EngineError> {
     }
 }
 
+/// What `pg_controldata` says about a data directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlData {
+    pub system_identifier: u64,
+    pub checkpoint: Lsn,
+    /// e.g. "in production", "shut down", "in archive recovery".
+    pub state: String,
+}
+
 /// How pg_ctl stops a server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopMode {
@@ -206,8 +221,8 @@ pub struct Instance {
 
 impl Instance {
     /// `initdb` with data checksums (pg_rewind needs them or wal_log_hints),
-    /// then the settings every pgmirror instance needs, plus `extra` lines.
-    pub fn initdb(&self, auth: &str, extra: &[&str]) -> Result<(), EngineError> {
+    /// and the include line for pgmirror's own settings file.
+    pub fn initdb(&self, auth: &str) -> Result<(), EngineError> {
         let mut command = self.run_as.command(self.bin.path("initdb"));
         command
             .arg("--data-checksums")
@@ -224,22 +239,176 @@ impl Instance {
             .arg("-D")
             .arg(&self.data_dir);
         run(command)?;
+        append(
+            &self.data_dir.join("postgresql.conf"),
+            &format!("\n# Settings managed by pgmirror; they override the ones above.\ninclude_if_exists = '{SETTINGS_FILE}'\n"),
+        )
+    }
+
+    /// Whether the data directory holds a cluster.
+    pub fn has_cluster(&self) -> bool {
+        self.data_dir.join("PG_VERSION").is_file()
+    }
+
+    /// Rewrites pgmirror's settings file: where the server listens, plus
+    /// `extra` lines. pg_basebackup and pg_rewind copy the peer's file, so
+    /// it is rewritten before every start.
+    pub fn write_settings(
+        &self,
+        listen_addresses: &str,
+        extra: &[String],
+    ) -> Result<(), EngineError> {
         let mut settings = format!(
-            "\n# pgmirror\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n",
+            "# Written by pgmirror before every start; edits are lost.\nport = {}\nlisten_addresses = '{}'\nunix_socket_directories = '{}'\n",
             self.port,
+            listen_addresses,
             self.socket_dir.display()
         );
         for line in extra {
             let _ = writeln!(settings, "{line}");
         }
-        append(&self.data_dir.join("postgresql.conf"), &settings)
+        let path = self.data_dir.join(SETTINGS_FILE);
+        std::fs::write(&path, settings).map_err(|source| EngineError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        self.run_as.hand_over(&path)?;
+        let conf = self.data_dir.join("postgresql.conf");
+        let text = std::fs::read_to_string(&conf).map_err(|source| EngineError::Io {
+            path: conf.clone(),
+            source,
+        })?;
+        if !text.contains(SETTINGS_FILE) {
+            append(&conf, &format!("\ninclude_if_exists = '{SETTINGS_FILE}'\n"))?;
+        }
+        Ok(())
+    }
+
+    /// Creates or removes `standby.signal`, which makes the server start as a standby.
+    pub fn set_standby(&self, standby: bool) -> Result<(), EngineError> {
+        let path = self.data_dir.join("standby.signal");
+        let result = if standby {
+            std::fs::write(&path, "")
+                .and_then(|_| self.run_as.hand_over(&path).map_err(std::io::Error::other))
+        } else {
+            match std::fs::remove_file(&path) {
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            }
+        };
+        result.map_err(|source| EngineError::Io { path, source })
+    }
+
+    /// Tells a running server to reread its configuration.
+    pub fn reload(&self) -> Result<(), EngineError> {
+        let mut command = self.run_as.command(self.bin.path("pg_ctl"));
+        command.arg("reload").arg("-D").arg(&self.data_dir);
+        run(command).map(drop)
+    }
+
+    /// Ends recovery on a standby and waits until it accepts writes.
+    pub fn promote(&self) -> Result<(), EngineError> {
+        let mut command = self.run_as.command(self.bin.path("pg_ctl"));
+        command
+            .args(["promote", "-w", "-t", &PG_CTL_WAIT_SECS.to_string(), "-D"])
+            .arg(&self.data_dir);
+        run(command).map(drop)
+    }
+
+    /// Copies the principal reachable at `conninfo` into the (absent or
+    /// empty) data directory, streaming WAL through replication `slot`.
+    pub fn base_backup(&self, conninfo: &str, slot: &str) -> Result<(), EngineError> {
+        let mut command = self.run_as.command(self.bin.path("pg_basebackup"));
+        command
+            .arg("-D")
+            .arg(&self.data_dir)
+            .arg(format!("--dbname={conninfo}"))
+            .args(["-X", "stream", "-S", slot, "-c", "fast", "--no-password"]);
+        run(command).map(drop)
+    }
+
+    /// Rolls this (stopped) data directory back to where it diverged from
+    /// the server at `conninfo`, so it can follow that server's timeline.
+    /// Prints "no rewind required" and changes nothing when it has not diverged.
+    pub fn rewind(&self, conninfo: &str) -> Result<String, EngineError> {
+        let mut command = self.run_as.command(self.bin.path("pg_rewind"));
+        command
+            .arg("-D")
+            .arg(&self.data_dir)
+            .arg(format!("--source-server={conninfo}"))
+            .arg("--no-sync");
+        run(command).map(|output| {
+            let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&output.stderr));
+            text
+        })
+    }
+
+    /// Facts from `pg_controldata`: the system identifier and the last checkpoint.
+    pub fn control_data(&self) -> Result<ControlData, EngineError> {
+        let mut command = self.run_as.command(self.bin.path("pg_controldata"));
+        command.arg("-D").arg(&self.data_dir);
+        let output = run(command)?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name))
+                .map(|rest| rest.trim_start_matches(':').trim().to_string())
+        };
+        let bad = |what: &str| EngineError::Failed {
+            program: "pg_controldata".into(),
+            status: output.status,
+            stderr: format!("no {what} in its output"),
+        };
+        let system_identifier = field("Database system identifier")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad("system identifier"))?;
+        let checkpoint = field("Latest checkpoint location")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad("checkpoint location"))?;
+        let state = field("Database cluster state").ok_or_else(|| bad("cluster state"))?;
+        Ok(ControlData {
+            system_identifier,
+            checkpoint,
+            state,
+        })
+    }
+
+    /// The major version of the binaries (e.g. 15).
+    pub fn major_version(&self) -> Result<u32, EngineError> {
+        let mut command = Command::new(self.bin.path("pg_ctl"));
+        command.arg("--version");
+        let output = run(command)?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        text.split_whitespace()
+            .last()
+            .and_then(|version| version.split('.').next())
+            .and_then(|major| major.parse().ok())
+            .ok_or_else(|| EngineError::Failed {
+                program: "pg_ctl --version".into(),
+                status: output.status,
+                stderr: format!("unexpected output {text:?}"),
+            })
     }
 
     /// Starts the server and waits until it accepts connections.
     pub fn start(&self) -> Result<(), EngineError> {
+        self.start_with(true)
+    }
+
+    /// Starts the server; with `wait`, until it accepts connections. A
+    /// standby is started without waiting: it accepts connections only once
+    /// it has replayed to a consistent point, which needs the stream.
+    pub fn start_with(&self, wait: bool) -> Result<(), EngineError> {
         let mut command = self.run_as.command(self.bin.path("pg_ctl"));
         command
-            .args(["start", "-w", "-t", &PG_CTL_WAIT_SECS.to_string(), "-D"])
+            .args([
+                "start",
+                if wait { "-w" } else { "-W" },
+                "-t",
+                &PG_CTL_WAIT_SECS.to_string(),
+                "-D",
+            ])
             .arg(&self.data_dir)
             .arg("-l")
             .arg(self.log_file())
@@ -282,9 +451,10 @@ impl Instance {
         run(command).map(drop)
     }
 
-    /// The server's own log, written by pg_ctl.
+    /// The server's own log, written by pg_ctl; beside the socket, in a
+    /// directory the server's user owns.
     pub fn log_file(&self) -> PathBuf {
-        self.data_dir.with_extension("log")
+        self.socket_dir.join("postgresql.log")
     }
 
     /// The last `lines` lines of the server log, for error messages.

@@ -1,7 +1,16 @@
 //! The partner agent: runs beside one PostgreSQL instance, controls it, and
 //! runs its half of the log shipper.
 //!
-//! `engine` drives the PostgreSQL binaries; the agent itself lands with
-//! issue 3.
+//! `agent` holds the running agent and its endpoints, `supervisor` the
+//! periodic work that keeps PostgreSQL in its role, `operations` the role
+//! changes (failover, forced service, rewind), `commands` the IO-free checks
+//! of what may be done now, `api` the typed control API, `state` the durable
+//! session state and `engine` the PostgreSQL binaries.
 
+pub mod agent;
+pub mod api;
+pub mod commands;
 pub mod engine;
+pub mod operations;
+pub mod state;
+pub mod supervisor;

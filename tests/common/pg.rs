@@ -41,20 +41,19 @@ impl PgInstance {
             socket_dir: dir.path().to_path_buf(),
             port: free_port(),
         };
-        engine.initdb("trust", settings).expect("initdb");
+        engine.initdb("trust").expect("initdb");
+        let settings: Vec<String> = settings.iter().map(|line| line.to_string()).collect();
         let mut attempt = 1;
-        while let Err(err) = engine.start() {
-            assert!(attempt < START_ATTEMPTS, "PostgreSQL did not start: {err}");
+        loop {
+            engine
+                .write_settings("127.0.0.1", &settings)
+                .expect("write settings");
+            match engine.start() {
+                Ok(()) => break,
+                Err(err) => assert!(attempt < START_ATTEMPTS, "PostgreSQL did not start: {err}"),
+            }
             attempt += 1;
-            let old = format!("port = {}\n", engine.port);
             engine.port = free_port();
-            let conf = engine.data_dir.join("postgresql.conf");
-            let text = std::fs::read_to_string(&conf).expect("postgresql.conf");
-            std::fs::write(
-                &conf,
-                text.replace(&old, &format!("port = {}\n", engine.port)),
-            )
-            .expect("postgresql.conf");
         }
         PgInstance { engine, dir }
     }

@@ -57,6 +57,12 @@ impl Pgmirror {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// kill -9, and reap it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Pgmirror {

@@ -1,0 +1,10 @@
+//! PostgreSQL frame reading for the shipper and proxy: the pieces that watch
+//! bytes relayed between a client and a server without taking part.
+//!
+//! `lsn` is the WAL position type, `frame` splits one direction of a protocol
+//! v3 connection into messages without buffering bodies, and `replication`
+//! decodes the streaming-replication sub-messages carried in CopyData.
+
+pub mod frame;
+pub mod lsn;
+pub mod replication;

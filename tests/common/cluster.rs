@@ -1,0 +1,278 @@
+//! `Pair`: two `pgmirror partner` agents, each beside its own PostgreSQL, in
+//! one temp dir with generated certificates, optionally with a cuttable
+//! [`Link`] on each agent-to-agent path. Dropping it kills the agents and
+//! the servers.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use pgmirror::config::{PartnerConfig, TlsMode};
+use pgmirror::partner::api::{Command, ControlClient, MirroringStatus, Response};
+use pgmirror::partner::engine::{Instance, PgBinaries, RunAs, StopMode};
+use pgmirror::roles::Safety;
+use pgmirror::tls::{generate_pki, tls_config_for, EndpointTls};
+use tempfile::TempDir;
+
+use super::{free_port, Link, Pgmirror};
+
+/// Generous bound for anything a healthy pair does (setup, failover, resync).
+pub const SLOW: Duration = Duration::from_secs(90);
+
+/// One partner: its config, its agent process and its PostgreSQL.
+pub struct Partner {
+    pub name: String,
+    pub config: PartnerConfig,
+    config_path: PathBuf,
+    dir: PathBuf,
+    pub agent: Option<Pgmirror>,
+    pub engine: Instance,
+}
+
+impl Partner {
+    pub fn start_agent(&mut self) {
+        let config = self.config_path.to_str().expect("utf-8 path").to_string();
+        self.agent = Some(Pgmirror::spawn(
+            &self.name,
+            &self.dir,
+            &["partner", "--config", &config],
+        ));
+    }
+
+    /// kill -9 of the agent and of every PostgreSQL process: the server died.
+    pub fn kill9(&mut self) {
+        self.engine.signal_all(Signal::SIGKILL);
+        if let Some(agent) = &mut self.agent {
+            agent.kill9();
+        }
+        assert!(self.engine.wait_gone(Duration::from_secs(10)));
+    }
+
+    pub fn pg_port(&self) -> u16 {
+        self.config.postgres.port
+    }
+
+    /// A client straight to this partner's PostgreSQL.
+    pub async fn sql(&self) -> tokio_postgres::Client {
+        super::pg::connect_port(self.pg_port())
+            .await
+            .expect("connect to partner PostgreSQL")
+    }
+}
+
+impl Drop for Partner {
+    fn drop(&mut self) {
+        if let Some(agent) = &mut self.agent {
+            agent.kill9();
+        }
+        if self.engine.postmaster_pid().is_some() {
+            self.engine.signal_all(Signal::SIGCONT);
+            if self.engine.stop(StopMode::Immediate).is_err() {
+                self.engine.signal_all(Signal::SIGKILL);
+            }
+            self.engine.wait_gone(Duration::from_secs(10));
+        }
+    }
+}
+
+pub struct PairOptions {
+    pub safety: Safety,
+    pub timeout: u64,
+    pub tls: bool,
+    /// Put a cuttable link on each agent-to-agent path.
+    pub links: bool,
+}
+
+impl Default for PairOptions {
+    fn default() -> Self {
+        PairOptions {
+            safety: Safety::Full,
+            timeout: 10,
+            tls: true,
+            links: false,
+        }
+    }
+}
+
+pub struct Pair {
+    pub a: Partner,
+    pub b: Partner,
+    /// a -> b and b -> a, when asked for.
+    pub links: Option<(Link, Link)>,
+    tls: EndpointTls,
+    // Last: removed after the partners are gone.
+    _dir: TempDir,
+}
+
+impl Pair {
+    /// Starts alpha (initial principal) and beta (initial mirror).
+    pub fn start(options: PairOptions) -> Pair {
+        let dir = tempfile::Builder::new()
+            .prefix("pgmirror-pair-")
+            .tempdir()
+            .expect("temp dir");
+        let run_as = RunAs::detect().expect("run-as user");
+        run_as.hand_over(dir.path()).expect("chown pair dir");
+        let pki = dir.path().join("pki");
+        generate_pki(&pki, &["alpha", "beta", "tester"]).expect("certificates");
+        let endpoints = [free_port(), free_port()];
+        let links = options.links.then(|| {
+            (
+                Link::new(([127, 0, 0, 1], endpoints[1]).into()),
+                Link::new(([127, 0, 0, 1], endpoints[0]).into()),
+            )
+        });
+        let peer_ports = match &links {
+            Some((to_b, to_a)) => [to_b.port(), to_a.port()],
+            None => [endpoints[1], endpoints[0]],
+        };
+        let make = |index: usize, name: &str, role: &str| {
+            let partner_dir = dir.path().join(name);
+            std::fs::create_dir_all(&partner_dir).expect("partner dir");
+            let tls = if options.tls {
+                let files = tls_config_for(&pki, name);
+                format!(
+                    "[tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+                    files.cert.unwrap(),
+                    files.key.unwrap(),
+                    files.ca.unwrap()
+                )
+            } else {
+                "[tls]\nmode = \"off\"\n".to_string()
+            };
+            let text = format!(
+                "session = \"shop\"\nname = \"{name}\"\ninitial_role = \"{role}\"\n\
+                 listen = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\nstate_dir = {:?}\n\
+                 safety = \"{}\"\ntimeout = {}\n\n[postgres]\ndata_dir = {:?}\nport = {}\n\n{tls}",
+                endpoints[index],
+                peer_ports[index],
+                partner_dir.join("agent"),
+                match options.safety {
+                    Safety::Full => "full",
+                    Safety::Off => "off",
+                },
+                options.timeout,
+                partner_dir.join("data"),
+                free_port(),
+            );
+            let config_path = partner_dir.join("partner.toml");
+            std::fs::write(&config_path, text).expect("write config");
+            let config: PartnerConfig = pgmirror::config::load(&config_path).expect("valid config");
+            let engine = Instance {
+                bin: PgBinaries::locate(None).expect("PostgreSQL binaries"),
+                run_as,
+                data_dir: config.postgres.data_dir.clone(),
+                socket_dir: config.state_dir.join("run"),
+                port: config.postgres.port,
+            };
+            let mut partner = Partner {
+                name: name.to_string(),
+                config,
+                config_path,
+                dir: partner_dir,
+                agent: None,
+                engine,
+            };
+            partner.start_agent();
+            partner
+        };
+        let a = make(0, "alpha", "principal");
+        let b = make(1, "beta", "mirror");
+        let tester = if options.tls {
+            tls_config_for(&pki, "tester")
+        } else {
+            pgmirror::config::TlsConfig {
+                mode: TlsMode::Off,
+                ..Default::default()
+            }
+        };
+        Pair {
+            a,
+            b,
+            links,
+            tls: EndpointTls::from_config(&tester).expect("tester TLS"),
+            _dir: dir,
+        }
+    }
+
+    pub async fn control(&self, partner: &Partner) -> ControlClient {
+        let deadline = Instant::now() + SLOW;
+        loop {
+            match ControlClient::connect(&partner.config.listen_endpoint(), &self.tls).await {
+                Ok(client) => return client,
+                Err(err) if Instant::now() > deadline => {
+                    panic!("control connection to {}: {err}", partner.name)
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    pub async fn status(&self, partner: &Partner) -> MirroringStatus {
+        self.control(partner).await.status().await.expect("status")
+    }
+
+    pub async fn command(&self, partner: &Partner, command: Command) -> Response {
+        self.control(partner)
+            .await
+            .command(command)
+            .await
+            .expect("command")
+    }
+
+    /// Polls `partner`'s status until `ready` holds, up to `limit`.
+    pub async fn wait_for(
+        &self,
+        partner: &Partner,
+        what: &str,
+        limit: Duration,
+        ready: impl Fn(&MirroringStatus) -> bool,
+    ) -> MirroringStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(mut client) =
+                ControlClient::connect(&partner.config.listen_endpoint(), &self.tls).await
+            {
+                if let Ok(status) = client.status().await {
+                    if ready(&status) {
+                        return status;
+                    }
+                    if Instant::now() > deadline {
+                        panic!(
+                            "{} never became {what}; last status: {status:#?}",
+                            partner.name
+                        );
+                    }
+                }
+            }
+            assert!(
+                Instant::now() <= deadline,
+                "{} never became {what} (unreachable)",
+                partner.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until both partners report `state`.
+    pub async fn wait_state(&self, state: &str) {
+        for partner in [&self.a, &self.b] {
+            self.wait_for(partner, state, SLOW, |status| status.state() == Some(state))
+                .await;
+        }
+    }
+}
+
+/// The endpoint a control client dials for a partner's `listen` address.
+pub trait ListenEndpoint {
+    fn listen_endpoint(&self) -> pgmirror::config::Endpoint;
+}
+
+impl ListenEndpoint for PartnerConfig {
+    fn listen_endpoint(&self) -> pgmirror::config::Endpoint {
+        pgmirror::config::Endpoint {
+            host: self.listen.0.ip().to_string(),
+            port: self.listen.0.port(),
+        }
+    }
+}
