@@ -209,10 +209,8 @@ async fn execute(agent: &Arc<Agent>, command: &Command) -> Result<String, OpErro
         Command::Failover => manual_failover(agent).await,
         Command::ForceServiceAllowDataLoss => force_service(agent).await,
         Command::Off => {
+            // The peer learns it from the next ping and ends its side too.
             end_session(agent)?;
-            if let Ok(mut client) = ControlClient::connect(&agent.config.peer, &agent.tls).await {
-                let _ = client.command(Command::Off).await;
-            }
             Ok("mirroring is OFF: the session ended; a mirror stays a standby (restoring)".into())
         }
     }
@@ -373,6 +371,10 @@ async fn received_lsn(agent: &Agent) -> Option<Lsn> {
 /// until the mirror has caught up.
 async fn promote(agent: &Arc<Agent>) -> Result<(), OpError> {
     blocking(agent, |engine| engine.promote()).await?;
+    // The new timeline reaches the control file only with the next
+    // checkpoint; until then pg_rewind on the old principal would see one
+    // timeline and find nothing to rewind.
+    local_sql(agent).await?.batch_execute("CHECKPOINT").await?;
     *lock(&agent.applied_sync) = None;
     apply_sync(agent, false).await?;
     ensure_slot(agent).await
@@ -524,13 +526,13 @@ pub async fn demote(agent: &Arc<Agent>, view: &PeerView) -> Result<(), OpError> 
     })?;
     agent.close_streams();
     *lock(&agent.applied_sync) = None;
-    if agent.engine.postmaster_pid().is_some() {
-        if blocking(agent, |engine| engine.stop(StopMode::Fast))
+    let running = agent.engine.postmaster_pid().is_some();
+    if running
+        && blocking(agent, |engine| engine.stop(StopMode::Fast))
             .await
             .is_err()
-        {
-            blocking(agent, |engine| engine.stop(StopMode::Immediate)).await?;
-        }
+    {
+        blocking(agent, |engine| engine.stop(StopMode::Immediate)).await?;
     }
     Ok(())
 }
