@@ -237,6 +237,9 @@ pub struct PostgresConfig {
     /// Addresses PostgreSQL listens on for clients (its `listen_addresses`).
     #[serde(default = "default_pg_listen")]
     pub listen_addresses: String,
+    /// host:port clients (the proxy) use to reach this PostgreSQL; by
+    /// default 127.0.0.1 and `port`.
+    pub advertise: Option<Endpoint>,
     /// The database superuser the agent and the replication stream use.
     #[serde(default = "default_pg_user")]
     pub user: String,

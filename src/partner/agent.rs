@@ -191,7 +191,13 @@ impl Agent {
         let mut status = MirroringStatus {
             database_name: self.config.session.clone(),
             server_name: self.config.name.clone(),
-            postgres_address: format!("127.0.0.1:{}", self.config.postgres.port),
+            postgres_address: self
+                .config
+                .postgres
+                .advertise
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_else(|| format!("127.0.0.1:{}", self.config.postgres.port)),
             link_bytes_raw: self.counters.raw(),
             link_bytes_compressed: self.counters.compressed(),
             peer_connected: peer.connected,

@@ -61,6 +61,8 @@ pub enum Command {
     Failover,
     ForceServiceAllowDataLoss,
     Off,
+    /// SET WITNESS = 'addr' (Some) or SET WITNESS OFF (None), spec 55.
+    Witness(Option<Endpoint>),
 }
 
 /// What one partner tells the other on every ping.

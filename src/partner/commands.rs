@@ -123,6 +123,7 @@ pub fn check(command: &Command, state: &SessionState, facts: Facts) -> Result<Ro
             Ok(Route::Here)
         }
         Command::Off => Ok(Route::Here),
+        Command::Witness(_) => on_principal("SET WITNESS"),
     }
 }
 

@@ -206,6 +206,9 @@ async fn execute(agent: &Arc<Agent>, command: &Command) -> Result<String, OpErro
             agent.update(|state| state.timeout_secs = *secs)?;
             Ok(format!("TIMEOUT {secs} seconds"))
         }
+        Command::Witness(_) => Err(OpError::Refused(
+            "this agent does not support a witness yet (high safety without automatic failover only)".into(),
+        )),
         Command::Failover => manual_failover(agent).await,
         Command::ForceServiceAllowDataLoss => force_service(agent).await,
         Command::Off => {
