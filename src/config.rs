@@ -124,8 +124,8 @@ impl TryFrom<String> for ListenAddr {
 
 /// A remote endpoint, `host:port` or the reference's `TCP://host:port`
 /// (spec 51); IPv6 literals go in brackets.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Endpoint {
     pub host: String,
     pub port: u16,
@@ -159,6 +159,12 @@ impl TryFrom<String> for Endpoint {
 
     fn try_from(text: String) -> Result<Self, Self::Error> {
         text.parse()
+    }
+}
+
+impl From<Endpoint> for String {
+    fn from(endpoint: Endpoint) -> String {
+        endpoint.to_string()
     }
 }
 
