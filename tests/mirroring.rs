@@ -568,3 +568,75 @@ async fn link_compression_on_pgbench_wal() {
         "compression saved little: {compressed} of {raw}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_full_a_lost_mirror_holds_commits_for_timeout_then_the_principal_runs_exposed() {
+    let pair = Pair::start(PairOptions {
+        timeout: 3,
+        links: true,
+        ..PairOptions::default()
+    });
+    pair.wait_state("SYNCHRONIZED").await;
+    let principal = pair.a.sql().await;
+    principal
+        .batch_execute("CREATE TABLE held (id int)")
+        .await
+        .unwrap();
+    let (to_b, to_a) = pair.links.as_ref().unwrap();
+    to_b.black_hole();
+    to_a.black_hole();
+    let started = Instant::now();
+    principal
+        .execute("INSERT INTO held VALUES (1)", &[])
+        .await
+        .unwrap();
+    let held = started.elapsed();
+    println!(
+        "a commit with the mirror black-holed under FULL returned after {held:?} (TIMEOUT 3 s)"
+    );
+    // The commit waited for the mirror until the principal gave up on it.
+    assert!(held >= Duration::from_secs(2), "{held:?}");
+    assert!(held < Duration::from_secs(30), "{held:?}");
+    let status = pair.status(&pair.a).await;
+    assert_eq!(status.state(), Some("DISCONNECTED"));
+    let quick = Instant::now();
+    principal
+        .execute("INSERT INTO held VALUES (2)", &[])
+        .await
+        .unwrap();
+    assert!(
+        quick.elapsed() < Duration::from_secs(2),
+        "exposed commits still wait"
+    );
+    to_b.heal();
+    to_a.heal();
+    pair.wait_state("SYNCHRONIZED").await;
+    let names: String = principal
+        .query_one("SHOW synchronous_standby_names", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        names, "\"beta\"",
+        "back to synchronous commit once SYNCHRONIZED"
+    );
+    wait_rows(&pair.b, "held", 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_holding_another_database_is_refused() {
+    let pair = Pair::start(PairOptions {
+        foreign_mirror: true,
+        ..PairOptions::default()
+    });
+    let status = pair
+        .wait_for(&pair.b, "refusing the principal", SLOW, |status| {
+            status
+                .last_error
+                .as_deref()
+                .is_some_and(|error| error.contains("system identifier"))
+        })
+        .await;
+    println!("{}", status.last_error.unwrap());
+    assert_ne!(pair.status(&pair.a).await.state(), Some("SYNCHRONIZED"));
+}

@@ -81,6 +81,8 @@ pub struct PairOptions {
     pub tls: bool,
     /// Put a cuttable link on each agent-to-agent path.
     pub links: bool,
+    /// Give the mirror a data directory of its own (another database).
+    pub foreign_mirror: bool,
 }
 
 impl Default for PairOptions {
@@ -90,6 +92,7 @@ impl Default for PairOptions {
             timeout: 10,
             tls: true,
             links: false,
+            foreign_mirror: false,
         }
     }
 }
@@ -165,6 +168,10 @@ impl Pair {
                 socket_dir: config.state_dir.join("run"),
                 port: config.postgres.port,
             };
+            if options.foreign_mirror && role == "mirror" {
+                run_as.hand_over(&partner_dir).expect("chown partner dir");
+                engine.initdb("trust").expect("initdb of a foreign mirror");
+            }
             let mut partner = Partner {
                 name: name.to_string(),
                 config,
