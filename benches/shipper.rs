@@ -17,7 +17,10 @@ use pgmirror::partner::engine::Instance;
 use pgmirror::wire::lsn::Lsn;
 
 fn seconds() -> u64 {
-    std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(30)
+    std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30)
 }
 
 fn pgbench(port: u16, args: &[&str]) -> String {
@@ -28,7 +31,11 @@ fn pgbench(port: u16, args: &[&str]) -> String {
         .output()
         .expect("run pgbench");
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(output.status.success(), "pgbench {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "pgbench {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     text
 }
 
@@ -49,15 +56,25 @@ fn tpcb(port: u16) -> f64 {
 
 async fn wal_lsn(port: u16) -> Lsn {
     let client = common::pg::connect_port(port).await.expect("connect");
-    let text: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    let text: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     text.parse().unwrap()
 }
 
 /// PostgreSQL's own synchronous streaming replication between two local instances.
 async fn baseline() -> f64 {
-    let primary = PgInstance::start_with(&["max_wal_senders = 10", "synchronous_standby_names = 'standby'"]);
+    let primary = PgInstance::start_with(&[
+        "max_wal_senders = 10",
+        "synchronous_standby_names = 'standby'",
+    ]);
     let client = primary.connect().await;
-    client.batch_execute("SELECT pg_create_physical_replication_slot('bench')").await.unwrap();
+    client
+        .batch_execute("SELECT pg_create_physical_replication_slot('bench')")
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     primary.engine.run_as.hand_over(dir.path()).unwrap();
     let standby = Instance {
@@ -66,12 +83,18 @@ async fn baseline() -> f64 {
         port: common::free_port(),
         ..primary.engine.clone()
     };
-    let conninfo = format!("host=127.0.0.1 port={} user=postgres application_name=standby", primary.port());
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres application_name=standby",
+        primary.port()
+    );
     standby.base_backup(&conninfo, "bench").unwrap();
     standby
         .write_settings(
             "127.0.0.1",
-            &[format!("primary_conninfo = '{conninfo}'"), "primary_slot_name = 'bench'".into()],
+            &[
+                format!("primary_conninfo = '{conninfo}'"),
+                "primary_slot_name = 'bench'".into(),
+            ],
         )
         .unwrap();
     standby.set_standby(true).unwrap();
@@ -85,7 +108,10 @@ async fn baseline() -> f64 {
         if row.is_some() {
             break;
         }
-        assert!(Instant::now() < deadline, "the baseline standby never became synchronous");
+        assert!(
+            Instant::now() < deadline,
+            "the baseline standby never became synchronous"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let tps = tpcb(primary.port());
@@ -95,7 +121,10 @@ async fn baseline() -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    println!("pgbench TPC-B -s 10 -c 8 -j 2 -T {} under synchronous commit", seconds());
+    println!(
+        "pgbench TPC-B -s 10 -c 8 -j 2 -T {} under synchronous commit",
+        seconds()
+    );
     let baseline_tps = baseline().await;
     println!("  PostgreSQL synchronous streaming replication: {baseline_tps:.0} tps");
 
@@ -106,12 +135,17 @@ async fn main() {
     let before = pair.status(&pair.a).await;
     let pgmirror_tps = tpcb(port);
     let wal = wal_lsn(port).await.bytes_since(wal_start);
-    pair.wait_for(&pair.a, "caught up", Duration::from_secs(120), |status| status.send_queue_bytes == Some(0))
-        .await;
+    pair.wait_for(&pair.a, "caught up", Duration::from_secs(120), |status| {
+        status.send_queue_bytes == Some(0)
+    })
+    .await;
     let after = pair.status(&pair.a).await;
     let compressed = after.link_bytes_compressed - before.link_bytes_compressed;
     println!("  pgmirror shipper, SAFETY FULL, mutual TLS + zstd: {pgmirror_tps:.0} tps");
-    println!("  ratio pgmirror / PostgreSQL: {:.2} (target >= 0.9)", pgmirror_tps / baseline_tps);
+    println!(
+        "  ratio pgmirror / PostgreSQL: {:.2} (target >= 0.9)",
+        pgmirror_tps / baseline_tps
+    );
     println!(
         "link bytes / WAL bytes: {compressed} / {wal} = {:.3} (target <= 0.35); raw link bytes {}",
         compressed as f64 / wal as f64,
@@ -120,13 +154,22 @@ async fn main() {
 
     let mut timings = Vec::new();
     for round in 0..6 {
-        let (from, to) = if round % 2 == 0 { (&pair.a, &pair.b) } else { (&pair.b, &pair.a) };
+        let (from, to) = if round % 2 == 0 {
+            (&pair.a, &pair.b)
+        } else {
+            (&pair.b, &pair.a)
+        };
         pair.wait_state("SYNCHRONIZED").await;
         let started = Instant::now();
         let response = pair.command(from, Command::Failover).await;
         assert!(matches!(response, Response::Done(_)), "{response:?}");
         let client = to.sql().await;
-        client.batch_execute("CREATE TABLE IF NOT EXISTS probe (id int); INSERT INTO probe VALUES (1)").await.unwrap();
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS probe (id int); INSERT INTO probe VALUES (1)",
+            )
+            .await
+            .unwrap();
         timings.push(started.elapsed());
     }
     timings.sort();

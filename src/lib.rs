@@ -12,3 +12,4 @@ pub mod roles;
 pub mod shipper;
 pub mod tls;
 pub mod wire;
+pub mod witness;

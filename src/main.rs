@@ -60,7 +60,12 @@ fn main() -> ExitCode {
                 Err(err) => fail(err),
             };
         }
-        Commands::Witness { config } => config::load::<WitnessConfig>(config).map(drop),
+        Commands::Witness { config } => {
+            return match config::load::<WitnessConfig>(config) {
+                Ok(config) => serve(pgmirror::witness::run(config, shutdown_on_signal())),
+                Err(err) => fail(err),
+            };
+        }
         Commands::Proxy { config } => config::load::<ProxyConfig>(config).map(drop),
         Commands::Demo => Ok(()),
     };

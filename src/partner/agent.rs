@@ -40,6 +40,15 @@ pub struct PeerStatus {
     pub connected: bool,
 }
 
+/// What the agent last learned from the witness.
+#[derive(Debug, Clone, Default)]
+pub struct WitnessStatus {
+    /// The session's row in the witness's role table.
+    pub row: Option<crate::partner::api::RoleRow>,
+    pub last_heard: Option<Instant>,
+    pub connected: bool,
+}
+
 /// What the supervisor last read from the local PostgreSQL.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Observed {
@@ -60,6 +69,11 @@ pub struct Agent {
     /// Serialises role changes and supervisor ticks.
     pub operations: tokio::sync::Mutex<()>,
     pub peer: Mutex<PeerStatus>,
+    pub witness: Mutex<WitnessStatus>,
+    /// Set while PostgreSQL is down because this principal lost quorum (I1).
+    pub quorum_lost: AtomicBool,
+    /// PostgreSQL runs as principal by this agent's will: its absence is a crash.
+    pub expect_running: AtomicBool,
     pub observed: Mutex<Observed>,
     pub positions: Arc<Mutex<Positions>>,
     pub counters: Arc<LinkCounters>,
@@ -125,6 +139,15 @@ impl Agent {
         self.peer().connected
     }
 
+    pub fn witness_status(&self) -> WitnessStatus {
+        lock(&self.witness).clone()
+    }
+
+    /// Spec 19-20: with a witness, at least two of the three must be connected.
+    pub fn has_quorum(&self) -> bool {
+        self.state().witness.is_none() || self.peer_connected() || self.witness_status().connected
+    }
+
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(self.state().timeout_secs)
     }
@@ -171,6 +194,8 @@ impl Agent {
             ended: state.ended,
             system_identifier: state.has_copy.then_some(state.system_identifier).flatten(),
             pg_major: self.pg_major,
+            safety_sequence: state.safety_sequence,
+            witness: state.witness.clone(),
         }
     }
 
@@ -230,6 +255,22 @@ impl Agent {
             .or(state.peer_name.clone());
         status.mirroring_partner_instance = Some(self.config.peer.to_string());
         status.mirroring_connection_timeout = Some(state.timeout_secs);
+        if let Some(witness) = &state.witness {
+            let connected = self.witness_status().connected;
+            status.mirroring_witness_name = Some(witness.to_string());
+            status.mirroring_witness_state = Some(if connected { 1 } else { 2 });
+            status.mirroring_witness_state_desc = Some(
+                if connected {
+                    "CONNECTED"
+                } else {
+                    "DISCONNECTED"
+                }
+                .into(),
+            );
+        } else {
+            status.mirroring_witness_state = Some(0);
+            status.mirroring_witness_state_desc = Some("UNKNOWN".into());
+        }
         status.mirroring_redo_queue_type = Some("UNLIMITED".into());
         status.mirroring_end_of_log_lsn = observed.end_of_log;
         status.mirroring_failover_lsn = state.failover_lsn;
@@ -301,7 +342,8 @@ pub async fn run(config: PartnerConfig, shutdown: CancellationToken) -> Result<(
     let state = match store.load()? {
         Some(state) => state,
         None => {
-            let state = SessionState::new(config.initial_role, config.safety, config.timeout);
+            let mut state = SessionState::new(config.initial_role, config.safety, config.timeout);
+            state.witness = config.witness.clone();
             store.save(&state)?;
             state
         }
@@ -335,6 +377,9 @@ pub async fn run(config: PartnerConfig, shutdown: CancellationToken) -> Result<(
         state: Mutex::new(state),
         operations: tokio::sync::Mutex::new(()),
         peer: Mutex::new(PeerStatus::default()),
+        witness: Mutex::new(WitnessStatus::default()),
+        quorum_lost: AtomicBool::new(false),
+        expect_running: AtomicBool::new(false),
         observed: Mutex::new(Observed::default()),
         positions: Arc::new(Mutex::new(Positions::new())),
         counters: Arc::new(LinkCounters::default()),
@@ -366,11 +411,14 @@ pub async fn run(config: PartnerConfig, shutdown: CancellationToken) -> Result<(
     tasks.spawn(serve_endpoint(agent.clone(), endpoint));
     tasks.spawn(serve_wal_relay(agent.clone(), wal_relay));
     tasks.spawn(ping_peer(agent.clone()));
+    tasks.spawn(crate::partner::quorum::ping_witness(agent.clone()));
+    tasks.spawn(crate::partner::quorum::watch_quorum(agent.clone()));
     tasks.spawn(crate::partner::supervisor::supervise(agent.clone()));
     tasks.close();
     shutdown.cancelled().await;
     tasks.wait().await;
     let _guard = agent.operations.lock().await;
+    agent.expect_running.store(false, Ordering::SeqCst);
     let engine = agent.engine.clone();
     if engine.postmaster_pid().is_some() {
         info!("stopping PostgreSQL");
@@ -589,12 +637,12 @@ async fn ping_peer(agent: Arc<Agent>) {
 }
 
 /// A fifth of TIMEOUT, so several pings fit in it, between 200 ms and 2 s.
-fn ping_interval(timeout: Duration) -> Duration {
+pub fn ping_interval(timeout: Duration) -> Duration {
     (timeout / 5).clamp(Duration::from_millis(200), Duration::from_secs(2))
 }
 
 /// Sleeps; false when the agent is shutting down.
-async fn sleep_or_shutdown(agent: &Agent, duration: Duration) -> bool {
+pub async fn sleep_or_shutdown(agent: &Agent, duration: Duration) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(duration) => true,
         _ = agent.shutdown.cancelled() => false,

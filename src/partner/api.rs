@@ -81,6 +81,72 @@ pub struct PeerView {
     pub system_identifier: Option<u64>,
     /// The PostgreSQL major version of this partner's binaries.
     pub pg_major: u32,
+    // Defaults keep pings working with an agent of the previous version
+    // during a rolling upgrade.
+    #[serde(default)]
+    pub safety_sequence: u64,
+    /// The session's witness (set on the principal, spec 54-55).
+    #[serde(default)]
+    pub witness: Option<Endpoint>,
+}
+
+/// The witness's row for one session (spec 3), changed only by
+/// compare-and-set on `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleRow {
+    pub session: String,
+    pub principal: String,
+    pub mirror: Option<String>,
+    pub epoch: Epoch,
+    pub safety: Safety,
+    pub safety_sequence: u64,
+    pub suspended: bool,
+    /// partner_sync_state: the principal waits for the mirror's flush. The
+    /// principal clears it here before it runs exposed (I2); only a row
+    /// with it set allows automatic failover (I3).
+    pub synchronized: bool,
+    pub timeout_secs: u64,
+    pub failover_lsn: Option<Lsn>,
+}
+
+/// Why a mirror asks the witness to make it principal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromotionKind {
+    /// The witness and the mirror both lost the principal (spec 31-32).
+    Automatic,
+    /// The principal handed over (spec 37-38).
+    Manual,
+    /// FORCE_SERVICE_ALLOW_DATA_LOSS (spec 39-40).
+    Forced,
+    /// The principal's PostgreSQL failed and its agent handed over to the
+    /// synchronized mirror: an automatic failover asked for by the principal.
+    Handover,
+}
+
+/// What partners ask of the witness.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "witness", rename_all = "snake_case")]
+pub enum WitnessRequest {
+    /// A ping: the partner's view; answered with the session's row.
+    Report { view: PeerView },
+    /// The principal records whether commits wait for the mirror.
+    SetSynchronized {
+        session: String,
+        name: String,
+        epoch: Epoch,
+        synchronized: bool,
+    },
+    /// A mirror asks to become principal at `epoch` + 1.
+    Promote {
+        session: String,
+        name: String,
+        epoch: Epoch,
+        kind: PromotionKind,
+        failover_lsn: Option<Lsn>,
+    },
+    /// Every session's row.
+    Sessions,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,7 +160,9 @@ pub enum Request {
     TakeOver {
         epoch: Epoch,
         failover_lsn: Lsn,
+        kind: PromotionKind,
     },
+    Witness(WitnessRequest),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -102,6 +170,8 @@ pub enum Request {
 pub enum Response {
     Status(Box<MirroringStatus>),
     Pong(PeerView),
+    Row(Option<RoleRow>),
+    Rows(Vec<RoleRow>),
     Done(String),
     /// The command's preconditions do not hold; the reason says what to do.
     Refused(String),

@@ -17,6 +17,8 @@ use crate::roles::{MirroringState, Role, Safety};
 pub struct Facts {
     /// The peer answered a ping within TIMEOUT.
     pub peer_connected: bool,
+    /// None without a witness; else whether it answered within TIMEOUT.
+    pub witness_connected: Option<bool>,
 }
 
 /// Where a command that passed its checks is carried out.
@@ -120,6 +122,13 @@ pub fn check(command: &Command, state: &SessionState, facts: Facts) -> Result<Ro
             if !state.has_copy || state.needs_rewind {
                 return Err("this partner holds no usable copy of the database".into());
             }
+            if facts.witness_connected == Some(false) {
+                return Err(
+                    "a witness is configured but this mirror cannot reach it; forced service needs \
+                     the witness connected to the mirror (spec 39)"
+                        .into(),
+                );
+            }
             Ok(Route::Here)
         }
         Command::Off => Ok(Route::Here),
@@ -140,9 +149,11 @@ mod tests {
 
     const CONNECTED: Facts = Facts {
         peer_connected: true,
+        witness_connected: None,
     };
     const ALONE: Facts = Facts {
         peer_connected: false,
+        witness_connected: None,
     };
 
     #[test]
@@ -184,6 +195,15 @@ mod tests {
         );
         let principal = session(Role::Principal, MirroringState::Disconnected);
         assert!(check(&Command::ForceServiceAllowDataLoss, &principal, ALONE).is_err());
+        let witness_lost = Facts {
+            peer_connected: false,
+            witness_connected: Some(false),
+        };
+        assert!(
+            check(&Command::ForceServiceAllowDataLoss, &mirror, witness_lost)
+                .unwrap_err()
+                .contains("witness")
+        );
     }
 
     #[test]

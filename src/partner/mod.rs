@@ -3,7 +3,8 @@
 //!
 //! `agent` holds the running agent and its endpoints, `supervisor` the
 //! periodic work that keeps PostgreSQL in its role, `operations` the role
-//! changes (failover, forced service, rewind), `commands` the IO-free checks
+//! changes (failover, forced service, rewind), `quorum` the witness link
+//! and the quorum rules, `commands` the IO-free checks
 //! of what may be done now, `api` the typed control API, `state` the durable
 //! session state and `engine` the PostgreSQL binaries.
 
@@ -12,5 +13,6 @@ pub mod api;
 pub mod commands;
 pub mod engine;
 pub mod operations;
+pub mod quorum;
 pub mod state;
 pub mod supervisor;

@@ -13,9 +13,12 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::partner::agent::{lock, peer_heard, Agent};
-use crate::partner::api::{ApiError, Command, ControlClient, PeerView, Request, Response};
+use crate::partner::api::{
+    ApiError, Command, ControlClient, PeerView, PromotionKind, Request, Response, WitnessRequest,
+};
 use crate::partner::commands::{check, Facts, Route};
 use crate::partner::engine::{EngineError, Instance, StopMode};
+use crate::partner::quorum::ask_witness;
 use crate::partner::state::StateError;
 use crate::roles::{Epoch, MirroringState, Role, Safety};
 use crate::wire::lsn::Lsn;
@@ -78,12 +81,16 @@ pub async fn handle(agent: &Arc<Agent>, request: Request) -> Response {
             }
         },
         Request::Command(command) => run_command(agent, command).await,
+        Request::Witness(_) => Response::Refused(
+            "this is a partner agent, not a witness: point the witness address at `pgmirror witness`".into(),
+        ),
         Request::TakeOver {
             epoch,
             failover_lsn,
+            kind,
         } => {
             let _guard = agent.operations.lock().await;
-            match take_over(agent, epoch, failover_lsn).await {
+            match take_over(agent, epoch, failover_lsn, kind).await {
                 Ok(message) => Response::Done(message),
                 Err(OpError::Refused(reason)) => Response::Refused(reason),
                 Err(err) => Response::Failed(err.to_string()),
@@ -133,6 +140,11 @@ async fn run_command(agent: &Arc<Agent>, command: Command) -> Response {
     let _guard = agent.operations.lock().await;
     let facts = Facts {
         peer_connected: agent.peer_connected(),
+        witness_connected: agent
+            .state()
+            .witness
+            .as_ref()
+            .map(|_| agent.witness_status().connected),
     };
     let route = match check(&command, &agent.state(), facts) {
         Ok(route) => route,
@@ -206,9 +218,16 @@ async fn execute(agent: &Arc<Agent>, command: &Command) -> Result<String, OpErro
             agent.update(|state| state.timeout_secs = *secs)?;
             Ok(format!("TIMEOUT {secs} seconds"))
         }
-        Command::Witness(_) => Err(OpError::Refused(
-            "this agent does not support a witness yet (high safety without automatic failover only)".into(),
-        )),
+        Command::Witness(witness) => {
+            agent.update(|state| state.witness = witness.clone())?;
+            Ok(match witness {
+                Some(witness) => {
+                    format!("WITNESS {witness}: automatic failover and the quorum rule are on")
+                }
+                None => "WITNESS OFF: no automatic failover; the principal no longer needs quorum"
+                    .into(),
+            })
+        }
         Command::Failover => manual_failover(agent).await,
         Command::ForceServiceAllowDataLoss => force_service(agent).await,
         Command::Off => {
@@ -244,6 +263,7 @@ async fn manual_failover(agent: &Arc<Agent>) -> Result<String, OpError> {
     let epoch = agent.state().epoch.next();
     agent.pending_failover.store(true, Ordering::SeqCst);
     let handed_over = async {
+        agent.expect_running.store(false, Ordering::SeqCst);
         // A fast shutdown ends the sessions, rolls back what is in flight and
         // waits until the mirror has flushed all WAL, the shutdown checkpoint included.
         blocking(agent, |engine| engine.stop(StopMode::Fast)).await?;
@@ -255,6 +275,7 @@ async fn manual_failover(agent: &Arc<Agent>) -> Result<String, OpError> {
             .call(&Request::TakeOver {
                 epoch,
                 failover_lsn,
+                kind: PromotionKind::Manual,
             })
             .await?
         {
@@ -297,8 +318,45 @@ async fn manual_failover(agent: &Arc<Agent>) -> Result<String, OpError> {
     }
 }
 
+/// The principal's PostgreSQL died: with a witness and a synchronized
+/// mirror, hand the role over at once instead of restarting here (the
+/// mirror holds every acknowledged commit, I2), then follow it.
+pub async fn hand_over_after_crash(agent: &Arc<Agent>) -> Result<(), OpError> {
+    let state = agent.state();
+    let epoch = state.epoch.next();
+    let mut client = ControlClient::connect(&agent.config.peer, &agent.tls).await?;
+    let request = Request::TakeOver {
+        epoch,
+        failover_lsn: Lsn::INVALID,
+        kind: PromotionKind::Handover,
+    };
+    match client.call(&request).await? {
+        Response::Done(_) => {}
+        Response::Refused(reason) | Response::Failed(reason) => {
+            return Err(OpError::Refused(reason))
+        }
+        other => return Err(OpError::Refused(format!("unexpected answer {other:?}"))),
+    }
+    agent.update(|state| {
+        state.role = Role::Mirror;
+        state.epoch = epoch;
+        state.needs_rewind = true;
+        state.synchronized = false;
+        state.state = MirroringState::Synchronizing;
+    })?;
+    agent.close_streams();
+    *lock(&agent.applied_sync) = None;
+    warn!(%epoch, "handed the principal role to the mirror after PostgreSQL failed here");
+    Ok(())
+}
+
 /// The mirror's half of a manual failover: drain, then promote.
-async fn take_over(agent: &Arc<Agent>, epoch: Epoch, failover_lsn: Lsn) -> Result<String, OpError> {
+async fn take_over(
+    agent: &Arc<Agent>,
+    epoch: Epoch,
+    failover_lsn: Lsn,
+    kind: PromotionKind,
+) -> Result<String, OpError> {
     let state = agent.state();
     if state.role != Role::Mirror || state.ended || !state.has_copy || state.needs_rewind {
         return Err(OpError::Refused(
@@ -325,15 +383,30 @@ async fn take_over(agent: &Arc<Agent>, epoch: Epoch, failover_lsn: Lsn) -> Resul
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    agent.update(|state| {
-        state.role = Role::Principal;
-        state.epoch = epoch;
-        state.suspended = false;
-        state.synchronized = false;
-        state.state = MirroringState::Synchronizing;
-        state.failover_lsn = Some(failover_lsn);
-    })?;
-    promote(agent).await?;
+    if let Some(witness) = state.witness.clone() {
+        let request = WitnessRequest::Promote {
+            session: agent.config.session.clone(),
+            name: agent.config.name.clone(),
+            epoch: state.epoch,
+            kind,
+            failover_lsn: Some(failover_lsn),
+        };
+        // Spec 24: with the witness lost, manual failover is still allowed;
+        // the witness takes the switch over from the next report.
+        match ask_witness(agent, &witness, request).await {
+            Ok(Response::Row(Some(_))) => {}
+            Ok(Response::Refused(reason)) => {
+                return Err(OpError::Refused(format!("the witness refused: {reason}")))
+            }
+            Ok(other) => {
+                return Err(OpError::Refused(format!(
+                    "unexpected witness answer {other:?}"
+                )))
+            }
+            Err(err) => warn!("manual failover without the witness: {err}"),
+        }
+    }
+    promote_to(agent, epoch, false, Some(failover_lsn)).await?;
     info!(%epoch, %failover_lsn, "promoted by manual failover");
     Ok(format!("principal at role_sequence {epoch}"))
 }
@@ -344,16 +417,29 @@ async fn force_service(agent: &Arc<Agent>) -> Result<String, OpError> {
         start_mirror(agent).await?;
     }
     let received = received_lsn(agent).await;
-    let epoch = agent.state().epoch.next();
-    agent.update(|state| {
-        state.role = Role::Principal;
-        state.epoch = epoch;
-        state.suspended = true;
-        state.synchronized = false;
-        state.state = MirroringState::Suspended;
-        state.failover_lsn = received;
-    })?;
-    promote(agent).await?;
+    let state = agent.state();
+    let epoch = state.epoch.next();
+    if let Some(witness) = state.witness.clone() {
+        let request = WitnessRequest::Promote {
+            session: agent.config.session.clone(),
+            name: agent.config.name.clone(),
+            epoch: state.epoch,
+            kind: PromotionKind::Forced,
+            failover_lsn: received,
+        };
+        match ask_witness(agent, &witness, request).await? {
+            Response::Row(Some(_)) => {}
+            Response::Refused(reason) => {
+                return Err(OpError::Refused(format!("the witness refused: {reason}")))
+            }
+            other => {
+                return Err(OpError::Refused(format!(
+                    "unexpected witness answer {other:?}"
+                )))
+            }
+        }
+    }
+    promote_to(agent, epoch, true, received).await?;
     warn!(%epoch, "forced service: this partner is principal; the old principal's unsent WAL is lost");
     Ok(format!(
         "service forced: this partner is the principal at role_sequence {epoch}; mirroring is \
@@ -361,13 +447,39 @@ async fn force_service(agent: &Arc<Agent>) -> Result<String, OpError> {
     ))
 }
 
-async fn received_lsn(agent: &Agent) -> Option<Lsn> {
+pub async fn received_lsn(agent: &Agent) -> Option<Lsn> {
     let client = local_sql(agent).await.ok()?;
     let row = client
         .query_one("SELECT pg_last_wal_receive_lsn()::text", &[])
         .await
         .ok()?;
     row.get::<_, Option<String>>(0)?.parse().ok()
+}
+
+/// Records this partner as principal at `epoch` (durable first), then
+/// promotes PostgreSQL. A forced service leaves the session suspended.
+pub async fn promote_to(
+    agent: &Arc<Agent>,
+    epoch: Epoch,
+    suspended: bool,
+    failover_lsn: Option<Lsn>,
+) -> Result<(), OpError> {
+    agent.update(|state| {
+        state.role = Role::Principal;
+        state.epoch = epoch;
+        state.suspended = suspended;
+        state.synchronized = false;
+        state.state = if suspended {
+            MirroringState::Suspended
+        } else {
+            MirroringState::Synchronizing
+        };
+        state.failover_lsn = failover_lsn;
+    })?;
+    if agent.engine.postmaster_pid().is_none() {
+        start_mirror(agent).await?;
+    }
+    promote(agent).await
 }
 
 /// Ends recovery and reconfigures the server as principal, running exposed
@@ -392,6 +504,9 @@ fn common_settings() -> Vec<String> {
         "hot_standby = on",
         "wal_log_hints = on",
         "synchronous_commit = on",
+        // pg_rewind reads the old principal's WAL back to the last common
+        // checkpoint; keep that much at hand.
+        "wal_keep_size = '1GB'",
         // Fresh positions for the shipper and a quick reconnect after RESUME.
         "wal_receiver_status_interval = '1s'",
         "wal_retrieve_retry_interval = '500ms'",
@@ -473,6 +588,7 @@ pub async fn start_principal(agent: &Arc<Agent>) -> Result<(), OpError> {
     })
     .await?;
     *lock(&agent.applied_sync) = Some(synchronous && state.peer_name.is_some());
+    agent.expect_running.store(true, Ordering::SeqCst);
     let control = blocking(agent, |engine| engine.control_data()).await?;
     agent.update(|state| state.system_identifier = Some(control.system_identifier))?;
     info!(synchronous, "PostgreSQL started as principal");
@@ -509,19 +625,23 @@ async fn ensure_slot(agent: &Agent) -> Result<(), OpError> {
 
 /// A principal that meets a principal of a later epoch becomes its mirror
 /// (I1, spec 26): it stops serving at once and rewinds before following.
-pub async fn demote(agent: &Arc<Agent>, view: &PeerView) -> Result<(), OpError> {
+pub async fn demote(
+    agent: &Arc<Agent>,
+    epoch: Epoch,
+    suspended: bool,
+    told_by: &str,
+) -> Result<(), OpError> {
     warn!(
-        peer = %view.name,
-        epoch = %view.epoch,
-        "the peer is principal at a later role_sequence: this partner becomes the mirror"
+        %epoch,
+        "{told_by} says another partner is principal at a later role_sequence: this partner becomes the mirror"
     );
     agent.update(|state| {
         state.role = Role::Mirror;
-        state.epoch = view.epoch;
+        state.epoch = epoch;
         state.needs_rewind = true;
         state.synchronized = false;
-        state.suspended = view.suspended;
-        state.state = if view.suspended {
+        state.suspended = suspended;
+        state.state = if suspended {
             MirroringState::Suspended
         } else {
             MirroringState::Synchronizing
@@ -529,6 +649,7 @@ pub async fn demote(agent: &Arc<Agent>, view: &PeerView) -> Result<(), OpError> 
     })?;
     agent.close_streams();
     *lock(&agent.applied_sync) = None;
+    agent.expect_running.store(false, Ordering::SeqCst);
     let running = agent.engine.postmaster_pid().is_some();
     if running
         && blocking(agent, |engine| engine.stop(StopMode::Fast))

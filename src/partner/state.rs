@@ -70,6 +70,8 @@ pub struct SessionState {
     pub ended: bool,
     /// The loopback port the mirror's walreceiver connects to.
     pub wal_relay_port: Option<u16>,
+    /// The session's witness; None: no automatic failover, no quorum rule.
+    pub witness: Option<crate::config::Endpoint>,
 }
 
 impl SessionState {
@@ -92,6 +94,7 @@ impl SessionState {
             needs_rewind: false,
             ended: false,
             wal_relay_port: None,
+            witness: None,
         }
     }
 }

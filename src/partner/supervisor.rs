@@ -12,8 +12,9 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::partner::agent::{lock, with_tool_relay, Agent};
-use crate::partner::api::PeerView;
+use crate::partner::api::{PeerView, Response, WitnessRequest};
 use crate::partner::operations::{self, blocking, local_sql, OpError};
+use crate::partner::quorum::ask_witness;
 use crate::roles::{MirroringState, Role, Safety};
 use crate::wire::lsn::Lsn;
 
@@ -40,6 +41,9 @@ pub async fn supervise(agent: Arc<Agent>) {
 }
 
 async fn tick(agent: &Arc<Agent>) -> Result<(), OpError> {
+    if learn_from_witness(agent).await? {
+        return Ok(());
+    }
     let peer = agent.peer();
     let view = peer.view.clone().filter(|_| peer.connected);
     if let Some(view) = &view {
@@ -52,6 +56,40 @@ async fn tick(agent: &Arc<Agent>) -> Result<(), OpError> {
     match state.role {
         Role::Principal => principal_tick(agent, view.as_ref()).await,
         Role::Mirror => mirror_tick(agent, view.as_ref()).await,
+    }
+}
+
+/// The witness's row outranks what this partner remembers (spec 26): a
+/// later epoch naming another principal demotes this one (I1); one naming
+/// this partner finishes a failover. True when the role changed.
+async fn learn_from_witness(agent: &Arc<Agent>) -> Result<bool, OpError> {
+    let witness = agent.witness_status();
+    let state = agent.state();
+    let Some(row) = witness
+        .row
+        .filter(|_| witness.connected && state.witness.is_some())
+    else {
+        return Ok(false);
+    };
+    if row.epoch <= state.epoch || state.ended {
+        return Ok(false);
+    }
+    if row.principal == agent.config.name {
+        if state.role == Role::Mirror && state.has_copy && !state.needs_rewind {
+            crate::partner::quorum::become_principal(agent, &row, row.failover_lsn).await?;
+            return Ok(true);
+        }
+        return Ok(false);
+    }
+    match state.role {
+        Role::Principal => {
+            operations::demote(agent, row.epoch, row.suspended, "the witness").await?;
+            Ok(true)
+        }
+        Role::Mirror => {
+            agent.update(|state| state.epoch = row.epoch)?;
+            Ok(false)
+        }
     }
 }
 
@@ -69,7 +107,14 @@ fn learn_from_peer(agent: &Agent, view: &PeerView) -> Result<(), OpError> {
         if state.role == Role::Mirror && view.role == Role::Principal && view.epoch >= state.epoch {
             state.epoch = view.epoch;
             state.safety = view.safety;
+            state.safety_sequence = view.safety_sequence;
             state.timeout_secs = view.timeout_secs;
+            // SET WITNESS on the principal turns the witness on or off for
+            // both; a mirror that already has one keeps its own address for
+            // it, which may be a different route to the same witness.
+            if state.witness.is_some() != view.witness.is_some() {
+                state.witness = view.witness.clone();
+            }
         }
     })?;
     Ok(())
@@ -81,14 +126,37 @@ async fn principal_tick(agent: &Arc<Agent>, view: Option<&PeerView>) -> Result<(
     {
         // I1: the peer became principal at a later epoch (forced service, or
         // a failover this partner missed); this copy must not serve.
-        return operations::demote(agent, view).await;
+        return operations::demote(agent, view.epoch, view.suspended, "the peer").await;
     }
     if agent.engine.postmaster_pid().is_none() {
-        // A restarted principal first asks its peer who is principal now
-        // (spec 26); only a peer silent for TIMEOUT lets it serve alone.
-        if view.is_none() && agent.started_at.elapsed() < agent.timeout() {
+        let crashed = agent
+            .expect_running
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        if crashed
+            && state.witness.is_some()
+            && state.safety == Safety::Full
+            && state.synchronized
+            && agent.peer_connected()
+        {
+            warn!("PostgreSQL died under this principal; handing over to the synchronized mirror");
+            match operations::hand_over_after_crash(agent).await {
+                Ok(()) => return Ok(()),
+                Err(err) => warn!("handover failed, restarting PostgreSQL here: {err}"),
+            }
+        }
+        if state.witness.is_some() {
+            // I1: with a witness, serve only with quorum (spec 20).
+            if !agent.has_quorum() {
+                return record_state(agent, MirroringState::Disconnected, state.synchronized);
+            }
+        } else if view.is_none() && agent.started_at.elapsed() < agent.timeout() {
+            // A restarted principal first asks its peer who is principal
+            // now (spec 26); only a peer silent for TIMEOUT lets it serve alone.
             return Ok(());
         }
+        agent
+            .quorum_lost
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         operations::start_principal(agent).await?;
     }
     let peer_name = state.peer_name.clone().unwrap_or_default();
@@ -133,10 +201,17 @@ async fn principal_tick(agent: &Arc<Agent>, view: Option<&PeerView>) -> Result<(
     };
     // Under FULL a lost mirror holds commits for TIMEOUT, then the
     // principal runs exposed (spec 17, 21).
-    let synchronized = match state.safety {
+    let mut synchronized = match state.safety {
         Safety::Full => caught_up || (state.synchronized && !state.suspended && !lapsed),
         Safety::Off => false,
     };
+    if let Some(witness) = &state.witness {
+        if state.synchronized && !synchronized && !record_at_witness(agent, witness, false).await {
+            // I2: with a witness, run exposed only once it has recorded
+            // the mirror as not synchronized; until then commits wait.
+            synchronized = true;
+        }
+    }
     if state.synchronized && !synchronized {
         warn!("principal running exposed: the mirror is {observed_state}");
     }
@@ -144,6 +219,14 @@ async fn principal_tick(agent: &Arc<Agent>, view: Option<&PeerView>) -> Result<(
         // Commits wait for the mirror before the state says so.
         operations::apply_sync(agent, true).await?;
         record_state(agent, observed_state, true)?;
+        let witness_row = agent.witness_status().row;
+        if let Some(witness) = &state.witness {
+            if caught_up
+                && witness_row.is_some_and(|row| !row.synchronized && row.epoch == state.epoch)
+            {
+                record_at_witness(agent, witness, true).await;
+            }
+        }
     } else {
         // I2: the mirror is recorded as not synchronized before commits
         // stop waiting for it.
@@ -151,6 +234,41 @@ async fn principal_tick(agent: &Arc<Agent>, view: Option<&PeerView>) -> Result<(
         operations::apply_sync(agent, false).await?;
     }
     Ok(())
+}
+
+/// Asks the witness to record whether this principal's commits wait for
+/// the mirror; false when it did not.
+async fn record_at_witness(
+    agent: &Agent,
+    witness: &crate::config::Endpoint,
+    synchronized: bool,
+) -> bool {
+    let request = WitnessRequest::SetSynchronized {
+        session: agent.config.session.clone(),
+        name: agent.config.name.clone(),
+        epoch: agent.state().epoch,
+        synchronized,
+    };
+    match ask_witness(agent, witness, request).await {
+        Ok(Response::Row(row)) => {
+            crate::partner::agent::lock(&agent.witness).row = row;
+            true
+        }
+        Ok(other) => {
+            warn!(
+                synchronized,
+                "the witness did not record the sync state: {other:?}"
+            );
+            false
+        }
+        Err(err) => {
+            warn!(
+                synchronized,
+                "the witness did not record the sync state: {err}"
+            );
+            false
+        }
+    }
 }
 
 fn record_state(agent: &Agent, next: MirroringState, synchronized: bool) -> Result<(), OpError> {
@@ -190,7 +308,12 @@ async fn mirror_tick(agent: &Arc<Agent>, view: Option<&PeerView>) -> Result<(), 
     if state.needs_rewind {
         let followable = principal.filter(|view| !view.suspended && view.epoch == state.epoch);
         match followable {
-            Some(_) => rewind(agent).await?,
+            Some(_) => {
+                rewind(agent).await?;
+                if !agent.state().has_copy {
+                    return Ok(());
+                }
+            }
             None => {
                 // A former principal does not bring its copy online until it
                 // is rewound to the new principal (spec 26, 41).
@@ -308,8 +431,29 @@ async fn rewind(agent: &Arc<Agent>) -> Result<(), OpError> {
     }
     info!("rewinding this copy to the new principal's history");
     let engine = agent.engine.clone();
-    let output = with_tool_relay(agent, move |conninfo| engine.rewind(&conninfo)).await??;
-    info!("pg_rewind: {}", output.trim().replace('\n', "; "));
-    agent.update(|state| state.needs_rewind = false)?;
+    match with_tool_relay(agent, move |conninfo| engine.rewind(&conninfo)).await? {
+        Ok(output) => {
+            info!("pg_rewind: {}", output.trim().replace('\n', "; "));
+            agent.update(|state| state.needs_rewind = false)?;
+        }
+        Err(err)
+            if err
+                .to_string()
+                .contains("could not find previous WAL record") =>
+        {
+            // The WAL back to the last common checkpoint is gone: rewinding
+            // is impossible, so keep the diverged copy aside for manual
+            // reconciliation and clone the principal afresh.
+            let aside = agent.engine.data_dir.with_extension("diverged");
+            warn!("pg_rewind cannot rewind ({err}); moving the copy to {} and taking a new base backup", aside.display());
+            let _ = std::fs::remove_dir_all(&aside);
+            std::fs::rename(&agent.engine.data_dir, &aside)?;
+            agent.update(|state| {
+                state.needs_rewind = false;
+                state.has_copy = false;
+            })?;
+        }
+        Err(err) => return Err(err.into()),
+    }
     Ok(())
 }

@@ -83,6 +83,48 @@ pub struct PairOptions {
     pub links: bool,
     /// Give the mirror a data directory of its own (another database).
     pub foreign_mirror: bool,
+    /// Start a witness (`Some(existing)` shares another pair's witness).
+    pub witness: WitnessChoice,
+    pub session: &'static str,
+}
+
+#[derive(Clone, Default)]
+pub enum WitnessChoice {
+    #[default]
+    None,
+    /// A witness of this pair's own.
+    Own,
+    /// Another pair's witness, by port.
+    Shared(u16),
+}
+
+/// A `pgmirror witness` process.
+pub struct WitnessProcess {
+    pub port: u16,
+    config_path: PathBuf,
+    dir: PathBuf,
+    pub process: Option<Pgmirror>,
+}
+
+impl WitnessProcess {
+    pub fn start(&mut self) {
+        let config = self.config_path.to_str().expect("utf-8 path").to_string();
+        self.process = Some(Pgmirror::spawn(
+            "witness",
+            &self.dir,
+            &["witness", "--config", &config],
+        ));
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(process) = &mut self.process {
+            process.kill9();
+        }
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.dir.join("witness.sqlite")
+    }
 }
 
 impl Default for PairOptions {
@@ -93,6 +135,8 @@ impl Default for PairOptions {
             tls: true,
             links: false,
             foreign_mirror: false,
+            witness: WitnessChoice::None,
+            session: "shop",
         }
     }
 }
@@ -102,6 +146,9 @@ pub struct Pair {
     pub b: Partner,
     /// a -> b and b -> a, when asked for.
     pub links: Option<(Link, Link)>,
+    /// a -> witness and b -> witness, when asked for with a witness.
+    pub witness_links: Option<(Link, Link)>,
+    pub witness: Option<WitnessProcess>,
     tls: EndpointTls,
     // Last: removed after the partners are gone.
     _dir: TempDir,
@@ -117,7 +164,7 @@ impl Pair {
         let run_as = RunAs::detect().expect("run-as user");
         run_as.hand_over(dir.path()).expect("chown pair dir");
         let pki = dir.path().join("pki");
-        generate_pki(&pki, &["alpha", "beta", "tester"]).expect("certificates");
+        generate_pki(&pki, &["alpha", "beta", "witness", "tester"]).expect("certificates");
         let endpoints = [free_port(), free_port()];
         let links = options.links.then(|| {
             (
@@ -128,6 +175,57 @@ impl Pair {
         let peer_ports = match &links {
             Some((to_b, to_a)) => [to_b.port(), to_a.port()],
             None => [endpoints[1], endpoints[0]],
+        };
+        let witness = match options.witness {
+            WitnessChoice::Own => {
+                let port = free_port();
+                let witness_dir = dir.path().join("witness");
+                std::fs::create_dir_all(&witness_dir).expect("witness dir");
+                let files = tls_config_for(&pki, "witness");
+                let tls = if options.tls {
+                    format!(
+                        "[tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+                        files.cert.unwrap(),
+                        files.key.unwrap(),
+                        files.ca.unwrap()
+                    )
+                } else {
+                    "[tls]\nmode = \"off\"\n".to_string()
+                };
+                let config_path = witness_dir.join("witness.toml");
+                std::fs::write(
+                    &config_path,
+                    format!(
+                        "listen = \"127.0.0.1:{port}\"\nstore = {:?}\n\n{tls}",
+                        witness_dir.join("witness.sqlite")
+                    ),
+                )
+                .expect("witness config");
+                let mut witness = WitnessProcess {
+                    port,
+                    config_path,
+                    dir: witness_dir,
+                    process: None,
+                };
+                witness.start();
+                Some(witness)
+            }
+            _ => None,
+        };
+        let witness_port = match (&options.witness, &witness) {
+            (WitnessChoice::Shared(port), _) => Some(*port),
+            (_, Some(witness)) => Some(witness.port),
+            _ => None,
+        };
+        let witness_links = witness_port.filter(|_| options.links).map(|port| {
+            (
+                Link::new(([127, 0, 0, 1], port).into()),
+                Link::new(([127, 0, 0, 1], port).into()),
+            )
+        });
+        let witness_ports = match (&witness_links, witness_port) {
+            (Some((a, b)), _) => [Some(a.port()), Some(b.port())],
+            (None, port) => [port, port],
         };
         let make = |index: usize, name: &str, role: &str| {
             let partner_dir = dir.path().join(name);
@@ -143,10 +241,14 @@ impl Pair {
             } else {
                 "[tls]\nmode = \"off\"\n".to_string()
             };
+            let witness_line = witness_ports[index]
+                .map(|port| format!("witness = \"127.0.0.1:{port}\"\n"))
+                .unwrap_or_default();
             let text = format!(
-                "session = \"shop\"\nname = \"{name}\"\ninitial_role = \"{role}\"\n\
+                "session = \"{}\"\n{witness_line}name = \"{name}\"\ninitial_role = \"{role}\"\n\
                  listen = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\nstate_dir = {:?}\n\
                  safety = \"{}\"\ntimeout = {}\n\n[postgres]\ndata_dir = {:?}\nport = {}\n\n{tls}",
+                options.session,
                 endpoints[index],
                 peer_ports[index],
                 partner_dir.join("agent"),
@@ -197,6 +299,8 @@ impl Pair {
             a,
             b,
             links,
+            witness_links,
+            witness,
             tls: EndpointTls::from_config(&tester).expect("tester TLS"),
             _dir: dir,
         }
@@ -256,6 +360,45 @@ impl Pair {
                 Instant::now() <= deadline,
                 "{} never became {what} (unreachable)",
                 partner.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The witness's row for this pair's session.
+    pub async fn witness_row(&self) -> Option<pgmirror::partner::api::RoleRow> {
+        let port = self.witness.as_ref().map(|witness| witness.port)?;
+        let endpoint = pgmirror::config::Endpoint {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        let mut client = ControlClient::connect(&endpoint, &self.tls).await.ok()?;
+        let request = pgmirror::partner::api::Request::Witness(
+            pgmirror::partner::api::WitnessRequest::Sessions,
+        );
+        match client.call(&request).await.ok()? {
+            Response::Rows(rows) => rows
+                .into_iter()
+                .find(|row| row.session == self.a.config.session),
+            _ => None,
+        }
+    }
+
+    /// Waits until the witness records the session as synchronized: the
+    /// precondition of automatic failover.
+    pub async fn wait_witness_synchronized(&self) {
+        let deadline = Instant::now() + SLOW;
+        loop {
+            if self
+                .witness_row()
+                .await
+                .is_some_and(|row| row.synchronized && row.mirror.is_some())
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the witness never recorded the session as synchronized"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

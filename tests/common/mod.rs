@@ -5,6 +5,7 @@
 // Each test binary compiles this module and uses only part of it.
 #![allow(dead_code, unused_imports)]
 
+pub mod bank;
 pub mod cluster;
 pub mod link;
 pub mod pg;

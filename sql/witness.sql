@@ -1,0 +1,29 @@
+-- The witness's role table (spec 3): one row per mirroring session, changed
+-- only by compare-and-set on the epoch, and a history of every change
+-- (spec 12, 65) for dashboards and post-mortems.
+CREATE TABLE IF NOT EXISTS role_table (
+    session         TEXT PRIMARY KEY,
+    principal       TEXT    NOT NULL,   -- partner name of the principal
+    mirror          TEXT,               -- partner name of the mirror, once heard
+    epoch           INTEGER NOT NULL,   -- mirroring_role_sequence
+    safety          TEXT    NOT NULL,   -- 'full' or 'off'
+    safety_sequence INTEGER NOT NULL,
+    suspended       INTEGER NOT NULL,   -- is_suspended
+    synchronized    INTEGER NOT NULL,   -- partner_sync_state: the principal waits for the mirror
+    timeout_secs    INTEGER NOT NULL,
+    failover_lsn    TEXT,
+    updated_at_ms   INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS history (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    session       TEXT    NOT NULL,
+    at_ms         INTEGER NOT NULL,     -- milliseconds since the Unix epoch
+    event         TEXT    NOT NULL,     -- e.g. 'Automatic Failover', 'Principal Running Exposed'
+    principal     TEXT    NOT NULL,
+    epoch         INTEGER NOT NULL,
+    synchronized  INTEGER NOT NULL,
+    detail        TEXT
+);
+
+CREATE INDEX IF NOT EXISTS history_by_session ON history (session, at_ms);

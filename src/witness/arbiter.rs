@@ -1,0 +1,283 @@
+//! The witness's decisions, IO-free: how a partner's report changes the
+//! role table, and whether a mirror may become principal (I1, I3) or the
+//! principal may run exposed (I2). The caller supplies the clock readings.
+
+use std::time::Duration;
+
+use crate::partner::api::{PeerView, PromotionKind, RoleRow};
+use crate::roles::{Role, Safety};
+use crate::wire::lsn::Lsn;
+
+/// How much longer than TIMEOUT the witness waits before it lets a mirror
+/// take over: a principal that lost quorum stops serving within TIMEOUT,
+/// plus its check interval and an immediate shutdown, all inside this
+/// margin (I1).
+pub const PROMOTION_MARGIN: Duration = Duration::from_millis(750);
+
+/// A change to write, with the history event that names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub row: RoleRow,
+    pub event: &'static str,
+}
+
+/// How a partner's report changes the row, if at all.
+pub fn on_report(row: Option<&RoleRow>, view: &PeerView) -> Option<Change> {
+    let Some(row) = row else {
+        return (view.role == Role::Principal).then(|| Change {
+            row: RoleRow {
+                session: view.session.clone(),
+                principal: view.name.clone(),
+                mirror: None,
+                epoch: view.epoch,
+                safety: view.safety,
+                safety_sequence: view.safety_sequence,
+                suspended: view.suspended,
+                synchronized: false,
+                timeout_secs: view.timeout_secs,
+                failover_lsn: None,
+            },
+            event: "Session Created",
+        });
+    };
+    let mut next = row.clone();
+    let event;
+    if view.role == Role::Principal && view.epoch > row.epoch {
+        // The partners switched roles while the witness was away (a manual
+        // failover is allowed without it, spec 24).
+        next.mirror = Some(row.principal.clone())
+            .filter(|old| *old != view.name)
+            .or(next.mirror);
+        next.principal = view.name.clone();
+        next.epoch = view.epoch;
+        next.synchronized = false;
+        next.suspended = view.suspended;
+        event = "Role Switch Reported";
+    } else if view.name == row.principal && view.epoch == row.epoch {
+        next.safety = view.safety;
+        next.safety_sequence = view.safety_sequence;
+        next.suspended = view.suspended;
+        next.timeout_secs = view.timeout_secs;
+        if view.suspended || view.safety == Safety::Off {
+            next.synchronized = false;
+        }
+        event = if view.suspended && !row.suspended {
+            "Mirroring Suspended"
+        } else if !view.suspended && row.suspended {
+            "Mirroring Resumed"
+        } else {
+            "Settings Changed"
+        };
+    } else if view.name != row.principal && row.mirror.as_deref() != Some(view.name.as_str()) {
+        next.mirror = Some(view.name.clone());
+        event = "Mirror Registered";
+    } else {
+        return None;
+    }
+    (next != *row).then_some(Change { row: next, event })
+}
+
+/// The principal records whether its commits wait for the mirror.
+pub fn set_synchronized(
+    row: Option<&RoleRow>,
+    name: &str,
+    epoch: crate::roles::Epoch,
+    synchronized: bool,
+) -> Result<Change, String> {
+    let row = row.ok_or("the witness has no row for this session yet")?;
+    if row.principal != name || row.epoch != epoch {
+        return Err(format!(
+            "{name} at role_sequence {epoch} is not the principal; the witness has {} at {}",
+            row.principal, row.epoch
+        ));
+    }
+    let mut next = row.clone();
+    next.synchronized = synchronized;
+    Ok(Change {
+        row: next,
+        event: if synchronized {
+            "Synchronized Principal with Witness"
+        } else {
+            "Principal Running Exposed"
+        },
+    })
+}
+
+/// Whether `name` may become principal at `epoch` + 1. `principal_silent`
+/// is how long the witness has not heard from the current principal.
+pub fn promote(
+    row: Option<&RoleRow>,
+    name: &str,
+    epoch: crate::roles::Epoch,
+    kind: PromotionKind,
+    failover_lsn: Option<Lsn>,
+    principal_silent: Duration,
+) -> Result<Change, String> {
+    let row = row.ok_or("the witness has no row for this session yet")?;
+    if row.principal == name {
+        return Err(format!("{name} is already the principal"));
+    }
+    if row.epoch != epoch {
+        return Err(format!(
+            "stale request: {name} is at role_sequence {epoch}, the witness at {}",
+            row.epoch
+        ));
+    }
+    let timeout = Duration::from_secs(row.timeout_secs);
+    let event = match kind {
+        PromotionKind::Automatic => {
+            if row.safety != Safety::Full || row.suspended || !row.synchronized {
+                // I3: only a mirror recorded as synchronized under FULL.
+                return Err(format!(
+                    "automatic failover needs a SYNCHRONIZED session under SAFETY FULL; the witness \
+                     has safety {}, suspended {}, synchronized {}",
+                    row.safety, row.suspended, row.synchronized
+                ));
+            }
+            if principal_silent < timeout + PROMOTION_MARGIN {
+                // I1 and spec 23: the witness still sees the principal, or
+                // has not waited long enough for it to stop serving.
+                return Err(format!(
+                    "the witness heard the principal {} {:.1} s ago",
+                    row.principal,
+                    principal_silent.as_secs_f64()
+                ));
+            }
+            "Automatic Failover"
+        }
+        PromotionKind::Manual => "Manual Failover",
+        PromotionKind::Handover => "Automatic Failover (the principal's PostgreSQL failed)",
+        PromotionKind::Forced => {
+            if principal_silent < timeout {
+                return Err(format!(
+                    "the witness still hears the principal {} (last {:.1} s ago); forced service is \
+                     only for a lost principal",
+                    row.principal,
+                    principal_silent.as_secs_f64()
+                ));
+            }
+            "Forced Service"
+        }
+    };
+    let mut next = row.clone();
+    next.mirror = Some(row.principal.clone());
+    next.principal = name.to_string();
+    next.epoch = epoch.next();
+    next.synchronized = false;
+    next.suspended = kind == PromotionKind::Forced;
+    next.failover_lsn = failover_lsn.or(row.failover_lsn);
+    Ok(Change { row: next, event })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::roles::{Epoch, MirroringState};
+
+    fn view(name: &str, role: Role, epoch: u64) -> PeerView {
+        PeerView {
+            session: "shop".into(),
+            name: name.into(),
+            role,
+            epoch: Epoch(epoch),
+            state: MirroringState::Synchronized,
+            safety: Safety::Full,
+            timeout_secs: 2,
+            suspended: false,
+            ended: false,
+            system_identifier: Some(7),
+            pg_major: 15,
+            safety_sequence: 1,
+            witness: None,
+        }
+    }
+
+    fn synchronized_row() -> RoleRow {
+        let created = on_report(None, &view("alpha", Role::Principal, 1))
+            .unwrap()
+            .row;
+        let with_mirror = on_report(Some(&created), &view("beta", Role::Mirror, 1))
+            .unwrap()
+            .row;
+        set_synchronized(Some(&with_mirror), "alpha", Epoch(1), true)
+            .unwrap()
+            .row
+    }
+
+    #[test]
+    fn the_principal_creates_the_row_and_the_mirror_registers() {
+        assert!(on_report(None, &view("beta", Role::Mirror, 1)).is_none());
+        let row = synchronized_row();
+        assert_eq!(
+            (row.principal.as_str(), row.mirror.as_deref()),
+            ("alpha", Some("beta"))
+        );
+        assert!(on_report(Some(&row), &view("beta", Role::Mirror, 1)).is_none());
+    }
+
+    #[test]
+    fn automatic_failover_only_for_a_synchronized_mirror_once_the_principal_is_silent() {
+        let row = synchronized_row();
+        let quiet = Duration::from_secs(2) + PROMOTION_MARGIN;
+        let granted = promote(
+            Some(&row),
+            "beta",
+            Epoch(1),
+            PromotionKind::Automatic,
+            None,
+            quiet,
+        )
+        .unwrap();
+        assert_eq!(
+            (granted.row.principal.as_str(), granted.row.epoch),
+            ("beta", Epoch(2))
+        );
+        assert!(!granted.row.synchronized);
+        let heard = promote(
+            Some(&row),
+            "beta",
+            Epoch(1),
+            PromotionKind::Automatic,
+            None,
+            Duration::from_secs(1),
+        );
+        assert!(heard.unwrap_err().contains("heard the principal"));
+        let exposed = set_synchronized(Some(&row), "alpha", Epoch(1), false)
+            .unwrap()
+            .row;
+        let refused = promote(
+            Some(&exposed),
+            "beta",
+            Epoch(1),
+            PromotionKind::Automatic,
+            None,
+            quiet,
+        );
+        assert!(refused.unwrap_err().contains("synchronized false"));
+        let stale = promote(
+            Some(&granted.row),
+            "beta",
+            Epoch(1),
+            PromotionKind::Automatic,
+            None,
+            quiet,
+        );
+        assert!(stale.is_err());
+    }
+
+    #[test]
+    fn only_the_current_principal_may_run_exposed() {
+        let row = synchronized_row();
+        assert!(set_synchronized(Some(&row), "beta", Epoch(1), false).is_err());
+        assert!(set_synchronized(Some(&row), "alpha", Epoch(0), false).is_err());
+    }
+
+    #[test]
+    fn a_role_switch_made_without_the_witness_is_taken_over() {
+        let row = synchronized_row();
+        let change = on_report(Some(&row), &view("beta", Role::Principal, 2)).unwrap();
+        assert_eq!(change.row.principal, "beta");
+        assert_eq!(change.row.mirror.as_deref(), Some("alpha"));
+        assert!(!change.row.synchronized);
+    }
+}

@@ -1,0 +1,261 @@
+//! The witness's durable role table in SQLite (schema: `sql/witness.sql`).
+//!
+//! Every change is one transaction that updates the row only if its epoch
+//! is still the one the caller read (compare-and-set) and appends to the
+//! history; SQLite runs with `synchronous = FULL`, so a change that returned
+//! survives a crash of the witness or its machine.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::partner::api::RoleRow;
+use crate::roles::{Epoch, Safety};
+
+const SCHEMA: &str = include_str!("../../sql/witness.sql");
+
+#[derive(Debug, thiserror::Error)]
+#[error("role table {path}: {source}")]
+pub struct StoreError {
+    path: PathBuf,
+    #[source]
+    source: rusqlite::Error,
+}
+
+/// One line of the history table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryEntry {
+    pub at_ms: i64,
+    pub event: String,
+    pub principal: String,
+    pub epoch: u64,
+    pub synchronized: bool,
+}
+
+pub struct RoleStore {
+    path: PathBuf,
+    connection: Connection,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+impl RoleStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let wrap = |source| StoreError {
+            path: path.to_path_buf(),
+            source,
+        };
+        let connection = Connection::open(path).map_err(wrap)?;
+        connection
+            .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
+            .map_err(wrap)?;
+        connection.execute_batch(SCHEMA).map_err(wrap)?;
+        Ok(RoleStore {
+            path: path.to_path_buf(),
+            connection,
+        })
+    }
+
+    fn wrap(&self, source: rusqlite::Error) -> StoreError {
+        StoreError {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    pub fn get(&self, session: &str) -> Result<Option<RoleRow>, StoreError> {
+        self.connection
+            .query_row(
+                "SELECT session, principal, mirror, epoch, safety, safety_sequence, suspended, \
+                 synchronized, timeout_secs, failover_lsn FROM role_table WHERE session = ?1",
+                params![session],
+                read_row,
+            )
+            .optional()
+            .map_err(|err| self.wrap(err))
+    }
+
+    pub fn all(&self) -> Result<Vec<RoleRow>, StoreError> {
+        let mut statement = self
+            .connection
+            .prepare(
+                "SELECT session, principal, mirror, epoch, safety, safety_sequence, suspended, \
+                 synchronized, timeout_secs, failover_lsn FROM role_table ORDER BY session",
+            )
+            .map_err(|err| self.wrap(err))?;
+        let rows = statement
+            .query_map([], read_row)
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|err| self.wrap(err));
+        rows
+    }
+
+    /// Writes `row` if the stored epoch is still `expected` (None: no row
+    /// yet), and records `event`; false when someone else changed it first.
+    pub fn compare_and_set(
+        &mut self,
+        expected: Option<Epoch>,
+        row: &RoleRow,
+        event: &str,
+    ) -> Result<bool, StoreError> {
+        let path = self.path.clone();
+        let wrap = |source| StoreError {
+            path: path.clone(),
+            source,
+        };
+        let transaction = self.connection.transaction().map_err(wrap)?;
+        let current: Option<u64> = transaction
+            .query_row(
+                "SELECT epoch FROM role_table WHERE session = ?1",
+                params![row.session],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(wrap)?;
+        if current != expected.map(|epoch| epoch.0) {
+            return Ok(false);
+        }
+        let at = now_ms();
+        transaction
+            .execute(
+                "INSERT INTO role_table (session, principal, mirror, epoch, safety, safety_sequence, \
+                 suspended, synchronized, timeout_secs, failover_lsn, updated_at_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+                 ON CONFLICT (session) DO UPDATE SET principal = ?2, mirror = ?3, epoch = ?4, \
+                 safety = ?5, safety_sequence = ?6, suspended = ?7, synchronized = ?8, \
+                 timeout_secs = ?9, failover_lsn = ?10, updated_at_ms = ?11",
+                params![
+                    row.session,
+                    row.principal,
+                    row.mirror,
+                    row.epoch.0,
+                    match row.safety {
+                        Safety::Full => "full",
+                        Safety::Off => "off",
+                    },
+                    row.safety_sequence,
+                    row.suspended,
+                    row.synchronized,
+                    row.timeout_secs,
+                    row.failover_lsn.map(|lsn| lsn.to_string()),
+                    at
+                ],
+            )
+            .map_err(wrap)?;
+        transaction
+            .execute(
+                "INSERT INTO history (session, at_ms, event, principal, epoch, synchronized) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    row.session,
+                    at,
+                    event,
+                    row.principal,
+                    row.epoch.0,
+                    row.synchronized
+                ],
+            )
+            .map_err(wrap)?;
+        transaction.commit().map_err(wrap)?;
+        Ok(true)
+    }
+
+    pub fn history(&self, session: &str) -> Result<Vec<HistoryEntry>, StoreError> {
+        let mut statement = self
+            .connection
+            .prepare(
+                "SELECT at_ms, event, principal, epoch, synchronized FROM history \
+                 WHERE session = ?1 ORDER BY id",
+            )
+            .map_err(|err| self.wrap(err))?;
+        let entries = statement
+            .query_map(params![session], |r| {
+                Ok(HistoryEntry {
+                    at_ms: r.get(0)?,
+                    event: r.get(1)?,
+                    principal: r.get(2)?,
+                    epoch: r.get(3)?,
+                    synchronized: r.get(4)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|err| self.wrap(err));
+        entries
+    }
+}
+
+fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RoleRow> {
+    let safety: String = r.get(4)?;
+    let failover_lsn: Option<String> = r.get(9)?;
+    Ok(RoleRow {
+        session: r.get(0)?,
+        principal: r.get(1)?,
+        mirror: r.get(2)?,
+        epoch: Epoch(r.get(3)?),
+        safety: if safety == "off" {
+            Safety::Off
+        } else {
+            Safety::Full
+        },
+        safety_sequence: r.get(5)?,
+        suspended: r.get(6)?,
+        synchronized: r.get(7)?,
+        timeout_secs: r.get(8)?,
+        failover_lsn: failover_lsn.and_then(|lsn| lsn.parse().ok()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(epoch: u64, principal: &str) -> RoleRow {
+        RoleRow {
+            session: "shop".into(),
+            principal: principal.into(),
+            mirror: Some("beta".into()),
+            epoch: Epoch(epoch),
+            safety: Safety::Full,
+            safety_sequence: 1,
+            suspended: false,
+            synchronized: true,
+            timeout_secs: 10,
+            failover_lsn: None,
+        }
+    }
+
+    #[test]
+    fn compare_and_set_refuses_a_stale_epoch_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("witness.sqlite");
+        let mut store = RoleStore::open(&path).unwrap();
+        assert!(store
+            .compare_and_set(None, &row(1, "alpha"), "Session Created")
+            .unwrap());
+        assert!(!store
+            .compare_and_set(None, &row(1, "beta"), "Session Created")
+            .unwrap());
+        assert!(store
+            .compare_and_set(Some(Epoch(1)), &row(2, "beta"), "Automatic Failover")
+            .unwrap());
+        assert!(!store
+            .compare_and_set(Some(Epoch(1)), &row(2, "alpha"), "Automatic Failover")
+            .unwrap());
+        drop(store);
+        let store = RoleStore::open(&path).unwrap();
+        assert_eq!(store.get("shop").unwrap(), Some(row(2, "beta")));
+        let events: Vec<String> = store
+            .history("shop")
+            .unwrap()
+            .into_iter()
+            .map(|e| e.event)
+            .collect();
+        assert_eq!(events, ["Session Created", "Automatic Failover"]);
+    }
+}
