@@ -42,6 +42,10 @@ impl Pgmirror {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    pub fn has_exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Waits for the process to exit, up to `limit`.
     pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + limit;

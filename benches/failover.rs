@@ -1,0 +1,69 @@
+//! Benchmark of automatic failover (issue 4), run by `bench/failover`: with
+//! TIMEOUT 2 s and a witness, the time from kill -9 of the principal (its
+//! PostgreSQL and its agent: the server died) to the first acknowledged
+//! write on the new principal, over 10 runs.
+//!
+//! For comparison, pg_auto_failover's defaults take 20-50 s and Patroni's
+//! about 30-40 s (published defaults; not measured here).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::{Pair, PairOptions, WitnessChoice};
+
+const TIMEOUT_SECS: u64 = 2;
+
+async fn first_write(port: u16, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if let Ok(Ok(client)) =
+            tokio::time::timeout(Duration::from_millis(200), common::pg::connect_port(port)).await
+        {
+            let write = client.batch_execute("INSERT INTO beats VALUES (now())");
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(500), write).await {
+                return Some(started.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let mut pair = Pair::start(PairOptions {
+        timeout: TIMEOUT_SECS,
+        witness: WitnessChoice::Own,
+        ..PairOptions::default()
+    });
+    pair.wait_state("SYNCHRONIZED").await;
+    pair.wait_witness_synchronized().await;
+    pair.a.sql().await.batch_execute("CREATE TABLE beats (at timestamptz)").await.unwrap();
+    let mut timings = Vec::new();
+    for run in 0..runs {
+        let a_is_principal = pair.status(&pair.a).await.mirroring_role_desc.as_deref() == Some("PRINCIPAL");
+        let (principal, mirror) = if a_is_principal { (&mut pair.a, &mut pair.b) } else { (&mut pair.b, &mut pair.a) };
+        let mirror_port = mirror.pg_port();
+        principal.kill9();
+        let Some(elapsed) = first_write(mirror_port, Duration::from_secs(60)).await else {
+            panic!("run {run}: no write accepted on the mirror within 60 s");
+        };
+        println!("run {run}: kill -9 to first acknowledged write on the new principal: {elapsed:?}");
+        timings.push(elapsed);
+        principal.start_agent();
+        pair.wait_state("SYNCHRONIZED").await;
+        pair.wait_witness_synchronized().await;
+    }
+    timings.sort();
+    println!(
+        "automatic failover with TIMEOUT {TIMEOUT_SECS} s (direct connection): median {:?}, min {:?}, max {:?} over {} runs (target <= TIMEOUT + 1.5 s = {} s)",
+        timings[timings.len() / 2],
+        timings[0],
+        timings[timings.len() - 1],
+        timings.len(),
+        TIMEOUT_SECS as f64 + 1.5
+    );
+}
