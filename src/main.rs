@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use pgmirror::config::{self, PartnerConfig, ProxyConfig, WitnessConfig};
 use pgmirror::logging::{self, LogFormat};
+use pgmirror::roles::Safety;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
@@ -44,7 +45,23 @@ enum Commands {
         config: PathBuf,
     },
     /// Run a whole mirrored cluster on this machine, in the foreground, for a first try.
-    Demo,
+    Demo {
+        /// Where configs, certificates, data and logs go; reused by a second run.
+        #[arg(long, default_value = "pgmirror-demo")]
+        dir: PathBuf,
+        /// The proxy's port.
+        #[arg(long, default_value_t = 6432)]
+        port: u16,
+        /// full (synchronous) or off (asynchronous).
+        #[arg(long, default_value = "full")]
+        safety: Safety,
+        /// Run without a witness (no automatic failover).
+        #[arg(long)]
+        no_witness: bool,
+        /// TIMEOUT in seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
 }
 
 /// Exit status of a subcommand whose issue has not landed yet.
@@ -67,7 +84,22 @@ fn main() -> ExitCode {
             };
         }
         Commands::Proxy { config } => config::load::<ProxyConfig>(config).map(drop),
-        Commands::Demo => Ok(()),
+        Commands::Demo {
+            dir,
+            port,
+            safety,
+            no_witness,
+            timeout,
+        } => {
+            let options = pgmirror::demo::DemoOptions {
+                dir: dir.clone(),
+                port: *port,
+                safety: *safety,
+                witness: !no_witness,
+                timeout: *timeout,
+            };
+            return serve(pgmirror::demo::run(options, shutdown_on_signal()));
+        }
     };
     if let Err(err) = loaded {
         return fail(err);
@@ -77,7 +109,8 @@ fn main() -> ExitCode {
 }
 
 fn fail(err: impl std::fmt::Display) -> ExitCode {
-    eprintln!("pgmirror: {err}");
+    // `#` prints an anyhow error's whole chain of causes on one line.
+    eprintln!("pgmirror: {err:#}");
     ExitCode::FAILURE
 }
 

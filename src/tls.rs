@@ -296,6 +296,22 @@ fn load_roots(file: &Path) -> Result<RootCertStore, TlsError> {
 }
 
 /// The config of endpoint `name` in a directory made by [`generate_pki`].
+/// The `[tls]` section of a config file for `name`'s generated files in
+/// `dir` (mode on), or the section that turns TLS off.
+pub fn tls_section(dir: &Path, name: &str, on: bool) -> String {
+    if !on {
+        return "[tls]\nmode = \"off\"\n".to_string();
+    }
+    let files = tls_config_for(dir, name);
+    let path = |file: Option<PathBuf>| file.unwrap_or_default().display().to_string();
+    format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+        path(files.cert),
+        path(files.key),
+        path(files.ca)
+    )
+}
+
 pub fn tls_config_for(dir: &Path, name: &str) -> TlsConfig {
     TlsConfig {
         mode: TlsMode::On,

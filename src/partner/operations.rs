@@ -288,16 +288,7 @@ async fn manual_failover(agent: &Arc<Agent>) -> Result<String, OpError> {
     agent.pending_failover.store(false, Ordering::SeqCst);
     match handed_over {
         Ok(failover_lsn) => {
-            agent.update(|state| {
-                state.role = Role::Mirror;
-                state.epoch = epoch;
-                state.needs_rewind = true;
-                state.synchronized = false;
-                state.state = MirroringState::Synchronizing;
-                state.failover_lsn = Some(failover_lsn);
-            })?;
-            agent.close_streams();
-            *lock(&agent.applied_sync) = None;
+            step_down(agent, epoch, false, Some(failover_lsn))?;
             let peer = agent
                 .state()
                 .peer_name
@@ -337,15 +328,7 @@ pub async fn hand_over_after_crash(agent: &Arc<Agent>) -> Result<(), OpError> {
         }
         other => return Err(OpError::Refused(format!("unexpected answer {other:?}"))),
     }
-    agent.update(|state| {
-        state.role = Role::Mirror;
-        state.epoch = epoch;
-        state.needs_rewind = true;
-        state.synchronized = false;
-        state.state = MirroringState::Synchronizing;
-    })?;
-    agent.close_streams();
-    *lock(&agent.applied_sync) = None;
+    step_down(agent, epoch, false, None)?;
     warn!(%epoch, "handed the principal role to the mirror after PostgreSQL failed here");
     Ok(())
 }
@@ -465,15 +448,7 @@ pub async fn promote_to(
     failover_lsn: Option<Lsn>,
 ) -> Result<(), OpError> {
     agent.update(|state| {
-        state.role = Role::Principal;
-        state.epoch = epoch;
-        state.suspended = suspended;
-        state.synchronized = false;
-        state.state = if suspended {
-            MirroringState::Suspended
-        } else {
-            MirroringState::Synchronizing
-        };
+        state.assume_role(Role::Principal, epoch, suspended);
         state.failover_lsn = failover_lsn;
     })?;
     if agent.engine.postmaster_pid().is_none() {
@@ -623,6 +598,25 @@ async fn ensure_slot(agent: &Agent) -> Result<(), OpError> {
     Ok(())
 }
 
+/// Records this partner as a mirror at `epoch` that rewinds before it
+/// follows the new principal, and stops feeding any stream (I1).
+fn step_down(
+    agent: &Agent,
+    epoch: Epoch,
+    suspended: bool,
+    failover_lsn: Option<Lsn>,
+) -> Result<(), OpError> {
+    agent.update(|state| {
+        state.assume_role(Role::Mirror, epoch, suspended);
+        state.needs_rewind = true;
+        state.failover_lsn = failover_lsn.or(state.failover_lsn);
+    })?;
+    agent.close_streams();
+    *lock(&agent.applied_sync) = None;
+    agent.expect_running.store(false, Ordering::SeqCst);
+    Ok(())
+}
+
 /// A principal that meets a principal of a later epoch becomes its mirror
 /// (I1, spec 26): it stops serving at once and rewinds before following.
 pub async fn demote(
@@ -635,21 +629,7 @@ pub async fn demote(
         %epoch,
         "{told_by} says another partner is principal at a later role_sequence: this partner becomes the mirror"
     );
-    agent.update(|state| {
-        state.role = Role::Mirror;
-        state.epoch = epoch;
-        state.needs_rewind = true;
-        state.synchronized = false;
-        state.suspended = suspended;
-        state.state = if suspended {
-            MirroringState::Suspended
-        } else {
-            MirroringState::Synchronizing
-        };
-    })?;
-    agent.close_streams();
-    *lock(&agent.applied_sync) = None;
-    agent.expect_running.store(false, Ordering::SeqCst);
+    step_down(agent, epoch, suspended, None)?;
     let running = agent.engine.postmaster_pid().is_some();
     if running
         && blocking(agent, |engine| engine.stop(StopMode::Fast))

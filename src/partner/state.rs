@@ -99,6 +99,22 @@ impl SessionState {
     }
 }
 
+impl SessionState {
+    /// Takes `role` at `epoch`: after any role switch the mirror is not yet
+    /// synchronized (I2), and a suspended session stays SUSPENDED.
+    pub fn assume_role(&mut self, role: Role, epoch: Epoch, suspended: bool) {
+        self.role = role;
+        self.epoch = epoch;
+        self.suspended = suspended;
+        self.synchronized = false;
+        self.state = if suspended {
+            MirroringState::Suspended
+        } else {
+            MirroringState::Synchronizing
+        };
+    }
+}
+
 /// The state file in the agent's state directory.
 #[derive(Debug, Clone)]
 pub struct StateStore {

@@ -420,6 +420,19 @@ async fn take_copy(agent: &Arc<Agent>, view: &PeerView) -> Result<(), OpError> {
     Ok(())
 }
 
+/// Whether pg_rewind failed on this copy's own WAL (gone, or torn by an
+/// interrupted earlier rewind), as opposed to a source that is not ready.
+fn cannot_rewind(error: &str) -> bool {
+    [
+        "could not find previous WAL record",
+        "could not read WAL record",
+        "pg_wal/",
+    ]
+    .iter()
+    .any(|sign| error.contains(sign))
+        && !error.contains("connection to server")
+}
+
 /// Rolls a former principal back to the new principal's history
 /// (pg_rewind through the shipper) so it can follow it.
 async fn rewind(agent: &Arc<Agent>) -> Result<(), OpError> {
@@ -436,13 +449,9 @@ async fn rewind(agent: &Arc<Agent>) -> Result<(), OpError> {
             info!("pg_rewind: {}", output.trim().replace('\n', "; "));
             agent.update(|state| state.needs_rewind = false)?;
         }
-        Err(err)
-            if err
-                .to_string()
-                .contains("could not find previous WAL record") =>
-        {
-            // The WAL back to the last common checkpoint is gone: rewinding
-            // is impossible, so keep the diverged copy aside for manual
+        Err(err) if cannot_rewind(&err.to_string()) => {
+            // This copy's WAL back to the common checkpoint is gone or torn:
+            // rewinding is impossible, so keep the diverged copy aside for manual
             // reconciliation and clone the principal afresh.
             let aside = agent.engine.data_dir.with_extension("diverged");
             warn!("pg_rewind cannot rewind ({err}); moving the copy to {} and taking a new base backup", aside.display());

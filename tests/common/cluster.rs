@@ -11,7 +11,7 @@ use pgmirror::config::{PartnerConfig, TlsMode};
 use pgmirror::partner::api::{Command, ControlClient, MirroringStatus, Response};
 use pgmirror::partner::engine::{Instance, PgBinaries, RunAs, StopMode};
 use pgmirror::roles::Safety;
-use pgmirror::tls::{generate_pki, tls_config_for, EndpointTls};
+use pgmirror::tls::{generate_pki, tls_config_for, tls_section, EndpointTls};
 use tempfile::TempDir;
 
 use super::{free_port, Link, Pgmirror};
@@ -39,10 +39,17 @@ impl Partner {
         ));
     }
 
-    /// kill -9 of the agent and of every PostgreSQL process: the server died.
+    /// kill -9 of the agent, the tools it runs (pg_rewind, pg_basebackup)
+    /// and every PostgreSQL process: the server died.
     pub fn kill9(&mut self) {
         self.engine.signal_all(Signal::SIGKILL);
         if let Some(agent) = &mut self.agent {
+            for child in super::process::descendants(agent.pid()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(child as i32),
+                    Signal::SIGKILL,
+                );
+            }
             agent.kill9();
         }
         assert!(self.engine.wait_gone(Duration::from_secs(10)));
@@ -181,17 +188,7 @@ impl Pair {
                 let port = free_port();
                 let witness_dir = dir.path().join("witness");
                 std::fs::create_dir_all(&witness_dir).expect("witness dir");
-                let files = tls_config_for(&pki, "witness");
-                let tls = if options.tls {
-                    format!(
-                        "[tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
-                        files.cert.unwrap(),
-                        files.key.unwrap(),
-                        files.ca.unwrap()
-                    )
-                } else {
-                    "[tls]\nmode = \"off\"\n".to_string()
-                };
+                let tls = tls_section(&pki, "witness", options.tls);
                 let config_path = witness_dir.join("witness.toml");
                 std::fs::write(
                     &config_path,
@@ -230,17 +227,7 @@ impl Pair {
         let make = |index: usize, name: &str, role: &str| {
             let partner_dir = dir.path().join(name);
             std::fs::create_dir_all(&partner_dir).expect("partner dir");
-            let tls = if options.tls {
-                let files = tls_config_for(&pki, name);
-                format!(
-                    "[tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
-                    files.cert.unwrap(),
-                    files.key.unwrap(),
-                    files.ca.unwrap()
-                )
-            } else {
-                "[tls]\nmode = \"off\"\n".to_string()
-            };
+            let tls = tls_section(&pki, name, options.tls);
             let witness_line = witness_ports[index]
                 .map(|port| format!("witness = \"127.0.0.1:{port}\"\n"))
                 .unwrap_or_default();

@@ -1,0 +1,95 @@
+//! `pgmirror demo` as a user runs it: the built binary, a fresh directory,
+//! the printed summary, a write, SIGTERM, and nothing left behind.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::Pgmirror;
+use pgmirror::partner::engine::RunAs;
+
+/// Every process whose command line mentions `dir`.
+fn processes_using(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(&needle).then_some(cmdline)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_serves_and_stops_cleanly() {
+    let dir = tempfile::Builder::new()
+        .prefix("pgmirror-demo-")
+        .tempdir()
+        .unwrap();
+    RunAs::detect().unwrap().hand_over(dir.path()).unwrap();
+    let demo_dir = dir.path().join("cluster");
+    let mut demo = Pgmirror::spawn(
+        "demo",
+        dir.path(),
+        &[
+            "demo",
+            "--dir",
+            demo_dir.to_str().unwrap(),
+            "--timeout",
+            "3",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let summary = loop {
+        let output = demo.output();
+        if output.contains("is mirrored") {
+            break output;
+        }
+        assert!(!demo.has_exited(), "the demo exited: {output}");
+        assert!(Instant::now() < deadline, "no summary: {output}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!("{summary}");
+    let port: u16 = summary
+        .lines()
+        .find(|line| line.contains("principal (alpha) PostgreSQL"))
+        .and_then(|line| line.split("-p ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|port| port.parse().ok())
+        .expect("the principal's port in the summary");
+    let client = common::pg::connect_port(port)
+        .await
+        .expect("connect to the demo's principal");
+    client
+        .batch_execute("CREATE TABLE hello (id int); INSERT INTO hello VALUES (1)")
+        .await
+        .unwrap();
+    drop(client);
+    for config in ["alpha.toml", "beta.toml", "witness.toml"] {
+        assert!(
+            demo_dir.join(config).is_file(),
+            "{config} is written for the user to copy"
+        );
+    }
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(demo.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = demo
+        .wait(Duration::from_secs(90))
+        .expect("the demo stops on SIGTERM");
+    assert!(status.success(), "{status:?}: {}", demo.output());
+    let left = processes_using(&demo_dir);
+    assert!(left.is_empty(), "left behind: {left:#?}");
+    assert!(
+        demo_dir.join("alpha/data/PG_VERSION").is_file(),
+        "the directory is kept"
+    );
+}
