@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod logging;
+pub mod metrics;
 pub mod partner;
 pub mod roles;
 pub mod shipper;

@@ -1,7 +1,8 @@
 //! `Pair`: two `pgmirror partner` agents, each beside its own PostgreSQL, in
 //! one temp dir with generated certificates, optionally with a cuttable
-//! [`Link`] on each agent-to-agent path. Dropping it kills the agents and
-//! the servers.
+//! [`Link`] on each agent-to-agent path. Every agent and the witness export
+//! metrics on a port of their own. Dropping it kills the agents and the
+//! servers.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -23,6 +24,8 @@ pub const SLOW: Duration = Duration::from_secs(90);
 pub struct Partner {
     pub name: String,
     pub config: PartnerConfig,
+    /// The agent's Prometheus endpoint, `http://127.0.0.1:{metrics_port}/metrics`.
+    pub metrics_port: u16,
     config_path: PathBuf,
     dir: PathBuf,
     pub agent: Option<Pgmirror>,
@@ -101,6 +104,8 @@ pub enum WitnessChoice {
 /// A `pgmirror witness` process.
 pub struct WitnessProcess {
     pub port: u16,
+    /// The witness's Prometheus endpoint.
+    pub metrics_port: u16,
     config_path: PathBuf,
     dir: PathBuf,
     pub process: Option<Pgmirror>,
@@ -179,6 +184,7 @@ impl Pair {
         let witness = match options.witness {
             WitnessChoice::Own => {
                 let port = free_port();
+                let metrics_port = free_port();
                 let witness_dir = dir.path().join("witness");
                 std::fs::create_dir_all(&witness_dir).expect("witness dir");
                 let files = tls_config_for(&pki, "witness");
@@ -196,13 +202,15 @@ impl Pair {
                 std::fs::write(
                     &config_path,
                     format!(
-                        "listen = \"127.0.0.1:{port}\"\nstore = {:?}\n\n{tls}",
+                        "listen = \"127.0.0.1:{port}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n\
+                         store = {:?}\n\n{tls}",
                         witness_dir.join("witness.sqlite")
                     ),
                 )
                 .expect("witness config");
                 let mut witness = WitnessProcess {
                     port,
+                    metrics_port,
                     config_path,
                     dir: witness_dir,
                     process: None,
@@ -244,8 +252,9 @@ impl Pair {
             let witness_line = witness_ports[index]
                 .map(|port| format!("witness = \"127.0.0.1:{port}\"\n"))
                 .unwrap_or_default();
+            let metrics_port = free_port();
             let text = format!(
-                "session = \"{}\"\n{witness_line}name = \"{name}\"\ninitial_role = \"{role}\"\n\
+                "session = \"{}\"\n{witness_line}metrics = \"127.0.0.1:{metrics_port}\"\nname = \"{name}\"\ninitial_role = \"{role}\"\n\
                  listen = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\nstate_dir = {:?}\n\
                  safety = \"{}\"\ntimeout = {}\n\n[postgres]\ndata_dir = {:?}\nport = {}\n\n{tls}",
                 options.session,
@@ -277,6 +286,7 @@ impl Pair {
             let mut partner = Partner {
                 name: name.to_string(),
                 config,
+                metrics_port,
                 config_path,
                 dir: partner_dir,
                 agent: None,
