@@ -33,7 +33,10 @@ async fn first_write(port: u16, limit: Duration) -> Option<Duration> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
     let mut pair = Pair::start(PairOptions {
         timeout: TIMEOUT_SECS,
         witness: WitnessChoice::Own,
@@ -41,17 +44,29 @@ async fn main() {
     });
     pair.wait_state("SYNCHRONIZED").await;
     pair.wait_witness_synchronized().await;
-    pair.a.sql().await.batch_execute("CREATE TABLE beats (at timestamptz)").await.unwrap();
+    pair.a
+        .sql()
+        .await
+        .batch_execute("CREATE TABLE beats (at timestamptz)")
+        .await
+        .unwrap();
     let mut timings = Vec::new();
     for run in 0..runs {
-        let a_is_principal = pair.status(&pair.a).await.mirroring_role_desc.as_deref() == Some("PRINCIPAL");
-        let (principal, mirror) = if a_is_principal { (&mut pair.a, &mut pair.b) } else { (&mut pair.b, &mut pair.a) };
+        let a_is_principal =
+            pair.status(&pair.a).await.mirroring_role_desc.as_deref() == Some("PRINCIPAL");
+        let (principal, mirror) = if a_is_principal {
+            (&mut pair.a, &mut pair.b)
+        } else {
+            (&mut pair.b, &mut pair.a)
+        };
         let mirror_port = mirror.pg_port();
         principal.kill9();
         let Some(elapsed) = first_write(mirror_port, Duration::from_secs(60)).await else {
             panic!("run {run}: no write accepted on the mirror within 60 s");
         };
-        println!("run {run}: kill -9 to first acknowledged write on the new principal: {elapsed:?}");
+        println!(
+            "run {run}: kill -9 to first acknowledged write on the new principal: {elapsed:?}"
+        );
         timings.push(elapsed);
         principal.start_agent();
         pair.wait_state("SYNCHRONIZED").await;

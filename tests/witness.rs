@@ -472,7 +472,11 @@ async fn run_schedule(faults: &[Fault], seed: u64) {
         apply(&mut pair, Fault::Thaw(index));
         apply(&mut pair, Fault::HealWitness(index));
         let partner = target(&mut pair, index);
-        if partner.agent.as_mut().is_none_or(|agent| agent.has_exited()) {
+        if partner
+            .agent
+            .as_mut()
+            .is_none_or(|agent| agent.has_exited())
+        {
             partner.start_agent();
         }
     }
@@ -480,16 +484,28 @@ async fn run_schedule(faults: &[Fault], seed: u64) {
     pair.wait_state("SYNCHRONIZED").await;
     workload.wait_for_progress(50, SLOW).await;
     let acknowledged = workload.stop().await;
-    let (_, client) = bank::writable(&ports(&pair)).await.expect("a principal after the schedule");
+    let (_, client) = bank::writable(&ports(&pair))
+        .await
+        .expect("a principal after the schedule");
     bank::verify(&client, &acknowledged).await;
-    println!("seed {seed}: {} transfers acknowledged, all present, total intact", acknowledged.len());
+    println!(
+        "seed {seed}: {} transfers acknowledged, all present, total intact",
+        acknowledged.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seeded_schedule_of_twenty_faults_loses_nothing_twice() {
-    let seed = std::env::var("PGMIRROR_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261126);
+    let seed = std::env::var("PGMIRROR_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20261126);
     let first = schedule(seed, 20);
-    assert_eq!(first, schedule(seed, 20), "the same seed gives the same schedule");
+    assert_eq!(
+        first,
+        schedule(seed, 20),
+        "the same seed gives the same schedule"
+    );
     for _ in 0..2 {
         run_schedule(&first, seed).await;
     }
