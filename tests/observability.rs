@@ -88,6 +88,8 @@ async fn partner_and_witness_endpoints_pass_promtool_and_count_a_failover() {
     let pair = Pair::start(PairOptions {
         timeout: 3,
         witness: WitnessChoice::Own,
+        warnings: "unsent_log_kb = 1048576\nunrestored_log_kb = 1048576\n\
+                   oldest_unsent_transaction_minutes = 60\nmirror_commit_overhead_ms = 60000",
         ..PairOptions::default()
     });
     pair.wait_state("SYNCHRONIZED").await;
@@ -104,6 +106,8 @@ async fn partner_and_witness_endpoints_pass_promtool_and_count_a_failover() {
             "pgmirror_link_bytes_raw_total{",
             "pgmirror_failovers_total{",
             "pgmirror_build_info{",
+            r#"pgmirror_warning_breached{session="shop",partner="alpha",threshold="unsent_log"} 0"#,
+            r#"pgmirror_warning_breached{session="shop",partner="alpha",threshold="mirror_commit_overhead"} 0"#,
         ],
     )
     .await;

@@ -89,6 +89,8 @@ pub struct PairOptions {
     /// Start a witness (`Some(existing)` shares another pair's witness).
     pub witness: WitnessChoice,
     pub session: &'static str,
+    /// The body of each partner's `[warnings]` section (spec 64).
+    pub warnings: &'static str,
 }
 
 #[derive(Clone, Default)]
@@ -142,6 +144,7 @@ impl Default for PairOptions {
             foreign_mirror: false,
             witness: WitnessChoice::None,
             session: "shop",
+            warnings: "",
         }
     }
 }
@@ -256,7 +259,7 @@ impl Pair {
             let text = format!(
                 "session = \"{}\"\n{witness_line}metrics = \"127.0.0.1:{metrics_port}\"\nname = \"{name}\"\ninitial_role = \"{role}\"\n\
                  listen = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\nstate_dir = {:?}\n\
-                 safety = \"{}\"\ntimeout = {}\n\n[postgres]\ndata_dir = {:?}\nport = {}\n\n{tls}",
+                 safety = \"{}\"\ntimeout = {}\n\n[postgres]\ndata_dir = {:?}\nport = {}\n\n{tls}\n[warnings]\n{}\n",
                 options.session,
                 endpoints[index],
                 peer_ports[index],
@@ -268,6 +271,7 @@ impl Pair {
                 options.timeout,
                 partner_dir.join("data"),
                 free_port(),
+                options.warnings,
             );
             let config_path = partner_dir.join("partner.toml");
             std::fs::write(&config_path, text).expect("write config");
