@@ -284,9 +284,27 @@ pub struct PartnerConfig {
     pub timeout: u64,
     /// Prometheus metrics listener.
     pub metrics: Option<ListenAddr>,
+    /// Warning thresholds (spec 64); none is set by default.
+    #[serde(default)]
+    pub warnings: WarningsConfig,
     pub postgres: PostgresConfig,
     #[serde(default)]
     pub tls: TlsConfig,
+}
+
+/// The partner's warning thresholds (spec 64). A breach logs a warning once
+/// and sets `pgmirror_warning_breached`; `prometheus/alerts.yml` alerts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct WarningsConfig {
+    /// Principal: send queue above this many kilobytes.
+    pub unsent_log_kb: Option<u64>,
+    /// Mirror: redo queue above this many kilobytes.
+    pub unrestored_log_kb: Option<u64>,
+    /// Principal: the oldest unsent WAL older than this many minutes.
+    pub oldest_unsent_transaction_minutes: Option<u64>,
+    /// Principal: mirror commit overhead above this many milliseconds.
+    pub mirror_commit_overhead_ms: Option<u64>,
 }
 
 impl Validate for PartnerConfig {

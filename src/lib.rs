@@ -8,6 +8,7 @@
 pub mod config;
 pub mod demo;
 pub mod logging;
+pub mod metrics;
 pub mod partner;
 pub mod roles;
 pub mod shipper;

@@ -105,6 +105,8 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("state file belongs to session {found:?}, but the config names {configured:?}")]
     WrongSession { found: String, configured: String },
 }
@@ -357,6 +359,9 @@ pub async fn run(config: PartnerConfig, shutdown: CancellationToken) -> Result<(
         }
     }
 
+    if let Some(metrics) = config.metrics {
+        crate::metrics::serve(metrics.0)?;
+    }
     let endpoint = TcpListener::bind(config.listen.0)
         .await
         .map_err(|source| AgentError::Bind {

@@ -6,7 +6,8 @@
 //! changes (failover, forced service, rewind), `quorum` the witness link
 //! and the quorum rules, `commands` the IO-free checks
 //! of what may be done now, `api` the typed control API, `state` the durable
-//! session state and `engine` the PostgreSQL binaries.
+//! session state, `engine` the PostgreSQL binaries and `telemetry` the
+//! measures and warning thresholds behind the metrics.
 
 pub mod agent;
 pub mod api;
@@ -16,3 +17,4 @@ pub mod operations;
 pub mod quorum;
 pub mod state;
 pub mod supervisor;
+pub mod telemetry;

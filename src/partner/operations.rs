@@ -390,7 +390,8 @@ async fn take_over(
         }
     }
     promote_to(agent, epoch, false, Some(failover_lsn)).await?;
-    info!(%epoch, %failover_lsn, "promoted by manual failover");
+    crate::metrics::count_failover(&agent.config.session, &agent.config.name, kind);
+    info!(%epoch, %failover_lsn, ?kind, "promoted by the principal's handover");
     Ok(format!("principal at role_sequence {epoch}"))
 }
 
@@ -423,6 +424,11 @@ async fn force_service(agent: &Arc<Agent>) -> Result<String, OpError> {
         }
     }
     promote_to(agent, epoch, true, received).await?;
+    crate::metrics::count_failover(
+        &agent.config.session,
+        &agent.config.name,
+        PromotionKind::Forced,
+    );
     warn!(%epoch, "forced service: this partner is principal; the old principal's unsent WAL is lost");
     Ok(format!(
         "service forced: this partner is the principal at role_sequence {epoch}; mirroring is \

@@ -195,7 +195,13 @@ async fn request_automatic_failover(agent: &Arc<Agent>) -> Result<(), OpError> {
     match ask_witness(agent, &witness, request).await? {
         Response::Row(Some(row)) => {
             warn!(epoch = %row.epoch, "Automatic Failover: the witness made this partner the principal");
-            become_principal(agent, &row, received).await
+            become_principal(agent, &row, received).await?;
+            crate::metrics::count_failover(
+                &agent.config.session,
+                &agent.config.name,
+                PromotionKind::Automatic,
+            );
+            Ok(())
         }
         Response::Refused(reason) => {
             tracing::debug!("automatic failover refused: {reason}");

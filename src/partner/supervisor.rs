@@ -3,7 +3,8 @@
 //! server and the peer report, and applies the safety level.
 //!
 //! Each tick runs under the agent's `operations` lock, so it never overlaps
-//! a command. A failing tick is logged and retried on the next one.
+//! a command. A failing tick is logged and retried on the next one. After
+//! every tick the agent's metrics and warning thresholds are updated.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,12 +16,15 @@ use crate::partner::agent::{lock, with_tool_relay, Agent};
 use crate::partner::api::{PeerView, Response, WitnessRequest};
 use crate::partner::operations::{self, blocking, local_sql, OpError};
 use crate::partner::quorum::ask_witness;
+use crate::partner::telemetry::Telemetry;
 use crate::roles::{MirroringState, Role, Safety};
 use crate::wire::lsn::Lsn;
 
 const TICK: Duration = Duration::from_millis(500);
 
 pub async fn supervise(agent: Arc<Agent>) {
+    let mut telemetry = Telemetry::new(agent.config.warnings);
+    crate::metrics::register_failovers(&agent.config.session, &agent.config.name);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
@@ -37,6 +41,7 @@ pub async fn supervise(agent: Arc<Agent>) {
                 agent.set_error(Some(err.to_string()));
             }
         }
+        telemetry.record(&agent.status(), Instant::now());
     }
 }
 

@@ -6,6 +6,8 @@
 //! keeps the table durable. The witness holds no state that a restart loses
 //! except those heard-times, which restart at the witness's start: a
 //! restarted witness waits a full TIMEOUT before it grants a failover.
+//! With a `metrics` address it exports each row it answers with and the
+//! promotions it grants (`crate::metrics`).
 
 pub mod arbiter;
 pub mod store;
@@ -34,6 +36,8 @@ pub enum WitnessError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -90,7 +94,12 @@ impl Witness {
     /// Answers one request.
     pub fn handle(&self, request: WitnessRequest) -> Response {
         match self.try_handle(request) {
-            Ok(response) => response,
+            Ok(response) => {
+                if let Response::Row(Some(row)) = &response {
+                    crate::metrics::record_witness_row(row);
+                }
+                response
+            }
             Err(err) => {
                 warn!("role table: {err}");
                 Response::Failed(err.to_string())
@@ -139,7 +148,11 @@ impl Witness {
                 if let Err(reason) = &verdict {
                     debug!(%session, %name, ?kind, "promotion refused: {reason}");
                 }
-                self.decide(row.as_ref(), verdict)
+                let response = self.decide(row.as_ref(), verdict)?;
+                if matches!(response, Response::Row(Some(_))) {
+                    crate::metrics::count_witness_promotion(&session, &name, kind);
+                }
+                Ok(response)
             }
             WitnessRequest::Sessions => Ok(Response::Rows(lock(&self.store).all()?)),
         }
@@ -177,6 +190,12 @@ pub async fn run(config: WitnessConfig, shutdown: CancellationToken) -> Result<(
         let _ = std::fs::create_dir_all(parent);
     }
     let witness = Arc::new(Witness::new(RoleStore::open(&config.store)?));
+    if let Some(metrics) = config.metrics {
+        crate::metrics::serve(metrics.0)?;
+        for row in lock(&witness.store).all()? {
+            crate::metrics::record_witness_row(&row);
+        }
+    }
     let listener =
         TcpListener::bind(config.listen.0)
             .await

@@ -1,7 +1,8 @@
 //! `Pair`: two `pgmirror partner` agents, each beside its own PostgreSQL, in
 //! one temp dir with generated certificates, optionally with a cuttable
-//! [`Link`] on each agent-to-agent path. Dropping it kills the agents and
-//! the servers.
+//! [`Link`] on each agent-to-agent path. Every agent and the witness export
+//! metrics on a port of their own. Dropping it kills the agents and the
+//! servers.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -23,6 +24,8 @@ pub const SLOW: Duration = Duration::from_secs(90);
 pub struct Partner {
     pub name: String,
     pub config: PartnerConfig,
+    /// The agent's Prometheus endpoint, `http://127.0.0.1:{metrics_port}/metrics`.
+    pub metrics_port: u16,
     config_path: PathBuf,
     dir: PathBuf,
     pub agent: Option<Pgmirror>,
@@ -93,6 +96,8 @@ pub struct PairOptions {
     /// Start a witness (`Some(existing)` shares another pair's witness).
     pub witness: WitnessChoice,
     pub session: &'static str,
+    /// The body of each partner's `[warnings]` section (spec 64).
+    pub warnings: &'static str,
 }
 
 #[derive(Clone, Default)]
@@ -108,6 +113,8 @@ pub enum WitnessChoice {
 /// A `pgmirror witness` process.
 pub struct WitnessProcess {
     pub port: u16,
+    /// The witness's Prometheus endpoint.
+    pub metrics_port: u16,
     config_path: PathBuf,
     dir: PathBuf,
     pub process: Option<Pgmirror>,
@@ -144,6 +151,7 @@ impl Default for PairOptions {
             foreign_mirror: false,
             witness: WitnessChoice::None,
             session: "shop",
+            warnings: "",
         }
     }
 }
@@ -186,6 +194,7 @@ impl Pair {
         let witness = match options.witness {
             WitnessChoice::Own => {
                 let port = free_port();
+                let metrics_port = free_port();
                 let witness_dir = dir.path().join("witness");
                 std::fs::create_dir_all(&witness_dir).expect("witness dir");
                 let tls = tls_section(&pki, "witness", options.tls);
@@ -193,13 +202,15 @@ impl Pair {
                 std::fs::write(
                     &config_path,
                     format!(
-                        "listen = \"127.0.0.1:{port}\"\nstore = {:?}\n\n{tls}",
+                        "listen = \"127.0.0.1:{port}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n\
+                         store = {:?}\n\n{tls}",
                         witness_dir.join("witness.sqlite")
                     ),
                 )
                 .expect("witness config");
                 let mut witness = WitnessProcess {
                     port,
+                    metrics_port,
                     config_path,
                     dir: witness_dir,
                     process: None,
@@ -231,10 +242,11 @@ impl Pair {
             let witness_line = witness_ports[index]
                 .map(|port| format!("witness = \"127.0.0.1:{port}\"\n"))
                 .unwrap_or_default();
+            let metrics_port = free_port();
             let text = format!(
-                "session = \"{}\"\n{witness_line}name = \"{name}\"\ninitial_role = \"{role}\"\n\
+                "session = \"{}\"\n{witness_line}metrics = \"127.0.0.1:{metrics_port}\"\nname = \"{name}\"\ninitial_role = \"{role}\"\n\
                  listen = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\nstate_dir = {:?}\n\
-                 safety = \"{}\"\ntimeout = {}\n\n[postgres]\ndata_dir = {:?}\nport = {}\n\n{tls}",
+                 safety = \"{}\"\ntimeout = {}\n\n[postgres]\ndata_dir = {:?}\nport = {}\n\n{tls}\n[warnings]\n{}\n",
                 options.session,
                 endpoints[index],
                 peer_ports[index],
@@ -246,6 +258,7 @@ impl Pair {
                 options.timeout,
                 partner_dir.join("data"),
                 free_port(),
+                options.warnings,
             );
             let config_path = partner_dir.join("partner.toml");
             std::fs::write(&config_path, text).expect("write config");
@@ -264,6 +277,7 @@ impl Pair {
             let mut partner = Partner {
                 name: name.to_string(),
                 config,
+                metrics_port,
                 config_path,
                 dir: partner_dir,
                 agent: None,
