@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::config::{self, Endpoint, PartnerConfig};
+use crate::config::{self, Endpoint, PartnerConfig, WitnessConfig};
 use crate::partner::api::ControlClient;
 use crate::partner::engine::{PgBinaries, RunAs};
 use crate::roles::Safety;
@@ -88,8 +88,10 @@ fn write_configs(options: &DemoOptions) -> anyhow::Result<()> {
         std::fs::write(
             dir.join("witness.toml"),
             format!(
-                "# The demo's witness.\nlisten = \"127.0.0.1:{witness_port}\"\nstore = {:?}\n\n{}",
+                "# The demo's witness.\nlisten = \"127.0.0.1:{witness_port}\"\nstore = {:?}\n\
+                 metrics = \"127.0.0.1:{}\"\n\n{}",
                 dir.join("witness/witness.sqlite"),
+                free_port()?,
                 tls_section(&pki, "witness", true)
             ),
         )?;
@@ -107,7 +109,7 @@ fn write_configs(options: &DemoOptions) -> anyhow::Result<()> {
             "# The demo's partner {name}; copy and adapt for a real deployment.\n\
              session = \"demo\"\nname = \"{name}\"\ninitial_role = \"{role}\"\n\
              listen = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\n{witness}\
-             state_dir = {:?}\nsafety = \"{}\"\ntimeout = {}\n\n\
+             state_dir = {:?}\nsafety = \"{}\"\ntimeout = {}\nmetrics = \"127.0.0.1:{}\"\n\n\
              [postgres]\ndata_dir = {:?}\nport = {}\n\n{}",
             endpoints[index],
             endpoints[1 - index],
@@ -117,6 +119,7 @@ fn write_configs(options: &DemoOptions) -> anyhow::Result<()> {
                 Safety::Off => "off",
             },
             options.timeout,
+            free_port()?,
             dir.join(name).join("data"),
             free_port()?,
             tls_section(&pki, name, true)
@@ -228,7 +231,12 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
     let dir = &options.dir;
     let alpha: PartnerConfig = config::load(&dir.join("alpha.toml"))?;
     let beta: PartnerConfig = config::load(&dir.join("beta.toml"))?;
-    let with_witness = dir.join("witness.toml").exists();
+    let witness: Option<WitnessConfig> = if dir.join("witness.toml").exists() {
+        Some(config::load(&dir.join("witness.toml"))?)
+    } else {
+        None
+    };
+    let with_witness = witness.is_some();
 
     let mut components = Vec::new();
     if with_witness {
@@ -251,19 +259,24 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
         "\npgmirror demo: session \"demo\" is mirrored\n\
          \n  principal (alpha) PostgreSQL:  psql -h 127.0.0.1 -p {} -U postgres\
          \n  mirror (beta) PostgreSQL:      psql -h 127.0.0.1 -p {} -U postgres   (read-only hot standby)\
-         \n  alpha agent endpoint:          {}\
-         \n  beta agent endpoint:           {}{}\
+         \n  alpha agent endpoint:          {}   metrics {}\
+         \n  beta agent endpoint:           {}   metrics {}{}\
          \n  configs, certificates, data:   {}\
          \n  logs:                          {}\
          \n\nPress Ctrl-C to stop every process (the directory is kept; a second run reuses it).\n",
         alpha.postgres.port,
         beta.postgres.port,
         alpha.listen.0,
+        metrics_url(alpha.metrics),
         beta.listen.0,
-        if with_witness {
-            format!("\n  witness:                       {}", dir.join("witness.toml").display())
-        } else {
-            String::new()
+        metrics_url(beta.metrics),
+        match &witness {
+            Some(witness) => format!(
+                "\n  witness endpoint:              {}   metrics {}",
+                witness.listen.0,
+                metrics_url(witness.metrics)
+            ),
+            None => String::new(),
         },
         dir.display(),
         dir.join("logs").display(),
@@ -275,6 +288,11 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
     stop_all(components).await;
     println!("pgmirror demo stopped; {} kept", dir.display());
     Ok(())
+}
+
+fn metrics_url(addr: Option<config::ListenAddr>) -> String {
+    addr.map(|addr| format!("http://{}/metrics", addr.0))
+        .unwrap_or_else(|| "(off)".into())
 }
 
 async fn wait_any(components: &mut [Component]) -> String {

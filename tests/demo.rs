@@ -70,6 +70,27 @@ async fn the_demo_runs_serves_and_stops_cleanly() {
         .await
         .unwrap();
     drop(client);
+    let metrics_url = summary
+        .lines()
+        .find(|line| line.contains("alpha agent endpoint"))
+        .and_then(|line| line.split("metrics ").nth(1))
+        .expect("alpha's metrics URL in the summary")
+        .trim()
+        .to_string();
+    let address = metrics_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics");
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("metrics endpoint");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: demo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    assert!(body.contains("pgmirror_role"), "metrics page: {body}");
     for config in ["alpha.toml", "beta.toml", "witness.toml"] {
         assert!(
             demo_dir.join(config).is_file(),
