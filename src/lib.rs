@@ -5,9 +5,11 @@
 //! integration tests in `tests/` drive exactly the code the binary runs.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod logging;
 pub mod partner;
+pub mod proxy;
 pub mod roles;
 pub mod shipper;
 pub mod tls;

@@ -61,7 +61,12 @@ fn main() -> ExitCode {
             };
         }
         Commands::Witness { config } => config::load::<WitnessConfig>(config).map(drop),
-        Commands::Proxy { config } => config::load::<ProxyConfig>(config).map(drop),
+        Commands::Proxy { config } => {
+            return match config::load::<ProxyConfig>(config) {
+                Ok(config) => serve(pgmirror::proxy::run(config, shutdown_on_signal())),
+                Err(err) => fail(err),
+            };
+        }
         Commands::Demo => Ok(()),
     };
     if let Err(err) = loaded {
