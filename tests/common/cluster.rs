@@ -100,6 +100,8 @@ pub struct Pair {
     /// a -> b and b -> a, when asked for.
     pub links: Option<(Link, Link)>,
     tls: EndpointTls,
+    /// The generated certificates (`ca.crt`, `alpha`, `beta`, `tester`).
+    pub pki: PathBuf,
     // Last: removed after the partners are gone.
     _dir: TempDir,
 }
@@ -191,6 +193,7 @@ impl Pair {
             b,
             links,
             tls: EndpointTls::from_config(&tester).expect("tester TLS"),
+            pki,
             _dir: dir,
         }
     }
