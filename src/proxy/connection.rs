@@ -33,8 +33,11 @@ use crate::wire::startup::{
 
 /// The dbname of the admin console.
 pub const ADMIN_DATABASE: &str = "pgmirror";
-/// Buffer per splice direction.
-const SPLICE_BUFFER: usize = 8 * 1024;
+/// Initial buffer per splice direction: small, so that idle connections
+/// cost little; it doubles whenever a read fills it.
+const SPLICE_BUFFER_MIN: usize = 2 * 1024;
+/// Largest buffer per splice direction, for bulk transfers.
+const SPLICE_BUFFER_MAX: usize = 64 * 1024;
 /// Largest amount of server output buffered before ReadyForQuery.
 const MAX_AUTH_BUFFER: usize = 256 * 1024;
 /// How long one connect to a server may take.
@@ -354,6 +357,13 @@ async fn forward_cancel(ctx: &Context, pid: u32, secret: u32) {
     }
 }
 
+/// Doubles a splice buffer that a read filled, up to the maximum.
+fn grow_if_full(buf: &mut Vec<u8>, read: usize) {
+    if read == buf.len() && buf.len() < SPLICE_BUFFER_MAX {
+        buf.resize(buf.len() * 2, 0);
+    }
+}
+
 /// Relays the authentication exchange, then splices until one side ends.
 async fn splice<S>(
     ctx: &Context,
@@ -378,7 +388,7 @@ where
     let startup_timeout = ctx.startup_timeout;
 
     let client_to_server = async {
-        let mut buf = vec![0u8; SPLICE_BUFFER];
+        let mut buf = vec![0u8; SPLICE_BUFFER_MIN];
         loop {
             let n = client_read.read(&mut buf).await?;
             let Some(chunk) = buf.get(..n).filter(|chunk| !chunk.is_empty()) else {
@@ -386,6 +396,7 @@ where
                 return Ok::<End, ConnError>(End::ClientClosed);
             };
             server_write.write_all(chunk).await?;
+            grow_if_full(&mut buf, n);
         }
     };
 
@@ -444,7 +455,7 @@ where
         drop(out);
 
         // The hot path: bytes as they come, boundaries tracked.
-        let mut buf = vec![0u8; SPLICE_BUFFER];
+        let mut buf = vec![0u8; SPLICE_BUFFER_MIN];
         let mut watching = true;
         let end = loop {
             tokio::select! {
@@ -455,6 +466,7 @@ where
                     };
                     let _ = scanner.feed(chunk, |_| {});
                     client_write.write_all(chunk).await?;
+                    grow_if_full(&mut buf, n);
                 }
                 changed = routes.changed(), if watching => {
                     if changed.is_err() {
