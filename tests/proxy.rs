@@ -265,6 +265,13 @@ async fn cancel_request_cancels_only_its_query() {
     assert!(buf.is_empty());
 }
 
+/// The server's (or proxy's) message of an error.
+fn message(err: &tokio_postgres::Error) -> String {
+    err.as_db_error()
+        .map(|db| db.message().to_string())
+        .unwrap_or_else(|| err.to_string())
+}
+
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
@@ -460,6 +467,16 @@ async fn failover_from_the_admin_console_keeps_clients_writing() {
             (worst, written, connect_failures)
         }));
     }
+    // An idle connection to the old principal, whose connection task
+    // reports the proxy's goodbye.
+    let (idle, idle_connection) = tokio_postgres::connect(
+        &proxy.conninfo("postgres", "postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    let idle_connection = tokio::spawn(idle_connection);
+    idle.simple_query("SELECT 1").await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     console
         .simple_query("ALTER DATABASE shop SET PARTNER FAILOVER")
@@ -478,6 +495,21 @@ async fn failover_from_the_admin_console_keeps_clients_writing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     wait_principal(&console, "beta").await;
+    let goodbye = tokio::time::timeout(SLOW, idle_connection)
+        .await
+        .expect("the idle connection was closed")
+        .unwrap()
+        .expect_err("closed with an error");
+    assert_eq!(
+        goodbye.code(),
+        Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN),
+        "{goodbye}"
+    );
+    // The proxy says "a failover happened" when it sees the new epoch
+    // first; the old principal's own shutdown may beat it to the client
+    // with the same SQLSTATE.
+    println!("idle connection closed with: {}", message(&goodbye));
+    drop(idle);
     for task in late {
         task.await
             .unwrap()
@@ -581,4 +613,30 @@ async fn every_alter_database_form_works_or_is_refused_with_its_reason() {
     assert!(tokio_postgres::connect(&bad, tokio_postgres::NoTls)
         .await
         .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_principal_new_connections_are_held_then_refused_clearly() {
+    let text = format!(
+        "hold_timeout = 2\n[sessions.shop]\npartners = [\"127.0.0.1:{}\"]\n\
+         postgres = [\"127.0.0.1:{}\"]\ndatabases = [\"postgres\"]\n",
+        free_port(),
+        free_port()
+    );
+    let proxy = ProxyHandle::start(&text).await;
+    let started = Instant::now();
+    let err = proxy.connect("").await.expect_err("no principal serves");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(10),
+        "held for {waited:?}"
+    );
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW),
+        "{err}"
+    );
+    assert!(message(&err).contains("no principal"), "{err:?}");
+    // Shutdown with a held client does not hang.
+    proxy.stop().await;
 }
