@@ -8,8 +8,10 @@
 //! server-to-client direction only tracks message boundaries (tag+length)
 //! so that, when a failover supersedes the connection's principal (I4) or
 //! the proxy shuts down, a FATAL 57P01 can be inserted between messages.
-//! Everything before the splice runs under the startup timeout. Dropping
-//! the future closes both sockets, so it is cancel-safe.
+//! The first packets (and TLS handshake) run under the startup timeout;
+//! the hold while no principal serves runs under the hold timeout; the
+//! authentication exchange then gets a fresh startup timeout. Dropping the
+//! future closes both sockets, so it is cancel-safe.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -132,7 +134,7 @@ pub async fn handle(
                         Ok(packet) => packet,
                         Err(err) => return refuse(&mut tls, err).await,
                     };
-                    return dispatch(&ctx, tls, peer, true, packet, deadline).await;
+                    return dispatch(&ctx, tls, peer, true, packet).await;
                 }
                 tcp.write_all(b"N").await?;
             }
@@ -140,7 +142,7 @@ pub async fn handle(
                 negotiated_gss = true;
                 tcp.write_all(b"N").await?;
             }
-            packet => return dispatch(&ctx, tcp, peer, false, packet, deadline).await,
+            packet => return dispatch(&ctx, tcp, peer, false, packet).await,
         }
     }
 }
@@ -192,7 +194,6 @@ async fn dispatch<S>(
     peer: SocketAddr,
     tls: bool,
     packet: FeStartup,
-    deadline: Instant,
 ) -> Result<End, ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -243,6 +244,9 @@ where
         Err(err) => return refuse(&mut stream, err).await,
     };
     registration.set_server(&connected.address);
+    // The hold does not count against authentication: the client gets a
+    // full startup_timeout from the moment its server is reached.
+    let deadline = Instant::now() + ctx.startup_timeout;
     splice(ctx, stream, connected, &registration, routes, deadline).await
 }
 
