@@ -640,3 +640,33 @@ async fn without_a_principal_new_connections_are_held_then_refused_clearly() {
     // Shutdown with a held client does not hang.
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_tells_connected_clients_and_stops_accepting() {
+    let pg = PgInstance::start();
+    let proxy = ProxyHandle::start(&standalone_config(&pg, "")).await;
+    let port = proxy.port;
+    let (client, connection) = tokio_postgres::connect(
+        &proxy.conninfo("postgres", "postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    client.simple_query("SELECT 1").await.unwrap();
+    proxy.stop().await;
+    let goodbye = tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("the connection was closed at shutdown")
+        .unwrap()
+        .expect_err("closed with an error");
+    assert_eq!(
+        goodbye.code(),
+        Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN),
+        "{goodbye:?}"
+    );
+    assert!(message(&goodbye).contains("shutting down"), "{goodbye:?}");
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err());
+}
