@@ -670,3 +670,38 @@ async fn shutdown_tells_connected_clients_and_stops_accepting() {
         .await
         .is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_subcommand_serves_clients() {
+    let pg = PgInstance::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\n{}",
+            standalone_config(&pg, "")
+        ),
+    )
+    .unwrap();
+    let _process = common::Pgmirror::spawn(
+        "proxy",
+        dir.path(),
+        &["proxy", "--config", config.to_str().unwrap()],
+    );
+    let conninfo = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out) = run_client("psql", &["-X", "-At", "-c", "SELECT 7 * 6", &conninfo], &[]);
+        if ok {
+            assert_eq!(out.trim(), "42");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pgmirror proxy never served: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
