@@ -352,14 +352,65 @@ pub struct ProxySession {
     /// Client dbnames routed to this session.
     #[serde(default)]
     pub databases: Vec<String>,
+    /// The partners' PostgreSQL addresses, probed like libpq's
+    /// `target_session_attrs=read-write` when no agent answers. Addresses
+    /// the agents report are probed too.
+    #[serde(default)]
+    pub postgres: Vec<Endpoint>,
 }
 
 /// The admin console's login (`dbname=pgmirror`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub user: String,
     pub password: String,
+}
+
+/// Never prints the password, so configs can be logged.
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Credentials of the proxy's read-write probes (`SELECT pg_is_in_recovery()`).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeConfig {
+    #[serde(default = "default_pg_user")]
+    pub user: String,
+    pub password: Option<String>,
+    #[serde(default = "default_probe_database")]
+    pub database: String,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig {
+            user: default_pg_user(),
+            password: None,
+            database: default_probe_database(),
+        }
+    }
+}
+
+fn default_probe_database() -> String {
+    "postgres".into()
+}
+
+/// Never prints the password.
+impl fmt::Debug for ProbeConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProbeConfig")
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("database", &self.database)
+            .finish()
+    }
 }
 
 /// Server certificate for TLS to clients; absent means SSLRequest gets 'N'.
@@ -402,6 +453,11 @@ pub struct ProxyConfig {
     pub metrics: Option<ListenAddr>,
     pub tls: Option<ClientTlsConfig>,
     pub admin: Option<AdminConfig>,
+    /// The proxy's certificate for the partner agents' mirroring endpoints
+    /// (mutual TLS); absent means plain TCP, with a warning.
+    pub endpoint_tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub probe: ProbeConfig,
     pub sessions: BTreeMap<String, ProxySession>,
 }
 
@@ -429,6 +485,9 @@ impl Validate for ProxyConfig {
         }
         if self.max_clients == 0 {
             return Err(Invalid::new("max_clients", "must be at least 1"));
+        }
+        if let Some(tls) = &self.endpoint_tls {
+            tls.validate("endpoint_tls")?;
         }
         validate_timeout("startup_timeout", self.startup_timeout)?;
         validate_timeout("hold_timeout", self.hold_timeout)

@@ -5,11 +5,13 @@
 //! integration tests in `tests/` drive exactly the code the binary runs.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod logging;
 pub mod metrics;
 pub mod partner;
+pub mod proxy;
 pub mod roles;
 pub mod shipper;
 pub mod tls;

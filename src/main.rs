@@ -64,26 +64,22 @@ enum Commands {
     },
 }
 
-/// Exit status of a subcommand whose issue has not landed yet.
-const NOT_IMPLEMENTED: u8 = 2;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
-    let loaded = match &cli.command {
-        Commands::Partner { config } => {
-            return match config::load::<PartnerConfig>(config) {
-                Ok(config) => serve(pgmirror::partner::agent::run(config, shutdown_on_signal())),
-                Err(err) => fail(err),
-            };
-        }
-        Commands::Witness { config } => {
-            return match config::load::<WitnessConfig>(config) {
-                Ok(config) => serve(pgmirror::witness::run(config, shutdown_on_signal())),
-                Err(err) => fail(err),
-            };
-        }
-        Commands::Proxy { config } => config::load::<ProxyConfig>(config).map(drop),
+    match cli.command {
+        Commands::Partner { config } => match config::load::<PartnerConfig>(&config) {
+            Ok(config) => serve(pgmirror::partner::agent::run(config, shutdown_on_signal())),
+            Err(err) => fail(err),
+        },
+        Commands::Witness { config } => match config::load::<WitnessConfig>(&config) {
+            Ok(config) => serve(pgmirror::witness::run(config, shutdown_on_signal())),
+            Err(err) => fail(err),
+        },
+        Commands::Proxy { config } => match config::load::<ProxyConfig>(&config) {
+            Ok(config) => serve(pgmirror::proxy::run(config, shutdown_on_signal())),
+            Err(err) => fail(err),
+        },
         Commands::Demo {
             dir,
             port,
@@ -92,20 +88,15 @@ fn main() -> ExitCode {
             timeout,
         } => {
             let options = pgmirror::demo::DemoOptions {
-                dir: dir.clone(),
-                port: *port,
-                safety: *safety,
+                dir,
+                port,
+                safety,
                 witness: !no_witness,
-                timeout: *timeout,
+                timeout,
             };
-            return serve(pgmirror::demo::run(options, shutdown_on_signal()));
+            serve(pgmirror::demo::run(options, shutdown_on_signal()))
         }
-    };
-    if let Err(err) = loaded {
-        return fail(err);
     }
-    eprintln!("pgmirror: this subcommand is not implemented yet");
-    ExitCode::from(NOT_IMPLEMENTED)
 }
 
 fn fail(err: impl std::fmt::Display) -> ExitCode {

@@ -295,6 +295,26 @@ fn load_roots(file: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// A TLS acceptor for the proxy's clients: server authentication only,
+/// with the certificate chain and key of the proxy's `[tls]` section.
+pub fn client_facing_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+    let chain = load_certificates(cert)?;
+    let private_key = load_private_key(key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let identity_error = |source| TlsError::Identity {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        source,
+    };
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(identity_error)?
+        .with_no_client_auth()
+        .with_single_cert(chain, private_key)
+        .map_err(identity_error)?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
 /// The config of endpoint `name` in a directory made by [`generate_pki`].
 /// The `[tls]` section of a config file for `name`'s generated files in
 /// `dir` (mode on), or the section that turns TLS off.

@@ -168,6 +168,12 @@ impl FrameScanner {
         self.phase == Phase::Failed
     }
 
+    /// Whether everything fed so far ends exactly at a message boundary, so
+    /// a message of our own may be inserted next (the proxy's goodbye).
+    pub fn at_message_boundary(&self) -> bool {
+        self.phase == Phase::Header && self.header_filled == 0
+    }
+
     /// Consumes the next chunk of the stream, calling `on_message` for every
     /// message that completes inside it. Chunks may split messages anywhere,
     /// even inside the header.

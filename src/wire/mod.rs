@@ -3,8 +3,11 @@
 //!
 //! `lsn` is the WAL position type, `frame` splits one direction of a protocol
 //! v3 connection into messages without buffering bodies, and `replication`
-//! decodes the streaming-replication sub-messages carried in CopyData.
+//! decodes the streaming-replication sub-messages carried in CopyData;
+//! `startup` decodes a connection's first packet and builds the few
+//! messages the proxy writes itself.
 
 pub mod frame;
 pub mod lsn;
 pub mod replication;
+pub mod startup;

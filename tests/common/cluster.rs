@@ -165,6 +165,8 @@ pub struct Pair {
     pub witness_links: Option<(Link, Link)>,
     pub witness: Option<WitnessProcess>,
     tls: EndpointTls,
+    /// The generated certificates (`ca.crt`, `alpha`, `beta`, `tester`).
+    pub pki: PathBuf,
     // Last: removed after the partners are gone.
     _dir: TempDir,
 }
@@ -303,6 +305,7 @@ impl Pair {
             witness_links,
             witness,
             tls: EndpointTls::from_config(&tester).expect("tester TLS"),
+            pki,
             _dir: dir,
         }
     }

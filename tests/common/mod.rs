@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod link;
 pub mod pg;
 pub mod process;
+pub mod proxy;
 
 pub use link::Link;
 pub use pg::PgInstance;

@@ -58,6 +58,17 @@ impl PgInstance {
         PgInstance { engine, dir }
     }
 
+    /// Password authentication over TCP: `method` (md5 or scram-sha-256)
+    /// for every user but `postgres`, which stays trusted for setup.
+    pub fn require_passwords(&self, method: &str) {
+        let hba = format!(
+            "local all all trust\nhost all postgres 127.0.0.1/32 trust\n\
+             host all all 127.0.0.1/32 {method}\n"
+        );
+        std::fs::write(self.engine.data_dir.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
+        self.engine.reload().expect("reload PostgreSQL");
+    }
+
     pub fn port(&self) -> u16 {
         self.engine.port
     }

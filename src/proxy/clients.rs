@@ -1,0 +1,161 @@
+//! The registry of live client connections: each gets the proxy's own
+//! BackendKeyData (pid, secret), under which it is found again when a
+//! CancelRequest arrives or when the admin console lists clients.
+//!
+//! Entries are created by a connection task through [`Clients::register`]
+//! and removed when the returned [`Registration`] drops, so the keys of
+//! closed connections are forgotten even when a task panics. A DashMap
+//! keeps lookups lock-free across the runtime's threads.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use dashmap::DashMap;
+
+/// What the admin console shows of one client and what a cancel needs.
+#[derive(Debug, Clone)]
+pub struct ClientEntry {
+    pub secret: u32,
+    pub client_addr: SocketAddr,
+    pub user: String,
+    pub database: String,
+    pub session: String,
+    pub tls: bool,
+    pub connected_at: SystemTime,
+    /// The PostgreSQL the client is spliced to, once connected.
+    pub server_addr: Option<String>,
+    /// The server's own key, once its BackendKeyData has passed.
+    pub server_key: Option<(u32, u32)>,
+}
+
+/// Shared registry; cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Clients {
+    map: Arc<DashMap<u32, ClientEntry>>,
+}
+
+/// Removes its entry on drop.
+#[derive(Debug)]
+pub struct Registration {
+    pub pid: u32,
+    pub secret: u32,
+    clients: Clients,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.clients.map.remove(&self.pid);
+    }
+}
+
+impl Registration {
+    /// Records the server a client is now spliced to.
+    pub fn set_server(&self, address: &str) {
+        if let Some(mut entry) = self.clients.map.get_mut(&self.pid) {
+            entry.server_addr = Some(address.to_string());
+        }
+    }
+
+    /// Records the server's BackendKeyData, for forwarding cancels.
+    pub fn set_server_key(&self, pid: u32, secret: u32) {
+        if let Some(mut entry) = self.clients.map.get_mut(&self.pid) {
+            entry.server_key = Some((pid, secret));
+        }
+    }
+}
+
+impl Clients {
+    /// Registers a client under a fresh random (pid, secret).
+    pub fn register(&self, mut entry: ClientEntry) -> Registration {
+        loop {
+            // Positive pids like PostgreSQL's; 0 is never used.
+            let pid = rand::random::<u32>() & 0x7FFF_FFFF;
+            if pid == 0 {
+                continue;
+            }
+            if let dashmap::Entry::Vacant(slot) = self.map.entry(pid) {
+                entry.secret = rand::random::<u32>();
+                let secret = entry.secret;
+                slot.insert(entry);
+                return Registration {
+                    pid,
+                    secret,
+                    clients: self.clone(),
+                };
+            }
+        }
+    }
+
+    /// The server and server key a CancelRequest with this key targets;
+    /// None for unknown keys (dropped silently, like PostgreSQL does).
+    pub fn cancel_target(&self, pid: u32, secret: u32) -> Option<(String, (u32, u32))> {
+        let entry = self.map.get(&pid)?;
+        if entry.secret != secret {
+            return None;
+        }
+        Some((entry.server_addr.clone()?, entry.server_key?))
+    }
+
+    /// A snapshot of every client, for SHOW CLIENTS / SHOW SERVERS.
+    pub fn snapshot(&self) -> Vec<(u32, ClientEntry)> {
+        let mut all: Vec<_> = self
+            .map
+            .iter()
+            .map(|item| (*item.key(), item.value().clone()))
+            .collect();
+        all.sort_by_key(|(_, entry)| entry.connected_at);
+        all
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> ClientEntry {
+        ClientEntry {
+            secret: 0,
+            client_addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+            user: "u".into(),
+            database: "d".into(),
+            session: "s".into(),
+            tls: false,
+            connected_at: SystemTime::now(),
+            server_addr: None,
+            server_key: None,
+        }
+    }
+
+    #[test]
+    fn cancel_keys_resolve_only_with_the_secret_and_are_forgotten() {
+        let clients = Clients::default();
+        let registration = clients.register(entry());
+        assert_eq!(
+            clients.cancel_target(registration.pid, registration.secret),
+            None
+        );
+        registration.set_server("127.0.0.1:5432");
+        registration.set_server_key(42, 43);
+        assert_eq!(
+            clients.cancel_target(registration.pid, registration.secret),
+            Some(("127.0.0.1:5432".into(), (42, 43)))
+        );
+        assert_eq!(
+            clients.cancel_target(registration.pid, registration.secret.wrapping_add(1)),
+            None
+        );
+        let (pid, secret) = (registration.pid, registration.secret);
+        drop(registration);
+        assert_eq!(clients.cancel_target(pid, secret), None);
+        assert!(clients.is_empty());
+    }
+}

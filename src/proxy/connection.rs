@@ -1,0 +1,510 @@
+//! One client connection, from its first byte to its close: SSLRequest and
+//! GSSENCRequest negotiation, CancelRequest forwarding, the StartupMessage,
+//! routing to the session's principal (holding the client while none
+//! serves), the authentication exchange relayed with the server's
+//! BackendKeyData swapped for the proxy's, and then the splice.
+//!
+//! The splice copies bytes both ways without parsing queries; the
+//! server-to-client direction only tracks message boundaries (tag+length)
+//! so that, when a failover supersedes the connection's principal (I4) or
+//! the proxy shuts down, a FATAL 57P01 can be inserted between messages.
+//! The first packets (and TLS handshake) run under the startup timeout;
+//! the hold while no principal serves runs under the hold timeout; the
+//! authentication exchange then gets a fresh startup timeout. Dropping the
+//! future closes both sockets, so it is cancel-safe.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::proxy::clients::{ClientEntry, Registration};
+use crate::proxy::routing::Route;
+use crate::proxy::Context;
+use crate::roles::Epoch;
+use crate::wire::frame::FrameScanner;
+use crate::wire::startup::{
+    backend_key_data, backend_message_len, cancel_request, decode_backend_key_data, decode_startup,
+    error_code, error_response, FeStartup, Severity, StartupError, BACKEND_KEY_DATA,
+    READY_FOR_QUERY,
+};
+
+/// The dbname of the admin console.
+pub const ADMIN_DATABASE: &str = "pgmirror";
+/// Initial buffer per splice direction: small, so that idle connections
+/// cost little; it doubles whenever a read fills it.
+const SPLICE_BUFFER_MIN: usize = 2 * 1024;
+/// Largest buffer per splice direction, for bulk transfers.
+const SPLICE_BUFFER_MAX: usize = 64 * 1024;
+/// Largest amount of server output buffered before ReadyForQuery.
+const MAX_AUTH_BUFFER: usize = 256 * 1024;
+/// How long one connect to a server may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause between connect attempts while a client is held.
+const HOLD_RETRY: Duration = Duration::from_millis(200);
+
+/// Why a connection ended, or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Startup(#[from] StartupError),
+    #[error("startup and authentication did not finish within {0:?}")]
+    StartupTimeout(Duration),
+    #[error("unexpected {0} during startup")]
+    Unexpected(&'static str),
+    #[error(
+        "database \"{0}\" is not mapped to any mirroring session and there is no default_session"
+    )]
+    NoSession(String),
+    #[error("the admin console is not enabled (no [admin] in the proxy's configuration)")]
+    NoAdmin,
+    #[error("no principal of session \"{session}\" is serving after waiting {waited:?} (failover in progress or all partners down); try again later")]
+    NoPrincipal { session: String, waited: Duration },
+    #[error("server sent a malformed message: {0}")]
+    Server(#[from] crate::wire::frame::FrameError),
+    #[error("server sent more than {MAX_AUTH_BUFFER} bytes before ReadyForQuery")]
+    ServerTooChatty,
+}
+
+impl ConnError {
+    /// The SQLSTATE of errors the client should be told about; None for
+    /// plain disconnects.
+    fn sqlstate(&self) -> Option<&'static str> {
+        match self {
+            ConnError::Io(_) => None,
+            ConnError::Startup(_) | ConnError::Unexpected(_) => Some("08P01"),
+            ConnError::StartupTimeout(_) => Some("08006"),
+            ConnError::NoSession(_) | ConnError::NoAdmin => Some("3D000"),
+            ConnError::NoPrincipal { .. } => Some("57P03"),
+            ConnError::Server(_) | ConnError::ServerTooChatty => Some("08006"),
+        }
+    }
+
+    /// Expected disconnects are logged at debug level only.
+    pub fn is_expected(&self) -> bool {
+        matches!(self, ConnError::Io(_))
+    }
+}
+
+/// How a spliced connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    ClientClosed,
+    ServerClosed,
+    /// A newer principal superseded this connection's server.
+    Failover,
+    Shutdown,
+    /// A CancelRequest was handled (or dropped).
+    Cancel,
+    /// An admin console connection ended.
+    Admin,
+}
+
+/// Serves one accepted TCP connection until it ends.
+pub async fn handle(
+    ctx: Arc<Context>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+) -> Result<End, ConnError> {
+    tcp.set_nodelay(true)?;
+    let deadline = Instant::now() + ctx.startup_timeout;
+    let mut negotiated_ssl = false;
+    let mut negotiated_gss = false;
+    loop {
+        let packet = match read_first(&mut tcp, deadline, ctx.startup_timeout).await {
+            Ok(packet) => packet,
+            Err(err) => return refuse(&mut tcp, err).await,
+        };
+        match packet {
+            FeStartup::SslRequest if !negotiated_ssl => {
+                negotiated_ssl = true;
+                if let Some(acceptor) = ctx.tls.clone() {
+                    tcp.write_all(b"S").await?;
+                    let accept = acceptor.accept(tcp);
+                    let mut tls = tokio::time::timeout_at(deadline, accept)
+                        .await
+                        .map_err(|_| ConnError::StartupTimeout(ctx.startup_timeout))??;
+                    let packet = match read_first(&mut tls, deadline, ctx.startup_timeout).await {
+                        Ok(packet) => packet,
+                        Err(err) => return refuse(&mut tls, err).await,
+                    };
+                    return dispatch(&ctx, tls, peer, true, packet).await;
+                }
+                tcp.write_all(b"N").await?;
+            }
+            FeStartup::GssEncRequest if !negotiated_gss => {
+                negotiated_gss = true;
+                tcp.write_all(b"N").await?;
+            }
+            packet => return dispatch(&ctx, tcp, peer, false, packet).await,
+        }
+    }
+}
+
+/// Writes a FATAL for user-facing errors, then returns the error.
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, err: ConnError) -> Result<End, ConnError> {
+    if let Some(code) = err.sqlstate() {
+        let message = error_response(Severity::Fatal, code, &format!("pgmirror proxy: {err}"));
+        let _ = stream.write_all(&message).await;
+        let _ = stream.shutdown().await;
+    }
+    Err(err)
+}
+
+/// Reads one untagged first packet, bounded in size and time.
+async fn read_first<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    deadline: Instant,
+    limit: Duration,
+) -> Result<FeStartup, ConnError> {
+    let read = async {
+        let mut header = [0u8; 4];
+        stream.read_exact(&mut header).await?;
+        // Checks the length (at most MAX_STARTUP_PACKET_LENGTH) first.
+        if let Some((packet, _)) = decode_startup(&header)? {
+            return Ok(packet);
+        }
+        let length = u32::from_be_bytes(header) as usize;
+        let mut packet = vec![0u8; length];
+        packet
+            .get_mut(..4)
+            .ok_or(ConnError::Unexpected("short packet"))?
+            .copy_from_slice(&header);
+        stream
+            .read_exact(packet.get_mut(4..).unwrap_or_default())
+            .await?;
+        decode_startup(&packet)?
+            .map(|(packet, _)| packet)
+            .ok_or(ConnError::Unexpected("incomplete startup packet"))
+    };
+    tokio::time::timeout_at(deadline, read)
+        .await
+        .map_err(|_| ConnError::StartupTimeout(limit))?
+}
+
+async fn dispatch<S>(
+    ctx: &Arc<Context>,
+    mut stream: S,
+    peer: SocketAddr,
+    tls: bool,
+    packet: FeStartup,
+) -> Result<End, ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (params, raw) = match packet {
+        FeStartup::CancelRequest { pid, secret } => {
+            forward_cancel(ctx, pid, secret).await;
+            return Ok(End::Cancel);
+        }
+        FeStartup::Startup { params, raw } => (params, raw),
+        FeStartup::SslRequest | FeStartup::GssEncRequest => {
+            return refuse(
+                &mut stream,
+                ConnError::Unexpected("second encryption request"),
+            )
+            .await
+        }
+    };
+    let user = FeStartup::param(&params, "user")
+        .unwrap_or_default()
+        .to_string();
+    let database = FeStartup::param(&params, "database")
+        .unwrap_or(user.as_str())
+        .to_string();
+    if database == ADMIN_DATABASE {
+        return match &ctx.admin_socket {
+            Some(socket) => admin(stream, socket, &raw).await,
+            None => refuse(&mut stream, ConnError::NoAdmin).await,
+        };
+    }
+    let Some((session, routes)) = ctx.route_for(&database) else {
+        return refuse(&mut stream, ConnError::NoSession(database)).await;
+    };
+    let registration = ctx.clients.register(ClientEntry {
+        secret: 0,
+        client_addr: peer,
+        user,
+        database,
+        session: session.clone(),
+        tls,
+        connected_at: SystemTime::now(),
+        server_addr: None,
+        server_key: None,
+    });
+    let mut routes = routes;
+    let connected = match hold_and_connect(ctx, &session, &mut routes, &raw).await {
+        Ok(connected) => connected,
+        Err(err) => return refuse(&mut stream, err).await,
+    };
+    registration.set_server(&connected.address);
+    // The hold does not count against authentication: the client gets a
+    // full startup_timeout from the moment its server is reached.
+    let deadline = Instant::now() + ctx.startup_timeout;
+    splice(ctx, stream, connected, &registration, routes, deadline).await
+}
+
+/// A server connection whose startup packet has been sent.
+struct Connected {
+    server: TcpStream,
+    address: String,
+    epoch: Epoch,
+    /// Server bytes already read (its first message, at least).
+    pending: Vec<u8>,
+}
+
+/// Waits (up to the hold timeout) for the session's principal to serve,
+/// connects and sends the startup packet. A server that answers "starting
+/// up" (57P03), as a promoted mirror may, is retried like an absent one.
+async fn hold_and_connect(
+    ctx: &Context,
+    session: &str,
+    routes: &mut tokio::sync::watch::Receiver<Route>,
+    startup: &[u8],
+) -> Result<Connected, ConnError> {
+    let started = Instant::now();
+    let hold_deadline = started + ctx.hold_timeout;
+    loop {
+        let (epoch, principal) = {
+            let route = routes.borrow_and_update();
+            (route.epoch, route.principal.clone())
+        };
+        if let Some(principal) = principal {
+            if let Ok(Some(connected)) = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                try_server(&principal.address, epoch, startup),
+            )
+            .await
+            {
+                return Ok(connected);
+            }
+        }
+        if Instant::now() >= hold_deadline {
+            return Err(ConnError::NoPrincipal {
+                session: session.to_string(),
+                waited: ctx.hold_timeout,
+            });
+        }
+        // Wakes on a route change, or retries the connect after a pause.
+        let _ = tokio::time::timeout(HOLD_RETRY, routes.changed()).await;
+    }
+}
+
+/// Connects to `address` and sends the startup packet; None when the
+/// server is unreachable or not accepting connections yet.
+async fn try_server(address: &str, epoch: Epoch, startup: &[u8]) -> Option<Connected> {
+    let mut server = TcpStream::connect(address).await.ok()?;
+    server.set_nodelay(true).ok()?;
+    server.write_all(startup).await.ok()?;
+    let mut pending = Vec::with_capacity(512);
+    loop {
+        if server.read_buf(&mut pending).await.ok()? == 0 {
+            return None;
+        }
+        match backend_message_len(&pending) {
+            Ok(Some((_, len))) if pending.len() >= len => {
+                if error_code(pending.get(..len)?) == Some("57P03") {
+                    return None;
+                }
+                break;
+            }
+            Ok(_) if pending.len() < MAX_AUTH_BUFFER => {}
+            _ => break,
+        }
+    }
+    Some(Connected {
+        server,
+        address: address.to_string(),
+        epoch,
+        pending,
+    })
+}
+
+/// Splices an admin console connection to the pgwire server.
+async fn admin<S>(mut stream: S, socket: &Path, startup: &[u8]) -> Result<End, ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut console = tokio::net::UnixStream::connect(socket).await?;
+    console.write_all(startup).await?;
+    tokio::io::copy_bidirectional(&mut stream, &mut console).await?;
+    Ok(End::Admin)
+}
+
+/// Forwards a CancelRequest with a known key; unknown keys are dropped.
+async fn forward_cancel(ctx: &Context, pid: u32, secret: u32) {
+    let Some((address, (server_pid, server_secret))) = ctx.clients.cancel_target(pid, secret)
+    else {
+        tracing::debug!("cancel request with an unknown key dropped");
+        return;
+    };
+    let send = async {
+        let mut server = TcpStream::connect(&address).await?;
+        server
+            .write_all(&cancel_request(server_pid, server_secret))
+            .await?;
+        // The server closes once it has read the request.
+        let mut byte = [0u8; 1];
+        let _ = server.read(&mut byte).await;
+        Ok::<_, std::io::Error>(())
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, send).await {
+        Ok(Ok(())) => tracing::debug!(%address, "cancel request forwarded"),
+        Ok(Err(err)) => tracing::warn!(%address, "cancel request not delivered: {err}"),
+        Err(_) => tracing::warn!(%address, "cancel request not delivered in time"),
+    }
+}
+
+/// Doubles a splice buffer that a read filled, up to the maximum.
+fn grow_if_full(buf: &mut Vec<u8>, read: usize) {
+    if read == buf.len() && buf.len() < SPLICE_BUFFER_MAX {
+        buf.resize(buf.len() * 2, 0);
+    }
+}
+
+/// Relays the authentication exchange, then splices until one side ends.
+async fn splice<S>(
+    ctx: &Context,
+    client: S,
+    connected: Connected,
+    registration: &Registration,
+    mut routes: tokio::sync::watch::Receiver<Route>,
+    deadline: Instant,
+) -> Result<End, ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let Connected {
+        server,
+        address,
+        epoch,
+        pending,
+    } = connected;
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut server_read, mut server_write) = server.into_split();
+    let shutdown = ctx.shutdown.clone();
+    let startup_timeout = ctx.startup_timeout;
+
+    let client_to_server = async {
+        let mut buf = vec![0u8; SPLICE_BUFFER_MIN];
+        loop {
+            let n = client_read.read(&mut buf).await?;
+            let Some(chunk) = buf.get(..n).filter(|chunk| !chunk.is_empty()) else {
+                let _ = server_write.shutdown().await;
+                return Ok::<End, ConnError>(End::ClientClosed);
+            };
+            server_write.write_all(chunk).await?;
+            grow_if_full(&mut buf, n);
+        }
+    };
+
+    let server_to_client = async {
+        // Authentication: whole messages, BackendKeyData swapped.
+        let mut pending = pending;
+        let mut out = Vec::new();
+        let mut scanner = FrameScanner::backend();
+        'auth: loop {
+            let mut ready = false;
+            while let Some((tag, len)) = backend_message_len(&pending)? {
+                let Some(message) = pending.get(..len) else {
+                    break;
+                };
+                match tag {
+                    BACKEND_KEY_DATA => match decode_backend_key_data(message) {
+                        Some((pid, secret)) => {
+                            registration.set_server_key(pid, secret);
+                            out.extend_from_slice(&backend_key_data(
+                                registration.pid,
+                                registration.secret,
+                            ));
+                        }
+                        None => out.extend_from_slice(message),
+                    },
+                    READY_FOR_QUERY => {
+                        out.extend_from_slice(message);
+                        ready = true;
+                    }
+                    _ => out.extend_from_slice(message),
+                }
+                pending.drain(..len);
+                if ready {
+                    // Bytes after ReadyForQuery are spliced as they are.
+                    let _ = scanner.feed(&pending, |_| {});
+                    out.append(&mut pending);
+                    client_write.write_all(&out).await?;
+                    break 'auth;
+                }
+            }
+            if !out.is_empty() {
+                client_write.write_all(&out).await?;
+                out.clear();
+            }
+            if pending.len() > MAX_AUTH_BUFFER {
+                return Err(ConnError::ServerTooChatty);
+            }
+            let read = tokio::time::timeout_at(deadline, server_read.read_buf(&mut pending))
+                .await
+                .map_err(|_| ConnError::StartupTimeout(startup_timeout))??;
+            if read == 0 {
+                return Ok(End::ServerClosed);
+            }
+        }
+        drop(pending);
+        drop(out);
+
+        // The hot path: bytes as they come, boundaries tracked.
+        let mut buf = vec![0u8; SPLICE_BUFFER_MIN];
+        let mut watching = true;
+        let end = loop {
+            tokio::select! {
+                read = server_read.read(&mut buf) => {
+                    let n = read?;
+                    let Some(chunk) = buf.get(..n).filter(|chunk| !chunk.is_empty()) else {
+                        break End::ServerClosed;
+                    };
+                    let _ = scanner.feed(chunk, |_| {});
+                    client_write.write_all(chunk).await?;
+                    grow_if_full(&mut buf, n);
+                }
+                changed = routes.changed(), if watching => {
+                    if changed.is_err() {
+                        watching = false;
+                    } else if routes.borrow_and_update().supersedes(epoch, &address) {
+                        break End::Failover;
+                    }
+                }
+                _ = shutdown.cancelled() => break End::Shutdown,
+            }
+        };
+        let goodbye = match end {
+            End::Failover => Some(format!(
+                "terminating connection: a failover happened and {address} is no longer the \
+                 principal; reconnect to reach the new principal"
+            )),
+            End::Shutdown => {
+                Some("terminating connection: the pgmirror proxy is shutting down".into())
+            }
+            _ => None,
+        };
+        if let Some(message) = goodbye {
+            if scanner.at_message_boundary() {
+                let _ = client_write
+                    .write_all(&error_response(Severity::Fatal, "57P01", &message))
+                    .await;
+            }
+            let _ = client_write.shutdown().await;
+        }
+        Ok(end)
+    };
+
+    tokio::select! {
+        end = client_to_server => end,
+        end = server_to_client => end,
+    }
+}

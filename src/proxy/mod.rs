@@ -1,0 +1,199 @@
+//! `pgmirror proxy`: accepts PostgreSQL connections, routes each to its
+//! session's current principal (invariant I4) and splices bytes both ways;
+//! `dbname=pgmirror` reaches the admin console instead.
+//!
+//! [`serve`] takes an already-bound listener and a shutdown token (tests
+//! bind port 0). It caps connections with a semaphore acquired before
+//! `accept`; on shutdown it stops accepting, tells spliced clients (FATAL
+//! 57P01) and waits up to [`SHUTDOWN_GRACE`] for connection tasks.
+//! Submodules: `connection` (one client), `routing` (principal discovery),
+//! `clients` (cancel keys and the client registry), `console` (pgwire).
+
+pub mod clients;
+pub mod connection;
+pub mod console;
+pub mod routing;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ProxyConfig, TlsConfig, TlsMode};
+use crate::tls::{EndpointTls, TlsError};
+use clients::Clients;
+use routing::{Discoverer, Route};
+
+/// How long connection tasks get to finish after shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("admin console socket: {0}")]
+    Console(#[source] std::io::Error),
+}
+
+/// What every connection task reads; built once by [`serve`].
+pub struct Context {
+    pub startup_timeout: Duration,
+    pub hold_timeout: Duration,
+    /// dbname -> session, plus the default.
+    databases: BTreeMap<String, String>,
+    default_session: Option<String>,
+    routes: BTreeMap<String, watch::Receiver<Route>>,
+    pub clients: Clients,
+    pub tls: Option<TlsAcceptor>,
+    pub admin_socket: Option<PathBuf>,
+    pub shutdown: CancellationToken,
+}
+
+impl Context {
+    /// The session a dbname routes to and its route channel.
+    pub fn route_for(&self, database: &str) -> Option<(String, watch::Receiver<Route>)> {
+        let session = self
+            .databases
+            .get(database)
+            .or(self.default_session.as_ref())?;
+        Some((session.clone(), self.routes.get(session)?.clone()))
+    }
+}
+
+/// Binds `config.listen` and serves until `shutdown`.
+pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> Result<(), ProxyError> {
+    let address = config.listen.0;
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| ProxyError::Bind {
+            address: address.to_string(),
+            source,
+        })?;
+    tracing::info!(%address, "proxy listening");
+    serve(listener, config, shutdown).await
+}
+
+/// Serves clients on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    config: ProxyConfig,
+    shutdown: CancellationToken,
+) -> Result<(), ProxyError> {
+    let tls = match &config.tls {
+        Some(files) => Some(crate::tls::client_facing_acceptor(&files.cert, &files.key)?),
+        None => None,
+    };
+    let endpoint_tls =
+        EndpointTls::from_config(&config.endpoint_tls.clone().unwrap_or(TlsConfig {
+            mode: TlsMode::Off,
+            ..Default::default()
+        }))?;
+    let tracker = TaskTracker::new();
+    let mut routes = BTreeMap::new();
+    let mut databases = BTreeMap::new();
+    let mut console_sessions = BTreeMap::new();
+    for (name, session) in &config.sessions {
+        let (publish, receive) = watch::channel(Route {
+            partners: Vec::new(),
+            ..Default::default()
+        });
+        for database in &session.databases {
+            databases.insert(database.clone(), name.clone());
+        }
+        // A session's own name routes to it too.
+        databases
+            .entry(name.clone())
+            .or_insert_with(|| name.clone());
+        let discoverer = Discoverer {
+            session: name.clone(),
+            config: session.clone(),
+            probe: config.probe.clone(),
+            tls: endpoint_tls.clone(),
+            publish,
+        };
+        tracker.spawn(discoverer.run(shutdown.clone()));
+        console_sessions.insert(name.clone(), (session.clone(), receive.clone()));
+        routes.insert(name.clone(), receive);
+    }
+    let clients = Clients::default();
+    let console = match &config.admin {
+        Some(admin) => Some(
+            console::start(
+                Arc::new(console::ConsoleState {
+                    sessions: console_sessions,
+                    clients: clients.clone(),
+                    endpoint_tls: endpoint_tls.clone(),
+                    admin: admin.clone(),
+                }),
+                shutdown.clone(),
+            )
+            .map_err(ProxyError::Console)?,
+        ),
+        None => None,
+    };
+    let ctx = Arc::new(Context {
+        startup_timeout: Duration::from_secs(config.startup_timeout),
+        hold_timeout: Duration::from_secs(config.hold_timeout),
+        databases,
+        default_session: config.default_session.clone(),
+        routes,
+        clients,
+        tls,
+        admin_socket: console.as_ref().map(|socket| socket.path.clone()),
+        shutdown: shutdown.clone(),
+    });
+
+    let limit = Arc::new(Semaphore::new(config.max_clients));
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = limit.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off.
+                    tracing::warn!("accept: {err}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let ctx = ctx.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            match connection::handle(ctx, tcp, peer).await {
+                Ok(end) => tracing::debug!(%peer, ?end, "connection ended"),
+                Err(err) if err.is_expected() => tracing::debug!(%peer, "connection: {err}"),
+                Err(err) => tracing::info!(%peer, "connection refused or failed: {err}"),
+            }
+        });
+    }
+    drop(listener);
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+    }
+    drop(console);
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! `ProxyHandle`: a pgmirror proxy served in-process on a port-0 listener,
+//! from TOML sessions the test writes, stopped (its shutdown token
+//! cancelled) when the handle drops. Plus the clients tests use through it:
+//! tokio-postgres connections, psql and pgbench runs.
+
+use std::process::Command;
+use std::time::Duration;
+
+use pgmirror::config::ProxyConfig;
+use tokio_util::sync::CancellationToken;
+
+pub struct ProxyHandle {
+    pub port: u16,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ProxyHandle {
+    /// Starts a proxy from config text (its `listen` is ignored: the proxy
+    /// gets a fresh port).
+    pub async fn start(config_text: &str) -> ProxyHandle {
+        let config: ProxyConfig =
+            pgmirror::config::parse("proxy.toml", config_text).expect("valid proxy config");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("local addr").port();
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            pgmirror::proxy::serve(listener, config, token)
+                .await
+                .expect("proxy serves");
+        });
+        ProxyHandle {
+            port,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Stops the proxy and waits for it.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+
+    /// A libpq connection string to the proxy.
+    pub fn conninfo(&self, user: &str, dbname: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname={dbname} connect_timeout=60",
+            self.port
+        )
+    }
+
+    /// A tokio-postgres client through the proxy.
+    pub async fn connect(
+        &self,
+        extra: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let conninfo = format!("{} {extra}", self.conninfo("postgres", "postgres"));
+        let (client, connection) =
+            tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    /// The admin console, logged in as `admin` / `secret`.
+    pub async fn console(&self) -> tokio_postgres::Client {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=admin password=secret dbname=pgmirror",
+            self.port
+        );
+        let (client, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+            .await
+            .expect("admin console login");
+        tokio::spawn(connection);
+        client
+    }
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The `[admin]` section every test proxy gets.
+pub const ADMIN: &str = "[admin]\nuser = \"admin\"\npassword = \"secret\"\n";
+
+/// Runs a client program (psql, pgbench) to completion; returns success
+/// and combined output.
+pub fn run_client(program: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let output = Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {program}: {err}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
