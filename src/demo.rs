@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::config::{self, Endpoint, PartnerConfig, WitnessConfig};
+use crate::config::{self, Endpoint, PartnerConfig, ProxyConfig, WitnessConfig};
 use crate::partner::api::ControlClient;
 use crate::partner::engine::{PgBinaries, RunAs};
 use crate::roles::Safety;
@@ -28,6 +28,9 @@ use crate::tls::{generate_pki, tls_config_for, tls_section, EndpointTls};
 const SETUP_LIMIT: Duration = Duration::from_secs(180);
 /// How long each process gets to stop after SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// The admin console's password in the demo (printed in the summary).
+pub const DEMO_ADMIN_PASSWORD: &str = "pgmirror";
 
 /// What `pgmirror demo` was asked for.
 #[derive(Debug, Clone)]
@@ -77,7 +80,7 @@ fn write_configs(options: &DemoOptions) -> anyhow::Result<()> {
     let dir = &options.dir;
     let pki = dir.join("pki");
     if !pki.join("ca.crt").exists() {
-        generate_pki(&pki, &["alpha", "beta", "witness", "admin"])?;
+        generate_pki(&pki, &["alpha", "beta", "witness", "proxy", "admin"])?;
     }
     if dir.join("alpha.toml").exists() {
         return Ok(());
@@ -96,6 +99,27 @@ fn write_configs(options: &DemoOptions) -> anyhow::Result<()> {
             ),
         )?;
     }
+    let pg_ports = [free_port()?, free_port()?];
+    std::fs::write(
+        dir.join("proxy.toml"),
+        format!(
+            "# The demo's proxy: clients connect here and reach the current principal.\n\
+             listen = \"127.0.0.1:{}\"\ndefault_session = \"demo\"\nmetrics = \"127.0.0.1:{}\"\n\n\
+             [admin]\nuser = \"admin\"\npassword = \"{DEMO_ADMIN_PASSWORD}\"\n\n\
+             [endpoint_tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n\n\
+             [sessions.demo]\npartners = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\
+             databases = [\"postgres\", \"demo\"]\npostgres = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n",
+            options.port,
+            free_port()?,
+            pki.join("proxy.crt"),
+            pki.join("proxy.key"),
+            pki.join("ca.crt"),
+            endpoints[0],
+            endpoints[1],
+            pg_ports[0],
+            pg_ports[1],
+        ),
+    )?;
     for (index, (name, role)) in [("alpha", "principal"), ("beta", "mirror")]
         .into_iter()
         .enumerate()
@@ -121,7 +145,7 @@ fn write_configs(options: &DemoOptions) -> anyhow::Result<()> {
             options.timeout,
             free_port()?,
             dir.join(name).join("data"),
-            free_port()?,
+            pg_ports[index],
             tls_section(&pki, name, true)
         );
         std::fs::write(dir.join(format!("{name}.toml")), text)?;
@@ -244,6 +268,8 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
     }
     components.push(spawn(dir, "alpha", "partner", &dir.join("alpha.toml"))?);
     components.push(spawn(dir, "beta", "partner", &dir.join("beta.toml"))?);
+    components.push(spawn(dir, "proxy", "proxy", &dir.join("proxy.toml"))?);
+    let proxy: ProxyConfig = config::load(&dir.join("proxy.toml"))?;
     let admin_tls = EndpointTls::from_config(&tls_config_for(&dir.join("pki"), "admin"))?;
     let alpha_endpoint = Endpoint {
         host: "127.0.0.1".into(),
@@ -257,6 +283,9 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
     }
     println!(
         "\npgmirror demo: session \"demo\" is mirrored\n\
+         \n  psql through the proxy:        psql -h 127.0.0.1 -p {} -U postgres\
+         \n  admin console:                 psql -h 127.0.0.1 -p {} -U admin pgmirror   (password {DEMO_ADMIN_PASSWORD})\
+         \n  proxy metrics:                 {}\
          \n  principal (alpha) PostgreSQL:  psql -h 127.0.0.1 -p {} -U postgres\
          \n  mirror (beta) PostgreSQL:      psql -h 127.0.0.1 -p {} -U postgres   (read-only hot standby)\
          \n  alpha agent endpoint:          {}   metrics {}\
@@ -264,6 +293,9 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
          \n  configs, certificates, data:   {}\
          \n  logs:                          {}\
          \n\nPress Ctrl-C to stop every process (the directory is kept; a second run reuses it).\n",
+        proxy.listen.0.port(),
+        proxy.listen.0.port(),
+        metrics_url(proxy.metrics),
         alpha.postgres.port,
         beta.postgres.port,
         alpha.listen.0,

@@ -25,6 +25,34 @@ fn processes_using(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Polls sys.database_mirroring until every row shows `state`.
+async fn wait_console_state(admin: &tokio_postgres::Client, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let rows = admin
+            .simple_query("SELECT * FROM sys.database_mirroring")
+            .await
+            .unwrap();
+        let states: Vec<String> = rows
+            .iter()
+            .filter_map(|message| match message {
+                tokio_postgres::SimpleQueryMessage::Row(row) => {
+                    row.get("mirroring_state_desc").map(str::to_string)
+                }
+                _ => None,
+            })
+            .collect();
+        if states.len() == 2 && states.iter().all(|s| s == state) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sys.database_mirroring never showed {state}: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_runs_serves_and_stops_cleanly() {
     let dir = tempfile::Builder::new()
@@ -33,17 +61,17 @@ async fn the_demo_runs_serves_and_stops_cleanly() {
         .unwrap();
     RunAs::detect().unwrap().hand_over(dir.path()).unwrap();
     let demo_dir = dir.path().join("cluster");
-    let mut demo = Pgmirror::spawn(
+    let proxy_port = common::free_port().to_string();
+    let args = [
         "demo",
-        dir.path(),
-        &[
-            "demo",
-            "--dir",
-            demo_dir.to_str().unwrap(),
-            "--timeout",
-            "3",
-        ],
-    );
+        "--dir",
+        demo_dir.to_str().unwrap(),
+        "--timeout",
+        "3",
+        "--port",
+        &proxy_port,
+    ];
+    let mut demo = Pgmirror::spawn("demo", dir.path(), &args);
     let deadline = Instant::now() + Duration::from_secs(180);
     let summary = loop {
         let output = demo.output();
@@ -57,19 +85,70 @@ async fn the_demo_runs_serves_and_stops_cleanly() {
     println!("{summary}");
     let port: u16 = summary
         .lines()
-        .find(|line| line.contains("principal (alpha) PostgreSQL"))
+        .find(|line| line.contains("psql through the proxy"))
         .and_then(|line| line.split("-p ").nth(1))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|port| port.parse().ok())
-        .expect("the principal's port in the summary");
+        .expect("the proxy's port in the summary");
     let client = common::pg::connect_port(port)
         .await
-        .expect("connect to the demo's principal");
+        .expect("connect through the demo's proxy");
     client
         .batch_execute("CREATE TABLE hello (id int); INSERT INTO hello VALUES (1)")
         .await
         .unwrap();
     drop(client);
+
+    // The admin console, as the summary says.
+    let (admin, connection) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=admin password=pgmirror dbname=pgmirror"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("admin console login");
+    tokio::spawn(connection);
+    for statement in [
+        "ALTER DATABASE demo SET PARTNER SUSPEND",
+        "ALTER DATABASE demo SET PARTNER RESUME",
+    ] {
+        admin
+            .simple_query(statement)
+            .await
+            .unwrap_or_else(|err| panic!("{statement}: {err}"));
+    }
+    wait_console_state(&admin, "SYNCHRONIZED").await;
+    admin
+        .simple_query("ALTER DATABASE demo SET PARTNER FAILOVER")
+        .await
+        .expect("FAILOVER in the console");
+    let client = common::pg::connect_port(port)
+        .await
+        .expect("reconnect through the proxy");
+    client
+        .batch_execute("INSERT INTO hello VALUES (2)")
+        .await
+        .expect("write on the new principal");
+    let roles: Vec<(String, String)> = admin
+        .simple_query("SELECT * FROM sys.database_mirroring")
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some((
+                row.get("server_name")?.to_string(),
+                row.get("mirroring_role_desc")?.to_string(),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        roles.contains(&("beta".into(), "PRINCIPAL".into())),
+        "{roles:?}"
+    );
+    assert!(
+        roles.contains(&("alpha".into(), "MIRROR".into())),
+        "{roles:?}"
+    );
     let metrics_url = summary
         .lines()
         .find(|line| line.contains("alpha agent endpoint"))
