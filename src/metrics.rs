@@ -194,6 +194,23 @@ pub fn serve(addr: SocketAddr) -> Result<(), MetricsError> {
     Ok(())
 }
 
+/// Holds one unit of a gauge (an open connection, a held client) for as
+/// long as it lives.
+pub struct GaugeGuard(metrics::Gauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
 /// The `session` and `partner` labels of one partner.
 pub fn partner_labels(session: &str, partner: &str) -> Vec<Label> {
     vec![

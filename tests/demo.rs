@@ -25,6 +25,54 @@ fn processes_using(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Fetches the metrics page whose URL the summary prints on the line
+/// containing `label`.
+async fn scrape(summary: &str, label: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let url = summary
+        .lines()
+        .find(|line| line.contains(label))
+        .and_then(|line| line.split("http://").nth(1))
+        .unwrap_or_else(|| panic!("no metrics URL for {label} in the summary"));
+    let address = url.split('/').next().unwrap_or_default();
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("metrics endpoint");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: demo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+/// `promtool check metrics` on a scraped page (HTTP headers stripped).
+fn promtool_accepts(page: &str) {
+    use std::io::Write;
+    let body = page.split("\r\n\r\n").nth(1).unwrap_or(page);
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (apt-get install prometheus)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let output = promtool.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// Polls sys.database_mirroring until every row shows `state`.
 async fn wait_console_state(admin: &tokio_postgres::Client, state: &str) {
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -149,27 +197,21 @@ async fn the_demo_runs_serves_and_stops_cleanly() {
         roles.contains(&("alpha".into(), "MIRROR".into())),
         "{roles:?}"
     );
-    let metrics_url = summary
-        .lines()
-        .find(|line| line.contains("alpha agent endpoint"))
-        .and_then(|line| line.split("metrics ").nth(1))
-        .expect("alpha's metrics URL in the summary")
-        .trim()
-        .to_string();
-    let address = metrics_url
-        .trim_start_matches("http://")
-        .trim_end_matches("/metrics");
-    let mut stream = tokio::net::TcpStream::connect(address)
-        .await
-        .expect("metrics endpoint");
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: demo\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    assert!(body.contains("pgmirror_role"), "metrics page: {body}");
+    let alpha_metrics = scrape(&summary, "alpha agent endpoint").await;
+    assert!(
+        alpha_metrics.contains("pgmirror_role"),
+        "alpha's metrics: {alpha_metrics}"
+    );
+    let proxy_metrics = scrape(&summary, "proxy metrics").await;
+    for name in [
+        "pgmirror_proxy_connect_duration_seconds",
+        "pgmirror_proxy_bytes_total",
+    ] {
+        assert!(
+            proxy_metrics.contains(name),
+            "proxy metrics lack {name}: {proxy_metrics}"
+        );
+    }
     for config in ["alpha.toml", "beta.toml", "witness.toml"] {
         assert!(
             demo_dir.join(config).is_file(),

@@ -13,6 +13,9 @@
 //! authentication exchange then gets a fresh startup timeout. Dropping the
 //! future closes both sockets, so it is cancel-safe.
 
+use ::metrics::{counter, gauge, histogram};
+
+use crate::metrics::{self, GaugeGuard};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -238,11 +241,17 @@ where
         server_addr: None,
         server_key: None,
     });
+    let _client = GaugeGuard::new(
+        gauge!(metrics::PROXY_CLIENT_CONNECTIONS, metrics::SESSION => session.clone()),
+    );
     let mut routes = routes;
     let connected = match hold_and_connect(ctx, &session, &mut routes, &raw).await {
         Ok(connected) => connected,
         Err(err) => return refuse(&mut stream, err).await,
     };
+    let _server = GaugeGuard::new(
+        gauge!(metrics::PROXY_SERVER_CONNECTIONS, metrics::SESSION => session.clone()),
+    );
     registration.set_server(&connected.address);
     // The hold does not count against authentication: the client gets a
     // full startup_timeout from the moment its server is reached.
@@ -270,6 +279,7 @@ async fn hold_and_connect(
 ) -> Result<Connected, ConnError> {
     let started = Instant::now();
     let hold_deadline = started + ctx.hold_timeout;
+    let mut _held = None;
     loop {
         let (epoch, principal) = {
             let route = routes.borrow_and_update();
@@ -282,8 +292,16 @@ async fn hold_and_connect(
             )
             .await
             {
+                histogram!(metrics::PROXY_CONNECT_SECONDS, metrics::SESSION => session.to_string())
+                    .record(started.elapsed().as_secs_f64());
                 return Ok(connected);
             }
+        }
+        if _held.is_none() {
+            _held = Some(GaugeGuard::new(gauge!(
+                metrics::PROXY_HELD_CONNECTIONS,
+                metrics::SESSION => session.to_string()
+            )));
         }
         if Instant::now() >= hold_deadline {
             return Err(ConnError::NoPrincipal {
@@ -355,7 +373,10 @@ async fn forward_cancel(ctx: &Context, pid: u32, secret: u32) {
         Ok::<_, std::io::Error>(())
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, send).await {
-        Ok(Ok(())) => tracing::debug!(%address, "cancel request forwarded"),
+        Ok(Ok(())) => {
+            counter!(metrics::PROXY_CANCEL_REQUESTS).increment(1);
+            tracing::debug!(%address, "cancel request forwarded");
+        }
         Ok(Err(err)) => tracing::warn!(%address, "cancel request not delivered: {err}"),
         Err(_) => tracing::warn!(%address, "cancel request not delivered in time"),
     }
@@ -391,10 +412,13 @@ where
     let shutdown = ctx.shutdown.clone();
     let startup_timeout = ctx.startup_timeout;
 
+    let bytes_to_server = counter!(metrics::PROXY_BYTES, "direction" => "client_to_server");
+    let bytes_to_client = counter!(metrics::PROXY_BYTES, "direction" => "server_to_client");
     let client_to_server = async {
         let mut buf = vec![0u8; SPLICE_BUFFER_MIN];
         loop {
             let n = client_read.read(&mut buf).await?;
+            bytes_to_server.increment(n as u64);
             let Some(chunk) = buf.get(..n).filter(|chunk| !chunk.is_empty()) else {
                 let _ = server_write.shutdown().await;
                 return Ok::<End, ConnError>(End::ClientClosed);
@@ -465,6 +489,7 @@ where
             tokio::select! {
                 read = server_read.read(&mut buf) => {
                     let n = read?;
+                    bytes_to_client.increment(n as u64);
                     let Some(chunk) = buf.get(..n).filter(|chunk| !chunk.is_empty()) else {
                         break End::ServerClosed;
                     };

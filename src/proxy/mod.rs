@@ -45,6 +45,8 @@ pub enum ProxyError {
     Tls(#[from] TlsError),
     #[error("admin console socket: {0}")]
     Console(#[source] std::io::Error),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// What every connection task reads; built once by [`serve`].
@@ -82,6 +84,9 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> Result<(),
             source,
         })?;
     tracing::info!(%address, "proxy listening");
+    if let Some(metrics) = config.metrics {
+        crate::metrics::serve(metrics.0)?;
+    }
     serve(listener, config, shutdown).await
 }
 
