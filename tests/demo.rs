@@ -203,6 +203,7 @@ async fn the_demo_runs_serves_and_stops_cleanly() {
         "alpha's metrics: {alpha_metrics}"
     );
     let proxy_metrics = scrape(&summary, "proxy metrics").await;
+    promtool_accepts(&proxy_metrics);
     for name in [
         "pgmirror_proxy_connect_duration_seconds",
         "pgmirror_proxy_bytes_total",
