@@ -56,12 +56,7 @@ fn tpcb(port: u16) -> f64 {
 
 async fn wal_lsn(port: u16) -> Lsn {
     let client = common::pg::connect_port(port).await.expect("connect");
-    let text: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    text.parse().unwrap()
+    common::pg::current_lsn(&client).await
 }
 
 /// PostgreSQL's own synchronous streaming replication between two local instances.

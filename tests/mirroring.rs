@@ -122,15 +122,6 @@ async fn table_contents(partner: &Partner, table: &str) -> Vec<String> {
         .collect()
 }
 
-async fn current_lsn(client: &tokio_postgres::Client) -> pgmirror::wire::lsn::Lsn {
-    let text: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    text.parse().unwrap()
-}
-
 async fn synchronized_pair(options: PairOptions) -> Pair {
     let pair = Pair::start(options);
     pair.wait_state("SYNCHRONIZED").await;
@@ -278,9 +269,7 @@ async fn under_off_commits_do_not_wait_for_a_black_holed_mirror() {
         .batch_execute("CREATE TABLE notes (id int)")
         .await
         .unwrap();
-    let (to_b, to_a) = pair.links.as_ref().unwrap();
-    to_b.black_hole();
-    to_a.black_hole();
+    pair.cut_partners();
     let started = Instant::now();
     for id in 0..200 {
         principal
@@ -292,8 +281,7 @@ async fn under_off_commits_do_not_wait_for_a_black_holed_mirror() {
     println!("200 commits with the mirror black-holed under SAFETY OFF: {elapsed:?}");
     // TIMEOUT is 10 s: a commit that waited for the mirror would take that long.
     assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
-    to_b.heal();
-    to_a.heal();
+    pair.heal_partners();
     wait_rows(&pair.b, "notes", 200).await;
 }
 
@@ -528,7 +516,7 @@ async fn partner_off_ends_the_session_on_both() {
 async fn link_compression_on_pgbench_wal() {
     let pair = synchronized_pair(PairOptions::default()).await;
     let principal = pair.a.sql().await;
-    let start = current_lsn(&principal).await;
+    let start = common::pg::current_lsn(&principal).await;
     let before = pair.status(&pair.a).await;
     let port = pair.a.pg_port().to_string();
     for args in [
@@ -547,7 +535,7 @@ async fn link_compression_on_pgbench_wal() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    let end = current_lsn(&principal).await;
+    let end = common::pg::current_lsn(&principal).await;
     pair.wait_for(&pair.a, "caught up", SLOW, |status| {
         status.send_queue_bytes == Some(0)
     })
@@ -582,9 +570,7 @@ async fn under_full_a_lost_mirror_holds_commits_for_timeout_then_the_principal_r
         .batch_execute("CREATE TABLE held (id int)")
         .await
         .unwrap();
-    let (to_b, to_a) = pair.links.as_ref().unwrap();
-    to_b.black_hole();
-    to_a.black_hole();
+    pair.cut_partners();
     let started = Instant::now();
     principal
         .execute("INSERT INTO held VALUES (1)", &[])
@@ -608,8 +594,7 @@ async fn under_full_a_lost_mirror_holds_commits_for_timeout_then_the_principal_r
         quick.elapsed() < Duration::from_secs(2),
         "exposed commits still wait"
     );
-    to_b.heal();
-    to_a.heal();
+    pair.heal_partners();
     pair.wait_state("SYNCHRONIZED").await;
     let names: String = principal
         .query_one("SHOW synchronous_standby_names", &[])

@@ -161,10 +161,8 @@ async fn a_principal_cut_from_both_stops_before_the_mirror_is_promoted() {
     let probes = probe_writes(ports(&pair), Duration::from_secs(6 * TIMEOUT));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cut = Instant::now();
-    let (to_b, to_a) = pair.links.as_ref().unwrap();
     let (a_to_witness, _) = pair.witness_links.as_ref().unwrap();
-    to_b.black_hole();
-    to_a.black_hole();
+    pair.cut_partners();
     a_to_witness.black_hole();
     wait_principal(&pair, &pair.b).await;
     println!("beta promoted {:?} after the cut", cut.elapsed());
@@ -189,8 +187,7 @@ async fn a_principal_cut_from_both_stops_before_the_mirror_is_promoted() {
     workload.wait_for_progress(50, SLOW).await;
     let acknowledged = workload.stop().await;
     bank::verify(&pair.b.sql().await, &acknowledged).await;
-    to_b.heal();
-    to_a.heal();
+    pair.heal_partners();
     a_to_witness.heal();
     pair.wait_for(&pair.a, "the mirror again", SLOW, |status| {
         status.mirroring_role_desc.as_deref() == Some("MIRROR")
@@ -204,9 +201,7 @@ async fn partners_cut_from_each_other_do_not_fail_over() {
     let pair = witnessed_pair(true).await;
     let workload = Workload::start(ports(&pair), 4, 13);
     workload.wait_for_progress(100, SLOW).await;
-    let (to_b, to_a) = pair.links.as_ref().unwrap();
-    to_b.black_hole();
-    to_a.black_hole();
+    pair.cut_partners();
     tokio::time::sleep(Duration::from_secs(4 * TIMEOUT)).await;
     assert_eq!(
         role(&pair, &pair.b).await.as_deref(),
@@ -217,8 +212,7 @@ async fn partners_cut_from_each_other_do_not_fail_over() {
     // The principal runs exposed with the witness's consent and keeps serving.
     workload.wait_for_progress(50, SLOW).await;
     assert!(!pair.witness_row().await.unwrap().synchronized);
-    to_b.heal();
-    to_a.heal();
+    pair.heal_partners();
     pair.wait_state("SYNCHRONIZED").await;
     let acknowledged = workload.stop().await;
     bank::verify(&pair.a.sql().await, &acknowledged).await;
@@ -229,11 +223,9 @@ async fn a_mirror_cut_from_both_leaves_the_principal_exposed_only_with_the_witne
     let pair = witnessed_pair(true).await;
     let workload = Workload::start(ports(&pair), 4, 17);
     workload.wait_for_progress(100, SLOW).await;
-    let (to_b, to_a) = pair.links.as_ref().unwrap();
     let (_, b_to_witness) = pair.witness_links.as_ref().unwrap();
     let cut_ms = bank::now_ms();
-    to_b.black_hole();
-    to_a.black_hole();
+    pair.cut_partners();
     b_to_witness.black_hole();
     tokio::time::sleep(Duration::from_secs(4 * TIMEOUT)).await;
     workload.wait_for_progress(50, SLOW).await;
@@ -259,8 +251,7 @@ async fn a_mirror_cut_from_both_leaves_the_principal_exposed_only_with_the_witne
         "acknowledged before the witness agreed: {early:?}"
     );
     println!("exposure recorded {} ms after the cut", history - cut_ms);
-    to_b.heal();
-    to_a.heal();
+    pair.heal_partners();
     b_to_witness.heal();
     pair.wait_state("SYNCHRONIZED").await;
     bank::verify(&pair.a.sql().await, &acknowledged).await;
@@ -431,16 +422,8 @@ fn apply(pair: &mut Pair, fault: Fault) {
             partner.engine.signal_all(Signal::SIGCONT);
         }
         Fault::RestartAgent(p) => target(pair, p).start_agent(),
-        Fault::CutPartners | Fault::HealPartners => {
-            let (to_b, to_a) = pair.links.as_ref().unwrap();
-            for link in [to_b, to_a] {
-                if fault == Fault::CutPartners {
-                    link.black_hole()
-                } else {
-                    link.heal()
-                }
-            }
-        }
+        Fault::CutPartners => pair.cut_partners(),
+        Fault::HealPartners => pair.heal_partners(),
         Fault::CutWitness(p) | Fault::HealWitness(p) => {
             let (a, b) = pair.witness_links.as_ref().unwrap();
             let link = if p == 0 { a } else { b };

@@ -369,6 +369,19 @@ impl Pair {
         }
     }
 
+    /// Black-holes both agent-to-agent links (the pair needs `links`).
+    pub fn cut_partners(&self) {
+        let (to_b, to_a) = self.links.as_ref().expect("a pair with links");
+        to_b.black_hole();
+        to_a.black_hole();
+    }
+
+    pub fn heal_partners(&self) {
+        let (to_b, to_a) = self.links.as_ref().expect("a pair with links");
+        to_b.heal();
+        to_a.heal();
+    }
+
     /// The witness's row for this pair's session.
     pub async fn witness_row(&self) -> Option<pgmirror::partner::api::RoleRow> {
         let port = self.witness.as_ref().map(|witness| witness.port)?;

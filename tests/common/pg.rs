@@ -149,3 +149,13 @@ impl Drop for PgInstance {
         }
     }
 }
+
+/// The server's current WAL insert position.
+pub async fn current_lsn(client: &tokio_postgres::Client) -> pgmirror::wire::lsn::Lsn {
+    let text: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("pg_current_wal_lsn")
+        .get(0);
+    text.parse().expect("an LSN")
+}
