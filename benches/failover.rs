@@ -15,11 +15,13 @@ use common::cluster::{Pair, PairOptions, WitnessChoice};
 
 const TIMEOUT_SECS: u64 = 2;
 
-async fn first_write(port: u16, limit: Duration) -> Option<Duration> {
+/// Time until a write on `port` is acknowledged; a connect may take up to
+/// `connect_limit` (the proxy holds new connections during a failover).
+async fn first_write(port: u16, connect_limit: Duration, limit: Duration) -> Option<Duration> {
     let started = Instant::now();
     while started.elapsed() < limit {
         if let Ok(Ok(client)) =
-            tokio::time::timeout(Duration::from_millis(200), common::pg::connect_port(port)).await
+            tokio::time::timeout(connect_limit, common::pg::connect_port(port)).await
         {
             let write = client.batch_execute("INSERT INTO beats VALUES (now())");
             if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(500), write).await {
@@ -50,7 +52,9 @@ async fn main() {
         .batch_execute("CREATE TABLE beats (at timestamptz)")
         .await
         .unwrap();
+    let proxy = common::proxy::ProxyHandle::in_front_of(&pair, "").await;
     let mut timings = Vec::new();
+    let mut through_proxy = Vec::new();
     for run in 0..runs {
         let a_is_principal =
             pair.status(&pair.a).await.mirroring_role_desc.as_deref() == Some("PRINCIPAL");
@@ -61,18 +65,31 @@ async fn main() {
         };
         let mirror_port = mirror.pg_port();
         principal.kill9();
-        let Some(elapsed) = first_write(mirror_port, Duration::from_secs(60)).await else {
-            panic!("run {run}: no write accepted on the mirror within 60 s");
+        let limit = Duration::from_secs(60);
+        let (direct, proxied) = tokio::join!(
+            first_write(mirror_port, Duration::from_millis(200), limit),
+            first_write(proxy.port, limit, limit)
+        );
+        let (Some(direct), Some(proxied)) = (direct, proxied) else {
+            panic!("run {run}: no write within 60 s (direct {direct:?}, proxy {proxied:?})");
         };
         println!(
-            "run {run}: kill -9 to first acknowledged write on the new principal: {elapsed:?}"
+            "run {run}: kill -9 to first acknowledged write on the new principal: direct {direct:?}, through the proxy {proxied:?}"
         );
-        timings.push(elapsed);
+        timings.push(direct);
+        through_proxy.push(proxied);
         principal.start_agent();
         pair.wait_state("SYNCHRONIZED").await;
         pair.wait_witness_synchronized().await;
     }
     timings.sort();
+    through_proxy.sort();
+    println!(
+        "through the proxy: median {:?}, min {:?}, max {:?}",
+        through_proxy[through_proxy.len() / 2],
+        through_proxy[0],
+        through_proxy[through_proxy.len() - 1]
+    );
     println!(
         "automatic failover with TIMEOUT {TIMEOUT_SECS} s (direct connection): median {:?}, min {:?}, max {:?} over {} runs (target <= TIMEOUT + 1.5 s = {} s)",
         timings[timings.len() / 2],

@@ -119,8 +119,9 @@ fn serve<E: std::fmt::Display>(
     }
 }
 
-/// A token cancelled on SIGINT or SIGTERM; must be called inside the runtime
-/// that awaits it, so it is created lazily there.
+/// A token cancelled on SIGINT or SIGTERM. The signals are watched on a
+/// thread of their own, so the token can be made before the process's
+/// runtime exists.
 fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{ListenEndpoint, Pair, PairOptions, SLOW};
+use common::cluster::{Pair, PairOptions, SLOW};
 use common::proxy::{run_client, ProxyHandle, ADMIN};
 use common::{free_port, PgInstance};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -361,19 +361,9 @@ async fn hostile_startups_leave_the_proxy_serving() {
     );
 }
 
-/// A proxy in front of a real mirrored pair.
+/// A proxy in front of a real mirrored pair, with the admin console.
 async fn pair_proxy(pair: &Pair) -> ProxyHandle {
-    let pki = &pair.pki;
-    let text = format!(
-        "hold_timeout = 60\n{ADMIN}\n[endpoint_tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n\n\
-         [sessions.shop]\npartners = [\"{}\", \"{}\"]\ndatabases = [\"postgres\"]\n",
-        pki.join("tester.crt"),
-        pki.join("tester.key"),
-        pki.join("ca.crt"),
-        pair.a.config.listen_endpoint(),
-        pair.b.config.listen_endpoint(),
-    );
-    ProxyHandle::start(&text).await
+    ProxyHandle::in_front_of(pair, ADMIN).await
 }
 
 async fn principal_name(console: &tokio_postgres::Client) -> Option<String> {

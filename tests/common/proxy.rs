@@ -39,6 +39,23 @@ impl ProxyHandle {
         }
     }
 
+    /// A proxy in front of a real mirrored pair (session `shop` for the
+    /// dbname `postgres`), with `extra` config lines at the top.
+    pub async fn in_front_of(pair: &super::cluster::Pair, extra: &str) -> ProxyHandle {
+        use super::cluster::ListenEndpoint;
+        let pki = &pair.pki;
+        let text = format!(
+            "hold_timeout = 60\n{extra}\n[endpoint_tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n\n\
+             [sessions.shop]\npartners = [\"{}\", \"{}\"]\ndatabases = [\"postgres\"]\n",
+            pki.join("tester.crt"),
+            pki.join("tester.key"),
+            pki.join("ca.crt"),
+            pair.a.config.listen_endpoint(),
+            pair.b.config.listen_endpoint(),
+        );
+        ProxyHandle::start(&text).await
+    }
+
     /// Stops the proxy and waits for it.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
