@@ -6,11 +6,17 @@
 //! FAILOVER, RESUME, SAFETY and TIMEOUT are issued on the principal;
 //! FORCE_SERVICE on the mirror; SUSPEND and OFF on either (a SUSPEND on the
 //! mirror is forwarded to the principal, which owns the stream).
+//!
+//! Besides the checks, the durable change and the actions of each command
+//! ([`apply`]) and of each step of the two role switches a command starts
+//! (manual failover, forced service) are decided here, IO-free.
 
 use crate::config::{MAX_TIMEOUT_SECS, MIN_TIMEOUT_SECS};
 use crate::partner::api::Command;
+use crate::partner::policy::{become_principal, Action, Decision, Memory};
 use crate::partner::state::SessionState;
-use crate::roles::{MirroringState, Role, Safety};
+use crate::roles::{Epoch, MirroringState, Role, Safety};
+use crate::wire::lsn::Lsn;
 
 /// What the agent knows beyond its durable state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +140,198 @@ pub fn check(command: &Command, state: &SessionState, facts: Facts) -> Result<Ro
         Command::Off => Ok(Route::Here),
         Command::Witness(_) => on_principal("SET WITNESS"),
     }
+}
+
+/// How a command that passed [`check`] is carried out here.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    /// A change of settings: persist, then act.
+    Change(Decision),
+    /// The principal hands over to the mirror (spec 37-38): see
+    /// [`failover_begins`] and [`failover_answered`].
+    ManualFailover,
+    /// The mirror takes over without its principal (spec 39-40): see
+    /// [`forced_service`].
+    ForcedService,
+}
+
+/// What `command` changes on this partner (`running`: a postmaster is up).
+pub fn apply(command: &Command, state: &SessionState, memory: &Memory, running: bool) -> Plan {
+    let mut decision = Decision::new(memory);
+    match command {
+        Command::Suspend => {
+            decision.change(state, |state| {
+                state.suspended = true;
+                state.synchronized = false;
+                state.state = MirroringState::Suspended;
+            });
+            drop_sync(running, &mut decision);
+            decision.actions.push(Action::CloseStreams);
+        }
+        Command::Resume => decision.change(state, |state| {
+            state.suspended = false;
+            state.state = MirroringState::Synchronizing;
+        }),
+        Command::Safety(safety) => {
+            decision.change(state, |state| {
+                if state.safety != *safety {
+                    state.safety = *safety;
+                    state.safety_sequence += 1;
+                }
+                if *safety == Safety::Off {
+                    state.synchronized = false;
+                }
+            });
+            if *safety == Safety::Off {
+                drop_sync(running, &mut decision);
+            }
+        }
+        Command::Timeout(secs) => decision.change(state, |state| state.timeout_secs = *secs),
+        Command::Witness(witness) => {
+            decision.change(state, |state| state.witness = witness.clone())
+        }
+        Command::Off => {
+            decision.change(state, |state| {
+                state.ended = true;
+                state.synchronized = false;
+            });
+            decision.actions.push(Action::CloseStreams);
+            if state.role == Role::Principal && running {
+                // Without a mirror, waiting for one would block every commit.
+                decision.memory.applied_sync = Some(false);
+                decision.actions.push(Action::RequireSync(false));
+            }
+        }
+        Command::Failover => return Plan::ManualFailover,
+        Command::ForceServiceAllowDataLoss => return Plan::ForcedService,
+    }
+    Plan::Change(decision)
+}
+
+/// Commits stop waiting for the mirror (the state already says it is not
+/// synchronized, I2).
+fn drop_sync(running: bool, decision: &mut Decision) {
+    if running && decision.memory.applied_sync != Some(false) {
+        decision.memory.applied_sync = Some(false);
+        decision.actions.push(Action::RequireSync(false));
+    }
+}
+
+/// The first step of a manual failover on the principal: stop PostgreSQL
+/// fast, which ships every WAL record, the shutdown checkpoint included,
+/// to the synchronous mirror. The agent then reads the checkpoint's LSN and
+/// asks the mirror to take over at the next epoch.
+pub fn failover_begins(memory: &Memory) -> Decision {
+    let mut decision = Decision::new(memory);
+    decision.memory.expect_running = false;
+    decision.act(Action::Stop(crate::partner::engine::StopMode::Fast))
+}
+
+/// How the mirror answered a takeover request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TakeOverAnswer {
+    /// It is the principal at the requested epoch.
+    Done,
+    /// It said no (and so did not promote).
+    Refused(String),
+    /// No answer: lost, late or the connection broke.
+    Lost(String),
+}
+
+/// The principal's last step of a manual failover (or of a handover after
+/// a crash, `failover_lsn` None): step down when the mirror took over,
+/// else serve again.
+pub fn failover_answered(
+    state: &SessionState,
+    memory: &Memory,
+    epoch: Epoch,
+    failover_lsn: Option<Lsn>,
+    answer: &TakeOverAnswer,
+) -> Decision {
+    let mut decision = Decision::new(memory);
+    match answer {
+        TakeOverAnswer::Done => {
+            decision.change(state, |state| state.step_down(epoch, false, failover_lsn));
+            decision.memory.applied_sync = None;
+            decision.memory.expect_running = false;
+            decision.actions.push(Action::CloseStreams);
+        }
+        TakeOverAnswer::Refused(reason) | TakeOverAnswer::Lost(reason) => {
+            decision.refusal = Some(format!(
+                "failover aborted, this partner stays the principal: {reason}"
+            ));
+            if failover_lsn.is_some() {
+                let synchronous =
+                    state.safety == Safety::Full && state.synchronized && !state.suspended;
+                decision.memory.expect_running = true;
+                decision.memory.applied_sync = Some(synchronous && state.peer_name.is_some());
+                decision.actions.push(Action::StartPrincipal { synchronous });
+            }
+        }
+    }
+    decision
+}
+
+/// Whether this mirror may take over at `epoch` when its principal asks.
+pub fn take_over_check(state: &SessionState, epoch: Epoch) -> Result<(), String> {
+    if state.role != Role::Mirror || state.ended || !state.has_copy || state.needs_rewind {
+        return Err("this partner is not a mirror holding a copy".into());
+    }
+    if state.epoch.next() != epoch {
+        return Err(format!(
+            "role_sequence mismatch: asked to become principal at {epoch}, this mirror is at {}",
+            state.epoch
+        ));
+    }
+    Ok(())
+}
+
+/// How the witness answered a promotion request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WitnessAnswer {
+    /// No witness is configured.
+    NoWitness,
+    Granted,
+    Refused(String),
+    Unreachable(String),
+}
+
+/// The mirror's last step of a takeover its principal asked for, once the
+/// WAL up to the failover LSN arrived: promote unless the witness refused
+/// (spec 24: with the witness lost, a manual failover is still allowed).
+pub fn take_over(
+    state: &SessionState,
+    memory: &Memory,
+    epoch: Epoch,
+    failover_lsn: Option<Lsn>,
+    witness: &WitnessAnswer,
+) -> Result<Decision, String> {
+    if let WitnessAnswer::Refused(reason) = witness {
+        return Err(format!("the witness refused: {reason}"));
+    }
+    let mut decision = Decision::new(memory);
+    become_principal(state, epoch, false, failover_lsn, &mut decision);
+    Ok(decision)
+}
+
+/// Forced service on the mirror once the witness (if any) granted it:
+/// principal at the next epoch, session SUSPENDED (spec 39-40).
+pub fn forced_service(
+    state: &SessionState,
+    memory: &Memory,
+    received: Option<Lsn>,
+    witness: &WitnessAnswer,
+) -> Result<Decision, String> {
+    match witness {
+        WitnessAnswer::NoWitness | WitnessAnswer::Granted => {}
+        WitnessAnswer::Refused(reason) => return Err(format!("the witness refused: {reason}")),
+        WitnessAnswer::Unreachable(reason) => {
+            return Err(format!("the witness did not answer: {reason}"))
+        }
+    }
+    let mut decision = Decision::new(memory);
+    become_principal(state, state.epoch.next(), true, received, &mut decision);
+    Ok(decision)
 }
 
 #[cfg(test)]
