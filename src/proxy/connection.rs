@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::proxy::clients::{ClientEntry, Registration};
-use crate::proxy::routing::Route;
+use crate::proxy::routing::{Principal, Route};
 use crate::proxy::Context;
 use crate::roles::Epoch;
 use crate::wire::frame::FrameScanner;
@@ -252,7 +252,7 @@ where
     let _server = GaugeGuard::new(
         gauge!(metrics::PROXY_SERVER_CONNECTIONS, metrics::SESSION => session.clone()),
     );
-    registration.set_server(&connected.address);
+    registration.set_server(&connected.principal.address);
     // The hold does not count against authentication: the client gets a
     // full startup_timeout from the moment its server is reached.
     let deadline = Instant::now() + ctx.startup_timeout;
@@ -262,7 +262,8 @@ where
 /// A server connection whose startup packet has been sent.
 struct Connected {
     server: TcpStream,
-    address: String,
+    /// The principal connected to; `principal.address` is the server's.
+    principal: Principal,
     epoch: Epoch,
     /// Server bytes already read (its first message, at least).
     pending: Vec<u8>,
@@ -286,11 +287,8 @@ async fn hold_and_connect(
             (route.epoch, route.principal.clone())
         };
         if let Some(principal) = principal {
-            if let Ok(Some(connected)) = tokio::time::timeout(
-                CONNECT_TIMEOUT,
-                try_server(&principal.address, epoch, startup),
-            )
-            .await
+            if let Ok(Some(connected)) =
+                tokio::time::timeout(CONNECT_TIMEOUT, try_server(&principal, epoch, startup)).await
             {
                 histogram!(metrics::PROXY_CONNECT_SECONDS, metrics::SESSION => session.to_string())
                     .record(started.elapsed().as_secs_f64());
@@ -314,10 +312,10 @@ async fn hold_and_connect(
     }
 }
 
-/// Connects to `address` and sends the startup packet; None when the
+/// Connects to `principal` and sends the startup packet; None when the
 /// server is unreachable or not accepting connections yet.
-async fn try_server(address: &str, epoch: Epoch, startup: &[u8]) -> Option<Connected> {
-    let mut server = TcpStream::connect(address).await.ok()?;
+async fn try_server(principal: &Principal, epoch: Epoch, startup: &[u8]) -> Option<Connected> {
+    let mut server = TcpStream::connect(&principal.address).await.ok()?;
     server.set_nodelay(true).ok()?;
     server.write_all(startup).await.ok()?;
     let mut pending = Vec::with_capacity(512);
@@ -338,7 +336,7 @@ async fn try_server(address: &str, epoch: Epoch, startup: &[u8]) -> Option<Conne
     }
     Some(Connected {
         server,
-        address: address.to_string(),
+        principal: principal.clone(),
         epoch,
         pending,
     })
@@ -403,10 +401,11 @@ where
 {
     let Connected {
         server,
-        address,
+        principal,
         epoch,
         pending,
     } = connected;
+    let address = &principal.address;
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut server_read, mut server_write) = server.into_split();
     let shutdown = ctx.shutdown.clone();
@@ -500,7 +499,7 @@ where
                 changed = routes.changed(), if watching => {
                     if changed.is_err() {
                         watching = false;
-                    } else if routes.borrow_and_update().supersedes(epoch, &address) {
+                    } else if routes.borrow_and_update().supersedes(epoch, &principal) {
                         break End::Failover;
                     }
                 }

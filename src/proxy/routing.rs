@@ -2,13 +2,41 @@
 //! agents every [`POLL_INTERVAL`] and publishes a [`Route`] on a watch
 //! channel that every client connection of the session holds.
 //!
-//! Invariant I4: a route names only the principal of the highest epoch
-//! (`mirroring_role_sequence`) ever seen by this proxy, and never a partner
-//! that is in PENDING_FAILOVER (it is about to stop serving). When no agent
-//! answers, the partners' PostgreSQL servers are probed like libpq's
-//! `target_session_attrs=read-write`; the epoch then stays the highest seen.
-//! The choice itself ([`choose`]) is pure and unit-tested; the task only
-//! does the IO. The task ends when the shutdown token is cancelled.
+//! Invariant I4: the proxy never routes to a fenced node. The route choice
+//! is the pure step function [`choose`]: what the proxy remembers
+//! ([`RouteMemory`]) and one poll round ([`PollRound`]) in, the new memory
+//! and a [`Decision`] out. The [`Discoverer`] task only does the IO (status
+//! requests, read-write probes) and publishes the result; a deterministic
+//! simulation can call [`choose`] directly. The rules:
+//!
+//! 1. **Probe only before any epoch.** The partners' PostgreSQL servers are
+//!    probed like libpq's `target_session_attrs=read-write` (`SELECT
+//!    pg_is_in_recovery()`) only in a round where no agent answers and no
+//!    agent has ever reported an epoch since this proxy started (issue 10
+//!    will persist that). Once one has, a round in which no agent answers
+//!    holds; a probe never overrides an epoch.
+//! 2. **Two read-write servers hold.** When more than one server answers
+//!    the probe read-write, no principal is chosen.
+//! 3. **Never below the highest epoch.** The route's epoch is the highest
+//!    `mirroring_role_sequence` seen and never decreases; only an agent
+//!    claiming PRINCIPAL at that epoch, and not in PENDING_FAILOVER, is
+//!    routed to.
+//! 4. **Identity, not address.** A principal is the partner the role table
+//!    names, its `server_name`; [`Route::supersedes`] compares that name and
+//!    the epoch, so a principal reporting a new address is still the same
+//!    principal. A server found by the probe has no role-table name; its
+//!    address stands in for one.
+//! 5. **One missed round changes nothing.** When the principal's agent does
+//!    not answer (timeout, refused) and nothing contradicts it (no answer at
+//!    a higher epoch, no other principal), the route stays; the
+//!    [`MISSED_ROUNDS_TO_HOLD`]th consecutive missed round holds. An answer
+//!    from that agent saying it is no longer principal or is in
+//!    PENDING_FAILOVER, or any answer at a higher epoch, changes the route
+//!    at once.
+//! 6. **Two principals hold.** Two agents claiming PRINCIPAL at the highest
+//!    epoch (which I1 rules out) route nowhere.
+//!
+//! The task ends when the shutdown token is cancelled.
 
 use std::time::Duration;
 
@@ -24,6 +52,9 @@ use crate::tls::EndpointTls;
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// How long one status request or probe may take.
 const POLL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Consecutive poll rounds the principal's agent may miss, uncontradicted,
+/// before the route drops to a hold (rule 5): one missed round keeps it.
+pub const MISSED_ROUNDS_TO_HOLD: u32 = 2;
 
 /// How the principal was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +70,8 @@ pub enum Discovery {
 pub struct Principal {
     /// host:port of its PostgreSQL.
     pub address: String,
+    /// Its identity: the role table's name for it (found by probe: its
+    /// address).
     pub server_name: String,
     pub discovery: Discovery,
 }
@@ -62,40 +95,208 @@ pub struct Route {
 }
 
 impl Route {
-    /// Whether a connection made to `address` at `epoch` must be closed
-    /// because a newer or different principal is known (I4).
-    pub fn supersedes(&self, epoch: Epoch, address: &str) -> bool {
+    /// Whether a connection made to `principal` at `epoch` must be closed
+    /// because a newer epoch or a different principal is known (I4). The
+    /// principals are compared by identity (`server_name`), not address.
+    pub fn supersedes(&self, epoch: Epoch, principal: &Principal) -> bool {
         self.epoch > epoch
             || self
                 .principal
                 .as_ref()
-                .is_some_and(|principal| principal.address != address)
+                .is_some_and(|current| current.server_name != principal.server_name)
     }
 }
 
-/// Picks the principal from the agents' answers (pure). `highest` is the
-/// highest epoch seen before; returns the new highest and the principal.
-pub fn choose(highest: Epoch, answers: &[MirroringStatus]) -> (Epoch, Option<Principal>) {
+/// One agent's answer to a status request, as [`choose`] needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentAnswer {
+    /// The partner's identity in the role table.
+    pub server_name: String,
+    pub role: Option<Role>,
+    /// Its `mirroring_role_sequence`; None when it reports none.
+    pub epoch: Option<Epoch>,
+    /// Its `mirroring_state_desc`, e.g. `SYNCHRONIZED`, `PENDING_FAILOVER`.
+    pub state: Option<String>,
+    /// host:port of its PostgreSQL.
+    pub postgres_address: String,
+}
+
+impl From<&MirroringStatus> for AgentAnswer {
+    fn from(status: &MirroringStatus) -> Self {
+        AgentAnswer {
+            server_name: status.server_name.clone(),
+            role: status.role(),
+            epoch: status.mirroring_role_sequence.map(Epoch),
+            state: status.state().map(str::to_string),
+            postgres_address: status.postgres_address.clone(),
+        }
+    }
+}
+
+/// One poll round, the input of [`choose`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PollRound {
+    /// One entry per configured partner agent; None when it did not answer
+    /// (timeout, connection refused, an unexpected reply).
+    pub answers: Vec<Option<AgentAnswer>>,
+    /// The addresses whose PostgreSQL answered the read-write probe; None
+    /// when no probe was run this round.
+    pub read_write: Option<Vec<String>>,
+}
+
+/// What the route choice carries from one poll round to the next.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteMemory {
+    /// The highest epoch seen; never decreases.
+    pub highest: Epoch,
+    /// Whether any agent has reported an epoch since this proxy started.
+    pub epoch_reported: bool,
+    /// The principal routed to now; None while holding.
+    pub principal: Option<Principal>,
+    /// Consecutive rounds in which `principal`'s agent did not answer.
+    pub missed_rounds: u32,
+}
+
+/// Why no principal is routed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// No agent answered and an epoch was reported before, so the probe
+    /// may not decide (rule 1).
+    NoAgentAnswered,
+    /// The principal's agent missed [`MISSED_ROUNDS_TO_HOLD`] rounds in a
+    /// row (rule 5).
+    PrincipalSilent,
+    /// Agents answered, none claims PRINCIPAL at the highest epoch.
+    NoPrincipal,
+    /// The principal of the highest epoch is in PENDING_FAILOVER.
+    PendingFailover,
+    /// Two agents claim PRINCIPAL at the highest epoch (rule 6).
+    TwoPrincipals,
+    /// The probe found no read-write server.
+    NoReadWrite,
+    /// More than one server answered the probe read-write (rule 2).
+    TwoReadWrite,
+}
+
+/// The outcome of one [`choose`] step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Route new connections to this principal.
+    Route(Principal),
+    /// No principal: hold new connections.
+    Hold(Hold),
+    /// Probe the PostgreSQL servers, then call [`choose`] again with the
+    /// same memory and `read_write` set (rule 1).
+    Probe,
+}
+
+/// Whether a round with these agent answers needs the read-write probe:
+/// no agent answered and none has ever reported an epoch (rule 1).
+pub fn needs_probe(memory: &RouteMemory, answers: &[Option<AgentAnswer>]) -> bool {
+    !memory.epoch_reported && answers.iter().all(Option::is_none)
+}
+
+/// Picks the route from one poll round (pure; invariant I4).
+///
+/// `memory` is what the previous step returned ([`RouteMemory::default`]
+/// when the proxy starts); the returned memory's `highest` is the route's
+/// epoch and its `principal` the route's principal. The rules, numbered as
+/// in the module comment:
+///
+/// 1. When [`needs_probe`] holds and `round.read_write` is None, returns
+///    [`Decision::Probe`] and `memory` unchanged; the caller probes and
+///    calls again. Otherwise `round.read_write` is ignored: once an agent
+///    reported an epoch, a round with no answer never routes by probe.
+/// 2. Exactly one read-write address routes to it; two or more hold.
+/// 3. The epoch is the highest of `memory.highest` and every answer's;
+///    only a PRINCIPAL claim at that epoch, not in PENDING_FAILOVER, routes.
+/// 4. Principals are one partner when their `server_name`s are equal.
+/// 5. If no agent claims PRINCIPAL at the highest epoch, the epoch did not
+///    rise and the current principal's agent is simply absent from the
+///    answers, the route is kept until its agent has missed
+///    [`MISSED_ROUNDS_TO_HOLD`] rounds in a row. Any answer from that agent
+///    is taken at its word at once.
+/// 6. Claims by two different partners at the highest epoch hold.
+pub fn choose(memory: &RouteMemory, round: &PollRound) -> (RouteMemory, Decision) {
+    let answers: Vec<&AgentAnswer> = round.answers.iter().flatten().collect();
     let highest = answers
         .iter()
-        .filter_map(|status| status.mirroring_role_sequence)
-        .map(Epoch)
-        .fold(highest, Epoch::max);
-    let mut candidates = answers.iter().filter(|status| {
-        status.role() == Some(Role::Principal)
-            && status.mirroring_role_sequence == Some(highest.0)
-            && status.state() != Some("PENDING_FAILOVER")
-    });
-    let principal = match (candidates.next(), candidates.next()) {
-        (Some(status), None) => Some(Principal {
-            address: status.postgres_address.clone(),
-            server_name: status.server_name.clone(),
-            discovery: Discovery::Agent,
-        }),
-        // Two principals at one epoch cannot happen (I1); route nowhere.
+        .filter_map(|answer| answer.epoch)
+        .fold(memory.highest, Epoch::max);
+    let epoch_reported = memory.epoch_reported || answers.iter().any(|a| a.epoch.is_some());
+    let mut missed_rounds = 0;
+
+    let decision = if needs_probe(memory, &round.answers) {
+        let Some(read_write) = &round.read_write else {
+            return (memory.clone(), Decision::Probe);
+        };
+        let mut servers: Vec<&String> = read_write.iter().collect();
+        servers.sort();
+        servers.dedup();
+        match servers.as_slice() {
+            [] => Decision::Hold(Hold::NoReadWrite),
+            [address] => Decision::Route(Principal {
+                address: (*address).clone(),
+                server_name: (*address).clone(),
+                discovery: Discovery::Probe,
+            }),
+            _ => Decision::Hold(Hold::TwoReadWrite),
+        }
+    } else {
+        let claims: Vec<&AgentAnswer> = answers
+            .iter()
+            .copied()
+            .filter(|answer| answer.role == Some(Role::Principal) && answer.epoch == Some(highest))
+            .collect();
+        match claims.first() {
+            Some(first) if claims.iter().any(|c| c.server_name != first.server_name) => {
+                // Two principals at one epoch cannot happen (I1).
+                Decision::Hold(Hold::TwoPrincipals)
+            }
+            Some(_)
+                if claims
+                    .iter()
+                    .any(|c| c.state.as_deref() == Some("PENDING_FAILOVER")) =>
+            {
+                Decision::Hold(Hold::PendingFailover)
+            }
+            Some(first) => Decision::Route(Principal {
+                address: first.postgres_address.clone(),
+                server_name: first.server_name.clone(),
+                discovery: Discovery::Agent,
+            }),
+            None => match &memory.principal {
+                Some(principal)
+                    if principal.discovery == Discovery::Agent
+                        && highest == memory.highest
+                        && !answers
+                            .iter()
+                            .any(|answer| answer.server_name == principal.server_name) =>
+                {
+                    missed_rounds = memory.missed_rounds + 1;
+                    if missed_rounds < MISSED_ROUNDS_TO_HOLD {
+                        Decision::Route(principal.clone())
+                    } else {
+                        missed_rounds = 0;
+                        Decision::Hold(Hold::PrincipalSilent)
+                    }
+                }
+                _ if answers.is_empty() => Decision::Hold(Hold::NoAgentAnswered),
+                _ => Decision::Hold(Hold::NoPrincipal),
+            },
+        }
+    };
+    let principal = match &decision {
+        Decision::Route(principal) => Some(principal.clone()),
         _ => None,
     };
-    (highest, principal)
+    let memory = RouteMemory {
+        highest,
+        epoch_reported,
+        principal,
+        missed_rounds,
+    };
+    (memory, decision)
 }
 
 /// Where the discovery task sends its findings and what it needs.
@@ -108,12 +309,13 @@ pub struct Discoverer {
 }
 
 impl Discoverer {
-    /// Polls until `shutdown` is cancelled.
+    /// Polls until `shutdown` is cancelled; [`choose`] decides.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut clients: Vec<Option<ControlClient>> =
             self.config.partners.iter().map(|_| None).collect();
         let mut known_postgres: Vec<String> =
             self.config.postgres.iter().map(|e| e.to_string()).collect();
+        let mut memory = RouteMemory::default();
         loop {
             let polls = self
                 .config
@@ -122,7 +324,7 @@ impl Discoverer {
                 .zip(clients.iter_mut())
                 .map(|(endpoint, client)| poll(endpoint, client, &self.tls));
             let results = futures::future::join_all(polls).await;
-            let mut answers = Vec::new();
+            let mut round = PollRound::default();
             let mut partners = Vec::new();
             for (endpoint, result) in self.config.partners.iter().zip(results) {
                 match result {
@@ -132,26 +334,38 @@ impl Discoverer {
                         {
                             known_postgres.push(status.postgres_address.clone());
                         }
-                        answers.push(status.clone());
+                        round.answers.push(Some(AgentAnswer::from(&status)));
                         partners.push(PartnerView {
                             endpoint: endpoint.clone(),
                             status: Some(status),
                             error: None,
                         });
                     }
-                    Err(error) => partners.push(PartnerView {
-                        endpoint: endpoint.clone(),
-                        status: None,
-                        error: Some(error),
-                    }),
+                    Err(error) => {
+                        round.answers.push(None);
+                        partners.push(PartnerView {
+                            endpoint: endpoint.clone(),
+                            status: None,
+                            error: Some(error),
+                        });
+                    }
                 }
             }
-            let highest = self.publish.borrow().epoch;
-            let (epoch, principal) = if answers.is_empty() {
-                (highest, probe_all(&known_postgres, &self.probe).await)
-            } else {
-                choose(highest, &answers)
-            };
+            let (mut next, mut decision) = choose(&memory, &round);
+            if decision == Decision::Probe {
+                round.read_write = Some(probe_all(&known_postgres, &self.probe).await);
+                (next, decision) = choose(&memory, &round);
+            }
+            memory = next;
+            if memory.missed_rounds > 0 {
+                tracing::debug!(
+                    session = %self.session,
+                    missed = memory.missed_rounds,
+                    "the principal's agent missed a poll round; route kept"
+                );
+            }
+            let epoch = memory.highest;
+            let principal = memory.principal.clone();
             self.publish.send_if_modified(|route| {
                 let changed = route.epoch != epoch || route.principal != principal;
                 if changed {
@@ -159,6 +373,7 @@ impl Discoverer {
                         session = %self.session,
                         epoch = %epoch,
                         principal = ?principal.as_ref().map(|p| &p.address),
+                        ?decision,
                         "route changed"
                     );
                 }
@@ -207,18 +422,18 @@ async fn poll(
     }
 }
 
-/// The first PostgreSQL in `addresses` that accepts writes.
-async fn probe_all(addresses: &[String], probe: &ProbeConfig) -> Option<Principal> {
-    for address in addresses {
-        if probe_read_write(address, probe).await {
-            return Some(Principal {
-                address: address.clone(),
-                server_name: address.clone(),
-                discovery: Discovery::Probe,
-            });
-        }
-    }
-    None
+/// Every PostgreSQL in `addresses` that accepts writes, probed at once.
+async fn probe_all(addresses: &[String], probe: &ProbeConfig) -> Vec<String> {
+    let probes = addresses
+        .iter()
+        .map(|address| probe_read_write(address, probe));
+    let read_write = futures::future::join_all(probes).await;
+    addresses
+        .iter()
+        .zip(read_write)
+        .filter(|(_, read_write)| *read_write)
+        .map(|(address, _)| address.clone())
+        .collect()
 }
 
 /// `SELECT pg_is_in_recovery()` is false: the server is read-write.
@@ -270,65 +485,240 @@ pub async fn send_command(
 mod tests {
     use super::*;
 
-    fn status(name: &str, role: i32, epoch: u64, state: &str) -> MirroringStatus {
-        MirroringStatus {
+    fn answer(name: &str, role: Role, epoch: u64, state: &str) -> Option<AgentAnswer> {
+        Some(AgentAnswer {
             server_name: name.into(),
-            mirroring_role: Some(role),
-            mirroring_role_sequence: Some(epoch),
-            mirroring_state_desc: Some(state.into()),
+            role: Some(role),
+            epoch: Some(Epoch(epoch)),
+            state: Some(state.into()),
             postgres_address: format!("{name}:5432"),
-            ..Default::default()
+        })
+    }
+
+    fn round(answers: Vec<Option<AgentAnswer>>) -> PollRound {
+        PollRound {
+            answers,
+            read_write: None,
+        }
+    }
+
+    fn probed(read_write: &[&str]) -> PollRound {
+        PollRound {
+            answers: vec![None, None],
+            read_write: Some(read_write.iter().map(|a| a.to_string()).collect()),
+        }
+    }
+
+    fn principal(name: &str) -> Principal {
+        Principal {
+            address: format!("{name}:5432"),
+            server_name: name.into(),
+            discovery: Discovery::Agent,
+        }
+    }
+
+    /// The memory after alpha was routed to at `epoch`.
+    fn routed(name: &str, epoch: u64) -> RouteMemory {
+        RouteMemory {
+            highest: Epoch(epoch),
+            epoch_reported: true,
+            principal: Some(principal(name)),
+            missed_rounds: 0,
         }
     }
 
     #[test]
     fn routes_to_the_principal_of_the_highest_epoch() {
-        let answers = [
-            status("a", 1, 3, "SYNCHRONIZED"),
-            status("b", 2, 3, "SYNCHRONIZED"),
+        let answers = vec![
+            answer("a", Role::Principal, 3, "SYNCHRONIZED"),
+            answer("b", Role::Mirror, 3, "SYNCHRONIZED"),
         ];
-        let (epoch, principal) = choose(Epoch(1), &answers);
-        assert_eq!(epoch, Epoch(3));
-        assert_eq!(principal.unwrap().server_name, "a");
+        let start = RouteMemory {
+            highest: Epoch(1),
+            ..Default::default()
+        };
+        let (memory, decision) = choose(&start, &round(answers));
+        assert_eq!(decision, Decision::Route(principal("a")));
+        assert_eq!(memory, routed("a", 3));
     }
 
     #[test]
-    fn a_fenced_principal_is_never_chosen() {
+    fn a_lower_epoch_principal_answer_never_routes() {
         // a still thinks it is principal at 3, b was promoted at 4 (I4).
-        let answers = [
-            status("a", 1, 3, "DISCONNECTED"),
-            status("b", 1, 4, "DISCONNECTED"),
+        let answers = vec![
+            answer("a", Role::Principal, 3, "DISCONNECTED"),
+            answer("b", Role::Principal, 4, "DISCONNECTED"),
         ];
-        assert_eq!(choose(Epoch(3), &answers).1.unwrap().server_name, "b");
-        // Only a answers, but epoch 4 was seen before: hold.
-        let (epoch, principal) = choose(Epoch(4), &answers[..1]);
-        assert_eq!((epoch, principal), (Epoch(4), None));
+        let (memory, decision) = choose(&routed("a", 3), &round(answers.clone()));
+        assert_eq!(decision, Decision::Route(principal("b")));
+        assert_eq!(memory.highest, Epoch(4));
+        // Only a answers, at 3: it is never routed to. b missing one round
+        // is not contradicted by an answer below its epoch, so b is kept
+        // once, then the route holds at 4.
+        let only_a = round(vec![answers[0].clone(), None]);
+        let (memory, decision) = choose(&memory, &only_a);
+        assert_eq!(decision, Decision::Route(principal("b")));
+        let (memory, decision) = choose(&memory, &only_a);
+        assert_eq!(decision, Decision::Hold(Hold::PrincipalSilent));
+        assert_eq!((memory.highest, memory.principal.clone()), (Epoch(4), None));
+        let (memory, decision) = choose(&memory, &only_a);
+        assert_eq!(decision, Decision::Hold(Hold::NoPrincipal));
+        assert_eq!((memory.highest, memory.principal), (Epoch(4), None));
     }
 
     #[test]
     fn pending_failover_holds_new_connections() {
-        let answers = [status("a", 1, 3, "PENDING_FAILOVER")];
-        assert_eq!(choose(Epoch(3), &answers).1, None);
+        let answers = vec![answer("a", Role::Principal, 3, "PENDING_FAILOVER"), None];
+        let (memory, decision) = choose(&routed("a", 3), &round(answers));
+        assert_eq!(decision, Decision::Hold(Hold::PendingFailover));
+        assert_eq!(memory.principal, None);
     }
 
     #[test]
-    fn supersedes_on_epoch_or_address_change() {
+    fn two_principals_at_the_highest_epoch_hold() {
+        let answers = vec![
+            answer("a", Role::Principal, 3, "SYNCHRONIZED"),
+            answer("b", Role::Principal, 3, "SYNCHRONIZED"),
+        ];
+        let (memory, decision) = choose(&routed("a", 3), &round(answers));
+        assert_eq!(decision, Decision::Hold(Hold::TwoPrincipals));
+        assert_eq!(memory.principal, None);
+    }
+
+    #[test]
+    fn one_missed_round_keeps_the_route_two_drop_it() {
+        let mirror_only = round(vec![None, answer("b", Role::Mirror, 3, "DISCONNECTED")]);
+        let (once, decision) = choose(&routed("a", 3), &mirror_only);
+        assert_eq!(decision, Decision::Route(principal("a")));
+        assert_eq!(once.missed_rounds, 1);
+        let (twice, decision) = choose(&once, &mirror_only);
+        assert_eq!(decision, Decision::Hold(Hold::PrincipalSilent));
+        assert_eq!((twice.principal, twice.missed_rounds), (None, 0));
+
+        // No agent answering at all counts the same; an answer resets it.
+        let silent = round(vec![None, None]);
+        let (once, decision) = choose(&routed("a", 3), &silent);
+        assert_eq!(decision, Decision::Route(principal("a")));
+        let back = round(vec![answer("a", Role::Principal, 3, "SYNCHRONIZED"), None]);
+        let (again, _) = choose(&once, &back);
+        assert_eq!(again, routed("a", 3));
+        let (once_more, decision) = choose(&again, &silent);
+        assert_eq!(decision, Decision::Route(principal("a")));
+        let (_, decision) = choose(&once_more, &silent);
+        assert_eq!(decision, Decision::Hold(Hold::PrincipalSilent));
+    }
+
+    #[test]
+    fn a_contradicted_missed_round_changes_the_route_at_once() {
+        // The mirror answers at a higher epoch: a is fenced.
+        let higher = round(vec![None, answer("b", Role::Mirror, 4, "DISCONNECTED")]);
+        let (memory, decision) = choose(&routed("a", 3), &higher);
+        assert_eq!(decision, Decision::Hold(Hold::NoPrincipal));
+        assert_eq!((memory.highest, memory.principal), (Epoch(4), None));
+        // Another principal answers at a higher epoch.
+        let promoted = round(vec![None, answer("b", Role::Principal, 4, "DISCONNECTED")]);
+        assert_eq!(
+            choose(&routed("a", 3), &promoted).1,
+            Decision::Route(principal("b"))
+        );
+        // The principal's own agent says it is no longer principal.
+        let demoted = round(vec![answer("a", Role::Mirror, 3, "SUSPENDED"), None]);
+        assert_eq!(
+            choose(&routed("a", 3), &demoted).1,
+            Decision::Hold(Hold::NoPrincipal)
+        );
+    }
+
+    #[test]
+    fn the_probe_runs_only_before_any_epoch() {
+        let fresh = RouteMemory::default();
+        let silent = round(vec![None, None]);
+        assert!(needs_probe(&fresh, &silent.answers));
+        assert_eq!(choose(&fresh, &silent), (fresh.clone(), Decision::Probe));
+        let (memory, decision) = choose(&fresh, &probed(&["a:5432"]));
+        assert_eq!(
+            decision,
+            Decision::Route(Principal {
+                address: "a:5432".into(),
+                server_name: "a:5432".into(),
+                discovery: Discovery::Probe,
+            })
+        );
+        assert!(!memory.epoch_reported);
+
+        // An agent answers once with an epoch; from then on a silent
+        // round holds, whatever a probe would say.
+        let (memory, _) = choose(
+            &memory,
+            &round(vec![answer("a", Role::Mirror, 1, "DISCONNECTED"), None]),
+        );
+        assert!(memory.epoch_reported);
+        assert!(!needs_probe(&memory, &silent.answers));
+        let (memory, decision) = choose(&memory, &probed(&["a:5432"]));
+        assert_eq!(decision, Decision::Hold(Hold::NoAgentAnswered));
+        assert_eq!((memory.highest, memory.principal), (Epoch(1), None));
+
+        // Answers without an epoch neither probe nor count as reported.
+        let unset = AgentAnswer {
+            server_name: "a".into(),
+            role: None,
+            epoch: None,
+            state: None,
+            postgres_address: "a:5432".into(),
+        };
+        let (memory, decision) = choose(&fresh, &round(vec![Some(unset), None]));
+        assert_eq!(decision, Decision::Hold(Hold::NoPrincipal));
+        assert!(!memory.epoch_reported);
+    }
+
+    #[test]
+    fn two_read_write_servers_hold() {
+        let (memory, decision) = choose(&RouteMemory::default(), &probed(&["a:5432", "b:5432"]));
+        assert_eq!(decision, Decision::Hold(Hold::TwoReadWrite));
+        assert_eq!(memory.principal, None);
+        let (_, decision) = choose(&RouteMemory::default(), &probed(&[]));
+        assert_eq!(decision, Decision::Hold(Hold::NoReadWrite));
+    }
+
+    #[test]
+    fn principals_are_compared_by_server_name() {
         let route = Route {
             epoch: Epoch(4),
-            principal: Some(Principal {
-                address: "b:5432".into(),
-                server_name: "b".into(),
-                discovery: Discovery::Agent,
-            }),
+            principal: Some(principal("b")),
             partners: Vec::new(),
         };
-        assert!(route.supersedes(Epoch(3), "b:5432"));
-        assert!(route.supersedes(Epoch(4), "a:5432"));
-        assert!(!route.supersedes(Epoch(4), "b:5432"));
-        let unknown = Route {
+        let moved = Principal {
+            address: "elsewhere:6432".into(),
+            ..principal("b")
+        };
+        let same_address_other_name = Principal {
+            server_name: "a".into(),
+            ..principal("b")
+        };
+        assert!(!route.supersedes(Epoch(4), &principal("b")));
+        assert!(!route.supersedes(Epoch(4), &moved));
+        assert!(route.supersedes(Epoch(4), &same_address_other_name));
+        assert!(route.supersedes(Epoch(4), &principal("a")));
+        assert!(route.supersedes(Epoch(3), &principal("b")));
+        let held = Route {
             principal: None,
             ..route
         };
-        assert!(!unknown.supersedes(Epoch(4), "a:5432"));
+        assert!(!held.supersedes(Epoch(4), &principal("a")));
+
+        // The same partner reporting a new address is routed to there, and
+        // its connections made at the old address are not superseded.
+        let mut relocated = answer("b", Role::Principal, 4, "SYNCHRONIZED");
+        if let Some(answer) = relocated.as_mut() {
+            answer.postgres_address = "elsewhere:6432".into();
+        }
+        let (memory, decision) = choose(&routed("b", 4), &round(vec![None, relocated]));
+        assert_eq!(decision, Decision::Route(moved.clone()));
+        let route = Route {
+            epoch: memory.highest,
+            principal: memory.principal,
+            partners: Vec::new(),
+        };
+        assert!(!route.supersedes(Epoch(4), &principal("b")));
     }
 }
