@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -130,6 +131,57 @@ impl fmt::Display for Role {
     }
 }
 
+/// The quorum lease (I1), written once for the partner that holds it and
+/// the witness that waits it out. A principal with a witness keeps serving
+/// only while it holds a lease: it starts at the send time of its last
+/// round trip answered by the witness or the mirror and lasts
+/// [`lease_length`] on the principal's own clock. The witness lets another
+/// partner take over only [`takeover_wait`] after both the principal's last
+/// report and the mirror's last answer to the principal, on its own clock.
+///
+/// Why that is enough: a clock runs at a rate within 1 +/- [`CLOCK_DRIFT`].
+/// A lease of `T(1-d) - m` local time lasts at most `T - m/(1-d) < T` real
+/// time from the round trip's send instant, which precedes both the
+/// witness's receipt of the report and the mirror's answer. The fence
+/// kills PostgreSQL within [`STOP_BOUND`] of the lease's end. The witness's
+/// `T(1+d)/(1-d) + STOP_BOUND` of local time is at least `T + STOP_BOUND`
+/// of real time however the two clocks drift, so the old principal has
+/// stopped acknowledging writes before the new one starts.
+pub mod lease {
+    use std::time::Duration;
+
+    /// The largest clock drift allowed between any two nodes' rates.
+    pub const CLOCK_DRIFT: f64 = 0.01;
+    /// Taken off the lease for the quorum check's period (100 ms) and the
+    /// time to notice its end.
+    pub const LEASE_MARGIN: Duration = Duration::from_millis(250);
+    /// How long stopping PostgreSQL (SIGKILL of the postmaster and its
+    /// children, or an immediate shutdown) may take after the lease ended.
+    pub const STOP_BOUND: Duration = Duration::from_millis(1000);
+
+    /// How long a round trip answered at `sent` keeps the principal serving.
+    pub fn lease_length(timeout: Duration) -> Duration {
+        timeout
+            .mul_f64(1.0 - CLOCK_DRIFT)
+            .saturating_sub(LEASE_MARGIN)
+    }
+
+    /// How long the witness (and the mirror) wait after the principal was
+    /// last heard before another partner may serve.
+    pub fn takeover_wait(timeout: Duration) -> Duration {
+        timeout.mul_f64((1.0 + CLOCK_DRIFT) / (1.0 - CLOCK_DRIFT)) + STOP_BOUND
+    }
+}
+
+/// The lease arithmetic as the partner and the witness use it.
+pub use lease::{lease_length, takeover_wait};
+
+/// Whether a lease that started at `from` still holds at `now` (both on the
+/// holder's clock).
+pub fn lease_holds(from: Option<Duration>, now: Duration, timeout: Duration) -> bool {
+    from.is_some_and(|from| now < from + lease_length(timeout))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +192,36 @@ mod tests {
         assert_eq!(MirroringState::Synchronized.code(), 4);
         assert_eq!(MirroringState::PendingFailover.desc(), "PENDING_FAILOVER");
         assert_eq!(Epoch(1).next(), Epoch(2));
+    }
+
+    #[test]
+    fn the_lease_ends_before_the_witness_lets_another_partner_serve() {
+        for secs in [1, 2, 5, 10, 3600] {
+            let timeout = Duration::from_secs(secs);
+            let lease = lease_length(timeout);
+            let wait = takeover_wait(timeout);
+            // Worst case: the holder's clock runs slow (its lease lasts
+            // longer in real time), the witness's runs fast.
+            let lease_real = lease.as_secs_f64() / (1.0 - lease::CLOCK_DRIFT);
+            let wait_real = wait.as_secs_f64() / (1.0 + lease::CLOCK_DRIFT);
+            let stop = lease::STOP_BOUND.as_secs_f64();
+            assert!(
+                lease_real + stop < wait_real,
+                "TIMEOUT {secs}: {lease_real} + {stop} >= {wait_real}"
+            );
+        }
+        assert_eq!(takeover_wait(Duration::from_secs(2)).as_millis(), 3040);
+        assert!(lease_holds(
+            Some(Duration::from_secs(1)),
+            Duration::from_millis(2000),
+            Duration::from_secs(2)
+        ));
+        assert!(!lease_holds(
+            Some(Duration::from_secs(1)),
+            Duration::from_millis(2800),
+            Duration::from_secs(2)
+        ));
+        assert!(!lease_holds(None, Duration::ZERO, Duration::from_secs(2)));
     }
 
     #[test]

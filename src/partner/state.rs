@@ -72,6 +72,26 @@ pub struct SessionState {
     pub wal_relay_port: Option<u16>,
     /// The session's witness; None: no automatic failover, no quorum rule.
     pub witness: Option<crate::config::Endpoint>,
+    /// Principal at `epoch` by promotion, but PostgreSQL's promotion and its
+    /// checkpoint are not known to be done: the new role is not shown to
+    /// anyone yet, and a restart finishes the promotion (I3).
+    #[serde(default)]
+    pub promoting: bool,
+    /// The principal asked its mirror to take over and has not heard the
+    /// answer: it stays stopped and asks again until the peer or the
+    /// witness says who is principal (I1).
+    #[serde(default)]
+    pub handing_over: Option<HandOver>,
+}
+
+/// A takeover this principal asked of its mirror.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandOver {
+    /// The epoch the mirror is to take.
+    pub epoch: Epoch,
+    /// Manual failover: the shutdown checkpoint the mirror must have
+    /// received first. None: PostgreSQL died here (no drain).
+    pub failover_lsn: Option<Lsn>,
 }
 
 impl SessionState {
@@ -95,6 +115,8 @@ impl SessionState {
             ended: false,
             wal_relay_port: None,
             witness: None,
+            promoting: false,
+            handing_over: None,
         }
     }
 }
@@ -107,6 +129,8 @@ impl SessionState {
         self.epoch = epoch;
         self.suspended = suspended;
         self.synchronized = false;
+        self.promoting = false;
+        self.handing_over = None;
         self.state = if suspended {
             MirroringState::Suspended
         } else {

@@ -13,8 +13,11 @@
 
 use crate::config::{MAX_TIMEOUT_SECS, MIN_TIMEOUT_SECS};
 use crate::partner::api::Command;
-use crate::partner::policy::{become_principal, Action, Decision, Memory};
-use crate::partner::state::SessionState;
+use crate::partner::policy::{
+    become_principal, principal::stop_waiting, Action, Decision, Memory, Observation,
+    PostgresObservation,
+};
+use crate::partner::state::{HandOver, SessionState};
 use crate::roles::{Epoch, MirroringState, Role, Safety};
 use crate::wire::lsn::Lsn;
 
@@ -153,11 +156,26 @@ pub enum Plan {
     /// The mirror takes over without its principal (spec 39-40): see
     /// [`forced_service`].
     ForcedService,
+    /// SET WITNESS on the principal: first the current witness (if any) is
+    /// asked to record the mirror as not synchronized, so that it can never
+    /// grant a failover on a stale "synchronized" once the principal reports
+    /// elsewhere (I2, I3); if it does not answer, the change goes on only
+    /// while the peer is connected, which learns it from its next ping.
+    /// Then persist and act.
+    MoveWitness(Decision),
 }
 
-/// What `command` changes on this partner (`running`: a postmaster is up).
-pub fn apply(command: &Command, state: &SessionState, memory: &Memory, running: bool) -> Plan {
+/// What `command` changes on this partner. Commits stop waiting for the
+/// mirror only once the witness (if any) recorded it (I2).
+pub fn apply(
+    command: &Command,
+    state: &SessionState,
+    memory: &Memory,
+    observed: &Observation,
+) -> Plan {
     let mut decision = Decision::new(memory);
+    let running = observed.postgres != PostgresObservation::Stopped;
+    let principal = state.role == Role::Principal && running;
     match command {
         Command::Suspend => {
             decision.change(state, |state| {
@@ -165,7 +183,9 @@ pub fn apply(command: &Command, state: &SessionState, memory: &Memory, running: 
                 state.synchronized = false;
                 state.state = MirroringState::Suspended;
             });
-            drop_sync(running, &mut decision);
+            if principal {
+                stop_waiting(state, observed, &mut decision);
+            }
             decision.actions.push(Action::CloseStreams);
         }
         Command::Resume => decision.change(state, |state| {
@@ -182,13 +202,14 @@ pub fn apply(command: &Command, state: &SessionState, memory: &Memory, running: 
                     state.synchronized = false;
                 }
             });
-            if *safety == Safety::Off {
-                drop_sync(running, &mut decision);
+            if *safety == Safety::Off && principal {
+                stop_waiting(state, observed, &mut decision);
             }
         }
         Command::Timeout(secs) => decision.change(state, |state| state.timeout_secs = *secs),
         Command::Witness(witness) => {
-            decision.change(state, |state| state.witness = witness.clone())
+            decision.change(state, |state| state.witness = witness.clone());
+            return Plan::MoveWitness(decision);
         }
         Command::Off => {
             decision.change(state, |state| {
@@ -196,10 +217,9 @@ pub fn apply(command: &Command, state: &SessionState, memory: &Memory, running: 
                 state.synchronized = false;
             });
             decision.actions.push(Action::CloseStreams);
-            if state.role == Role::Principal && running {
+            if principal {
                 // Without a mirror, waiting for one would block every commit.
-                decision.memory.applied_sync = Some(false);
-                decision.actions.push(Action::RequireSync(false));
+                stop_waiting(state, observed, &mut decision);
             }
         }
         Command::Failover => return Plan::ManualFailover,
@@ -208,23 +228,26 @@ pub fn apply(command: &Command, state: &SessionState, memory: &Memory, running: 
     Plan::Change(decision)
 }
 
-/// Commits stop waiting for the mirror (the state already says it is not
-/// synchronized, I2).
-fn drop_sync(running: bool, decision: &mut Decision) {
-    if running && decision.memory.applied_sync != Some(false) {
-        decision.memory.applied_sync = Some(false);
-        decision.actions.push(Action::RequireSync(false));
-    }
-}
-
 /// The first step of a manual failover on the principal: stop PostgreSQL
 /// fast, which ships every WAL record, the shutdown checkpoint included,
 /// to the synchronous mirror. The agent then reads the checkpoint's LSN and
-/// asks the mirror to take over at the next epoch.
+/// goes on with [`failover_hand_over`].
 pub fn failover_begins(memory: &Memory) -> Decision {
     let mut decision = Decision::new(memory);
     decision.memory.expect_running = false;
     decision.act(Action::Stop(crate::partner::engine::StopMode::Fast))
+}
+
+/// The second step: record the request durably, then ask the mirror to
+/// take over once it has received WAL up to `failover_lsn`.
+pub fn failover_hand_over(state: &SessionState, memory: &Memory, failover_lsn: Lsn) -> Decision {
+    let mut decision = Decision::new(memory);
+    let hand_over = HandOver {
+        epoch: state.epoch.next(),
+        failover_lsn: Some(failover_lsn),
+    };
+    decision.change(state, |state| state.handing_over = Some(hand_over));
+    decision.act(Action::HandOver(hand_over))
 }
 
 /// How the mirror answered a takeover request.
@@ -238,42 +261,53 @@ pub enum TakeOverAnswer {
     Lost(String),
 }
 
-/// The principal's last step of a manual failover (or of a handover after
-/// a crash, `failover_lsn` None): step down when the mirror took over,
-/// else serve again.
+/// The principal's last step of a handover (manual failover, or after its
+/// PostgreSQL died): step down when the mirror took over; serve again when
+/// it refused; with no answer stay stopped and ask again at the next tick,
+/// since the mirror may have promoted (I1).
 pub fn failover_answered(
     state: &SessionState,
     memory: &Memory,
-    epoch: Epoch,
-    failover_lsn: Option<Lsn>,
+    hand_over: HandOver,
     answer: &TakeOverAnswer,
 ) -> Decision {
     let mut decision = Decision::new(memory);
+    if state.handing_over != Some(hand_over) {
+        // Settled meanwhile (a later epoch demoted this partner).
+        return decision;
+    }
     match answer {
         TakeOverAnswer::Done => {
-            decision.change(state, |state| state.step_down(epoch, false, failover_lsn));
+            decision.change(state, |state| {
+                state.step_down(hand_over.epoch, false, hand_over.failover_lsn)
+            });
             decision.memory.applied_sync = None;
+            decision.memory.sync_target = None;
             decision.memory.expect_running = false;
             decision.actions.push(Action::CloseStreams);
         }
-        TakeOverAnswer::Refused(reason) | TakeOverAnswer::Lost(reason) => {
+        TakeOverAnswer::Refused(reason) => {
             decision.refusal = Some(format!(
                 "failover aborted, this partner stays the principal: {reason}"
             ));
-            if failover_lsn.is_some() {
-                let synchronous =
-                    state.safety == Safety::Full && state.synchronized && !state.suspended;
-                decision.memory.expect_running = true;
-                decision.memory.applied_sync = Some(synchronous && state.peer_name.is_some());
-                decision.actions.push(Action::StartPrincipal { synchronous });
-            }
+            decision.change(state, |state| state.handing_over = None);
+        }
+        TakeOverAnswer::Lost(reason) => {
+            decision.refusal = Some(format!(
+                "the mirror did not answer the takeover request ({reason}); PostgreSQL stays \
+                 stopped here until the mirror or the witness says which partner is principal"
+            ));
         }
     }
     decision
 }
 
-/// Whether this mirror may take over at `epoch` when its principal asks.
-pub fn take_over_check(state: &SessionState, epoch: Epoch) -> Result<(), String> {
+/// Whether this mirror may take over at `epoch` when its principal asks:
+/// Ok(true) when it already did (a repeated request whose answer was lost).
+pub fn take_over_check(state: &SessionState, epoch: Epoch) -> Result<bool, String> {
+    if state.role == Role::Principal && state.epoch == epoch && !state.ended {
+        return Ok(true);
+    }
     if state.role != Role::Mirror || state.ended || !state.has_copy || state.needs_rewind {
         return Err("this partner is not a mirror holding a copy".into());
     }
@@ -283,7 +317,7 @@ pub fn take_over_check(state: &SessionState, epoch: Epoch) -> Result<(), String>
             state.epoch
         ));
     }
-    Ok(())
+    Ok(false)
 }
 
 /// How the witness answered a promotion request.

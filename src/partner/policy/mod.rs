@@ -17,13 +17,15 @@
 //! failover).
 
 pub mod commands;
+mod mirror;
+pub(crate) mod principal;
 
 use std::time::Duration;
 
 use crate::partner::api::{PeerView, PromotionKind, RoleRow};
 use crate::partner::engine::StopMode;
-use crate::partner::state::SessionState;
-use crate::roles::{Epoch, MirroringState, Role, Safety};
+use crate::partner::state::{HandOver, SessionState};
+use crate::roles::{lease_holds, takeover_wait, Epoch, Role, Safety};
 use crate::wire::lsn::Lsn;
 
 /// What the partner observed just before deciding.
@@ -38,6 +40,11 @@ pub struct Observation {
     pub peer: PeerObservation,
     pub witness: WitnessObservation,
     pub postgres: PostgresObservation,
+    /// Principal with a witness: the send time of its last round trip
+    /// answered by the witness or the mirror, where its lease starts (I1).
+    pub lease_from: Option<Duration>,
+    /// Mirror: when it last answered a ping of the principal.
+    pub answered_principal_at: Option<Duration>,
 }
 
 /// The peer as the ping loop last saw it.
@@ -101,6 +108,15 @@ pub struct Memory {
     pub applied_sync: Option<bool>,
     /// Since when the mirror has not been SYNCHRONIZED (principal only).
     pub unsynchronized_since: Option<Duration>,
+    /// Principal under FULL: the flush position the mirror must reach to be
+    /// synchronized, read once its walsender was seen as 'sync' (I2:
+    /// synchronized means flushed, with the requirement in force).
+    pub sync_target: Option<Lsn>,
+    /// Mirror: it stopped answering the principal's pings so that the
+    /// principal's lease runs out before it asks for the principal role (I1).
+    pub refusing_principal: bool,
+    /// The checkpoint after promotion was taken at this epoch (I3).
+    pub checkpointed: Option<Epoch>,
 }
 
 impl Memory {
@@ -115,18 +131,23 @@ impl Memory {
 /// One step the agent carries out, in the order given.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Ask the peer to take over at `epoch` because PostgreSQL died here; on
-    /// success the agent steps down ([`SessionState::step_down`]).
-    HandOver { epoch: Epoch },
+    /// Ask the peer to take over (the durable state holds the request in
+    /// `handing_over`); the agent then decides on the answer with
+    /// [`commands::failover_answered`].
+    HandOver(HandOver),
     /// Start PostgreSQL read-write (initdb on a first start).
     StartPrincipal { synchronous: bool },
     /// Start PostgreSQL as a standby fed by the shipper.
     StartMirror,
     /// Stop PostgreSQL.
     Stop(StopMode),
-    /// End recovery: `pg_promote()` and a checkpoint. The durable state
-    /// already names this partner principal.
+    /// End recovery (`pg_promote()`, waiting until it is done). The durable
+    /// state already names this partner principal, still `promoting`.
     Promote,
+    /// CHECKPOINT: the new timeline reaches the control file, so pg_rewind
+    /// on the old principal sees the divergence. On success the agent sets
+    /// [`Memory::checkpointed`] to `epoch`.
+    Checkpoint { epoch: Epoch },
     /// pg_rewind to the principal (the agent records `needs_rewind = false`
     /// or moves an unrewindable copy aside).
     Rewind,
@@ -134,12 +155,16 @@ pub enum Action {
     TakeCopy,
     /// Make commits wait for the mirror (true) or not.
     RequireSync(bool),
-    /// Ask the witness to record whether commits wait for the mirror.
+    /// Ask the witness to record whether commits wait for the mirror. If it
+    /// does not, the rest of the action list is dropped (I2: whatever
+    /// follows may rely on it).
     RecordAtWitness { synchronized: bool },
-    /// Ask the witness to make this mirror principal at the next epoch.
+    /// Ask the witness to make this mirror principal at the next epoch;
+    /// `principal_answered_ago`: since this mirror last answered the
+    /// principal, on its own clock (None: not since its start).
     AskPromotion {
         kind: PromotionKind,
-        failover_lsn: Option<Lsn>,
+        principal_answered_ago: Option<Duration>,
     },
     /// Close every relayed stream.
     CloseStreams,
@@ -200,25 +225,32 @@ impl SessionState {
     }
 }
 
-/// Spec 19-20: with a witness, at least two of the three must be connected.
+/// Whether a principal may serve: without a witness always (spec 17, 55:
+/// a principal that lost its mirror runs exposed after TIMEOUT); with one
+/// only while its lease holds (I1, [`crate::roles::lease`]).
 pub fn has_quorum(state: &SessionState, observed: &Observation) -> bool {
-    state.witness.is_none() || observed.peer.connected || observed.witness.connected
+    state.witness.is_none() || lease_holds(observed.lease_from, observed.now, state.timeout())
+}
+
+/// Whether the witness's row says, at this principal's epoch, that commits
+/// need not wait for the mirror. Only then, or without a witness, may they
+/// stop waiting (I2).
+pub fn witness_allows_exposure(state: &SessionState, observed: &Observation) -> bool {
+    state.witness.is_none()
+        || observed.witness.row.as_ref().is_some_and(|row| {
+            row.epoch == state.epoch && row.principal == observed.name && !row.synchronized
+        })
 }
 
 /// The fast check, run ten times a second outside the operations lock: a
-/// principal that lost quorum stops PostgreSQL at once (I1).
+/// principal whose lease ended stops PostgreSQL at once (I1).
 pub fn quorum_check(state: &SessionState, memory: &Memory, observed: &Observation) -> Decision {
     let mut decision = Decision::new(memory);
     let running = observed.postgres != PostgresObservation::Stopped;
-    if state.witness.is_some()
-        && !state.ended
-        && state.role == Role::Principal
-        && running
-        && !has_quorum(state, observed)
-    {
+    if !state.ended && state.role == Role::Principal && running && !has_quorum(state, observed) {
         decision.memory.expect_running = false;
         decision.note = Some(
-            "No Quorum: the principal hears neither the witness nor the mirror; stopping PostgreSQL",
+            "No Quorum: the principal's lease ended (neither the witness nor the mirror answered); stopping PostgreSQL",
         );
         return decision.act(Action::Stop(StopMode::Immediate));
     }
@@ -226,22 +258,45 @@ pub fn quorum_check(state: &SessionState, memory: &Memory, observed: &Observatio
 }
 
 /// A synchronized mirror under FULL that lost its principal but still hears
-/// the witness asks it for the principal role (spec 31-32, I3).
-pub fn wants_automatic_failover(state: &SessionState, observed: &Observation) -> bool {
+/// the witness (spec 31-32, I3) first stops answering the principal, so
+/// that its lease cannot be renewed through this mirror, and asks the
+/// witness for the principal role once a whole takeover wait has passed
+/// since it last answered (I1).
+pub fn automatic_failover(
+    state: &SessionState,
+    memory: &Memory,
+    observed: &Observation,
+) -> Decision {
+    let mut decision = Decision::new(memory);
     let row_allows = observed.witness.row.as_ref().is_some_and(|row| {
         row.synchronized
             && !row.suspended
             && row.safety == Safety::Full
+            && row.epoch == state.epoch
             && row.principal != observed.name
     });
-    state.witness.is_some()
+    let wants = state.witness.is_some()
         && !state.ended
         && state.role == Role::Mirror
         && state.has_copy
         && !state.needs_rewind
         && observed.witness.connected
         && !observed.peer.connected
-        && row_allows
+        && row_allows;
+    decision.memory.refusing_principal = wants;
+    if !wants {
+        return decision;
+    }
+    let answered_ago = observed
+        .answered_principal_at
+        .map(|at| observed.now.saturating_sub(at));
+    if answered_ago.is_some_and(|ago| ago < takeover_wait(state.timeout())) {
+        return decision;
+    }
+    decision.act(Action::AskPromotion {
+        kind: PromotionKind::Automatic,
+        principal_answered_ago: answered_ago,
+    })
 }
 
 /// The periodic decision: keep PostgreSQL in the role the durable state
@@ -264,10 +319,9 @@ pub fn tick(state: &SessionState, memory: &Memory, observed: &Observation) -> De
                 state.synchronized = false;
             });
             decision.note = Some("the peer ended mirroring (SET PARTNER OFF); ending it here too");
-            let was_principal = state.role == Role::Principal;
-            decision = decision.act(Action::CloseStreams);
-            if was_principal && observed.postgres != PostgresObservation::Stopped {
-                decision = decision.act(Action::RequireSync(false));
+            decision.actions.push(Action::CloseStreams);
+            if state.role == Role::Principal && observed.postgres != PostgresObservation::Stopped {
+                principal::stop_waiting(state, observed, &mut decision);
             }
             return decision;
         }
@@ -278,8 +332,8 @@ pub fn tick(state: &SessionState, memory: &Memory, observed: &Observation) -> De
         return decision;
     }
     match current.role {
-        Role::Principal => principal_tick(&current, observed, peer, decision),
-        Role::Mirror => mirror_tick(&current, observed, peer, decision),
+        Role::Principal => principal::tick(&current, observed, peer, decision),
+        Role::Mirror => mirror::tick(&current, observed, peer, decision),
     }
 }
 
@@ -318,8 +372,9 @@ fn follow_witness(state: &SessionState, observed: &Observation, decision: &mut D
     }
 }
 
-/// Records this partner as principal at `epoch` (durable first), then
-/// promotes PostgreSQL (starting it as a standby first if it is down).
+/// Records this partner as principal at `epoch`, still `promoting` (durable
+/// first), then promotes PostgreSQL; the promotion is shown to others only
+/// once its checkpoint is done ([`principal::finish_promotion`], I3).
 pub fn become_principal(
     state: &SessionState,
     epoch: Epoch,
@@ -329,11 +384,14 @@ pub fn become_principal(
 ) {
     decision.change(state, |state| {
         state.assume_role(Role::Principal, epoch, suspended);
+        state.promoting = true;
         state.failover_lsn = failover_lsn;
     });
     decision.memory.applied_sync = None;
+    decision.memory.sync_target = None;
+    decision.memory.refusing_principal = false;
     decision.actions.push(Action::Promote);
-    decision.actions.push(Action::RequireSync(false));
+    decision.actions.push(Action::Checkpoint { epoch });
 }
 
 /// A principal that meets a principal of a later epoch becomes its mirror
@@ -347,6 +405,7 @@ fn demote(
 ) {
     decision.change(state, |state| state.step_down(epoch, suspended, None));
     decision.memory.applied_sync = None;
+    decision.memory.sync_target = None;
     decision.memory.expect_running = false;
     decision.note = Some("another partner is principal at a later role_sequence: stepping down");
     decision.actions.push(Action::CloseStreams);
@@ -374,203 +433,6 @@ fn learn_from_peer(state: &SessionState, view: &PeerView, decision: &mut Decisio
     });
 }
 
-fn principal_tick(
-    state: &SessionState,
-    observed: &Observation,
-    peer: Option<&PeerView>,
-    mut decision: Decision,
-) -> Decision {
-    if let Some(view) = peer.filter(|view| view.role == Role::Principal && view.epoch > state.epoch)
-    {
-        // I1: the peer became principal at a later epoch.
-        demote(state, view.epoch, view.suspended, observed, &mut decision);
-        return decision;
-    }
-    let (_flushed, standby) = match &observed.postgres {
-        PostgresObservation::Principal { flushed, standby } => (*flushed, standby.as_ref()),
-        PostgresObservation::Stopped => return start_principal(state, observed, peer, decision),
-        // Starting, stopping, or in recovery still (a promotion in progress).
-        PostgresObservation::Unreadable | PostgresObservation::Mirror { .. } => return decision,
-    };
-    let observed_state = if state.suspended {
-        MirroringState::Suspended
-    } else {
-        match (standby, state.safety) {
-            (None, _) => MirroringState::Disconnected,
-            (Some(standby), Safety::Full) if standby.streaming => MirroringState::Synchronized,
-            (Some(standby), Safety::Off) if standby.streaming => MirroringState::Unsynchronized,
-            (Some(_), _) => MirroringState::Synchronizing,
-        }
-    };
-    let caught_up = observed_state == MirroringState::Synchronized;
-    if caught_up {
-        decision.memory.unsynchronized_since = None;
-    } else if decision.memory.unsynchronized_since.is_none() {
-        decision.memory.unsynchronized_since = Some(observed.now);
-    }
-    let lapsed = decision
-        .memory
-        .unsynchronized_since
-        .is_some_and(|since| observed.now.saturating_sub(since) >= state.timeout());
-    // Under FULL a lost mirror holds commits for TIMEOUT, then the
-    // principal runs exposed (spec 17, 21).
-    let mut synchronized = match state.safety {
-        Safety::Full => caught_up || (state.synchronized && !state.suspended && !lapsed),
-        Safety::Off => false,
-    };
-    let witness_row = observed
-        .witness
-        .row
-        .as_ref()
-        .filter(|row| row.epoch == state.epoch && row.principal == observed.name);
-    if state.witness.is_some() && state.synchronized && !synchronized {
-        // I2: with a witness, run exposed only once it has recorded the
-        // mirror as not synchronized; until then commits wait.
-        if witness_row.is_none_or(|row| row.synchronized) {
-            decision.actions.push(Action::RecordAtWitness {
-                synchronized: false,
-            });
-            synchronized = true;
-        }
-    }
-    if state.synchronized && !synchronized {
-        decision.note = Some("principal running exposed: the mirror is not synchronized");
-    }
-    decision.change(state, |state| {
-        state.state = observed_state;
-        state.synchronized = synchronized;
-    });
-    if synchronized {
-        // Commits wait for the mirror before the state says so.
-        require_sync(state, true, &mut decision);
-        if state.witness.is_some()
-            && caught_up
-            && witness_row.is_some_and(|row| !row.synchronized)
-        {
-            decision.actions.push(Action::RecordAtWitness { synchronized: true });
-        }
-    } else {
-        // I2: the mirror is recorded as not synchronized before commits
-        // stop waiting for it.
-        require_sync(state, false, &mut decision);
-    }
-    decision
-}
-
-/// Queues a change of the synchronous requirement when it differs from the
-/// one applied (none can be required before the peer's name is known).
-fn require_sync(state: &SessionState, synchronous: bool, decision: &mut Decision) {
-    let synchronous = synchronous && state.peer_name.is_some();
-    if decision.memory.applied_sync != Some(synchronous) {
-        decision.memory.applied_sync = Some(synchronous);
-        decision.actions.push(Action::RequireSync(synchronous));
-    }
-}
-
-/// PostgreSQL is down under this principal: a crash hands over to a
-/// synchronized mirror; otherwise it restarts when quorum allows.
-fn start_principal(
-    state: &SessionState,
-    observed: &Observation,
-    peer: Option<&PeerView>,
-    mut decision: Decision,
-) -> Decision {
-    let crashed = decision.memory.expect_running;
-    decision.memory.expect_running = false;
-    if crashed
-        && state.witness.is_some()
-        && state.safety == Safety::Full
-        && state.synchronized
-        && observed.peer.connected
-    {
-        decision.note =
-            Some("PostgreSQL died under this principal; handing over to the synchronized mirror");
-        return decision.act(Action::HandOver {
-            epoch: state.epoch.next(),
-        });
-    }
-    if state.witness.is_some() {
-        // I1: with a witness, serve only with quorum (spec 20).
-        if !has_quorum(state, observed) {
-            decision.change(state, |state| state.state = MirroringState::Disconnected);
-            return decision;
-        }
-    } else if peer.is_none() && observed.now.saturating_sub(decision.memory.started_at) < state.timeout()
-    {
-        // A restarted principal first asks its peer who is principal now
-        // (spec 26); only a peer silent for TIMEOUT lets it serve alone.
-        return decision;
-    }
-    decision.memory.expect_running = true;
-    let synchronous = state.safety == Safety::Full && state.synchronized && !state.suspended;
-    decision.memory.applied_sync = Some(synchronous && state.peer_name.is_some());
-    decision.act(Action::StartPrincipal { synchronous })
-}
-
-fn mirror_tick(
-    state: &SessionState,
-    observed: &Observation,
-    peer: Option<&PeerView>,
-    mut decision: Decision,
-) -> Decision {
-    let principal = peer.filter(|view| view.role == Role::Principal);
-    if let Some(view) = principal {
-        if view.pg_major != observed.pg_major {
-            decision.refusal = Some(format!(
-                "the principal runs PostgreSQL {} and this partner {}: both partners need the same major version",
-                view.pg_major, observed.pg_major
-            ));
-            return decision;
-        }
-        if let (Some(theirs), Some(ours)) = (view.system_identifier, state.system_identifier) {
-            if theirs != ours {
-                decision.refusal = Some(system_identifier_mismatch(theirs, ours));
-                return decision;
-            }
-        }
-    }
-    if !state.has_copy {
-        if principal.is_some_and(|view| !view.suspended && view.system_identifier.is_some()) {
-            decision.actions.push(Action::TakeCopy);
-        }
-        return decision;
-    }
-    if state.needs_rewind {
-        let followable = principal.filter(|view| !view.suspended && view.epoch == state.epoch);
-        if followable.is_some() {
-            return decision.act(Action::Rewind);
-        }
-        // A former principal does not bring its copy online until it is
-        // rewound to the new principal (spec 26, 41).
-        if observed.postgres != PostgresObservation::Stopped {
-            decision.actions.push(Action::Stop(StopMode::Fast));
-        }
-        let shown = match principal {
-            Some(view) if view.suspended => MirroringState::Suspended,
-            Some(view) => view.state,
-            None => MirroringState::Disconnected,
-        };
-        decision.change(state, |state| {
-            state.state = shown;
-            state.synchronized = false;
-        });
-        return decision;
-    }
-    if observed.postgres == PostgresObservation::Stopped {
-        return decision.act(Action::StartMirror);
-    }
-    let shown = match principal {
-        None => MirroringState::Disconnected,
-        Some(view) if view.state == MirroringState::PendingFailover => MirroringState::Synchronized,
-        Some(view) => view.state,
-    };
-    decision.change(state, |state| {
-        state.state = shown;
-        state.synchronized = shown == MirroringState::Synchronized;
-    });
-    decision
-}
-
 /// The refusal shown when the peer holds another database.
 pub fn system_identifier_mismatch(theirs: u64, ours: u64) -> String {
     format!(
@@ -579,3 +441,6 @@ pub fn system_identifier_mismatch(theirs: u64, ours: u64) -> String {
          agent takes a new base backup"
     )
 }
+
+#[cfg(test)]
+mod tests;
