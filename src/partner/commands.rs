@@ -8,7 +8,7 @@
 //! mirror is forwarded to the principal, which owns the stream).
 
 use crate::config::{MAX_TIMEOUT_SECS, MIN_TIMEOUT_SECS};
-use crate::partner::api::Command;
+use crate::control::Command;
 use crate::partner::state::SessionState;
 use crate::roles::{MirroringState, Role, Safety};
 

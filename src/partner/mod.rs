@@ -5,12 +5,10 @@
 //! periodic work that keeps PostgreSQL in its role, `operations` the role
 //! changes (failover, forced service, rewind), `quorum` the witness link
 //! and the quorum rules, `commands` the IO-free checks
-//! of what may be done now, `api` the typed control API, `state` the durable
-//! session state, `engine` the PostgreSQL binaries and `telemetry` the
+//! of what may be done now, `state` the durable session state, `engine` the PostgreSQL binaries and `telemetry` the
 //! measures and warning thresholds behind the metrics.
 
 pub mod agent;
-pub mod api;
 pub mod commands;
 pub mod engine;
 pub mod operations;
