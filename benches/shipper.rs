@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{Pair, PairOptions};
 use common::PgInstance;
-use pgmirror::partner::api::{Command, Response};
+use pgmirror::control::Command;
 use pgmirror::partner::engine::Instance;
 use pgmirror::wire::lsn::Lsn;
 
@@ -157,7 +157,7 @@ async fn main() {
         pair.wait_state("SYNCHRONIZED").await;
         let started = Instant::now();
         let response = pair.command(from, Command::Failover).await;
-        assert!(matches!(response, Response::Done(_)), "{response:?}");
+        assert!(response.is_ok(), "{response:?}");
         let client = to.sql().await;
         client
             .batch_execute(

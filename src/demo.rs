@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::{self, Endpoint, PartnerConfig, ProxyConfig, WitnessConfig};
-use crate::partner::api::ControlClient;
+use crate::control::ControlClient;
 use crate::partner::engine::{PgBinaries, RunAs};
 use crate::roles::Safety;
 use crate::tls::{generate_pki, tls_config_for, tls_section, EndpointTls};

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod logging;
 pub mod metrics;
@@ -14,6 +15,7 @@ pub mod partner;
 pub mod proxy;
 pub mod roles;
 pub mod shipper;
+pub mod sync;
 pub mod tls;
 pub mod wire;
 pub mod witness;

@@ -19,7 +19,7 @@ use std::time::Duration;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Label, Unit};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
 
-use crate::partner::api::{MirroringStatus, PromotionKind};
+use crate::control::{MirroringStatus, PromotionKind, RoleRow};
 
 /// Label: the mirroring session (the proxy and the witness use it too).
 pub const SESSION: &str = "session";
@@ -338,7 +338,7 @@ pub fn record_partner(status: &MirroringStatus, derived: &Derived) {
 }
 
 /// Sets the witness's gauges for one row of its role table.
-pub fn record_witness_row(row: &crate::partner::api::RoleRow) {
+pub fn record_witness_row(row: &RoleRow) {
     let session = [Label::new(SESSION, row.session.clone())];
     gauge!(WITNESS_EPOCH, session.to_vec()).set(row.epoch.0 as f64);
     gauge!(WITNESS_SYNCHRONIZED, session.to_vec()).set(f64::from(u8::from(row.synchronized)));

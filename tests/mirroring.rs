@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::{Pair, PairOptions, Partner, SLOW};
-use pgmirror::partner::api::{Command, Response};
+use pgmirror::control::{Command, ControlError};
 use pgmirror::roles::Safety;
 
 async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
@@ -80,16 +80,16 @@ async fn setup_synchronizes_and_ships_rows() {
     assert!(principal_status.link_bytes_compressed > 0);
 }
 
-fn done(response: Response) -> String {
-    match response {
-        Response::Done(message) => message,
+fn done(answer: Result<String, ControlError>) -> String {
+    match answer {
+        Ok(message) => message,
         other => panic!("command not carried out: {other:?}"),
     }
 }
 
-fn refused(response: Response) -> String {
-    match response {
-        Response::Refused(reason) => reason,
+fn refused(answer: Result<String, ControlError>) -> String {
+    match answer {
+        Err(ControlError::Refused(reason)) => reason,
         other => panic!("command not refused: {other:?}"),
     }
 }

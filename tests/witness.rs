@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::bank::{self, Workload};
 use common::cluster::{Pair, PairOptions, Partner, WitnessChoice, SLOW};
 use nix::sys::signal::Signal;
-use pgmirror::partner::api::{Command, Response};
+use pgmirror::control::{Command, ControlError};
 
 const TIMEOUT: u64 = 3;
 
@@ -288,7 +288,7 @@ async fn without_the_witness_nothing_fails_over_and_a_lone_mirror_waits() {
         .command(&pair.b, Command::ForceServiceAllowDataLoss)
         .await
     {
-        Response::Refused(reason) => reason,
+        Err(ControlError::Refused(reason)) => reason,
         other => panic!("{other:?}"),
     };
     assert!(reason.contains("still connected"), "{reason}");

@@ -6,7 +6,7 @@
 
 use std::time::SystemTime;
 
-use crate::partner::api::MirroringStatus;
+use crate::control::MirroringStatus;
 use crate::proxy::clients::ClientEntry;
 use crate::proxy::routing::{Discovery, Route};
 

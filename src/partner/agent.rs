@@ -18,14 +18,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::PartnerConfig;
-use crate::partner::api::{
-    self, ControlClient, Hello, MirroringStatus, PeerView, Request, Response, StreamPurpose,
+use crate::control::client::open;
+use crate::control::{
+    read_hello, ControlClient, ControlError, ControlStream, Hello, MirroringStatus, PeerView,
+    Request, RoleRow, StreamPurpose,
 };
 use crate::partner::engine::{Instance, PgBinaries, RunAs, StopMode};
 use crate::partner::state::{SessionState, StateError, StateStore};
 use crate::roles::{MirroringState, Role, Safety};
 use crate::shipper::positions::Positions;
 use crate::shipper::relay::{relay, LinkCounters, LocalEnd, RelayEnd};
+use crate::sync::lock;
 use crate::tls::EndpointTls;
 use crate::wire::lsn::Lsn;
 
@@ -44,7 +47,7 @@ pub struct PeerStatus {
 #[derive(Debug, Clone, Default)]
 pub struct WitnessStatus {
     /// The session's row in the witness's role table.
-    pub row: Option<crate::partner::api::RoleRow>,
+    pub row: Option<RoleRow>,
     pub last_heard: Option<Instant>,
     pub connected: bool,
 }
@@ -305,14 +308,6 @@ impl Agent {
     }
 }
 
-/// Locks a std mutex, recovering the data if a panicking holder poisoned it:
-/// every value guarded here stays consistent between statements.
-pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// Runs the agent until `shutdown` is cancelled, then stops PostgreSQL.
 pub async fn run(config: PartnerConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let tls = EndpointTls::from_config(&config.tls)?;
@@ -475,22 +470,24 @@ async fn serve_endpoint(agent: Arc<Agent>, listener: TcpListener) {
 async fn handle_endpoint_connection(
     agent: &Arc<Agent>,
     tcp: TcpStream,
-) -> Result<(), api::ApiError> {
+) -> Result<(), ControlError> {
     tcp.set_nodelay(true)?;
     let handshake = async {
         let mut stream = agent.tls.accept(tcp).await?;
-        let hello: Option<Hello> = api::read_frame(&mut stream).await?;
-        Ok::<_, api::ApiError>((stream, hello))
+        // Exact reads: after a Hello::Stream the raw stream goes to the relay.
+        let hello = read_hello(&mut stream).await?;
+        Ok::<_, ControlError>((stream, hello))
     };
-    let (mut stream, hello) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+    let (stream, hello) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
-        .map_err(|_| api::ApiError::Timeout(HANDSHAKE_TIMEOUT))??;
+        .map_err(|_| ControlError::Timeout(HANDSHAKE_TIMEOUT))??;
     match hello {
         None => Ok(()),
         Some(Hello::Control) => {
-            while let Some(request) = api::read_frame::<_, Request>(&mut stream).await? {
+            let mut control = ControlStream::new(stream);
+            while let Some(request) = control.recv::<Request>().await? {
                 let response = crate::partner::operations::handle(agent, request).await;
-                api::write_frame(&mut stream, &response).await?;
+                control.send(&response).await?;
             }
             Ok(())
         }
@@ -555,7 +552,7 @@ async fn serve_local_relay(agent: Arc<Agent>, listener: TcpListener, purpose: St
                 session: agent.config.session.clone(),
                 purpose,
             };
-            match api::open(&agent.config.peer, &agent.tls, &hello, agent.timeout()).await {
+            match open(&agent.config.peer, &agent.tls, &hello, agent.timeout()).await {
                 Ok(link) => carry(&agent, local, link, LocalEnd::Client, None).await,
                 Err(err) => debug!("cannot reach the peer for a {purpose:?} stream: {err}"),
             }
@@ -612,12 +609,9 @@ async fn ping_peer(agent: Arc<Agent>) {
         };
         loop {
             let timeout = agent.timeout();
-            match client
-                .call_within(&Request::Ping(agent.view()), timeout)
-                .await
-            {
-                Ok(Response::Pong(view)) => peer_heard(&agent, view),
-                Ok(Response::Refused(reason)) => {
+            match client.ping_within(agent.view(), timeout).await {
+                Ok(view) => peer_heard(&agent, view),
+                Err(ControlError::Refused(reason)) => {
                     agent.set_error(Some(format!(
                         "peer {} refused this partner: {reason}",
                         agent.config.peer
@@ -625,8 +619,8 @@ async fn ping_peer(agent: Arc<Agent>) {
                     peer_lost(&agent, &reason);
                     break;
                 }
-                Ok(other) => {
-                    peer_lost(&agent, &format!("unexpected answer {other:?}"));
+                Err(ControlError::Unexpected { answer, .. }) => {
+                    peer_lost(&agent, &format!("unexpected answer {answer}"));
                     break;
                 }
                 Err(err) => {

@@ -5,12 +5,11 @@
 //! periodic work that keeps PostgreSQL in its role, `operations` the role
 //! changes (failover, forced service, rewind), `quorum` the witness link
 //! and the quorum rules, `policy` the IO-free role decisions
-//! (what to do next, what a command may do now), `api` the typed control API, `state` the durable
+//! (what to do next, what a command may do now), `state` the durable
 //! session state, `engine` the PostgreSQL binaries and `telemetry` the
 //! measures and warning thresholds behind the metrics.
 
 pub mod agent;
-pub mod api;
 pub mod engine;
 pub mod operations;
 pub mod policy;

@@ -12,15 +12,16 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::partner::agent::{lock, peer_heard, Agent};
-use crate::partner::api::{
-    ApiError, Command, ControlClient, PeerView, PromotionKind, Request, Response, WitnessRequest,
+use crate::control::{
+    Command, ControlClient, ControlError, PeerView, PromotionKind, Request, Response,
 };
+use crate::partner::agent::{peer_heard, Agent};
 use crate::partner::engine::{EngineError, Instance, StopMode};
 use crate::partner::policy::commands::{check, Facts, Route};
 use crate::partner::quorum::ask_witness;
 use crate::partner::state::StateError;
 use crate::roles::{Epoch, MirroringState, Role, Safety};
+use crate::sync::lock;
 use crate::wire::lsn::Lsn;
 
 /// How long the mirror waits for the principal's last WAL in a manual failover.
@@ -35,7 +36,7 @@ pub enum OpError {
     #[error("local PostgreSQL: {0}")]
     Sql(#[from] tokio_postgres::Error),
     #[error(transparent)]
-    Api(#[from] ApiError),
+    Api(#[from] ControlError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("{0}")]
@@ -171,7 +172,12 @@ async fn run_command(agent: &Arc<Agent>, command: Command) -> Response {
 
 async fn forward(agent: &Agent, command: &Command) -> Result<Response, OpError> {
     let mut client = ControlClient::connect(&agent.config.peer, &agent.tls).await?;
-    Ok(client.command(command.clone()).await?)
+    match client.command(command.clone()).await {
+        Ok(message) => Ok(Response::Done(message)),
+        Err(ControlError::Refused(reason)) => Ok(Response::Refused(reason)),
+        Err(ControlError::Failed(reason)) => Ok(Response::Failed(reason)),
+        Err(err) => Err(err.into()),
+    }
 }
 
 async fn execute(agent: &Arc<Agent>, command: &Command) -> Result<String, OpError> {
@@ -272,16 +278,17 @@ async fn manual_failover(agent: &Arc<Agent>) -> Result<String, OpError> {
             .checkpoint;
         let mut client = ControlClient::connect(&agent.config.peer, &agent.tls).await?;
         match client
-            .call(&Request::TakeOver {
-                epoch,
-                failover_lsn,
-                kind: PromotionKind::Manual,
-            })
-            .await?
+            .take_over(epoch, failover_lsn, PromotionKind::Manual)
+            .await
         {
-            Response::Done(_) => Ok(failover_lsn),
-            Response::Refused(reason) | Response::Failed(reason) => Err(OpError::Refused(reason)),
-            other => Err(OpError::Refused(format!("unexpected answer {other:?}"))),
+            Ok(_) => Ok(failover_lsn),
+            Err(ControlError::Refused(reason) | ControlError::Failed(reason)) => {
+                Err(OpError::Refused(reason))
+            }
+            Err(ControlError::Unexpected { answer, .. }) => {
+                Err(OpError::Refused(format!("unexpected answer {answer}")))
+            }
+            Err(err) => Err(err.into()),
         }
     }
     .await;
@@ -316,17 +323,18 @@ pub async fn hand_over_after_crash(agent: &Arc<Agent>) -> Result<(), OpError> {
     let state = agent.state();
     let epoch = state.epoch.next();
     let mut client = ControlClient::connect(&agent.config.peer, &agent.tls).await?;
-    let request = Request::TakeOver {
-        epoch,
-        failover_lsn: Lsn::INVALID,
-        kind: PromotionKind::Handover,
-    };
-    match client.call(&request).await? {
-        Response::Done(_) => {}
-        Response::Refused(reason) | Response::Failed(reason) => {
+    match client
+        .take_over(epoch, Lsn::INVALID, PromotionKind::Handover)
+        .await
+    {
+        Ok(_) => {}
+        Err(ControlError::Refused(reason) | ControlError::Failed(reason)) => {
             return Err(OpError::Refused(reason))
         }
-        other => return Err(OpError::Refused(format!("unexpected answer {other:?}"))),
+        Err(ControlError::Unexpected { answer, .. }) => {
+            return Err(OpError::Refused(format!("unexpected answer {answer}")))
+        }
+        Err(err) => return Err(err.into()),
     }
     step_down(agent, epoch, false, None)?;
     warn!(%epoch, "handed the principal role to the mirror after PostgreSQL failed here");
@@ -367,23 +375,30 @@ async fn take_over(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     if let Some(witness) = state.witness.clone() {
-        let request = WitnessRequest::Promote {
-            session: agent.config.session.clone(),
-            name: agent.config.name.clone(),
-            epoch: state.epoch,
-            kind,
-            failover_lsn: Some(failover_lsn),
+        let session = agent.config.session.clone();
+        let name = agent.config.name.clone();
+        let request = async |client: &mut ControlClient, limit| {
+            let lsn = Some(failover_lsn);
+            client
+                .promote_within(session, name, state.epoch, kind, lsn, limit)
+                .await
         };
         // Spec 24: with the witness lost, manual failover is still allowed;
         // the witness takes the switch over from the next report.
         match ask_witness(agent, &witness, request).await {
-            Ok(Response::Row(Some(_))) => {}
-            Ok(Response::Refused(reason)) => {
+            Ok(_) => {}
+            Err(OpError::Api(ControlError::Refused(reason))) => {
                 return Err(OpError::Refused(format!("the witness refused: {reason}")))
             }
-            Ok(other) => {
+            Err(OpError::Api(ControlError::Failed(reason))) => {
                 return Err(OpError::Refused(format!(
-                    "unexpected witness answer {other:?}"
+                    "unexpected witness answer {:?}",
+                    Response::Failed(reason)
+                )))
+            }
+            Err(OpError::Api(ControlError::Unexpected { answer, .. })) => {
+                return Err(OpError::Refused(format!(
+                    "unexpected witness answer {answer}"
                 )))
             }
             Err(err) => warn!("manual failover without the witness: {err}"),
@@ -404,23 +419,31 @@ async fn force_service(agent: &Arc<Agent>) -> Result<String, OpError> {
     let state = agent.state();
     let epoch = state.epoch.next();
     if let Some(witness) = state.witness.clone() {
-        let request = WitnessRequest::Promote {
-            session: agent.config.session.clone(),
-            name: agent.config.name.clone(),
-            epoch: state.epoch,
-            kind: PromotionKind::Forced,
-            failover_lsn: received,
+        let session = agent.config.session.clone();
+        let name = agent.config.name.clone();
+        let request = async |client: &mut ControlClient, limit| {
+            let kind = PromotionKind::Forced;
+            client
+                .promote_within(session, name, state.epoch, kind, received, limit)
+                .await
         };
-        match ask_witness(agent, &witness, request).await? {
-            Response::Row(Some(_)) => {}
-            Response::Refused(reason) => {
+        match ask_witness(agent, &witness, request).await {
+            Ok(_) => {}
+            Err(OpError::Api(ControlError::Refused(reason))) => {
                 return Err(OpError::Refused(format!("the witness refused: {reason}")))
             }
-            other => {
+            Err(OpError::Api(ControlError::Failed(reason))) => {
                 return Err(OpError::Refused(format!(
-                    "unexpected witness answer {other:?}"
+                    "unexpected witness answer {:?}",
+                    Response::Failed(reason)
                 )))
             }
+            Err(OpError::Api(ControlError::Unexpected { answer, .. })) => {
+                return Err(OpError::Refused(format!(
+                    "unexpected witness answer {answer}"
+                )))
+            }
+            Err(err) => return Err(err),
         }
     }
     promote_to(agent, epoch, true, received).await?;

@@ -17,24 +17,24 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::config::Endpoint;
-use crate::partner::agent::{lock, ping_interval, sleep_or_shutdown, Agent};
-use crate::partner::api::{
-    ControlClient, PromotionKind, Request, Response, RoleRow, WitnessRequest,
-};
+use crate::control::{ControlClient, ControlError, PromotionKind, RoleRow};
+use crate::partner::agent::{ping_interval, sleep_or_shutdown, Agent};
 use crate::partner::engine::StopMode;
 use crate::partner::operations::{self, OpError};
 use crate::roles::{Role, Safety};
+use crate::sync::lock;
 use crate::wire::lsn::Lsn;
 
 /// How often the quorum rules are checked.
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
-/// One request to the witness over a fresh connection, within TIMEOUT.
-pub async fn ask_witness(
+/// One request to the witness over a fresh connection, within TIMEOUT:
+/// `request` gets the connection and the time limit.
+pub async fn ask_witness<T>(
     agent: &Agent,
     witness: &Endpoint,
-    request: WitnessRequest,
-) -> Result<Response, OpError> {
+    request: impl AsyncFnOnce(&mut ControlClient, Duration) -> Result<T, ControlError>,
+) -> Result<T, OpError> {
     let timeout = agent.timeout();
     let connect = tokio::time::timeout(timeout, ControlClient::connect(witness, &agent.tls))
         .await
@@ -44,9 +44,7 @@ pub async fn ask_witness(
             ))
         })??;
     let mut client = connect;
-    Ok(client
-        .call_within(&Request::Witness(request), timeout)
-        .await?)
+    Ok(request(&mut client, timeout).await?)
 }
 
 /// Pings the witness with this partner's view every interval.
@@ -80,9 +78,8 @@ pub async fn ping_witness(agent: Arc<Agent>) {
             if agent.state().witness.as_ref() != Some(&witness) {
                 break;
             }
-            let request = Request::Witness(WitnessRequest::Report { view: agent.view() });
-            match client.call_within(&request, agent.timeout()).await {
-                Ok(Response::Row(row)) => {
+            match client.report_within(agent.view(), agent.timeout()).await {
+                Ok(row) => {
                     let mut status = lock(&agent.witness);
                     if !status.connected {
                         info!(%witness, "witness connected");
@@ -91,8 +88,8 @@ pub async fn ping_witness(agent: Arc<Agent>) {
                     status.last_heard = Some(Instant::now());
                     status.row = row;
                 }
-                Ok(other) => {
-                    witness_lost(&agent, &format!("unexpected answer {other:?}"));
+                Err(ControlError::Unexpected { answer, .. }) => {
+                    witness_lost(&agent, &format!("unexpected answer {answer}"));
                     break;
                 }
                 Err(err) => {
@@ -185,15 +182,16 @@ async fn request_automatic_failover(agent: &Arc<Agent>) -> Result<(), OpError> {
         return Ok(());
     }
     let received = operations::received_lsn(agent).await;
-    let request = WitnessRequest::Promote {
-        session: agent.config.session.clone(),
-        name: agent.config.name.clone(),
-        epoch: state.epoch,
-        kind: PromotionKind::Automatic,
-        failover_lsn: received,
+    let session = agent.config.session.clone();
+    let name = agent.config.name.clone();
+    let request = async |client: &mut ControlClient, limit| {
+        let kind = PromotionKind::Automatic;
+        client
+            .promote_within(session, name, state.epoch, kind, received, limit)
+            .await
     };
-    match ask_witness(agent, &witness, request).await? {
-        Response::Row(Some(row)) => {
+    match ask_witness(agent, &witness, request).await {
+        Ok(row) => {
             warn!(epoch = %row.epoch, "Automatic Failover: the witness made this partner the principal");
             become_principal(agent, &row, received).await?;
             crate::metrics::count_failover(
@@ -203,11 +201,14 @@ async fn request_automatic_failover(agent: &Arc<Agent>) -> Result<(), OpError> {
             );
             Ok(())
         }
-        Response::Refused(reason) => {
+        Err(OpError::Api(ControlError::Refused(reason))) => {
             tracing::debug!("automatic failover refused: {reason}");
             Ok(())
         }
-        other => Err(OpError::Refused(format!("unexpected answer {other:?}"))),
+        Err(OpError::Api(ControlError::Unexpected { answer, .. })) => {
+            Err(OpError::Refused(format!("unexpected answer {answer}")))
+        }
+        Err(err) => Err(err),
     }
 }
 

@@ -12,12 +12,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::partner::agent::{lock, with_tool_relay, Agent};
-use crate::partner::api::{PeerView, Response, WitnessRequest};
+use crate::control::{ControlClient, PeerView};
+use crate::partner::agent::{with_tool_relay, Agent};
 use crate::partner::operations::{self, blocking, local_sql, OpError};
 use crate::partner::quorum::ask_witness;
 use crate::partner::telemetry::Telemetry;
 use crate::roles::{MirroringState, Role, Safety};
+use crate::sync::lock;
 use crate::wire::lsn::Lsn;
 
 const TICK: Duration = Duration::from_millis(500);
@@ -248,23 +249,18 @@ async fn record_at_witness(
     witness: &crate::config::Endpoint,
     synchronized: bool,
 ) -> bool {
-    let request = WitnessRequest::SetSynchronized {
-        session: agent.config.session.clone(),
-        name: agent.config.name.clone(),
-        epoch: agent.state().epoch,
-        synchronized,
+    let session = agent.config.session.clone();
+    let name = agent.config.name.clone();
+    let epoch = agent.state().epoch;
+    let request = async |client: &mut ControlClient, limit| {
+        client
+            .set_synchronized_within(session, name, epoch, synchronized, limit)
+            .await
     };
     match ask_witness(agent, witness, request).await {
-        Ok(Response::Row(row)) => {
-            crate::partner::agent::lock(&agent.witness).row = row;
+        Ok(row) => {
+            lock(&agent.witness).row = row;
             true
-        }
-        Ok(other) => {
-            warn!(
-                synchronized,
-                "the witness did not record the sync state: {other:?}"
-            );
-            false
         }
         Err(err) => {
             warn!(

@@ -14,8 +14,8 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::WarningsConfig;
+use crate::control::MirroringStatus;
 use crate::metrics::{self, Derived};
-use crate::partner::api::MirroringStatus;
 use crate::roles::Role;
 use crate::wire::lsn::Lsn;
 

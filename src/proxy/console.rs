@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::statement::{self, PartnerOption, Statement};
 use crate::admin::view::{self, Cell, ColumnType, RowSet};
 use crate::config::{AdminConfig, Endpoint, ProxySession};
-use crate::partner::api::{Command, Response as AgentResponse};
+use crate::control::{Command, ControlError};
 use crate::proxy::clients::Clients;
 use crate::proxy::routing::{send_command, Route};
 use crate::roles::Role;
@@ -256,17 +256,19 @@ impl Console {
                 continue;
             };
             match send_command(&endpoint, &self.state.endpoint_tls, command.clone()).await {
-                Ok(AgentResponse::Done(message)) => {
+                Ok(message) => {
                     tracing::info!(%session, %endpoint, ?command, "admin command done: {message}");
                     return Ok(Response::Execution(Tag::new("ALTER DATABASE")));
                 }
-                Ok(AgentResponse::Refused(reason)) => {
+                Err(ControlError::Refused(reason)) => {
                     return Err(user_error("ERROR", "55000", reason));
                 }
-                Ok(AgentResponse::Failed(reason)) => {
+                Err(ControlError::Failed(reason)) => {
                     return Err(user_error("ERROR", "XX000", reason));
                 }
-                Ok(other) => last_problem = Some(format!("unexpected answer: {other:?}")),
+                Err(ControlError::Unexpected { answer, .. }) => {
+                    last_problem = Some(format!("unexpected answer: {answer}"))
+                }
                 Err(err) => last_problem = Some(format!("{endpoint} did not answer: {err}")),
             }
         }

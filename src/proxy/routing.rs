@@ -44,7 +44,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Endpoint, ProbeConfig, ProxySession};
-use crate::partner::api::{Command, ControlClient, MirroringStatus, Response};
+use crate::control::{Command, ControlClient, ControlError, MirroringStatus};
 use crate::roles::{Epoch, Role};
 use crate::tls::EndpointTls;
 
@@ -406,15 +406,8 @@ async fn poll(
     let Some(connected) = client.as_mut() else {
         return Err("not connected".into());
     };
-    match connected
-        .call_within(&crate::partner::api::Request::Status, POLL_TIMEOUT)
-        .await
-    {
-        Ok(Response::Status(status)) => Ok(*status),
-        Ok(other) => {
-            *client = None;
-            Err(format!("unexpected answer to status: {other:?}"))
-        }
+    match connected.status_within(POLL_TIMEOUT).await {
+        Ok(status) => Ok(status),
         Err(err) => {
             *client = None;
             Err(err.to_string())
@@ -469,16 +462,14 @@ async fn probe_read_write(address: &str, probe: &ProbeConfig) -> bool {
     )
 }
 
-/// Sends one admin command to a partner agent.
+/// Sends one admin command to a partner agent; Ok is the agent's message.
 pub async fn send_command(
     endpoint: &Endpoint,
     tls: &EndpointTls,
     command: Command,
-) -> Result<Response, String> {
-    let mut client = ControlClient::connect(endpoint, tls)
-        .await
-        .map_err(|err| err.to_string())?;
-    client.command(command).await.map_err(|err| err.to_string())
+) -> Result<String, ControlError> {
+    let mut client = ControlClient::connect(endpoint, tls).await?;
+    client.command(command).await
 }
 
 #[cfg(test)]

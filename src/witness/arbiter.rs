@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::partner::api::{PeerView, PromotionKind, RoleRow};
+use crate::control::{PeerView, PromotionKind, RoleRow};
 use crate::roles::{Role, Safety};
 use crate::wire::lsn::Lsn;
 

@@ -22,8 +22,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::WitnessConfig;
-use crate::partner::agent::lock;
-use crate::partner::api::{self, Hello, Request, Response, WitnessRequest};
+use crate::control::{
+    read_hello, ControlError, ControlStream, Hello, Request, Response, RoleRow, WitnessRequest,
+};
+use crate::sync::lock;
 use crate::tls::EndpointTls;
 use arbiter::Change;
 use store::{RoleStore, StoreError};
@@ -160,7 +162,7 @@ impl Witness {
 
     fn decide(
         &self,
-        row: Option<&api::RoleRow>,
+        row: Option<&RoleRow>,
         verdict: Result<Change, String>,
     ) -> Result<Response, StoreError> {
         match verdict {
@@ -226,27 +228,28 @@ pub async fn run(config: WitnessConfig, shutdown: CancellationToken) -> Result<(
     }
 }
 
-async fn serve(witness: &Witness, tls: &EndpointTls, tcp: TcpStream) -> Result<(), api::ApiError> {
+async fn serve(witness: &Witness, tls: &EndpointTls, tcp: TcpStream) -> Result<(), ControlError> {
     tcp.set_nodelay(true)?;
     let handshake = async {
         let mut stream = tls.accept(tcp).await?;
-        let hello: Option<Hello> = api::read_frame(&mut stream).await?;
-        Ok::<_, api::ApiError>((stream, hello))
+        let hello = read_hello(&mut stream).await?;
+        Ok::<_, ControlError>((stream, hello))
     };
-    let (mut stream, hello) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+    let (stream, hello) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
-        .map_err(|_| api::ApiError::Timeout(HANDSHAKE_TIMEOUT))??;
+        .map_err(|_| ControlError::Timeout(HANDSHAKE_TIMEOUT))??;
     if hello != Some(Hello::Control) {
         return Ok(());
     }
-    while let Some(request) = api::read_frame::<_, Request>(&mut stream).await? {
+    let mut stream = ControlStream::new(stream);
+    while let Some(request) = stream.recv::<Request>().await? {
         let response = match request {
             Request::Witness(request) => witness.handle(request),
             other => Response::Refused(format!(
                 "this is a witness; it answers witness requests only, not {other:?}"
             )),
         };
-        api::write_frame(&mut stream, &response).await?;
+        stream.send(&response).await?;
     }
     Ok(())
 }

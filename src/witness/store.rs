@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::partner::api::RoleRow;
+use crate::control::RoleRow;
 use crate::roles::{Epoch, Safety};
 
 const SCHEMA: &str = include_str!("../../sql/witness.sql");

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use pgmirror::config::{PartnerConfig, TlsMode};
-use pgmirror::partner::api::{Command, ControlClient, MirroringStatus, Response};
+use pgmirror::control::{Command, ControlClient, ControlError, MirroringStatus, RoleRow};
 use pgmirror::partner::engine::{Instance, PgBinaries, RunAs, StopMode};
 use pgmirror::roles::Safety;
 use pgmirror::tls::{generate_pki, tls_config_for, tls_section, EndpointTls};
@@ -327,12 +327,13 @@ impl Pair {
         self.control(partner).await.status().await.expect("status")
     }
 
-    pub async fn command(&self, partner: &Partner, command: Command) -> Response {
-        self.control(partner)
-            .await
-            .command(command)
-            .await
-            .expect("command")
+    /// Ok is the agent's message; a refusal is `ControlError::Refused`.
+    pub async fn command(
+        &self,
+        partner: &Partner,
+        command: Command,
+    ) -> Result<String, ControlError> {
+        self.control(partner).await.command(command).await
     }
 
     /// Polls `partner`'s status until `ready` holds, up to `limit`.
@@ -383,22 +384,19 @@ impl Pair {
     }
 
     /// The witness's row for this pair's session.
-    pub async fn witness_row(&self) -> Option<pgmirror::partner::api::RoleRow> {
+    pub async fn witness_row(&self) -> Option<RoleRow> {
         let port = self.witness.as_ref().map(|witness| witness.port)?;
         let endpoint = pgmirror::config::Endpoint {
             host: "127.0.0.1".into(),
             port,
         };
         let mut client = ControlClient::connect(&endpoint, &self.tls).await.ok()?;
-        let request = pgmirror::partner::api::Request::Witness(
-            pgmirror::partner::api::WitnessRequest::Sessions,
-        );
-        match client.call(&request).await.ok()? {
-            Response::Rows(rows) => rows
-                .into_iter()
-                .find(|row| row.session == self.a.config.session),
-            _ => None,
-        }
+        client
+            .sessions()
+            .await
+            .ok()?
+            .into_iter()
+            .find(|row| row.session == self.a.config.session)
     }
 
     /// Waits until the witness records the session as synchronized: the

@@ -12,7 +12,7 @@
 //! (manual failover, forced service) are decided here, IO-free.
 
 use crate::config::{MAX_TIMEOUT_SECS, MIN_TIMEOUT_SECS};
-use crate::partner::api::Command;
+use crate::control::Command;
 use crate::partner::policy::{
     become_principal, principal::stop_waiting, Action, Decision, Memory, Observation,
     PostgresObservation,

@@ -2,7 +2,7 @@
 //! former principal before it follows, keep the standby running and show
 //! the state the principal reports.
 
-use crate::partner::api::PeerView;
+use crate::control::PeerView;
 use crate::partner::engine::StopMode;
 use crate::partner::policy::{
     system_identifier_mismatch, Action, Decision, Observation, PostgresObservation,

@@ -22,7 +22,7 @@ pub(crate) mod principal;
 
 use std::time::Duration;
 
-use crate::partner::api::{PeerView, PromotionKind, RoleRow};
+use crate::control::{PeerView, PromotionKind, RoleRow};
 use crate::partner::engine::StopMode;
 use crate::partner::state::{HandOver, SessionState};
 use crate::roles::{lease_holds, takeover_wait, Epoch, Role, Safety};

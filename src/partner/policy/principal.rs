@@ -2,7 +2,7 @@
 //! promotion, derive SYNCHRONIZED from the mirror's flush position and make
 //! commits wait for the mirror or, with the witness's consent, not (I1-I3).
 
-use crate::partner::api::PeerView;
+use crate::control::PeerView;
 use crate::partner::policy::{
     demote, has_quorum, witness_allows_exposure, Action, Decision, Observation,
     PostgresObservation, StandbyObservation,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::commands::{self, Plan, TakeOverAnswer};
 use super::*;
 use crate::config::Endpoint;
-use crate::partner::api::{Command, PeerView, RoleRow};
+use crate::control::{Command, PeerView, RoleRow};
 use crate::roles::lease_length;
 use crate::roles::MirroringState;
 

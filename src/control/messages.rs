@@ -1,29 +1,16 @@
-//! The partner agent's typed control API, served on its mirroring endpoint:
-//! commands (SUSPEND, FAILOVER, ...), status, and the agent-to-agent pings.
+//! The control protocol's messages: the [`Hello`] that opens every endpoint
+//! connection, the [`Request`]s partners, the proxy and the tests send, the
+//! [`Response`]s agents and the witness give, and the values they carry.
 //!
-//! Every connection to an endpoint opens with a [`Hello`] saying what it
-//! carries: a control conversation (length-prefixed JSON requests and
-//! responses, one at a time) or a relayed PostgreSQL connection (the log
-//! shipper, see `shipper::relay`). Reads are cancel-safe only between frames;
-//! callers drop the whole connection on timeout.
+//! Plain serde types, no IO: `codec` frames them, `client` sends them. The
+//! serde attributes are the wire format; changing one breaks a rolling
+//! upgrade.
 
-use std::time::Duration;
-
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::config::Endpoint;
 use crate::roles::{Epoch, MirroringState, Role, Safety};
-use crate::tls::{BoxedStream, EndpointTls};
 use crate::wire::lsn::Lsn;
-
-/// Largest control frame accepted; status and commands are far smaller.
-pub const MAX_CONTROL_FRAME: u32 = 1 << 20;
-
-/// How long a control request may take before the caller gives up. A
-/// manual failover waits for the mirror to drain, hence the margin.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// First frame on every endpoint connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,170 +217,5 @@ impl MirroringStatus {
 
     pub fn state(&self) -> Option<&str> {
         self.mirroring_state_desc.as_deref()
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("connection to {endpoint} failed: {source}")]
-    Connect {
-        endpoint: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("control connection: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("control frame of {0} bytes exceeds the {MAX_CONTROL_FRAME}-byte limit")]
-    TooLarge(u32),
-    #[error("malformed control frame: {0}")]
-    Malformed(#[from] serde_json::Error),
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
-}
-
-/// Writes one length-prefixed JSON frame.
-pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
-    writer: &mut W,
-    value: &T,
-) -> Result<(), ApiError> {
-    let body = serde_json::to_vec(value)?;
-    let len = u32::try_from(body.len()).map_err(|_| ApiError::TooLarge(u32::MAX))?;
-    if len > MAX_CONTROL_FRAME {
-        return Err(ApiError::TooLarge(len));
-    }
-    writer.write_all(&len.to_be_bytes()).await?;
-    writer.write_all(&body).await?;
-    writer.flush().await?;
-    Ok(())
-}
-
-/// Reads one length-prefixed JSON frame; None at a clean end of stream.
-pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
-    reader: &mut R,
-) -> Result<Option<T>, ApiError> {
-    let mut len = [0u8; 4];
-    match reader.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(err) => return Err(err.into()),
-    }
-    let len = u32::from_be_bytes(len);
-    if len > MAX_CONTROL_FRAME {
-        return Err(ApiError::TooLarge(len));
-    }
-    let mut body = vec![0u8; len as usize];
-    reader.read_exact(&mut body).await?;
-    Ok(Some(serde_json::from_slice(&body)?))
-}
-
-/// Opens an endpoint connection (TCP, then TLS when on) and says hello.
-pub async fn open(
-    endpoint: &Endpoint,
-    tls: &EndpointTls,
-    hello: &Hello,
-    limit: Duration,
-) -> Result<BoxedStream, ApiError> {
-    let connect = async {
-        let tcp = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
-        tcp.set_nodelay(true)?;
-        let mut stream = tls.connect(tcp, &endpoint.host).await?;
-        write_frame(&mut stream, hello)
-            .await
-            .map_err(|err| std::io::Error::other(err.to_string()))?;
-        Ok(stream)
-    };
-    match tokio::time::timeout(limit, connect).await {
-        Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(source)) => Err(ApiError::Connect {
-            endpoint: endpoint.to_string(),
-            source,
-        }),
-        Err(_) => Err(ApiError::Timeout(limit)),
-    }
-}
-
-/// A control connection to one agent: the typed API the admin console,
-/// the peer agent and the tests call.
-pub struct ControlClient {
-    stream: BoxedStream,
-}
-
-impl ControlClient {
-    pub async fn connect(endpoint: &Endpoint, tls: &EndpointTls) -> Result<Self, ApiError> {
-        let stream = open(endpoint, tls, &Hello::Control, Duration::from_secs(10)).await?;
-        Ok(ControlClient { stream })
-    }
-
-    /// Sends one request and waits up to `limit` for its response.
-    pub async fn call_within(
-        &mut self,
-        request: &Request,
-        limit: Duration,
-    ) -> Result<Response, ApiError> {
-        let exchange = async {
-            write_frame(&mut self.stream, request).await?;
-            read_frame(&mut self.stream).await?.ok_or_else(|| {
-                ApiError::Io(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the agent closed the connection",
-                ))
-            })
-        };
-        tokio::time::timeout(limit, exchange)
-            .await
-            .map_err(|_| ApiError::Timeout(limit))?
-    }
-
-    pub async fn call(&mut self, request: &Request) -> Result<Response, ApiError> {
-        self.call_within(request, REQUEST_TIMEOUT).await
-    }
-
-    pub async fn status(&mut self) -> Result<MirroringStatus, ApiError> {
-        match self.call(&Request::Status).await? {
-            Response::Status(status) => Ok(*status),
-            other => Err(ApiError::Io(std::io::Error::other(format!(
-                "unexpected answer to status: {other:?}"
-            )))),
-        }
-    }
-
-    pub async fn command(&mut self, command: Command) -> Result<Response, ApiError> {
-        self.call(&Request::Command(command)).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn frames_round_trip_and_oversized_frames_are_refused() {
-        let (mut a, mut b) = tokio::io::duplex(4096);
-        let request = Request::Command(Command::Safety(Safety::Off));
-        write_frame(&mut a, &request).await.unwrap();
-        assert_eq!(
-            read_frame::<_, Request>(&mut b).await.unwrap(),
-            Some(request)
-        );
-        a.write_all(&(MAX_CONTROL_FRAME + 1).to_be_bytes())
-            .await
-            .unwrap();
-        assert!(matches!(
-            read_frame::<_, Request>(&mut b).await,
-            Err(ApiError::TooLarge(_))
-        ));
-        drop(a);
-        assert_eq!(read_frame::<_, Request>(&mut b).await.unwrap(), None);
-    }
-
-    #[tokio::test]
-    async fn garbage_is_a_malformed_frame_not_a_panic() {
-        let (mut a, mut b) = tokio::io::duplex(4096);
-        a.write_all(&5u32.to_be_bytes()).await.unwrap();
-        a.write_all(b"{{{{{").await.unwrap();
-        assert!(matches!(
-            read_frame::<_, Request>(&mut b).await,
-            Err(ApiError::Malformed(_))
-        ));
     }
 }
