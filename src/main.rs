@@ -69,7 +69,7 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     match cli.command {
         Commands::Partner { config } => match config::load::<PartnerConfig>(&config) {
-            Ok(config) => serve(pgmirror::partner::agent::run(config, shutdown_on_signal())),
+            Ok(config) => serve(pgmirror::partner::run(config, shutdown_on_signal())),
             Err(err) => fail(err),
         },
         Commands::Witness { config } => match config::load::<WitnessConfig>(&config) {

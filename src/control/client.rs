@@ -14,8 +14,8 @@ use std::time::Duration;
 use crate::config::Endpoint;
 use crate::control::codec::ControlStream;
 use crate::control::messages::{
-    Command, Hello, MirroringStatus, PeerView, PromotionKind, Request, Response, RoleRow,
-    WitnessRequest,
+    Command, Hello, MirroringStatus, PeerView, PromotionKind, PromotionRequest, Request, Response,
+    RoleRow, WitnessRequest,
 };
 use crate::control::ControlError;
 use crate::roles::Epoch;
@@ -222,34 +222,12 @@ impl ControlClient {
 
     /// Witness: a mirror asks to become principal at `epoch` + 1; Ok is
     /// the row that makes it so, a refusal is `ControlError::Refused`.
-    pub async fn promote(
-        &mut self,
-        session: String,
-        name: String,
-        epoch: Epoch,
-        kind: PromotionKind,
-        failover_lsn: Option<Lsn>,
-    ) -> Result<RoleRow, ControlError> {
-        self.promote_within(session, name, epoch, kind, failover_lsn, REQUEST_TIMEOUT)
-            .await
-    }
-
     pub async fn promote_within(
         &mut self,
-        session: String,
-        name: String,
-        epoch: Epoch,
-        kind: PromotionKind,
-        failover_lsn: Option<Lsn>,
+        request: PromotionRequest,
         limit: Duration,
     ) -> Result<RoleRow, ControlError> {
-        let request = Request::Witness(WitnessRequest::Promote {
-            session,
-            name,
-            epoch,
-            kind,
-            failover_lsn,
-        });
+        let request = Request::Witness(WitnessRequest::Promote(request));
         match self.call_within(&request, limit).await? {
             Response::Row(Some(row)) => Ok(row),
             other => Err(not_expected("promote", other)),
@@ -322,12 +300,16 @@ mod tests {
         let mut client = client_answering(Response::Row(None));
         assert!(matches!(
             client
-                .promote(
-                    "shop".into(),
-                    "beta".into(),
-                    Epoch(1),
-                    PromotionKind::Manual,
-                    None
+                .promote_within(
+                    PromotionRequest {
+                        session: "shop".into(),
+                        name: "beta".into(),
+                        epoch: Epoch(1),
+                        kind: PromotionKind::Manual,
+                        failover_lsn: None,
+                        principal_answered_ago_ms: None,
+                    },
+                    REQUEST_TIMEOUT
                 )
                 .await,
             Err(ControlError::Unexpected {

@@ -111,6 +111,22 @@ pub enum PromotionKind {
     Handover,
 }
 
+/// A mirror's request to become principal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromotionRequest {
+    pub session: String,
+    pub name: String,
+    /// The epoch the mirror is at; it asks for the next one.
+    pub epoch: Epoch,
+    pub kind: PromotionKind,
+    pub failover_lsn: Option<Lsn>,
+    /// Since the mirror last answered a ping of the principal, on its own
+    /// clock; None: not since it started. The principal's lease may have
+    /// been renewed by that answer (I1).
+    #[serde(default)]
+    pub principal_answered_ago_ms: Option<u64>,
+}
+
 /// What partners ask of the witness.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "witness", rename_all = "snake_case")]
@@ -125,13 +141,7 @@ pub enum WitnessRequest {
         synchronized: bool,
     },
     /// A mirror asks to become principal at `epoch` + 1.
-    Promote {
-        session: String,
-        name: String,
-        epoch: Epoch,
-        kind: PromotionKind,
-        failover_lsn: Option<Lsn>,
-    },
+    Promote(PromotionRequest),
     /// Every session's row.
     Sessions,
 }

@@ -1,53 +1,32 @@
-//! The partner's side of the witness: pings it with this partner's view,
+//! The partner's side of the witness: reports this partner's view to it,
 //! keeps the session's role-table row it answers with, and enforces the
-//! quorum rules (spec 19-33):
+//! quorum rules (spec 19-33) the policy decides:
 //!
-//! - a principal that hears neither witness nor mirror stops PostgreSQL
-//!   within TIMEOUT (I1); the witness waits TIMEOUT plus a margin before it
-//!   lets the mirror take over;
-//! - a mirror that lost its principal asks the witness to promote it; the
-//!   witness agrees only for a synchronized session whose principal it lost
-//!   too (I3).
+//! - a principal whose lease ended (no round trip answered by the witness
+//!   or the mirror for the lease's length) stops PostgreSQL at once, ten
+//!   checks a second, outside the operations lock (I1);
+//! - a synchronized mirror that lost its principal stops answering it and
+//!   then asks the witness for the principal role (I1, I3).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::config::Endpoint;
-use crate::control::{ControlClient, ControlError, PromotionKind, RoleRow};
+use crate::control::{ControlClient, ControlError};
+use crate::partner::actions::carry_out;
 use crate::partner::agent::{ping_interval, sleep_or_shutdown, Agent};
-use crate::partner::engine::StopMode;
-use crate::partner::operations::{self, OpError};
-use crate::roles::{Role, Safety};
+use crate::partner::policy::{self, PostgresObservation};
 use crate::sync::lock;
-use crate::wire::lsn::Lsn;
 
 /// How often the quorum rules are checked.
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
+/// How often a mirror may ask the witness for the principal role.
+const PROMOTION_RETRY: Duration = Duration::from_millis(200);
 
-/// One request to the witness over a fresh connection, within TIMEOUT:
-/// `request` gets the connection and the time limit.
-pub async fn ask_witness<T>(
-    agent: &Agent,
-    witness: &Endpoint,
-    request: impl AsyncFnOnce(&mut ControlClient, Duration) -> Result<T, ControlError>,
-) -> Result<T, OpError> {
-    let timeout = agent.timeout();
-    let connect = tokio::time::timeout(timeout, ControlClient::connect(witness, &agent.tls))
-        .await
-        .map_err(|_| {
-            OpError::Refused(format!(
-                "the witness {witness} did not answer within {timeout:?}"
-            ))
-        })??;
-    let mut client = connect;
-    Ok(request(&mut client, timeout).await?)
-}
-
-/// Pings the witness with this partner's view every interval.
+/// Reports to the witness every interval; an answered report renews the
+/// principal's lease from its send time (I1).
 pub async fn ping_witness(agent: Arc<Agent>) {
     loop {
         let timeout = agent.timeout();
@@ -76,10 +55,14 @@ pub async fn ping_witness(agent: Arc<Agent>) {
         };
         loop {
             if agent.state().witness.as_ref() != Some(&witness) {
+                // Another witness: nothing this one said counts there.
+                *lock(&agent.witness) = Default::default();
                 break;
             }
+            let sent = agent.clock();
             match client.report_within(agent.view(), agent.timeout()).await {
                 Ok(row) => {
+                    agent.renew_lease(sent);
                     let mut status = lock(&agent.witness);
                     if !status.connected {
                         info!(%witness, "witness connected");
@@ -114,111 +97,36 @@ fn witness_lost(agent: &Agent, why: &str) {
 
 /// Checks the quorum rules ten times a second.
 pub async fn watch_quorum(agent: Arc<Agent>) {
-    let mut last_request = Instant::now() - Duration::from_secs(60);
+    let mut last_request = Instant::now() - PROMOTION_RETRY;
     while sleep_or_shutdown(&agent, WATCH_INTERVAL).await {
         let state = agent.state();
-        if state.witness.is_none() || state.ended {
+        let postgres = match agent.engine.postmaster_pid() {
+            Some(_) => PostgresObservation::Unreadable,
+            None => PostgresObservation::Stopped,
+        };
+        let observed = agent.observation(postgres);
+        let fence = agent.decide(|memory| policy::quorum_check(&state, memory, &observed));
+        if !fence.actions.is_empty() {
+            // I1: not under the operations lock, so that a command or tick
+            // in progress cannot delay it.
+            error!("{}", fence.note.unwrap_or("stopping PostgreSQL"));
+            if let Err(err) = carry_out(&agent, fence).await {
+                error!("could not stop PostgreSQL: {err}");
+            }
             continue;
         }
-        match state.role {
-            Role::Principal => {
-                if !agent.has_quorum() && agent.engine.postmaster_pid().is_some() {
-                    stop_without_quorum(&agent).await;
-                }
-            }
-            Role::Mirror => {
-                let may_ask = last_request.elapsed() >= Duration::from_millis(200);
-                if may_ask && wants_automatic_failover(&agent) {
-                    last_request = Instant::now();
-                    if let Err(err) = request_automatic_failover(&agent).await {
-                        warn!("automatic failover: {err}");
-                    }
-                }
-            }
+        let wanted = agent.decide(|memory| policy::automatic_failover(&state, memory, &observed));
+        if wanted.actions.is_empty() || last_request.elapsed() < PROMOTION_RETRY {
+            continue;
+        }
+        last_request = Instant::now();
+        let _guard = agent.operations.lock().await;
+        // Decide again under the lock: a tick may have changed the state.
+        let state = agent.state();
+        let observed = agent.observation(observed.postgres.clone());
+        let decision = agent.decide(|memory| policy::automatic_failover(&state, memory, &observed));
+        if let Err(err) = carry_out(&agent, decision).await {
+            warn!("automatic failover: {err}");
         }
     }
-}
-
-/// I1: no quorum, no service. Not under the operations lock: a command or
-/// tick in progress must not delay this.
-async fn stop_without_quorum(agent: &Arc<Agent>) {
-    error!(
-        "No Quorum: the principal hears neither the witness nor the mirror; stopping PostgreSQL"
-    );
-    agent.quorum_lost.store(true, Ordering::SeqCst);
-    agent.expect_running.store(false, Ordering::SeqCst);
-    let engine = agent.engine.clone();
-    let stopped = tokio::task::spawn_blocking(move || engine.stop(StopMode::Immediate)).await;
-    if !matches!(stopped, Ok(Ok(()))) {
-        agent.engine.signal_all(nix::sys::signal::Signal::SIGKILL);
-    }
-}
-
-/// A synchronized mirror under FULL that lost its principal but still hears
-/// the witness (spec 31-32).
-fn wants_automatic_failover(agent: &Agent) -> bool {
-    let state = agent.state();
-    let witness = agent.witness_status();
-    let row_allows = witness.row.as_ref().is_some_and(|row| {
-        row.synchronized
-            && !row.suspended
-            && row.safety == Safety::Full
-            && row.principal != agent.config.name
-    });
-    state.has_copy
-        && !state.needs_rewind
-        && witness.connected
-        && !agent.peer_connected()
-        && row_allows
-}
-
-async fn request_automatic_failover(agent: &Arc<Agent>) -> Result<(), OpError> {
-    let _guard = agent.operations.lock().await;
-    let state = agent.state();
-    let Some(witness) = state.witness.clone() else {
-        return Ok(());
-    };
-    if state.role != Role::Mirror || !wants_automatic_failover(agent) {
-        return Ok(());
-    }
-    let received = operations::received_lsn(agent).await;
-    let session = agent.config.session.clone();
-    let name = agent.config.name.clone();
-    let request = async |client: &mut ControlClient, limit| {
-        let kind = PromotionKind::Automatic;
-        client
-            .promote_within(session, name, state.epoch, kind, received, limit)
-            .await
-    };
-    match ask_witness(agent, &witness, request).await {
-        Ok(row) => {
-            warn!(epoch = %row.epoch, "Automatic Failover: the witness made this partner the principal");
-            become_principal(agent, &row, received).await?;
-            crate::metrics::count_failover(
-                &agent.config.session,
-                &agent.config.name,
-                PromotionKind::Automatic,
-            );
-            Ok(())
-        }
-        Err(OpError::Api(ControlError::Refused(reason))) => {
-            tracing::debug!("automatic failover refused: {reason}");
-            Ok(())
-        }
-        Err(OpError::Api(ControlError::Unexpected { answer, .. })) => {
-            Err(OpError::Refused(format!("unexpected answer {answer}")))
-        }
-        Err(err) => Err(err),
-    }
-}
-
-/// Takes the principal role the witness's row gives this partner: after an
-/// automatic failover, or to finish one interrupted by a restart.
-pub async fn become_principal(
-    agent: &Arc<Agent>,
-    row: &RoleRow,
-    failover_lsn: Option<Lsn>,
-) -> Result<(), OpError> {
-    lock(&agent.witness).row = Some(row.clone());
-    operations::promote_to(agent, row.epoch, row.suspended, failover_lsn).await
 }

@@ -4,15 +4,8 @@
 
 use std::time::Duration;
 
-use crate::control::{PeerView, PromotionKind, RoleRow};
-use crate::roles::{Role, Safety};
-use crate::wire::lsn::Lsn;
-
-/// How much longer than TIMEOUT the witness waits before it lets a mirror
-/// take over: a principal that lost quorum stops serving within TIMEOUT,
-/// plus its check interval and an immediate shutdown, all inside this
-/// margin (I1).
-pub const PROMOTION_MARGIN: Duration = Duration::from_millis(750);
+use crate::control::{PeerView, PromotionKind, PromotionRequest, RoleRow};
+use crate::roles::{takeover_wait, Role, Safety};
 
 /// A change to write, with the history event that names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +70,10 @@ pub fn on_report(row: Option<&RoleRow>, view: &PeerView) -> Option<Change> {
     (next != *row).then_some(Change { row: next, event })
 }
 
-/// The principal records whether its commits wait for the mirror.
+/// The principal records whether its commits wait for the mirror. "Not
+/// synchronized" is also taken from a principal at a later epoch than the
+/// row's (a role switch this witness missed, or a witness newly set): the
+/// row then carries that epoch (I2).
 pub fn set_synchronized(
     row: Option<&RoleRow>,
     name: &str,
@@ -85,13 +81,21 @@ pub fn set_synchronized(
     synchronized: bool,
 ) -> Result<Change, String> {
     let row = row.ok_or("the witness has no row for this session yet")?;
-    if row.principal != name || row.epoch != epoch {
+    let carried = !synchronized && epoch > row.epoch;
+    if !carried && (row.principal != name || row.epoch != epoch) {
         return Err(format!(
             "{name} at role_sequence {epoch} is not the principal; the witness has {} at {}",
             row.principal, row.epoch
         ));
     }
     let mut next = row.clone();
+    if carried {
+        next.mirror = Some(row.principal.clone())
+            .filter(|old| old != name)
+            .or(next.mirror);
+        next.principal = name.to_string();
+        next.epoch = epoch;
+    }
     next.synchronized = synchronized;
     Ok(Change {
         row: next,
@@ -103,28 +107,52 @@ pub fn set_synchronized(
     })
 }
 
-/// Whether `name` may become principal at `epoch` + 1. `principal_silent`
-/// is how long the witness has not heard from the current principal.
+/// Whether the mirror asking in `request` may become principal at the
+/// next epoch. `principal_silent` is how long the witness has not heard
+/// from the current principal, on its own clock. Where the witness decides
+/// alone (automatic failover, forced service), both that and the mirror's
+/// last answer to the principal must be a whole [`takeover_wait`] ago: the
+/// principal's lease has then ended and its PostgreSQL is fenced (I1).
 pub fn promote(
     row: Option<&RoleRow>,
-    name: &str,
-    epoch: crate::roles::Epoch,
-    kind: PromotionKind,
-    failover_lsn: Option<Lsn>,
+    request: &PromotionRequest,
     principal_silent: Duration,
 ) -> Result<Change, String> {
     let row = row.ok_or("the witness has no row for this session yet")?;
+    let name = request.name.as_str();
     if row.principal == name {
         return Err(format!("{name} is already the principal"));
     }
-    if row.epoch != epoch {
+    if row.epoch != request.epoch {
         return Err(format!(
-            "stale request: {name} is at role_sequence {epoch}, the witness at {}",
-            row.epoch
+            "stale request: {name} is at role_sequence {}, the witness at {}",
+            request.epoch, row.epoch
         ));
     }
-    let timeout = Duration::from_secs(row.timeout_secs);
-    let event = match kind {
+    let wait = takeover_wait(Duration::from_secs(row.timeout_secs));
+    let lease_over = || -> Result<(), String> {
+        if principal_silent < wait {
+            // I1 and spec 23: the witness still sees the principal, or
+            // has not waited long enough for its lease to end.
+            return Err(format!(
+                "the witness heard the principal {} {:.1} s ago; a takeover needs {:.1} s of silence",
+                row.principal,
+                principal_silent.as_secs_f64(),
+                wait.as_secs_f64()
+            ));
+        }
+        let answered = request.principal_answered_ago_ms.map(Duration::from_millis);
+        if let Some(answered) = answered.filter(|answered| *answered < wait) {
+            return Err(format!(
+                "{name} answered the principal {} {:.1} s ago; a takeover needs {:.1} s",
+                row.principal,
+                answered.as_secs_f64(),
+                wait.as_secs_f64()
+            ));
+        }
+        Ok(())
+    };
+    let event = match request.kind {
         PromotionKind::Automatic => {
             if row.safety != Safety::Full || row.suspended || !row.synchronized {
                 // I3: only a mirror recorded as synchronized under FULL.
@@ -134,38 +162,25 @@ pub fn promote(
                     row.safety, row.suspended, row.synchronized
                 ));
             }
-            if principal_silent < timeout + PROMOTION_MARGIN {
-                // I1 and spec 23: the witness still sees the principal, or
-                // has not waited long enough for it to stop serving.
-                return Err(format!(
-                    "the witness heard the principal {} {:.1} s ago",
-                    row.principal,
-                    principal_silent.as_secs_f64()
-                ));
-            }
+            lease_over()?;
             "Automatic Failover"
         }
         PromotionKind::Manual => "Manual Failover",
         PromotionKind::Handover => "Automatic Failover (the principal's PostgreSQL failed)",
         PromotionKind::Forced => {
-            if principal_silent < timeout {
-                return Err(format!(
-                    "the witness still hears the principal {} (last {:.1} s ago); forced service is \
-                     only for a lost principal",
-                    row.principal,
-                    principal_silent.as_secs_f64()
-                ));
-            }
+            lease_over().map_err(|reason| {
+                format!("{reason}; forced service is only for a lost principal")
+            })?;
             "Forced Service"
         }
     };
     let mut next = row.clone();
     next.mirror = Some(row.principal.clone());
     next.principal = name.to_string();
-    next.epoch = epoch.next();
+    next.epoch = request.epoch.next();
     next.synchronized = false;
-    next.suspended = kind == PromotionKind::Forced;
-    next.failover_lsn = failover_lsn.or(row.failover_lsn);
+    next.suspended = request.kind == PromotionKind::Forced;
+    next.failover_lsn = request.failover_lsn.or(row.failover_lsn);
     Ok(Change { row: next, event })
 }
 
@@ -215,53 +230,45 @@ mod tests {
         assert!(on_report(Some(&row), &view("beta", Role::Mirror, 1)).is_none());
     }
 
+    fn request(kind: PromotionKind, epoch: u64, answered_ago_ms: Option<u64>) -> PromotionRequest {
+        PromotionRequest {
+            session: "shop".into(),
+            name: "beta".into(),
+            epoch: Epoch(epoch),
+            kind,
+            failover_lsn: None,
+            principal_answered_ago_ms: answered_ago_ms,
+        }
+    }
+
     #[test]
     fn automatic_failover_only_for_a_synchronized_mirror_once_the_principal_is_silent() {
         let row = synchronized_row();
-        let quiet = Duration::from_secs(2) + PROMOTION_MARGIN;
-        let granted = promote(
-            Some(&row),
-            "beta",
-            Epoch(1),
-            PromotionKind::Automatic,
-            None,
-            quiet,
-        )
-        .unwrap();
+        let quiet = takeover_wait(Duration::from_secs(2));
+        let automatic = request(PromotionKind::Automatic, 1, None);
+        let granted = promote(Some(&row), &automatic, quiet).unwrap();
         assert_eq!(
             (granted.row.principal.as_str(), granted.row.epoch),
             ("beta", Epoch(2))
         );
         assert!(!granted.row.synchronized);
-        let heard = promote(
-            Some(&row),
-            "beta",
-            Epoch(1),
-            PromotionKind::Automatic,
-            None,
-            Duration::from_secs(1),
-        );
+        let heard = promote(Some(&row), &automatic, quiet - Duration::from_millis(1));
         assert!(heard.unwrap_err().contains("heard the principal"));
+        // I1: the mirror's own recent answer to the principal may have
+        // renewed the principal's lease.
+        let answered = request(PromotionKind::Automatic, 1, Some(1000));
+        assert!(promote(Some(&row), &answered, quiet)
+            .unwrap_err()
+            .contains("answered the principal"));
+        let forced = request(PromotionKind::Forced, 1, None);
+        assert!(promote(Some(&row), &forced, Duration::from_secs(2)).is_err());
+        assert!(promote(Some(&row), &forced, quiet).unwrap().row.suspended);
         let exposed = set_synchronized(Some(&row), "alpha", Epoch(1), false)
             .unwrap()
             .row;
-        let refused = promote(
-            Some(&exposed),
-            "beta",
-            Epoch(1),
-            PromotionKind::Automatic,
-            None,
-            quiet,
-        );
+        let refused = promote(Some(&exposed), &automatic, quiet);
         assert!(refused.unwrap_err().contains("synchronized false"));
-        let stale = promote(
-            Some(&granted.row),
-            "beta",
-            Epoch(1),
-            PromotionKind::Automatic,
-            None,
-            quiet,
-        );
+        let stale = promote(Some(&granted.row), &automatic, quiet);
         assert!(stale.is_err());
     }
 
@@ -270,6 +277,21 @@ mod tests {
         let row = synchronized_row();
         assert!(set_synchronized(Some(&row), "beta", Epoch(1), false).is_err());
         assert!(set_synchronized(Some(&row), "alpha", Epoch(0), false).is_err());
+        // "Synchronized" only at the row's epoch ...
+        assert!(set_synchronized(Some(&row), "beta", Epoch(2), true).is_err());
+        // ... "not synchronized" also carries a later epoch to the row (I2).
+        let carried = set_synchronized(Some(&row), "beta", Epoch(2), false)
+            .unwrap()
+            .row;
+        assert_eq!(
+            (
+                carried.principal.as_str(),
+                carried.epoch,
+                carried.synchronized
+            ),
+            ("beta", Epoch(2), false)
+        );
+        assert_eq!(carried.mirror.as_deref(), Some("alpha"));
     }
 
     #[test]

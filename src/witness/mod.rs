@@ -74,23 +74,29 @@ impl Witness {
             .elapsed()
     }
 
-    fn write(
+    /// Decides on the session's row and writes the change in one store
+    /// transaction, under the store's lock (I1-I3).
+    fn decide(
         &self,
-        expected: Option<crate::roles::Epoch>,
-        change: &Change,
-    ) -> Result<bool, StoreError> {
-        let written = lock(&self.store).compare_and_set(expected, &change.row, change.event)?;
-        if written {
+        session: &str,
+        decide: impl FnOnce(Option<&RoleRow>) -> Result<Option<Change>, String>,
+    ) -> Result<Result<Option<RoleRow>, String>, StoreError> {
+        let mut event = None;
+        let outcome = lock(&self.store).update(session, |row| {
+            let change = decide(row)?;
+            event = change.as_ref().map(|change| change.event);
+            Ok(change)
+        })?;
+        if let (Some(event), Ok(Some(row))) = (event, &outcome) {
             info!(
-                session = %change.row.session,
-                principal = %change.row.principal,
-                epoch = %change.row.epoch,
-                synchronized = change.row.synchronized,
-                "{}",
-                change.event
+                session = %row.session,
+                principal = %row.principal,
+                epoch = %row.epoch,
+                synchronized = row.synchronized,
+                "{event}"
             );
         }
-        Ok(written)
+        Ok(outcome)
     }
 
     /// Answers one request.
@@ -110,14 +116,16 @@ impl Witness {
     }
 
     fn try_handle(&self, request: WitnessRequest) -> Result<Response, StoreError> {
+        let answer = |outcome: Result<Option<RoleRow>, String>| match outcome {
+            Ok(row) => Response::Row(row),
+            Err(reason) => Response::Refused(reason),
+        };
         match request {
             WitnessRequest::Report { view } => {
-                lock(&self.heard).insert((view.session.clone(), view.name.clone()), Instant::now());
-                let row = lock(&self.store).get(&view.session)?;
-                if let Some(change) = arbiter::on_report(row.as_ref(), &view) {
-                    self.write(row.as_ref().map(|row| row.epoch), &change)?;
-                }
-                Ok(Response::Row(lock(&self.store).get(&view.session)?))
+                self.heard(&view.session, &view.name);
+                let outcome =
+                    self.decide(&view.session, |row| Ok(arbiter::on_report(row, &view)))?;
+                Ok(answer(outcome))
             }
             WitnessRequest::SetSynchronized {
                 session,
@@ -125,58 +133,43 @@ impl Witness {
                 epoch,
                 synchronized,
             } => {
-                lock(&self.heard).insert((session.clone(), name.clone()), Instant::now());
-                let row = lock(&self.store).get(&session)?;
-                self.decide(
-                    row.as_ref(),
-                    arbiter::set_synchronized(row.as_ref(), &name, epoch, synchronized),
-                )
+                self.heard(&session, &name);
+                let outcome = self.decide(&session, |row| {
+                    arbiter::set_synchronized(row, &name, epoch, synchronized).map(Some)
+                })?;
+                Ok(answer(outcome))
             }
-            WitnessRequest::Promote {
-                session,
-                name,
-                epoch,
-                kind,
-                failover_lsn,
-            } => {
-                lock(&self.heard).insert((session.clone(), name.clone()), Instant::now());
-                let row = lock(&self.store).get(&session)?;
-                let silent = row
-                    .as_ref()
-                    .map(|row| self.silent_for(&session, &row.principal))
-                    .unwrap_or_default();
-                let verdict =
-                    arbiter::promote(row.as_ref(), &name, epoch, kind, failover_lsn, silent);
-                if let Err(reason) = &verdict {
-                    debug!(%session, %name, ?kind, "promotion refused: {reason}");
+            WitnessRequest::Promote(request) => {
+                self.heard(&request.session, &request.name);
+                let outcome = self.decide(&request.session, |row| {
+                    let silent = row
+                        .map(|row| self.silent_for(&request.session, &row.principal))
+                        .unwrap_or_default();
+                    arbiter::promote(row, &request, silent).map(Some)
+                })?;
+                match &outcome {
+                    Ok(_) => crate::metrics::count_witness_promotion(
+                        &request.session,
+                        &request.name,
+                        request.kind,
+                    ),
+                    Err(reason) => debug!(
+                        session = %request.session,
+                        name = %request.name,
+                        kind = ?request.kind,
+                        "promotion refused: {reason}"
+                    ),
                 }
-                let response = self.decide(row.as_ref(), verdict)?;
-                if matches!(response, Response::Row(Some(_))) {
-                    crate::metrics::count_witness_promotion(&session, &name, kind);
-                }
-                Ok(response)
+                Ok(answer(outcome))
             }
             WitnessRequest::Sessions => Ok(Response::Rows(lock(&self.store).all()?)),
         }
     }
 
-    fn decide(
-        &self,
-        row: Option<&RoleRow>,
-        verdict: Result<Change, String>,
-    ) -> Result<Response, StoreError> {
-        match verdict {
-            Err(reason) => Ok(Response::Refused(reason)),
-            Ok(change) => {
-                if self.write(row.map(|row| row.epoch), &change)? {
-                    Ok(Response::Row(Some(change.row)))
-                } else {
-                    Ok(Response::Refused(
-                        "the role table changed meanwhile; retry".into(),
-                    ))
-                }
-            }
-        }
+    /// Records that a partner was heard now: a round trip it sent earlier
+    /// is being answered (I1: the principal's lease started before this).
+    fn heard(&self, session: &str, name: &str) {
+        lock(&self.heard).insert((session.to_string(), name.to_string()), Instant::now());
     }
 
     /// The role table's history of one session, oldest first.

@@ -12,8 +12,13 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::control::RoleRow;
 use crate::roles::{Epoch, Safety};
+use crate::witness::arbiter::Change;
 
 const SCHEMA: &str = include_str!("../../sql/witness.sql");
+
+/// The role table's columns in the order [`read_row`] reads them.
+const COLUMNS: &str = "session, principal, mirror, epoch, safety, safety_sequence, suspended, \
+                       synchronized, timeout_secs, failover_lsn";
 
 #[derive(Debug, thiserror::Error)]
 #[error("role table {path}: {source}")]
@@ -72,8 +77,7 @@ impl RoleStore {
     pub fn get(&self, session: &str) -> Result<Option<RoleRow>, StoreError> {
         self.connection
             .query_row(
-                "SELECT session, principal, mirror, epoch, safety, safety_sequence, suspended, \
-                 synchronized, timeout_secs, failover_lsn FROM role_table WHERE session = ?1",
+                &format!("SELECT {COLUMNS} FROM role_table WHERE session = ?1"),
                 params![session],
                 read_row,
             )
@@ -84,10 +88,9 @@ impl RoleStore {
     pub fn all(&self) -> Result<Vec<RoleRow>, StoreError> {
         let mut statement = self
             .connection
-            .prepare(
-                "SELECT session, principal, mirror, epoch, safety, safety_sequence, suspended, \
-                 synchronized, timeout_secs, failover_lsn FROM role_table ORDER BY session",
-            )
+            .prepare(&format!(
+                "SELECT {COLUMNS} FROM role_table ORDER BY session"
+            ))
             .map_err(|err| self.wrap(err))?;
         let rows = statement
             .query_map([], read_row)
@@ -96,31 +99,38 @@ impl RoleStore {
         rows
     }
 
-    /// Writes `row` if the stored epoch is still `expected` (None: no row
-    /// yet), and records `event`; false when someone else changed it first.
-    pub fn compare_and_set(
+    /// Reads the session's row, lets `decide` choose a change, and writes
+    /// it with its history line, all in one transaction: no other change can
+    /// slip between the read and the write (I1-I3). Returns the row as it
+    /// stands afterwards, or `decide`'s refusal.
+    pub fn update(
         &mut self,
-        expected: Option<Epoch>,
-        row: &RoleRow,
-        event: &str,
-    ) -> Result<bool, StoreError> {
+        session: &str,
+        decide: impl FnOnce(Option<&RoleRow>) -> Result<Option<Change>, String>,
+    ) -> Result<Result<Option<RoleRow>, String>, StoreError> {
         let path = self.path.clone();
         let wrap = |source| StoreError {
             path: path.clone(),
             source,
         };
-        let transaction = self.connection.transaction().map_err(wrap)?;
-        let current: Option<u64> = transaction
+        let transaction = self
+            .connection
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(wrap)?;
+        let current = transaction
             .query_row(
-                "SELECT epoch FROM role_table WHERE session = ?1",
-                params![row.session],
-                |r| r.get(0),
+                &format!("SELECT {COLUMNS} FROM role_table WHERE session = ?1"),
+                params![session],
+                read_row,
             )
             .optional()
             .map_err(wrap)?;
-        if current != expected.map(|epoch| epoch.0) {
-            return Ok(false);
-        }
+        let change = match decide(current.as_ref()) {
+            Err(reason) => return Ok(Err(reason)),
+            Ok(None) => return Ok(Ok(current)),
+            Ok(Some(change)) => change,
+        };
+        let row = &change.row;
         let at = now_ms();
         transaction
             .execute(
@@ -155,7 +165,7 @@ impl RoleStore {
                 params![
                     row.session,
                     at,
-                    event,
+                    change.event,
                     row.principal,
                     row.epoch.0,
                     row.synchronized
@@ -163,7 +173,7 @@ impl RoleStore {
             )
             .map_err(wrap)?;
         transaction.commit().map_err(wrap)?;
-        Ok(true)
+        Ok(Ok(Some(change.row)))
     }
 
     pub fn history(&self, session: &str) -> Result<Vec<HistoryEntry>, StoreError> {
@@ -230,23 +240,31 @@ mod tests {
         }
     }
 
+    fn set(
+        row: RoleRow,
+        event: &'static str,
+    ) -> impl FnOnce(Option<&RoleRow>) -> Result<Option<Change>, String> {
+        move |current| {
+            if current.is_some_and(|current| current.epoch >= row.epoch) {
+                return Err(format!("stale: {event}"));
+            }
+            Ok(Some(Change { row, event }))
+        }
+    }
+
     #[test]
-    fn compare_and_set_refuses_a_stale_epoch_and_survives_reopening() {
+    fn a_decision_is_written_with_the_row_it_read_and_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("witness.sqlite");
         let mut store = RoleStore::open(&path).unwrap();
-        assert!(store
-            .compare_and_set(None, &row(1, "alpha"), "Session Created")
-            .unwrap());
-        assert!(!store
-            .compare_and_set(None, &row(1, "beta"), "Session Created")
-            .unwrap());
-        assert!(store
-            .compare_and_set(Some(Epoch(1)), &row(2, "beta"), "Automatic Failover")
-            .unwrap());
-        assert!(!store
-            .compare_and_set(Some(Epoch(1)), &row(2, "alpha"), "Automatic Failover")
-            .unwrap());
+        let created = store.update("shop", set(row(1, "alpha"), "Session Created"));
+        assert_eq!(created.unwrap(), Ok(Some(row(1, "alpha"))));
+        let stale = store.update("shop", set(row(1, "beta"), "Session Created"));
+        assert!(stale.unwrap().is_err());
+        let failover = store.update("shop", set(row(2, "beta"), "Automatic Failover"));
+        assert_eq!(failover.unwrap(), Ok(Some(row(2, "beta"))));
+        let unchanged = store.update("shop", |_| Ok(None)).unwrap();
+        assert_eq!(unchanged, Ok(Some(row(2, "beta"))));
         drop(store);
         let store = RoleStore::open(&path).unwrap();
         assert_eq!(store.get("shop").unwrap(), Some(row(2, "beta")));

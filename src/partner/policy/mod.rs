@@ -144,10 +144,11 @@ pub enum Action {
     /// End recovery (`pg_promote()`, waiting until it is done). The durable
     /// state already names this partner principal, still `promoting`.
     Promote,
-    /// CHECKPOINT: the new timeline reaches the control file, so pg_rewind
-    /// on the old principal sees the divergence. On success the agent sets
-    /// [`Memory::checkpointed`] to `epoch`.
-    Checkpoint { epoch: Epoch },
+    /// CHECKPOINT, so that the new timeline reaches the control file and
+    /// pg_rewind on the old principal sees the divergence, and the mirror's
+    /// replication slot. On success the agent sets [`Memory::checkpointed`]
+    /// to `epoch`.
+    FinishPromotion { epoch: Epoch },
     /// pg_rewind to the principal (the agent records `needs_rewind = false`
     /// or moves an unrewindable copy aside).
     Rewind,
@@ -391,7 +392,24 @@ pub fn become_principal(
     decision.memory.sync_target = None;
     decision.memory.refusing_principal = false;
     decision.actions.push(Action::Promote);
-    decision.actions.push(Action::Checkpoint { epoch });
+    decision.actions.push(Action::FinishPromotion { epoch });
+}
+
+/// The witness granted this mirror the principal role in `row` (automatic
+/// failover): take it as [`tick`] would on seeing the row.
+pub fn granted(state: &SessionState, memory: &Memory, row: &RoleRow) -> Decision {
+    let mut decision = Decision::new(memory);
+    if row.epoch > state.epoch && state.role == Role::Mirror {
+        become_principal(
+            state,
+            row.epoch,
+            row.suspended,
+            row.failover_lsn,
+            &mut decision,
+        );
+        decision.note = Some("Automatic Failover: the witness made this partner the principal");
+    }
+    decision
 }
 
 /// A principal that meets a principal of a later epoch becomes its mirror

@@ -54,7 +54,7 @@ fn finish_promotion(
                 decision.note = Some("promotion done: serving as principal");
                 decision
             } else {
-                decision.act(Action::Checkpoint { epoch: state.epoch })
+                decision.act(Action::FinishPromotion { epoch: state.epoch })
             }
         }
     }
@@ -149,6 +149,7 @@ fn serve(
     standby: Option<&StandbyObservation>,
     mut decision: Decision,
 ) -> Decision {
+    decision.memory.expect_running = true;
     let standing = standing(state, flushed, standby, &mut decision);
     let observed_state = if state.suspended {
         MirroringState::Suspended

@@ -309,7 +309,7 @@ fn i3_a_promotion_is_shown_only_once_checkpointed() {
     assert!(promoting.promoting && promoting.role == Role::Principal);
     assert_eq!(
         decision.actions,
-        [Action::Promote, Action::Checkpoint { epoch: Epoch(2) }]
+        [Action::Promote, Action::FinishPromotion { epoch: Epoch(2) }]
     );
     // Restarted in the middle: PostgreSQL read-write, no checkpoint known.
     seen.postgres = PostgresObservation::Principal {
@@ -317,7 +317,10 @@ fn i3_a_promotion_is_shown_only_once_checkpointed() {
         standby: None,
     };
     let decision = tick(&promoting, &Memory::default(), &seen);
-    assert_eq!(decision.actions, [Action::Checkpoint { epoch: Epoch(2) }]);
+    assert_eq!(
+        decision.actions,
+        [Action::FinishPromotion { epoch: Epoch(2) }]
+    );
     assert!(decision.state.is_none());
     let checkpointed = Memory {
         checkpointed: Some(Epoch(2)),
