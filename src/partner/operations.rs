@@ -21,6 +21,7 @@ use crate::partner::actions::{
 };
 use crate::partner::agent::Agent;
 use crate::partner::peer::peer_heard;
+use crate::partner::supervisor;
 use crate::partner::policy::commands::{self, check, Facts, Plan, Route, WitnessAnswer};
 use crate::roles::{Epoch, Role};
 use crate::wire::lsn::Lsn;
@@ -304,6 +305,8 @@ async fn take_over(
         .map_err(OpError::Refused)?;
     agent.decide(|_| decision.clone());
     carry_out(agent, decision).await?;
+    // Finish the promotion now, so that the role is shown when we answer.
+    supervisor::tick(agent).await?;
     crate::metrics::count_failover(&agent.config.session, &agent.config.name, kind);
     info!(%epoch, %failover_lsn, ?kind, "promoted by the principal's handover");
     Ok(format!("principal at role_sequence {epoch}"))
@@ -321,6 +324,7 @@ async fn force_service(agent: &Arc<Agent>) -> Result<String, OpError> {
         .map_err(OpError::Refused)?;
     agent.decide(|_| decision.clone());
     carry_out(agent, decision).await?;
+    supervisor::tick(agent).await?;
     let epoch = agent.state().epoch;
     crate::metrics::count_failover(
         &agent.config.session,

@@ -18,6 +18,7 @@ use crate::control::{ControlClient, ControlError};
 use crate::partner::actions::carry_out;
 use crate::partner::agent::{ping_interval, sleep_or_shutdown, Agent};
 use crate::partner::policy::{self, PostgresObservation};
+use crate::partner::supervisor;
 use crate::sync::lock;
 
 /// How often the quorum rules are checked.
@@ -125,7 +126,12 @@ pub async fn watch_quorum(agent: Arc<Agent>) {
         let state = agent.state();
         let observed = agent.observation(observed.postgres.clone());
         let decision = agent.decide(|memory| policy::automatic_failover(&state, memory, &observed));
-        if let Err(err) = carry_out(&agent, decision).await {
+        let promoted = async {
+            carry_out(&agent, decision).await?;
+            // A granted promotion is finished at once, not at the next tick.
+            supervisor::tick(&agent).await
+        };
+        if let Err(err) = promoted.await {
             warn!("automatic failover: {err}");
         }
     }
