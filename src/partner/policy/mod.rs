@@ -200,10 +200,14 @@ impl Decision {
         self.state.as_ref().unwrap_or(durable)
     }
 
+    /// Changes the state this decision will persist (on top of its earlier
+    /// changes); `durable` is the state the decision started from.
     fn change(&mut self, durable: &SessionState, change: impl FnOnce(&mut SessionState)) {
         let mut next = self.current(durable).clone();
         change(&mut next);
-        self.state = (next != *durable).then_some(next);
+        if next != *self.current(durable) {
+            self.state = Some(next);
+        }
     }
 
     fn act(mut self, action: Action) -> Self {

@@ -407,3 +407,20 @@ fn a_repeated_takeover_request_is_answered_done() {
     state.assume_role(Role::Principal, Epoch(2), false);
     assert_eq!(commands::take_over_check(&state, Epoch(2)), Ok(true));
 }
+
+#[test]
+fn what_the_peer_says_is_kept_when_the_role_tick_changes_nothing_more() {
+    let mut state = mirror();
+    state.witness = None;
+    state.state = MirroringState::Synchronized;
+    state.synchronized = true;
+    let mut seen = observed("beta");
+    seen.postgres = PostgresObservation::Mirror {
+        received: Some(Lsn(100)),
+    };
+    let mut principal_view = view("alpha", Role::Principal, 1);
+    principal_view.witness = Some(witness());
+    seen.peer.view = Some(principal_view);
+    let decision = tick(&state, &Memory::default(), &seen);
+    assert_eq!(decision.state.unwrap().witness, Some(witness()));
+}
