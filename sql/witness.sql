@@ -27,3 +27,9 @@ CREATE TABLE IF NOT EXISTS history (
 );
 
 CREATE INDEX IF NOT EXISTS history_by_session ON history (session, at_ms);
+
+-- This witness's identity, drawn once: partners compare it to tell whether
+-- they report to the same witness through different addresses.
+CREATE TABLE IF NOT EXISTS witness_identity (
+    id INTEGER NOT NULL
+);

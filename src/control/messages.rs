@@ -75,6 +75,10 @@ pub struct PeerView {
     /// The session's witness (set on the principal, spec 54-55).
     #[serde(default)]
     pub witness: Option<Endpoint>,
+    /// The identity of the witness this partner last heard, whatever the
+    /// address it reaches it at.
+    #[serde(default)]
+    pub witness_id: Option<u64>,
 }
 
 /// The witness's row for one session (spec 3), changed only by
@@ -94,6 +98,9 @@ pub struct RoleRow {
     pub synchronized: bool,
     pub timeout_secs: u64,
     pub failover_lsn: Option<Lsn>,
+    /// The identity of the witness that holds this row.
+    #[serde(default)]
+    pub witness_id: u64,
 }
 
 /// Why a mirror asks the witness to make it principal.

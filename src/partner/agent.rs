@@ -234,6 +234,11 @@ impl Agent {
             pg_major: self.pg_major,
             safety_sequence: state.safety_sequence,
             witness: state.witness.clone(),
+            witness_id: self
+                .witness_status()
+                .row
+                .filter(|_| state.witness.is_some())
+                .map(|row| row.witness_id),
         }
     }
 

@@ -21,8 +21,8 @@ use crate::partner::actions::{
 };
 use crate::partner::agent::Agent;
 use crate::partner::peer::peer_heard;
-use crate::partner::supervisor;
 use crate::partner::policy::commands::{self, check, Facts, Plan, Route, WitnessAnswer};
+use crate::partner::supervisor;
 use crate::roles::{Epoch, Role};
 use crate::wire::lsn::Lsn;
 

@@ -29,6 +29,7 @@ pub fn on_report(row: Option<&RoleRow>, view: &PeerView) -> Option<Change> {
                 synchronized: false,
                 timeout_secs: view.timeout_secs,
                 failover_lsn: None,
+                witness_id: 0,
             },
             event: "Session Created",
         });
@@ -204,6 +205,7 @@ mod tests {
             pg_major: 15,
             safety_sequence: 1,
             witness: None,
+            witness_id: None,
         }
     }
 

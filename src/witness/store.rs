@@ -41,6 +41,8 @@ pub struct HistoryEntry {
 pub struct RoleStore {
     path: PathBuf,
     connection: Connection,
+    /// This witness's identity, drawn at the first open and kept.
+    identity: u64,
 }
 
 fn now_ms() -> i64 {
@@ -61,10 +63,29 @@ impl RoleStore {
             .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
             .map_err(wrap)?;
         connection.execute_batch(SCHEMA).map_err(wrap)?;
+        connection
+            .execute(
+                "INSERT INTO witness_identity (id) SELECT ?1 \
+                 WHERE NOT EXISTS (SELECT 1 FROM witness_identity)",
+                params![(rand::random::<u64>() >> 1) as i64],
+            )
+            .map_err(wrap)?;
+        let identity: i64 = connection
+            .query_row("SELECT id FROM witness_identity", [], |r| r.get(0))
+            .map_err(wrap)?;
         Ok(RoleStore {
             path: path.to_path_buf(),
             connection,
+            identity: identity as u64,
         })
+    }
+
+    /// `row` as this witness answers with it: naming this witness.
+    fn held(&self, row: RoleRow) -> RoleRow {
+        RoleRow {
+            witness_id: self.identity,
+            ..row
+        }
     }
 
     fn wrap(&self, source: rusqlite::Error) -> StoreError {
@@ -82,6 +103,7 @@ impl RoleStore {
                 read_row,
             )
             .optional()
+            .map(|row| row.map(|row| self.held(row)))
             .map_err(|err| self.wrap(err))
     }
 
@@ -94,7 +116,7 @@ impl RoleStore {
             .map_err(|err| self.wrap(err))?;
         let rows = statement
             .query_map([], read_row)
-            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .and_then(|rows| rows.map(|row| row.map(|row| self.held(row))).collect())
             .map_err(|err| self.wrap(err));
         rows
     }
@@ -124,7 +146,11 @@ impl RoleStore {
                 read_row,
             )
             .optional()
-            .map_err(wrap)?;
+            .map_err(wrap)?
+            .map(|row| RoleRow {
+                witness_id: self.identity,
+                ..row
+            });
         let change = match decide(current.as_ref()) {
             Err(reason) => return Ok(Err(reason)),
             Ok(None) => return Ok(Ok(current)),
@@ -173,7 +199,10 @@ impl RoleStore {
             )
             .map_err(wrap)?;
         transaction.commit().map_err(wrap)?;
-        Ok(Ok(Some(change.row)))
+        Ok(Ok(Some(RoleRow {
+            witness_id: self.identity,
+            ..change.row
+        })))
     }
 
     pub fn history(&self, session: &str) -> Result<Vec<HistoryEntry>, StoreError> {
@@ -218,6 +247,8 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RoleRow> {
         synchronized: r.get(7)?,
         timeout_secs: r.get(8)?,
         failover_lsn: failover_lsn.and_then(|lsn| lsn.parse().ok()),
+        // Not a column: the store names itself in every row it answers with.
+        witness_id: 0,
     })
 }
 
@@ -237,6 +268,7 @@ mod tests {
             synchronized: true,
             timeout_secs: 10,
             failover_lsn: None,
+            witness_id: 0,
         }
     }
 
@@ -257,6 +289,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("witness.sqlite");
         let mut store = RoleStore::open(&path).unwrap();
+        let identity = store.identity;
+        let row = |epoch, principal| RoleRow {
+            witness_id: identity,
+            ..row(epoch, principal)
+        };
         let created = store.update("shop", set(row(1, "alpha"), "Session Created"));
         assert_eq!(created.unwrap(), Ok(Some(row(1, "alpha"))));
         let stale = store.update("shop", set(row(1, "beta"), "Session Created"));
@@ -267,7 +304,10 @@ mod tests {
         assert_eq!(unchanged, Ok(Some(row(2, "beta"))));
         drop(store);
         let store = RoleStore::open(&path).unwrap();
+        // The same witness after a restart: same identity, same row.
         assert_eq!(store.get("shop").unwrap(), Some(row(2, "beta")));
+        let other = RoleStore::open(&dir.path().join("other.sqlite")).unwrap();
+        assert_ne!(other.identity, identity);
         let events: Vec<String> = store
             .history("shop")
             .unwrap()

@@ -330,7 +330,7 @@ pub fn tick(state: &SessionState, memory: &Memory, observed: &Observation) -> De
             }
             return decision;
         }
-        learn_from_peer(state, view, &mut decision);
+        learn_from_peer(state, observed, view, &mut decision);
     }
     let current = decision.current(state).clone();
     if current.ended {
@@ -438,7 +438,13 @@ fn demote(
 
 /// Facts the peer's ping settles: its name, and on a mirror the
 /// principal's epoch, safety and timeout (spec 30: set on the principal only).
-fn learn_from_peer(state: &SessionState, view: &PeerView, decision: &mut Decision) {
+fn learn_from_peer(
+    state: &SessionState,
+    observed: &Observation,
+    view: &PeerView,
+    decision: &mut Decision,
+) {
+    let ours = observed.witness.row.as_ref().map(|row| row.witness_id);
     decision.change(state, |state| {
         state.peer_name = Some(view.name.clone());
         if state.role == Role::Mirror && view.role == Role::Principal && view.epoch >= state.epoch {
@@ -446,9 +452,16 @@ fn learn_from_peer(state: &SessionState, view: &PeerView, decision: &mut Decisio
             state.safety = view.safety;
             state.safety_sequence = view.safety_sequence;
             state.timeout_secs = view.timeout_secs;
-            // SET WITNESS on the principal turns the witness on or off for
-            // both; a mirror that already has one keeps its own address.
-            if state.witness.is_some() != view.witness.is_some() {
+            // The mirror follows the principal's witness (SET WITNESS is
+            // issued there, spec 55), but keeps its own address for it
+            // while both reach the same witness by identity: it may be
+            // another route to it. A mirror never asks a witness its
+            // principal left (I1, I3).
+            let other_witness = match (view.witness_id, ours) {
+                (Some(theirs), Some(ours)) => theirs != ours,
+                _ => false,
+            };
+            if state.witness.is_some() != view.witness.is_some() || other_witness {
                 state.witness = view.witness.clone();
             }
         }

@@ -45,6 +45,7 @@ fn row(principal: &str, epoch: u64, synchronized: bool) -> RoleRow {
         synchronized,
         timeout_secs: 2,
         failover_lsn: None,
+        witness_id: 1,
     }
 }
 
@@ -63,6 +64,7 @@ fn view(name: &str, role: Role, epoch: u64) -> PeerView {
         pg_major: 15,
         safety_sequence: 1,
         witness: Some(witness()),
+        witness_id: Some(1),
     }
 }
 
@@ -423,4 +425,27 @@ fn what_the_peer_says_is_kept_when_the_role_tick_changes_nothing_more() {
     seen.peer.view = Some(principal_view);
     let decision = tick(&state, &Memory::default(), &seen);
     assert_eq!(decision.state.unwrap().witness, Some(witness()));
+}
+
+#[test]
+fn i3_the_mirror_follows_its_principal_to_another_witness() {
+    let state = mirror();
+    let mut seen = observed("beta");
+    seen.postgres = PostgresObservation::Mirror {
+        received: Some(Lsn(100)),
+    };
+    let other: Endpoint = "127.0.0.1:7001".parse().unwrap();
+    let mut principal_view = view("alpha", Role::Principal, 1);
+    principal_view.witness = Some(other.clone());
+    // Same witness by identity, reached at another address: keep ours.
+    seen.peer.view = Some(principal_view.clone());
+    let decision = tick(&state, &Memory::default(), &seen);
+    assert!(decision
+        .state
+        .is_none_or(|next| next.witness == Some(witness())));
+    // Another witness: follow the principal.
+    principal_view.witness_id = Some(2);
+    seen.peer.view = Some(principal_view);
+    let decision = tick(&state, &Memory::default(), &seen);
+    assert_eq!(decision.state.unwrap().witness, Some(other));
 }
