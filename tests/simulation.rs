@@ -9,6 +9,8 @@
 //! prints its last events and the command that replays it. `bench/soak` runs
 //! a million seeds in release.
 
+#[path = "simulation/actions.rs"]
+mod actions;
 #[path = "simulation/agent.rs"]
 mod agent;
 #[path = "simulation/checker.rs"]
@@ -52,7 +54,7 @@ struct Outcome {
 struct Totals {
     failures: Failures,
     failing_seeds: u64,
-    by_invariant: [Vec<u64>; 5],
+    by_invariant: [Vec<u64>; 6],
     shown: Vec<Outcome>,
     edge: u64,
     acknowledged: u64,
@@ -79,7 +81,10 @@ fn run_seed(seed: u64, verbose: bool, totals: &Mutex<Totals>) {
     if check.failures.any() {
         totals.failing_seeds += 1;
         let f = check.failures;
-        for (i, count) in [f.i1, f.i2, f.i3, f.i4, f.liveness].iter().enumerate() {
+        for (i, count) in [f.i1, f.i2, f.i3, f.i4, f.liveness, f.i3_atomic]
+            .iter()
+            .enumerate()
+        {
             if *count > 0 && totals.by_invariant[i].len() < 10 {
                 totals.by_invariant[i].push(seed);
             }
@@ -139,10 +144,10 @@ fn simulation() {
     );
     let f = totals.failures;
     println!(
-        "failing seeds: {} | I1 {} | I2 {} | I3 {} | I4 {} | liveness {}",
-        totals.failing_seeds, f.i1, f.i2, f.i3, f.i4, f.liveness
+        "failing seeds: {} | I1 {} | I2 {} | I3 {} | I3-atomic {} | I4 {} | liveness {}",
+        totals.failing_seeds, f.i1, f.i2, f.i3, f.i3_atomic, f.i4, f.liveness
     );
-    for (name, seeds) in ["I1", "I2", "I3", "I4", "liveness"]
+    for (name, seeds) in ["I1", "I2", "I3", "I4", "liveness", "I3-atomic"]
         .iter()
         .zip(&totals.by_invariant)
     {

@@ -16,8 +16,8 @@ use crate::partner::agent::{lock, peer_heard, Agent};
 use crate::partner::api::{
     ApiError, Command, ControlClient, PeerView, PromotionKind, Request, Response, WitnessRequest,
 };
-use crate::partner::policy::commands::{check, Facts, Route};
 use crate::partner::engine::{EngineError, Instance, StopMode};
+use crate::partner::policy::commands::{check, Facts, Route};
 use crate::partner::quorum::ask_witness;
 use crate::partner::state::StateError;
 use crate::roles::{Epoch, MirroringState, Role, Safety};

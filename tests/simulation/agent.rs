@@ -18,8 +18,9 @@ use pgmirror::partner::state::SessionState;
 use pgmirror::roles::{MirroringState, Role, Safety};
 
 use crate::ops::{Op, Running, Stage};
+use crate::postgres::PgRun;
 use crate::world::{
-    witness_endpoint, witness_of, Msg, Proc, World, WitnessReply, E, HOST_NAMES, SESSION,
+    witness_endpoint, witness_of, Msg, Proc, WitnessReply, World, E, HOST_NAMES, SESSION,
 };
 
 /// The system identifier initdb gives the principal's cluster.
@@ -118,7 +119,15 @@ impl Agent {
 impl World {
     pub fn agent_timer(&mut self, a: usize, local_ms: u64, ev: AgentEv) {
         let gen = self.agents[a].gen;
-        self.after_local(a, local_ms, E::Agent { a: a as u8, gen, ev });
+        self.after_local(
+            a,
+            local_ms,
+            E::Agent {
+                a: a as u8,
+                gen,
+                ev,
+            },
+        );
     }
 
     /// Now on agent `a`'s clock, since its process started.
@@ -420,6 +429,11 @@ impl World {
             }
             Msg::Status { req } => {
                 let status = self.agent_status(a);
+                if status.mirroring_role == Some(1) && self.pgs[a].run == PgRun::Mirror {
+                    // I3: the new role is shown before the promotion is done.
+                    let t = self.t;
+                    self.check.on_shown_early(t, &mut self.trace);
+                }
                 self.send(a, Proc::Proxy, Msg::StatusReply { req, status });
             }
             Msg::Command { from, req, command } => {
@@ -442,9 +456,8 @@ impl World {
                 },
             ),
             Msg::Nack { req } => self.op_reply(a, req, None),
-            reply @ (Msg::Witness { .. }
-            | Msg::CommandReply { .. }
-            | Msg::TakeOverReply { .. }) => {
+            reply
+            @ (Msg::Witness { .. } | Msg::CommandReply { .. } | Msg::TakeOverReply { .. }) => {
                 let req = match &reply {
                     Msg::Witness { req, .. }
                     | Msg::CommandReply { req, .. }

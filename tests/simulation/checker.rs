@@ -18,11 +18,14 @@ pub struct Failures {
     pub i3: u64,
     pub i4: u64,
     pub liveness: u64,
+    /// I3's atomicity: a partner shows the principal role while its
+    /// PostgreSQL is still in recovery.
+    pub i3_atomic: u64,
 }
 
 impl Failures {
     pub fn any(&self) -> bool {
-        self.i1 + self.i2 + self.i3 + self.i4 + self.liveness > 0
+        self.i1 + self.i2 + self.i3 + self.i4 + self.liveness + self.i3_atomic > 0
     }
 
     pub fn add(&mut self, other: &Failures) {
@@ -31,6 +34,7 @@ impl Failures {
         self.i3 += other.i3;
         self.i4 += other.i4;
         self.liveness += other.liveness;
+        self.i3_atomic += other.i3_atomic;
     }
 }
 
@@ -142,6 +146,17 @@ impl Checker {
                 0,
             );
         }
+    }
+
+    pub fn on_shown_early(&mut self, t: u64, trace: &mut Trace) {
+        self.failures.i3_atomic += 1;
+        self.fail(
+            t,
+            "I3-atomic: the principal role is shown while PostgreSQL is still in recovery",
+            trace,
+            0,
+            0,
+        );
     }
 
     /// I3 at the promotion: an automatic promotion (or a handover) of a

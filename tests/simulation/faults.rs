@@ -163,10 +163,22 @@ impl World {
                 target = x;
                 let delay = self.rng.range(200, timeout * 3);
                 self.links[x][y].down += 1;
-                self.after(delay, E::LinkHeal { from: x as u8, to: y as u8 });
+                self.after(
+                    delay,
+                    E::LinkHeal {
+                        from: x as u8,
+                        to: y as u8,
+                    },
+                );
                 if kind == 6 {
                     self.links[y][x].down += 1;
-                    self.after(delay, E::LinkHeal { from: y as u8, to: x as u8 });
+                    self.after(
+                        delay,
+                        E::LinkHeal {
+                            from: y as u8,
+                            to: x as u8,
+                        },
+                    );
                 }
             }
             7 => {
@@ -221,7 +233,11 @@ impl World {
         } else {
             mirror
         };
-        let current = self.agents[principal].durable.witness.as_ref().map(witness_of);
+        let current = self.agents[principal]
+            .durable
+            .witness
+            .as_ref()
+            .map(witness_of);
         let (a, command) = match kind {
             9 => (to, Command::Failover),
             10 => (mirror, Command::ForceServiceAllowDataLoss),
@@ -271,13 +287,24 @@ impl World {
         // (0.5 s), walreceiver retries (0.5 s), ping intervals (<= 2 s) and
         // a restarted agent's first round; plus the unsent WAL at the link's
         // speed.
-        let timeout = self.agents.iter().map(|a| a.timeout_ms()).max().unwrap_or(0);
+        let timeout = self
+            .agents
+            .iter()
+            .map(|a| a.timeout_ms())
+            .max()
+            .unwrap_or(0);
         let backlog = self.pgs[0].len().abs_diff(self.pgs[1].len()) as u64;
         let bound = 2 * timeout + 1000 + 8000 + backlog / SHIP_RECORDS_PER_MS;
         self.scenario.healed_at = Some(self.t);
         self.scenario.deadline = self.t + bound;
         self.scenario.end = self.t + bound + 1;
-        self.log(PROXY, "HEALED", bound, 0, "all faults healed; liveness bound (ms)");
+        self.log(
+            PROXY,
+            "HEALED",
+            bound,
+            0,
+            "all faults healed; liveness bound (ms)",
+        );
         self.after(HEAL_CHECK_MS, E::OperatorHeal);
     }
 

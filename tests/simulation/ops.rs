@@ -9,7 +9,6 @@
 use std::collections::VecDeque;
 
 use pgmirror::partner::api::{Command, PromotionKind};
-use pgmirror::partner::engine::StopMode;
 use pgmirror::partner::policy::commands::{
     apply, check, failover_answered, failover_begins, forced_service, take_over, take_over_check,
     Facts, Plan, Route, TakeOverAnswer, WitnessAnswer,
@@ -20,12 +19,16 @@ use pgmirror::partner::policy::{
 use pgmirror::roles::{Epoch, Role};
 use pgmirror::wire::lsn::Lsn;
 
-use crate::agent::{AgentEv, Promotion, SYSTEM_IDENTIFIER};
+use crate::actions::pack_actions;
+use crate::agent::{AgentEv, Promotion};
 use crate::postgres::PgRun;
-use crate::world::{witness_of, Msg, Proc, World, WitnessReply};
+use crate::world::{witness_of, Msg, Proc, WitnessReply, World};
 
 /// `api::REQUEST_TIMEOUT`: how long a control call (TakeOver) may take.
 const REQUEST_TIMEOUT_MS: u64 = 90_000;
+/// `ControlClient::connect`: a fresh control connection over a cut link
+/// fails after this.
+const CONNECT_TIMEOUT_MS: u64 = 10_000;
 /// `TAKE_OVER_DRAIN_LIMIT`.
 const DRAIN_LIMIT_MS: u64 = 30_000;
 
@@ -108,32 +111,10 @@ pub struct Running {
     pub failed: bool,
 }
 
-enum Started {
+pub enum Started {
     Done,
     Wait(Wait),
     Failed,
-}
-
-/// Action codes for the trace (see `trace::render`).
-pub fn pack_actions(actions: &[Action]) -> u64 {
-    let mut packed = 0u64;
-    for (i, action) in actions.iter().take(10).enumerate() {
-        let (code, flag) = match action {
-            Action::HandOver { .. } => (1, false),
-            Action::StartPrincipal { synchronous } => (2, *synchronous),
-            Action::StartMirror => (3, false),
-            Action::Stop(mode) => (4, *mode == StopMode::Immediate),
-            Action::Promote => (5, false),
-            Action::Rewind => (6, false),
-            Action::TakeCopy => (7, false),
-            Action::RequireSync(sync) => (8, *sync),
-            Action::RecordAtWitness { synchronized } => (9, *synchronized),
-            Action::AskPromotion { .. } => (10, false),
-            Action::CloseStreams => (11, false),
-        };
-        packed |= (code | if flag { 0x20 } else { 0 }) << (6 * i);
-    }
-    packed
 }
 
 impl World {
@@ -288,7 +269,8 @@ impl World {
                         command,
                     },
                 );
-                self.wait_request(a, forwarded, Purpose::Op, REQUEST_TIMEOUT_MS);
+                let limit = self.call_limit(a);
+                self.wait_request(a, forwarded, Purpose::Op, limit);
             }
             Ok(Route::Here) => {
                 let running = self.pgs[a].run != PgRun::Stopped;
@@ -339,6 +321,16 @@ impl World {
         }
     }
 
+    /// A call to the peer over a fresh connection: the connect fails after
+    /// 10 s on a cut link, else the answer may take REQUEST_TIMEOUT.
+    pub fn call_limit(&self, a: usize) -> u64 {
+        if self.both_ways(a, 1 - a) {
+            REQUEST_TIMEOUT_MS
+        } else {
+            CONNECT_TIMEOUT_MS
+        }
+    }
+
     fn wait_request(&mut self, a: usize, req: u64, purpose: Purpose, timeout_ms: u64) {
         if let Some(running) = self.agents[a].running.as_mut() {
             running.wait = Wait::Request(req, purpose);
@@ -370,213 +362,10 @@ impl World {
         self.wait_request(a, req, Purpose::Op, timeout);
     }
 
-    /// Runs the queued actions until one has to wait; then the stage goes on.
-    pub fn run_actions(&mut self, a: usize) {
-        loop {
-            let Some(running) = self.agents[a].running.as_mut() else {
-                return;
-            };
-            let Some(action) = running.actions.pop_front() else {
-                running.wait = Wait::Nothing;
-                return self.stage_continue(a);
-            };
-            match self.start_action(a, action) {
-                Started::Done => {}
-                Started::Wait(wait) => {
-                    if let Some(running) = self.agents[a].running.as_mut() {
-                        running.wait = wait;
-                    }
-                    return;
-                }
-                Started::Failed => {
-                    self.log(a, "action failed", 0, 0, "");
-                    if let Some(running) = self.agents[a].running.as_mut() {
-                        running.failed = true;
-                        running.actions.clear();
-                    }
-                }
-            }
-        }
-    }
-
-    fn wait_action(&mut self, a: usize, delay: u64, post: Post) -> Started {
-        let token = self.req();
-        self.after(
-            delay + 1,
-            crate::world::E::Agent {
-                a: a as u8,
-                gen: self.agents[a].gen,
-                ev: AgentEv::ActionDone(token),
-            },
-        );
-        Started::Wait(Wait::Action { token, post })
-    }
-
-    fn start_action(&mut self, a: usize, action: Action) -> Started {
-        match action {
-            Action::HandOver { epoch } => {
-                let req = self.req();
-                self.send(
-                    a,
-                    Proc::Agent((1 - a) as u8),
-                    Msg::TakeOver {
-                        from: a as u8,
-                        req,
-                        epoch,
-                        lsn: Lsn::INVALID,
-                        kind: PromotionKind::Handover,
-                    },
-                );
-                self.agent_timer(a, REQUEST_TIMEOUT_MS, AgentEv::ReqTimeout(req));
-                Started::Wait(Wait::Request(req, Purpose::HandOver(epoch)))
-            }
-            Action::StartPrincipal { synchronous } => {
-                let sync = synchronous && self.agents[a].durable.peer_name.is_some();
-                match self.pg_start(a, true, sync) {
-                    Some(delay) => self.wait_action(a, delay, Post::StartPrincipal),
-                    None => Started::Failed,
-                }
-            }
-            Action::StartMirror => match self.pg_start(a, false, false) {
-                Some(delay) => self.wait_action(a, delay, Post::None),
-                None => Started::Failed,
-            },
-            Action::Stop(mode) => {
-                let delay = self.pg_stop(a, mode == StopMode::Immediate);
-                self.wait_action(a, delay, Post::None)
-            }
-            Action::Promote => match self.pgs[a].run {
-                PgRun::Stopped => match self.pg_start(a, false, false) {
-                    Some(delay) => self.wait_action(a, delay, Post::PromoteAfterStart),
-                    None => Started::Failed,
-                },
-                PgRun::Mirror => match self.pg_promote(a) {
-                    Some(delay) => self.wait_action(a, delay, Post::None),
-                    None => Started::Failed,
-                },
-                _ => Started::Failed,
-            },
-            Action::Rewind => {
-                let stop = self.pg_stop(a, false);
-                let delay = stop + self.rng.range(800, 1500);
-                self.wait_action(a, delay, Post::Rewind)
-            }
-            Action::TakeCopy => {
-                let delay = self.rng.range(1500, 2500);
-                self.wait_action(a, delay, Post::TakeCopy)
-            }
-            Action::RequireSync(sync) => {
-                self.pg_require_sync(a, sync);
-                let delay = self.rng.range(5, 20);
-                self.wait_action(a, delay, Post::None)
-            }
-            Action::RecordAtWitness { synchronized } => {
-                let Some(witness) = self.agents[a].durable.witness.as_ref().map(witness_of) else {
-                    return Started::Done;
-                };
-                let req = self.req();
-                let epoch = self.agents[a].durable.epoch;
-                self.send(
-                    a,
-                    Proc::Witness(witness as u8),
-                    Msg::SetSync {
-                        from: a as u8,
-                        req,
-                        epoch,
-                        synchronized,
-                    },
-                );
-                let timeout = self.agents[a].timeout_ms();
-                self.agent_timer(a, timeout, AgentEv::ReqTimeout(req));
-                Started::Wait(Wait::Request(req, Purpose::Record))
-            }
-            Action::AskPromotion { .. } => Started::Done,
-            Action::CloseStreams => {
-                self.close_streams(a);
-                Started::Done
-            }
-        }
-    }
-
-    /// pg_rewind and pg_basebackup reach the principal through a tool relay.
-    fn tool_reachable(&self, a: usize) -> bool {
-        let p = 1 - a;
-        let peer = &self.agents[p];
-        peer.alive
-            && !peer.frozen
-            && self.both_ways(a, p)
-            && peer.durable.role == Role::Principal
-            && !peer.durable.ended
-            && self.pgs[p].run == PgRun::Principal
-    }
-
-    pub fn action_done(&mut self, a: usize, token: u64) {
-        let Some(Wait::Action { token: t, post }) = self.agents[a].running.as_ref().map(|r| r.wait)
-        else {
-            return;
-        };
-        if t != token {
-            return;
-        }
-        let ok = match post {
-            Post::None => true,
-            Post::StartPrincipal => {
-                if self.pgs[a].run == PgRun::Principal {
-                    let agent = &mut self.agents[a];
-                    agent.durable.system_identifier = Some(SYSTEM_IDENTIFIER);
-                }
-                true
-            }
-            Post::PromoteAfterStart => match self.pg_promote(a) {
-                Some(delay) => {
-                    if let Started::Wait(wait) = self.wait_action(a, delay, Post::None) {
-                        if let Some(running) = self.agents[a].running.as_mut() {
-                            running.wait = wait;
-                        }
-                    }
-                    return;
-                }
-                None => false,
-            },
-            Post::Rewind | Post::TakeCopy => {
-                let ok = self.tool_reachable(a) && self.pgs[a].run == PgRun::Stopped;
-                if ok {
-                    self.pg_copy_from(a, 1 - a);
-                    let state = &mut self.agents[a].durable;
-                    if post == Post::Rewind {
-                        state.needs_rewind = false;
-                    } else {
-                        state.has_copy = true;
-                        state.system_identifier = Some(SYSTEM_IDENTIFIER);
-                    }
-                    self.log(
-                        a,
-                        if post == Post::Rewind {
-                            "rewound"
-                        } else {
-                            "copy taken"
-                        },
-                        self.pgs[a].len() as u64,
-                        0,
-                        "",
-                    );
-                }
-                ok
-            }
-        };
-        if !ok {
-            self.log(a, "action failed", 0, 0, "");
-            if let Some(running) = self.agents[a].running.as_mut() {
-                running.failed = true;
-                running.actions.clear();
-            }
-        }
-        self.run_actions(a);
-    }
-
     /// An answer (or None: timeout, refused connection) to request `req`.
     pub fn op_reply(&mut self, a: usize, req: u64, reply: Option<Msg>) {
-        let Some(Wait::Request(r, purpose)) = self.agents[a].running.as_ref().map(|r| r.wait) else {
+        let Some(Wait::Request(r, purpose)) = self.agents[a].running.as_ref().map(|r| r.wait)
+        else {
             return;
         };
         if r != req {
@@ -591,7 +380,13 @@ impl World {
                 let agent = &self.agents[a];
                 let decision =
                     failover_answered(&agent.durable, &agent.memory, epoch, None, &answer);
-                self.log(a, "handover answer", epoch.0, u64::from(answer == TakeOverAnswer::Done), "");
+                self.log(
+                    a,
+                    "handover answer",
+                    epoch.0,
+                    u64::from(answer == TakeOverAnswer::Done),
+                    "",
+                );
                 if let Some(running) = self.agents[a].running.as_mut() {
                     running.actions.clear();
                 }
@@ -634,7 +429,13 @@ impl World {
                 let agent = &self.agents[a];
                 let decision =
                     failover_answered(&agent.durable, &agent.memory, epoch, Some(lsn), &answer);
-                self.log(a, "takeover answer", epoch.0, u64::from(answer == TakeOverAnswer::Done), "");
+                self.log(
+                    a,
+                    "takeover answer",
+                    epoch.0,
+                    u64::from(answer == TakeOverAnswer::Done),
+                    "",
+                );
                 self.decide(a, decision, "apply");
                 self.run_actions(a);
             }
@@ -682,8 +483,7 @@ impl World {
                             received,
                             &mut decision,
                         );
-                        self.agents[a].promotion =
-                            Promotion::Granted(PromotionKind::Automatic);
+                        self.agents[a].promotion = Promotion::Granted(PromotionKind::Automatic);
                         self.decide(a, decision, "apply");
                         self.run_actions(a);
                     }
@@ -695,7 +495,7 @@ impl World {
     }
 
     /// The queued actions are done: the stage's next step.
-    fn stage_continue(&mut self, a: usize) {
+    pub fn stage_continue(&mut self, a: usize) {
         let Some(running) = self.agents[a].running.as_ref() else {
             return;
         };
@@ -725,7 +525,8 @@ impl World {
                         kind: PromotionKind::Manual,
                     },
                 );
-                self.wait_request(a, req, Purpose::Op, REQUEST_TIMEOUT_MS);
+                let limit = self.call_limit(a);
+                self.wait_request(a, req, Purpose::Op, limit);
             }
             Stage::Forced { asked: false, .. } => {
                 let lsn = self.pg_received(a);
@@ -832,11 +633,7 @@ impl World {
             Stage::Tick => self.tick_done(a),
             Stage::Auto { .. } => self.watch_resume(a),
             Stage::TakeOver { from, req, .. } => {
-                self.send(
-                    a,
-                    Proc::Agent(from),
-                    Msg::TakeOverReply { req, done: ok },
-                );
+                self.send(a, Proc::Agent(from), Msg::TakeOverReply { req, done: ok });
             }
             Stage::Manual { .. } => self.agents[a].pending_failover = false,
             _ => {}

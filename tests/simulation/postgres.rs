@@ -12,7 +12,7 @@ use pgmirror::partner::policy::{PostgresObservation, StandbyObservation};
 use pgmirror::roles::{Role, Safety};
 use pgmirror::wire::lsn::Lsn;
 
-use crate::world::{World, E, PROXY};
+use crate::world::{World, E, HOST_NAMES, PROXY};
 
 /// Records the link carries per millisecond when catching up.
 pub const SHIP_RECORDS_PER_MS: u64 = 20;
@@ -93,7 +93,11 @@ pub struct TxnAck {
 
 #[derive(Debug, Clone, Copy)]
 pub enum PgEv {
-    Started { principal: bool, sync: bool, epoch: u64 },
+    Started {
+        principal: bool,
+        sync: bool,
+        epoch: u64,
+    },
     Stopped,
     Promoted,
     SyncEffective(bool),
@@ -423,12 +427,26 @@ impl World {
 
     /// The commit completes: the checker sees it, the client may.
     fn pg_ack(&mut self, p: usize, pos: u32, client: u8, txn: u64, edge: bool) {
+        // I2 protects a commit when the principal's durable state says its
+        // commits wait for the mirror, or when a witness's role table still
+        // records the mirror as synchronized (it may grant a failover).
         let state = &self.agents[p].durable;
-        let protected = state.role == Role::Principal
+        let epoch = self.pgs[p].serve_epoch;
+        let by_state = state.role == Role::Principal
             && state.safety == Safety::Full
             && state.synchronized
             && !state.suspended
             && !state.ended;
+        let by_witness = self.witnesses.iter().any(|w| {
+            w.row.as_ref().is_some_and(|row| {
+                row.principal == HOST_NAMES[p]
+                    && row.epoch.0 == epoch
+                    && row.synchronized
+                    && row.safety == Safety::Full
+                    && !row.suspended
+            })
+        });
+        let protected = by_state || by_witness;
         let ack = TxnAck {
             rid: self.pgs[p].wal[pos as usize].rid,
             pos,

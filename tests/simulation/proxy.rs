@@ -113,9 +113,7 @@ impl World {
         }
         let chosen = if self.proxy.answers.is_empty() {
             // libpq-style probe: the first read-write PostgreSQL.
-            (0..2).find(|p| {
-                self.pgs[*p].run == PgRun::Principal && self.both_ways(PROXY, *p)
-            })
+            (0..2).find(|p| self.pgs[*p].run == PgRun::Principal && self.both_ways(PROXY, *p))
         } else {
             let answers = std::mem::take(&mut self.proxy.answers);
             let chosen = self.proxy.memory.step(&answers);

@@ -57,8 +57,18 @@ impl Trace {
 }
 
 const ACTIONS: [&str; 12] = [
-    "", "HandOver", "StartPrincipal", "StartMirror", "Stop", "Promote", "Rewind", "TakeCopy",
-    "RequireSync", "RecordAtWitness", "AskPromotion", "CloseStreams",
+    "",
+    "HandOver",
+    "StartPrincipal",
+    "StartMirror",
+    "Stop",
+    "Promote",
+    "Rewind",
+    "TakeCopy",
+    "RequireSync",
+    "RecordAtWitness",
+    "AskPromotion",
+    "CloseStreams",
 ];
 
 fn render(line: &Line) -> String {
@@ -81,7 +91,11 @@ fn render(line: &Line) -> String {
                 });
                 codes >>= 6;
             }
-            let role = if line.b & 1 == 1 { "principal" } else { "mirror" };
+            let role = if line.b & 1 == 1 {
+                "principal"
+            } else {
+                "mirror"
+            };
             let _ = write!(
                 out,
                 "-> {role} epoch {} sync={} susp={} [{}]",

@@ -9,7 +9,7 @@ use pgmirror::partner::api::{PromotionKind, RoleRow};
 use pgmirror::roles::Epoch;
 use pgmirror::witness::arbiter::{self, Change};
 
-use crate::world::{Msg, Proc, World, WitnessReply, E, HOST_NAMES, WIT_A};
+use crate::world::{Msg, Proc, WitnessReply, World, E, HOST_NAMES, WIT_A};
 
 pub struct Witness {
     /// The role table row (durable).
@@ -208,14 +208,20 @@ impl World {
             witness.row = Some(pending.change.row.clone());
             let row = &pending.change.row;
             let (epoch, synchronized) = (row.epoch.0, row.synchronized);
-            self.log(WIT_A + w, "row written", epoch, u64::from(synchronized), pending.change.event);
-            self.check.on_persist(pgmirror::roles::Role::Principal, epoch);
+            self.log(
+                WIT_A + w,
+                "row written",
+                epoch,
+                u64::from(synchronized),
+                pending.change.event,
+            );
+            self.check
+                .on_persist(pgmirror::roles::Role::Principal, epoch);
             if let Some((from, kind)) = pending.promotion {
                 let old = 1 - from as usize;
                 let t = self.t;
                 let serving = self.pgs[old].run == crate::postgres::PgRun::Principal;
-                self.check
-                    .on_grant(t, kind, serving, &mut self.trace);
+                self.check.on_grant(t, kind, serving, &mut self.trace);
             }
         }
         let reply = if pending.report {

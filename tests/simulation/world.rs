@@ -155,23 +155,73 @@ impl Msg {
 
 /// Everything that happens, at a time.
 pub enum E {
-    Agent { a: u8, gen: u32, ev: AgentEv },
-    AgentRestart { a: u8 },
-    Thaw { a: u8 },
-    Deliver { to: Proc, msg: Box<Msg> },
-    Pg { p: u8, pgen: u32, ev: PgEv },
-    Ship { sgen: u32, upto: u32 },
-    StreamAck { sgen: u32, flush: u32 },
-    Witness { w: u8, gen: u32, ev: WitnessEv },
-    WitnessRestart { w: u8 },
+    Agent {
+        a: u8,
+        gen: u32,
+        ev: AgentEv,
+    },
+    AgentRestart {
+        a: u8,
+    },
+    Thaw {
+        a: u8,
+    },
+    Deliver {
+        to: Proc,
+        msg: Box<Msg>,
+    },
+    Pg {
+        p: u8,
+        pgen: u32,
+        ev: PgEv,
+    },
+    Ship {
+        sgen: u32,
+        upto: u32,
+    },
+    StreamAck {
+        sgen: u32,
+        flush: u32,
+    },
+    Witness {
+        w: u8,
+        gen: u32,
+        ev: WitnessEv,
+    },
+    WitnessRestart {
+        w: u8,
+    },
     ProxyPoll,
-    ProxyTimeout { req: u64 },
-    ClientGo { c: u8 },
-    ClientTimeout { c: u8, txn: u64, cancelled: bool },
-    TxnArrive { p: u8, c: u8, txn: u64 },
-    TxnCancel { p: u8, c: u8, txn: u64 },
-    TxnReply { c: u8, txn: u64, ack: Option<TxnAck> },
-    LinkHeal { from: u8, to: u8 },
+    ProxyTimeout {
+        req: u64,
+    },
+    ClientGo {
+        c: u8,
+    },
+    ClientTimeout {
+        c: u8,
+        txn: u64,
+        cancelled: bool,
+    },
+    TxnArrive {
+        p: u8,
+        c: u8,
+        txn: u64,
+    },
+    TxnCancel {
+        p: u8,
+        c: u8,
+        txn: u64,
+    },
+    TxnReply {
+        c: u8,
+        txn: u64,
+        ack: Option<TxnAck>,
+    },
+    LinkHeal {
+        from: u8,
+        to: u8,
+    },
     Fault,
     FaultPhaseEnd,
     OperatorHeal,
@@ -438,7 +488,9 @@ impl World {
             E::ProxyPoll => self.proxy_poll(),
             E::ProxyTimeout { req } => self.proxy_timeout(req),
             E::ClientGo { c } => self.client_go(c as usize),
-            E::ClientTimeout { c, txn, cancelled } => self.client_timeout(c as usize, txn, cancelled),
+            E::ClientTimeout { c, txn, cancelled } => {
+                self.client_timeout(c as usize, txn, cancelled)
+            }
             E::TxnArrive { p, c, txn } => self.txn_arrive(p as usize, c, txn),
             E::TxnCancel { p, c, txn } => self.txn_cancel(p as usize, c, txn),
             E::TxnReply { c, txn, ack } => self.client_reply(c as usize, txn, ack),

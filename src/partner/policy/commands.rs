@@ -265,7 +265,9 @@ pub fn failover_answered(
                     state.safety == Safety::Full && state.synchronized && !state.suspended;
                 decision.memory.expect_running = true;
                 decision.memory.applied_sync = Some(synchronous && state.peer_name.is_some());
-                decision.actions.push(Action::StartPrincipal { synchronous });
+                decision
+                    .actions
+                    .push(Action::StartPrincipal { synchronous });
             }
         }
     }

@@ -443,11 +443,11 @@ fn principal_tick(
     if synchronized {
         // Commits wait for the mirror before the state says so.
         require_sync(state, true, &mut decision);
-        if state.witness.is_some()
-            && caught_up
-            && witness_row.is_some_and(|row| !row.synchronized)
+        if state.witness.is_some() && caught_up && witness_row.is_some_and(|row| !row.synchronized)
         {
-            decision.actions.push(Action::RecordAtWitness { synchronized: true });
+            decision
+                .actions
+                .push(Action::RecordAtWitness { synchronized: true });
         }
     } else {
         // I2: the mirror is recorded as not synchronized before commits
@@ -495,7 +495,8 @@ fn start_principal(
             decision.change(state, |state| state.state = MirroringState::Disconnected);
             return decision;
         }
-    } else if peer.is_none() && observed.now.saturating_sub(decision.memory.started_at) < state.timeout()
+    } else if peer.is_none()
+        && observed.now.saturating_sub(decision.memory.started_at) < state.timeout()
     {
         // A restarted principal first asks its peer who is principal now
         // (spec 26); only a peer silent for TIMEOUT lets it serve alone.
