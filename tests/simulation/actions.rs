@@ -112,7 +112,7 @@ impl World {
             },
             Action::Stop(mode) => {
                 let delay = self.pg_stop(a, mode == StopMode::Immediate);
-                self.wait_action(a, delay, Post::None)
+                self.wait_action(a, delay, Post::Stopped)
             }
             Action::Promote => match self.pgs[a].run {
                 PgRun::Stopped => match self.pg_start(a, false, false) {
@@ -189,6 +189,16 @@ impl World {
         }
         let ok = match post {
             Post::None => true,
+            Post::Stopped if self.pgs[a].run != PgRun::Stopped => {
+                // pg_ctl stop waits for the postmaster to exit.
+                if let Started::Wait(wait) = self.wait_action(a, 50, Post::Stopped) {
+                    if let Some(running) = self.agents[a].running.as_mut() {
+                        running.wait = wait;
+                    }
+                }
+                return;
+            }
+            Post::Stopped => true,
             Post::StartPrincipal => {
                 if self.pgs[a].run == PgRun::Principal {
                     let agent = &mut self.agents[a];

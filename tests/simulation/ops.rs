@@ -81,6 +81,7 @@ pub enum Stage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Post {
     None,
+    Stopped,
     StartPrincipal,
     PromoteAfterStart,
     Rewind,

@@ -16,6 +16,8 @@ use crate::world::{World, E, HOST_NAMES, PROXY};
 
 /// Records the link carries per millisecond when catching up.
 pub const SHIP_RECORDS_PER_MS: u64 = 20;
+/// PostgreSQL's default wal_sender_timeout.
+const WAL_SENDER_TIMEOUT_MS: u64 = 60_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PgRun {
@@ -66,6 +68,8 @@ pub struct Pg {
     pub sync_effective: bool,
     pub waiting: Vec<Waiter>,
     pub standby: Option<Standby>,
+    /// Stopping: the walsender waits until the standby confirmed this.
+    pub drain_to: Option<u32>,
 }
 
 /// The mirror's walreceiver connected through both agents.
@@ -116,6 +120,7 @@ impl Pg {
             sync_effective: false,
             waiting: Vec::new(),
             standby: None,
+            drain_to: None,
         }
     }
 
@@ -211,17 +216,18 @@ impl World {
         } else {
             self.rng.range(100, 250)
         };
+        let mut drain = false;
         if run == PgRun::Principal && !immediate {
             let pos = self.append(p);
             self.pgs[p].checkpoint = pos;
             self.stream_kick();
-            if let Some(stream) = &self.stream {
-                if stream.principal == p && self.stream_flows(true) && self.stream_flows(false) {
-                    let (m, backlog) = (stream.mirror, self.pgs[p].len() - stream.acked);
-                    delay += self.links[p][m].delay_max
-                        + self.links[m][p].delay_max
-                        + backlog as u64 / SHIP_RECORDS_PER_MS;
-                }
+            // The walsender sends everything, the shutdown checkpoint
+            // included, and exits only once the standby confirmed it
+            // (WalSndDone) or wal_sender_timeout ends it.
+            drain = self.stream.as_ref().is_some_and(|s| s.principal == p);
+            if drain {
+                delay = WAL_SENDER_TIMEOUT_MS;
+                self.pgs[p].drain_to = Some(self.pgs[p].len());
             }
         }
         if self.stream.as_ref().is_some_and(|s| s.mirror == p) {
@@ -230,7 +236,19 @@ impl World {
         self.pgs[p].run = PgRun::Stopping;
         self.pgs[p].pgen += 1;
         self.pg_ev(p, delay, PgEv::Stopped);
-        delay
+        if drain {
+            self.stream_kick();
+            50
+        } else {
+            delay
+        }
+    }
+
+    /// A stopping principal's walsender is done (confirmed or closed).
+    fn drained(&mut self, p: usize) {
+        if self.pgs[p].run == PgRun::Stopping && self.pgs[p].drain_to.take().is_some() {
+            self.pg_ev(p, 20, PgEv::Stopped);
+        }
     }
 
     /// kill -9 of the postmaster: flushed WAL survives.
@@ -251,6 +269,7 @@ impl World {
         pg.pgen += 1;
         pg.standby = None;
         pg.sync_effective = false;
+        pg.drain_to = None;
     }
 
     /// pg_promote(); None unless in recovery.
@@ -322,6 +341,7 @@ impl World {
                 pg.pgen += 1;
                 pg.standby = None;
                 pg.sync_effective = false;
+                pg.drain_to = None;
                 self.log(p, "pg stopped", 0, 0, "");
             }
             PgEv::Promoted => {
@@ -617,6 +637,9 @@ impl World {
         if let Some(standby) = &mut self.pgs[p].standby {
             standby.flush = standby.flush.max(flush);
         }
+        if self.pgs[p].drain_to.is_some_and(|to| flush >= to) {
+            self.drained(p);
+        }
         self.release_waiters(p);
     }
 
@@ -625,6 +648,7 @@ impl World {
     pub fn stream_end(&mut self) {
         if let Some(stream) = self.stream.take() {
             self.pgs[stream.principal].standby = None;
+            self.drained(stream.principal);
             self.stream_lost_by_mirror(stream.mirror);
         }
     }
