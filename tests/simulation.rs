@@ -15,6 +15,8 @@ mod actions;
 mod agent;
 #[path = "simulation/checker.rs"]
 mod checker;
+#[path = "simulation/commands.rs"]
+mod commands;
 #[path = "simulation/faults.rs"]
 mod faults;
 #[path = "simulation/ops.rs"]
@@ -25,6 +27,8 @@ mod postgres;
 mod proxy;
 #[path = "simulation/rng.rs"]
 mod rng;
+#[path = "simulation/stream.rs"]
+mod stream;
 #[path = "simulation/trace.rs"]
 mod trace;
 #[path = "simulation/witness.rs"]

@@ -322,7 +322,7 @@ impl World {
             return;
         }
         self.scenario.heal_checks += 1;
-        if self.scenario.heal_checks % 4 == 0 {
+        if self.scenario.heal_checks.is_multiple_of(4) {
             let p = self.principal();
             let state = &self.agents[p].durable;
             if state.role == Role::Principal && !state.ended {

@@ -10,8 +10,7 @@ use std::collections::VecDeque;
 
 use pgmirror::partner::api::{Command, PromotionKind};
 use pgmirror::partner::policy::commands::{
-    apply, check, failover_answered, failover_begins, forced_service, take_over, take_over_check,
-    Facts, Plan, Route, TakeOverAnswer, WitnessAnswer,
+    failover_answered, forced_service, take_over, take_over_check, TakeOverAnswer, WitnessAnswer,
 };
 use pgmirror::partner::policy::{
     become_principal, tick, wants_automatic_failover, Action, Decision,
@@ -21,7 +20,6 @@ use pgmirror::wire::lsn::Lsn;
 
 use crate::actions::pack_actions;
 use crate::agent::{AgentEv, Promotion};
-use crate::postgres::PgRun;
 use crate::world::{witness_of, Msg, Proc, WitnessReply, World};
 
 /// `api::REQUEST_TIMEOUT`: how long a control call (TakeOver) may take.
@@ -133,7 +131,7 @@ impl World {
         }
     }
 
-    fn hold(&mut self, a: usize, stage: Stage, answer_to: Option<(Proc, u64)>) {
+    pub fn hold(&mut self, a: usize, stage: Stage, answer_to: Option<(Proc, u64)>) {
         self.agents[a].running = Some(Running {
             stage,
             answer_to,
@@ -242,86 +240,6 @@ impl World {
         }
     }
 
-    fn begin_command(&mut self, a: usize, command: Command, from: Proc, req: u64) {
-        let agent = &self.agents[a];
-        let facts = Facts {
-            peer_connected: agent.obs.peer.connected,
-            witness_connected: agent
-                .durable
-                .witness
-                .as_ref()
-                .map(|_| agent.obs.witness.connected),
-        };
-        match check(&command, &agent.durable, facts) {
-            Err(_) => {
-                self.hold(a, Stage::Change, Some((from, req)));
-                self.log(a, "refused", 0, 0, command_name(&command));
-                self.fail_and_release(a);
-            }
-            Ok(Route::Peer) => {
-                self.hold(a, Stage::Forward, Some((from, req)));
-                let forwarded = self.req();
-                self.send(
-                    a,
-                    Proc::Agent((1 - a) as u8),
-                    Msg::Command {
-                        from: Proc::Agent(a as u8),
-                        req: forwarded,
-                        command,
-                    },
-                );
-                let limit = self.call_limit(a);
-                self.wait_request(a, forwarded, Purpose::Op, limit);
-            }
-            Ok(Route::Here) => {
-                let running = self.pgs[a].run != PgRun::Stopped;
-                let agent = &self.agents[a];
-                match apply(&command, &agent.durable, &agent.memory, running) {
-                    Plan::Change(decision) => {
-                        self.hold(a, Stage::Change, Some((from, req)));
-                        self.decide(a, decision, "apply");
-                        self.log(a, "command", 0, 0, command_name(&command));
-                        self.run_actions(a);
-                    }
-                    Plan::ManualFailover => {
-                        let epoch = self.agents[a].durable.epoch.next();
-                        self.hold(
-                            a,
-                            Stage::Manual {
-                                epoch,
-                                lsn: Lsn::INVALID,
-                                answered: false,
-                            },
-                            Some((from, req)),
-                        );
-                        self.agents[a].pending_failover = true;
-                        let decision = failover_begins(&self.agents[a].memory);
-                        self.decide(a, decision, "apply");
-                        self.log(a, "command", epoch.0, 0, "FAILOVER");
-                        self.run_actions(a);
-                    }
-                    Plan::ForcedService => {
-                        self.hold(
-                            a,
-                            Stage::Forced {
-                                received: None,
-                                asked: false,
-                            },
-                            Some((from, req)),
-                        );
-                        self.log(a, "command", 0, 0, "FORCE_SERVICE_ALLOW_DATA_LOSS");
-                        if self.pgs[a].run == PgRun::Stopped {
-                            if let Some(running) = self.agents[a].running.as_mut() {
-                                running.actions.push_back(Action::StartMirror);
-                            }
-                        }
-                        self.run_actions(a);
-                    }
-                }
-            }
-        }
-    }
-
     /// A call to the peer over a fresh connection: the connect fails after
     /// 10 s on a cut link, else the answer may take REQUEST_TIMEOUT.
     pub fn call_limit(&self, a: usize) -> u64 {
@@ -332,7 +250,7 @@ impl World {
         }
     }
 
-    fn wait_request(&mut self, a: usize, req: u64, purpose: Purpose, timeout_ms: u64) {
+    pub fn wait_request(&mut self, a: usize, req: u64, purpose: Purpose, timeout_ms: u64) {
         if let Some(running) = self.agents[a].running.as_mut() {
             running.wait = Wait::Request(req, purpose);
         }
@@ -617,7 +535,7 @@ impl World {
         }
     }
 
-    fn fail_and_release(&mut self, a: usize) {
+    pub fn fail_and_release(&mut self, a: usize) {
         if let Some(running) = self.agents[a].running.as_mut() {
             running.failed = true;
         }
@@ -665,20 +583,5 @@ fn witness_answer(reply: &Option<Msg>) -> WitnessAnswer {
         }) => WitnessAnswer::Granted,
         Some(Msg::Witness { .. }) => WitnessAnswer::Refused("refused".into()),
         _ => WitnessAnswer::Unreachable("no answer".into()),
-    }
-}
-
-pub fn command_name(command: &Command) -> &'static str {
-    match command {
-        Command::Suspend => "SUSPEND",
-        Command::Resume => "RESUME",
-        Command::Safety(pgmirror::roles::Safety::Full) => "SAFETY FULL",
-        Command::Safety(pgmirror::roles::Safety::Off) => "SAFETY OFF",
-        Command::Timeout(_) => "TIMEOUT",
-        Command::Failover => "FAILOVER",
-        Command::ForceServiceAllowDataLoss => "FORCE_SERVICE_ALLOW_DATA_LOSS",
-        Command::Off => "PARTNER OFF",
-        Command::Witness(Some(_)) => "SET WITNESS",
-        Command::Witness(None) => "WITNESS OFF",
     }
 }

@@ -15,9 +15,10 @@ use pgmirror::wire::lsn::Lsn;
 use crate::agent::{Agent, AgentEv};
 use crate::checker::Checker;
 use crate::faults::{FaultCounts, Scenario};
-use crate::postgres::{Pg, PgEv, Stream, TxnAck};
+use crate::postgres::{Pg, PgEv, TxnAck};
 use crate::proxy::Proxy;
 use crate::rng::Rng;
+use crate::stream::Stream;
 use crate::trace::{Line, Trace};
 use crate::witness::{Witness, WitnessEv};
 
