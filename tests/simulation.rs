@@ -62,6 +62,7 @@ struct Totals {
     shown: Vec<Outcome>,
     edge: u64,
     acknowledged: u64,
+    lost_updates: u64,
     faults: FaultCounts,
     events: u64,
     simulated_ms: u64,
@@ -79,6 +80,7 @@ fn run_seed(seed: u64, verbose: bool, totals: &Mutex<Totals>) {
     totals.failures.add(&check.failures);
     totals.edge += check.edge;
     totals.acknowledged += check.acknowledged;
+    totals.lost_updates += check.lost_updates;
     totals.faults.add(&world.faults);
     totals.events += world.events;
     totals.simulated_ms += world.t;
@@ -160,8 +162,8 @@ fn simulation() {
         }
     }
     println!(
-        "acknowledged commits: {} | edge (cancelled waits): {}",
-        totals.acknowledged, totals.edge
+        "acknowledged commits: {} | edge (cancelled waits): {} | witness lost updates: {}",
+        totals.acknowledged, totals.edge, totals.lost_updates
     );
     println!("faults injected:");
     for (name, n) in KINDS.iter().zip(totals.faults.0.iter()) {

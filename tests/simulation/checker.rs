@@ -7,7 +7,7 @@ use pgmirror::partner::api::PromotionKind;
 use pgmirror::roles::Role;
 
 use crate::agent::Promotion;
-use crate::postgres::{Pg, PgRun, TxnAck};
+use crate::postgres::{Pg, PgRun, Protection, TxnAck};
 use crate::trace::{Line, Trace};
 use crate::world::World;
 
@@ -49,7 +49,9 @@ pub struct Checker {
     /// accepted two writers (the reference's split brain); not counted.
     forced_alone: Vec<u64>,
     /// Acknowledged under FULL while synchronized: (pos, rid, epoch).
-    protected: Vec<(u32, u32, u64)>,
+    protected: Vec<(u32, u32, u64, Protection)>,
+    /// Witness writes that overwrote a change made since their read.
+    pub lost_updates: u64,
     pub acknowledged: u64,
     pub edge: u64,
     pub failures: Failures,
@@ -113,7 +115,8 @@ impl Checker {
         if ack.edge {
             self.edge += 1;
         } else if ack.protected {
-            self.protected.push((ack.pos, ack.rid, ack.epoch));
+            self.protected
+                .push((ack.pos, ack.rid, ack.epoch, ack.class));
         }
     }
 
@@ -180,7 +183,7 @@ impl Checker {
         let missing = self
             .protected
             .iter()
-            .filter(|(pos, rid, acked)| *acked < epoch && !pg.holds(*pos, *rid))
+            .filter(|(pos, rid, acked, _)| *acked < epoch && !pg.holds(*pos, *rid))
             .count();
         if missing > 0 {
             self.failures.i3 += 1;
@@ -196,20 +199,32 @@ impl Checker {
 
     /// I2 at the end: every protected commit is in the final history.
     fn final_history(&mut self, t: u64, pg: &Pg, trace: &mut Trace) {
-        let missing = self
-            .protected
-            .iter()
-            .filter(|(pos, rid, _)| !pg.holds(*pos, *rid))
-            .count() as u64;
-        if missing > 0 {
+        let mut first = None;
+        let mut missing = 0;
+        for (pos, rid, _, class) in &self.protected {
+            if !pg.holds(*pos, *rid) {
+                missing += 1;
+                first.get_or_insert(*class);
+            }
+        }
+        if let Some(class) = first {
             self.failures.i2 += missing;
-            self.fail(
-                t,
-                "I2: commits acknowledged under FULL are missing from the final principal",
-                trace,
-                missing,
-                0,
-            );
+            let what = match class {
+                Protection::Waited => {
+                    "I2: commits acknowledged under FULL are missing from the final principal \
+                     (the first had waited for the mirror's flush)"
+                }
+                Protection::StateOnly => {
+                    "I2: commits acknowledged under FULL are missing from the final principal \
+                     (the first did not wait: the state said synchronized, the requirement was \
+                     not in force)"
+                }
+                Protection::WitnessOnly => {
+                    "I2: commits acknowledged under FULL are missing from the final principal \
+                     (the first did not wait: only the witness still recorded synchronized)"
+                }
+            };
+            self.fail(t, what, trace, missing, 0);
         }
     }
 }

@@ -67,7 +67,7 @@ pub struct Scenario {
 impl Scenario {
     pub fn new(rng: &mut Rng) -> Self {
         let timeout_secs = rng.range(2, 5);
-        let fault_end = FAULTS_FROM_MS + rng.range(12_000, 22_000);
+        let fault_end = FAULTS_FROM_MS + rng.range(20_000, 40_000);
         Scenario {
             timeout_secs,
             witness: rng.chance(900),

@@ -82,6 +82,31 @@ pub struct TxnAck {
     pub protected: bool,
     /// The wait for the standby was cancelled (visible, WARNING).
     pub edge: bool,
+    pub class: Protection,
+}
+
+/// How a commit completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Done {
+    /// No synchronous requirement in force.
+    Immediate,
+    /// The standby's flush reached it.
+    Flushed,
+    /// The requirement was dropped while it waited.
+    Released,
+    /// Its client cancelled the wait.
+    Cancelled,
+}
+
+/// Why a protected commit was protected, for the I2 report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protection {
+    /// It waited for the mirror's flush.
+    Waited,
+    /// The principal's state said synchronized, but it did not wait.
+    StateOnly,
+    /// Only a witness's row still said synchronized.
+    WitnessOnly,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -357,7 +382,7 @@ impl World {
                 } else {
                     let waiting = std::mem::take(&mut self.pgs[p].waiting);
                     for waiter in &waiting {
-                        self.pg_ack(p, waiter.pos, waiter.client, waiter.txn, false);
+                        self.pg_ack(p, waiter.pos, waiter.client, waiter.txn, Done::Released);
                     }
                     self.pgs[p].waiting = waiting;
                     self.pgs[p].waiting.clear();
@@ -396,7 +421,7 @@ impl World {
             self.pgs[p].waiting.push(Waiter { pos, client, txn });
             self.release_waiters(p);
         } else {
-            self.pg_ack(p, pos, client, txn, false);
+            self.pg_ack(p, pos, client, txn, Done::Immediate);
         }
         self.stream_kick();
     }
@@ -410,7 +435,7 @@ impl World {
             .position(|w| w.client == client && w.txn == txn)
         {
             let waiter = waiting.swap_remove(index);
-            self.pg_ack(p, waiter.pos, client, txn, true);
+            self.pg_ack(p, waiter.pos, client, txn, Done::Cancelled);
         }
     }
 
@@ -425,7 +450,7 @@ impl World {
         let mut waiting = std::mem::take(&mut self.pgs[p].waiting);
         waiting.retain(|w| {
             if w.pos < standby.flush {
-                self.pg_ack(p, w.pos, w.client, w.txn, false);
+                self.pg_ack(p, w.pos, w.client, w.txn, Done::Flushed);
                 false
             } else {
                 true
@@ -435,7 +460,7 @@ impl World {
     }
 
     /// The commit completes: the checker sees it, the client may.
-    fn pg_ack(&mut self, p: usize, pos: u32, client: u8, txn: u64, edge: bool) {
+    fn pg_ack(&mut self, p: usize, pos: u32, client: u8, txn: u64, done: Done) {
         // I2 protects a commit when the principal's durable state says its
         // commits wait for the mirror, or when a witness's role table still
         // records the mirror as synchronized (it may grant a failover).
@@ -456,12 +481,21 @@ impl World {
             })
         });
         let protected = by_state || by_witness;
+        let edge = done == Done::Cancelled;
+        let class = if done == Done::Flushed {
+            Protection::Waited
+        } else if by_state {
+            Protection::StateOnly
+        } else {
+            Protection::WitnessOnly
+        };
         let ack = TxnAck {
             rid: self.pgs[p].wal[pos as usize].rid,
             pos,
             epoch: self.pgs[p].serve_epoch,
             protected,
             edge,
+            class,
         };
         let t = self.t;
         self.check.on_commit(t, ack, &mut self.trace);

@@ -24,6 +24,8 @@ pub struct Witness {
 /// A change read at `expected` and written after the store's latency.
 pub struct Pending {
     expected: Option<Epoch>,
+    /// The row as read, to notice a change made meanwhile (same epoch).
+    read: Option<RoleRow>,
     change: Change,
     answer_to: (Proc, u64),
     /// A report is answered with the row as it is after the write; a
@@ -96,7 +98,8 @@ impl World {
                     Some(change) => self.witness_write(
                         w,
                         Pending {
-                            expected: row.map(|row| row.epoch),
+                            expected: row.as_ref().map(|row| row.epoch),
+                            read: row,
                             change,
                             answer_to: (Proc::Agent(from), req),
                             report: true,
@@ -177,7 +180,8 @@ impl World {
             Ok(change) => self.witness_write(
                 w,
                 Pending {
-                    expected: row.map(|row| row.epoch),
+                    expected: row.as_ref().map(|row| row.epoch),
+                    read: row,
                     change,
                     answer_to: (Proc::Agent(from), req),
                     report: false,
@@ -205,6 +209,13 @@ impl World {
         let witness = &mut self.witnesses[w];
         let written = witness.row.as_ref().map(|row| row.epoch) == pending.expected;
         if written {
+            if witness.row != pending.read {
+                // The compare-and-set on the epoch alone let this write
+                // overwrite a change made since it read the row.
+                self.check.lost_updates += 1;
+                self.log(WIT_A + w, "LOST UPDATE", 0, 0, pending.change.event);
+            }
+            let witness = &mut self.witnesses[w];
             witness.row = Some(pending.change.row.clone());
             let row = &pending.change.row;
             let (epoch, synchronized) = (row.epoch.0, row.synchronized);
