@@ -84,9 +84,8 @@ impl World {
         match action {
             Action::HandOver { epoch } => {
                 let req = self.req();
-                self.send(
+                self.call_peer(
                     a,
-                    Proc::Agent((1 - a) as u8),
                     Msg::TakeOver {
                         from: a as u8,
                         req,

@@ -19,6 +19,7 @@ use pgmirror::roles::{MirroringState, Role, Safety};
 
 use crate::ops::{Op, Running, Stage};
 use crate::postgres::PgRun;
+use crate::world::WIT_A;
 use crate::world::{
     witness_endpoint, witness_of, Msg, Proc, WitnessReply, World, E, HOST_NAMES, SESSION,
 };
@@ -62,6 +63,10 @@ pub struct Agent {
     pub pending_failover: bool,
     pub ping_req: u64,
     pub report_req: u64,
+    /// The ping loop's control connection is established.
+    pub ping_connected: bool,
+    /// The report loop's connection, to which witness.
+    pub report_connected: Option<usize>,
     pub running: Option<Running>,
     pub queue: VecDeque<Op>,
     pub watch_blocked: bool,
@@ -98,6 +103,8 @@ impl Agent {
             pending_failover: false,
             ping_req: 0,
             report_req: 0,
+            ping_connected: false,
+            report_connected: None,
             running: None,
             queue: VecDeque::new(),
             watch_blocked: false,
@@ -154,6 +161,8 @@ impl World {
         agent.pending_failover = false;
         agent.ping_req = 0;
         agent.report_req = 0;
+        agent.ping_connected = false;
+        agent.report_connected = None;
         agent.running = None;
         agent.queue.clear();
         agent.watch_blocked = false;
@@ -307,15 +316,20 @@ impl World {
         let req = self.req();
         self.agents[a].ping_req = req;
         let view = self.agent_view(a);
-        self.send(
-            a,
-            Proc::Agent((1 - a) as u8),
-            Msg::Ping {
-                from: a as u8,
-                req,
-                view,
-            },
-        );
+        // A new connection needs both directions (SYN, SYN-ACK); an
+        // established one carries the request one way.
+        if self.agents[a].ping_connected || self.both_ways(a, 1 - a) {
+            self.agents[a].ping_connected = true;
+            self.send(
+                a,
+                Proc::Agent((1 - a) as u8),
+                Msg::Ping {
+                    from: a as u8,
+                    req,
+                    view,
+                },
+            );
+        }
         let timeout = self.agents[a].timeout_ms();
         self.agent_timer(a, timeout, AgentEv::ReqTimeout(req));
     }
@@ -330,15 +344,19 @@ impl World {
         let req = self.req();
         self.agents[a].report_req = req;
         let view = self.agent_view(a);
-        self.send(
-            a,
-            Proc::Witness(witness as u8),
-            Msg::Report {
-                from: a as u8,
-                req,
-                view,
-            },
-        );
+        let connected = self.agents[a].report_connected == Some(witness);
+        if connected || self.both_ways(a, WIT_A + witness) {
+            self.agents[a].report_connected = Some(witness);
+            self.send(
+                a,
+                Proc::Witness(witness as u8),
+                Msg::Report {
+                    from: a as u8,
+                    req,
+                    view,
+                },
+            );
+        }
         let timeout = self.agents[a].timeout_ms();
         self.agent_timer(a, timeout, AgentEv::ReqTimeout(req));
     }
@@ -372,12 +390,14 @@ impl World {
     fn request_failed(&mut self, a: usize, req: u64) {
         if req == self.agents[a].ping_req {
             self.agents[a].ping_req = 0;
+            self.agents[a].ping_connected = false;
             self.peer_lost(a);
             // A refused connection sleeps; a timed-out one reconnects at once
             // (the connect then waits TIMEOUT itself).
             self.agent_timer(a, 1, AgentEv::Ping);
         } else if req == self.agents[a].report_req {
             self.agents[a].report_req = 0;
+            self.agents[a].report_connected = None;
             self.witness_lost(a);
             self.agent_timer(a, 1, AgentEv::Report);
         } else {
@@ -400,6 +420,7 @@ impl World {
             }
             Msg::Nack { req } if req == self.agents[a].ping_req => {
                 self.agents[a].ping_req = 0;
+                self.agents[a].ping_connected = false;
                 self.peer_lost(a);
                 let interval = self.agents[a].interval_ms();
                 self.agent_timer(a, interval, AgentEv::Ping);
@@ -423,6 +444,7 @@ impl World {
             }
             Msg::Nack { req } if req == self.agents[a].report_req => {
                 self.agents[a].report_req = 0;
+                self.agents[a].report_connected = None;
                 self.witness_lost(a);
                 let interval = self.agents[a].interval_ms();
                 self.agent_timer(a, interval, AgentEv::Report);

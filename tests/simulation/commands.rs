@@ -32,9 +32,8 @@ impl World {
             Ok(Route::Peer) => {
                 self.hold(a, Stage::Forward, Some((from, req)));
                 let forwarded = self.req();
-                self.send(
+                self.call_peer(
                     a,
-                    Proc::Agent((1 - a) as u8),
                     Msg::Command {
                         from: Proc::Agent(a as u8),
                         req: forwarded,

@@ -250,6 +250,14 @@ impl World {
         }
     }
 
+    /// A request over a fresh control connection to the peer: without
+    /// both directions the connect fails and nothing is delivered.
+    pub fn call_peer(&mut self, a: usize, msg: Msg) {
+        if self.both_ways(a, 1 - a) {
+            self.send(a, Proc::Agent((1 - a) as u8), msg);
+        }
+    }
+
     pub fn wait_request(&mut self, a: usize, req: u64, purpose: Purpose, timeout_ms: u64) {
         if let Some(running) = self.agents[a].running.as_mut() {
             running.wait = Wait::Request(req, purpose);
@@ -433,9 +441,8 @@ impl World {
                     *lsn = checkpoint;
                 }
                 let req = self.req();
-                self.send(
+                self.call_peer(
                     a,
-                    Proc::Agent((1 - a) as u8),
                     Msg::TakeOver {
                         from: a as u8,
                         req,

@@ -213,7 +213,11 @@ impl World {
                 // The compare-and-set on the epoch alone let this write
                 // overwrite a change made since it read the row.
                 self.check.lost_updates += 1;
-                self.log(WIT_A + w, "LOST UPDATE", 0, 0, pending.change.event);
+                // a = 1: it records synchronized over a "not synchronized".
+                let resynchronized = pending.change.row.synchronized
+                    && witness.row.as_ref().is_some_and(|row| !row.synchronized);
+                let a = u64::from(resynchronized);
+                self.log(WIT_A + w, "LOST UPDATE", a, 0, pending.change.event);
             }
             let witness = &mut self.witnesses[w];
             witness.row = Some(pending.change.row.clone());
