@@ -1,0 +1,542 @@
+//! The partner agent process: its durable SessionState (kept across kill
+//! -9), its volatile policy Memory and observations (lost), and the loops
+//! of `src/partner/agent.rs` and `quorum.rs` on simulated time: the peer
+//! ping and the witness report every TIMEOUT/5 (200 ms..2 s) with TIMEOUT
+//! to answer, the supervisor tick every 500 ms and the quorum check every
+//! 100 ms. A frozen agent (SIGSTOP) defers every timer and message until
+//! SIGCONT; its PostgreSQL keeps running.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use pgmirror::partner::api::{MirroringStatus, PeerView, PromotionKind};
+use pgmirror::partner::policy::{
+    quorum_check, wants_automatic_failover, Action, Memory, Observation, PeerObservation,
+    PostgresObservation, WitnessObservation,
+};
+use pgmirror::partner::state::SessionState;
+use pgmirror::roles::{MirroringState, Role, Safety};
+
+use crate::ops::{Op, Running, Stage};
+use crate::postgres::PgRun;
+use crate::world::WIT_A;
+use crate::world::{
+    witness_endpoint, witness_of, Msg, Proc, WitnessReply, World, E, HOST_NAMES, SESSION,
+};
+
+/// The system identifier initdb gives the principal's cluster.
+pub const SYSTEM_IDENTIFIER: u64 = 7_000_000_007;
+const TICK_MS: u64 = 500;
+const WATCH_MS: u64 = 100;
+
+/// How a promotion came about (for the I3 check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Promotion {
+    None,
+    Granted(PromotionKind),
+    /// Finishing a failover the witness's row names (follow_witness).
+    FromRow,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum AgentEv {
+    Tick,
+    Watch,
+    Ping,
+    Report,
+    ActionDone(u64),
+    Drain,
+    ReqTimeout(u64),
+}
+
+pub struct Agent {
+    pub durable: SessionState,
+    pub alive: bool,
+    pub frozen: bool,
+    /// Incarnation: events of a killed process are void.
+    pub gen: u32,
+    /// Its host clock's reading when this process started.
+    pub started_local: u64,
+    pub deferred: Vec<E>,
+    pub memory: Memory,
+    pub obs: Observation,
+    pub pending_failover: bool,
+    pub ping_req: u64,
+    pub report_req: u64,
+    /// The ping loop's control connection is established.
+    pub ping_connected: bool,
+    /// The report loop's connection, to which witness.
+    pub report_connected: Option<usize>,
+    pub running: Option<Running>,
+    pub queue: VecDeque<Op>,
+    pub watch_blocked: bool,
+    pub last_auto_request: Option<u64>,
+    pub promotion: Promotion,
+}
+
+impl Agent {
+    pub fn new(idx: usize, timeout_secs: u64, witness: bool) -> Self {
+        let role = if idx == 0 {
+            Role::Principal
+        } else {
+            Role::Mirror
+        };
+        let mut durable = SessionState::new(role, Safety::Full, timeout_secs);
+        durable.witness = witness.then(|| witness_endpoint(0));
+        durable.session = Some(SESSION.to_string());
+        Agent {
+            durable,
+            alive: false,
+            frozen: false,
+            gen: 0,
+            started_local: 0,
+            deferred: Vec::new(),
+            memory: Memory::default(),
+            obs: Observation {
+                now: Duration::ZERO,
+                name: HOST_NAMES[idx].to_string(),
+                pg_major: 15,
+                peer: PeerObservation::default(),
+                witness: WitnessObservation::default(),
+                postgres: PostgresObservation::Stopped,
+            },
+            pending_failover: false,
+            ping_req: 0,
+            report_req: 0,
+            ping_connected: false,
+            report_connected: None,
+            running: None,
+            queue: VecDeque::new(),
+            watch_blocked: false,
+            last_auto_request: None,
+            promotion: Promotion::None,
+        }
+    }
+
+    pub fn timeout_ms(&self) -> u64 {
+        self.durable.timeout_secs * 1000
+    }
+
+    /// `ping_interval`: a fifth of TIMEOUT, 200 ms to 2 s.
+    pub fn interval_ms(&self) -> u64 {
+        (self.timeout_ms() / 5).clamp(200, 2000)
+    }
+}
+
+impl World {
+    pub fn agent_timer(&mut self, a: usize, local_ms: u64, ev: AgentEv) {
+        let gen = self.agents[a].gen;
+        self.after_local(
+            a,
+            local_ms,
+            E::Agent {
+                a: a as u8,
+                gen,
+                ev,
+            },
+        );
+    }
+
+    /// Now on agent `a`'s clock, since its process started.
+    pub fn agent_now(&self, a: usize) -> Duration {
+        self.since(a, self.agents[a].started_local)
+    }
+
+    fn agent_now_ms(&self, a: usize) -> u64 {
+        self.agent_now(a).as_millis() as u64
+    }
+
+    /// Starts the agent process (first start or restart after kill -9).
+    pub fn agent_start(&mut self, a: usize) {
+        let local = self.local_ms(a);
+        let agent = &mut self.agents[a];
+        agent.alive = true;
+        agent.frozen = false;
+        agent.gen += 1;
+        agent.started_local = local;
+        agent.deferred.clear();
+        agent.memory = Memory::new(Duration::ZERO);
+        agent.obs.peer = PeerObservation::default();
+        agent.obs.witness = WitnessObservation::default();
+        agent.pending_failover = false;
+        agent.ping_req = 0;
+        agent.report_req = 0;
+        agent.ping_connected = false;
+        agent.report_connected = None;
+        agent.running = None;
+        agent.queue.clear();
+        agent.watch_blocked = false;
+        agent.last_auto_request = None;
+        let gen = agent.gen as u64;
+        self.log(a, "agent start", gen, 0, "");
+        self.agent_timer(a, TICK_MS, AgentEv::Tick);
+        self.agent_timer(a, WATCH_MS, AgentEv::Watch);
+        self.agent_timer(a, 1, AgentEv::Ping);
+        self.agent_timer(a, 1, AgentEv::Report);
+    }
+
+    pub fn agent_restart(&mut self, a: usize) {
+        if !self.agents[a].alive {
+            self.agent_start(a);
+        }
+    }
+
+    /// kill -9: the process and its relays die; PostgreSQL does not.
+    pub fn agent_kill(&mut self, a: usize) {
+        if !self.agents[a].alive {
+            return;
+        }
+        self.agents[a].alive = false;
+        self.agents[a].frozen = false;
+        // Its connections are reset: whoever waits for an answer gets an
+        // error now (if the link carries the reset).
+        let mut waiting = Vec::new();
+        for e in std::mem::take(&mut self.agents[a].deferred) {
+            if let E::Deliver { msg, .. } = e {
+                waiting.extend(msg.requester());
+            }
+        }
+        if let Some(running) = self.agents[a].running.take() {
+            waiting.extend(running.answer_to);
+            if let Stage::TakeOver { from, req, .. } = running.stage {
+                waiting.push((Proc::Agent(from), req));
+            }
+        }
+        for op in std::mem::take(&mut self.agents[a].queue) {
+            match op {
+                Op::Command { from, req, .. } => waiting.push((from, req)),
+                Op::TakeOver { from, req, .. } => waiting.push((Proc::Agent(from), req)),
+                Op::Tick | Op::AutoFailover => {}
+            }
+        }
+        for (to, req) in waiting {
+            self.send(a, to, Msg::Nack { req });
+        }
+        self.close_streams(a);
+        self.log(a, "agent killed", 0, 0, "");
+    }
+
+    pub fn agent_freeze(&mut self, a: usize) {
+        if self.agents[a].alive {
+            self.agents[a].frozen = true;
+            self.log(a, "agent SIGSTOP", 0, 0, "");
+        }
+    }
+
+    pub fn agent_thaw(&mut self, a: usize) {
+        if !self.agents[a].frozen {
+            return;
+        }
+        self.agents[a].frozen = false;
+        self.log(a, "agent SIGCONT", 0, 0, "");
+        // Expired timers and buffered messages run now, in their order.
+        let deferred = std::mem::take(&mut self.agents[a].deferred);
+        for e in deferred {
+            self.after(0, e);
+        }
+        self.stream_kick();
+    }
+
+    /// What this partner tells its peer and the witness (`Agent::view`).
+    pub fn agent_view(&self, a: usize) -> PeerView {
+        let agent = &self.agents[a];
+        let state = &agent.durable;
+        PeerView {
+            session: SESSION.to_string(),
+            name: agent.obs.name.clone(),
+            role: state.role,
+            epoch: state.epoch,
+            state: if agent.pending_failover {
+                MirroringState::PendingFailover
+            } else {
+                state.state
+            },
+            safety: state.safety,
+            timeout_secs: state.timeout_secs,
+            suspended: state.suspended,
+            ended: state.ended,
+            system_identifier: state.has_copy.then_some(state.system_identifier).flatten(),
+            pg_major: 15,
+            safety_sequence: state.safety_sequence,
+            witness: state.witness.clone(),
+        }
+    }
+
+    /// The row of sys.database_mirroring the proxy polls.
+    pub fn agent_status(&self, a: usize) -> MirroringStatus {
+        let agent = &self.agents[a];
+        let state = &agent.durable;
+        let mut status = MirroringStatus {
+            database_name: SESSION.to_string(),
+            server_name: agent.obs.name.clone(),
+            postgres_address: format!("{}:5432", HOST_NAMES[a]),
+            peer_connected: agent.obs.peer.connected,
+            ..MirroringStatus::default()
+        };
+        if state.ended {
+            return status;
+        }
+        let shown = if agent.pending_failover {
+            MirroringState::PendingFailover
+        } else {
+            state.state
+        };
+        status.mirroring_state = Some(shown.code());
+        status.mirroring_state_desc = Some(shown.desc().into());
+        status.mirroring_role = Some(match state.role {
+            Role::Principal => 1,
+            Role::Mirror => 2,
+        });
+        status.mirroring_role_sequence = Some(state.epoch.0);
+        status
+    }
+
+    /// Observation as of now (the supervisor reads PostgreSQL first).
+    pub fn observe(&mut self, a: usize) {
+        let now = self.agent_now(a);
+        let postgres = self.pg_observe(a);
+        let obs = &mut self.agents[a].obs;
+        obs.now = now;
+        obs.postgres = postgres;
+    }
+
+    pub fn agent_event(&mut self, a: usize, ev: AgentEv) {
+        match ev {
+            AgentEv::Tick => self.enqueue(a, Op::Tick),
+            AgentEv::Watch => self.watch(a),
+            AgentEv::Ping => self.ping_peer(a),
+            AgentEv::Report => self.report_witness(a),
+            AgentEv::ActionDone(token) => self.action_done(a, token),
+            AgentEv::Drain => self.op_drain(a),
+            AgentEv::ReqTimeout(req) => self.request_failed(a, req),
+        }
+    }
+
+    fn ping_peer(&mut self, a: usize) {
+        let req = self.req();
+        self.agents[a].ping_req = req;
+        let view = self.agent_view(a);
+        // A new connection needs both directions (SYN, SYN-ACK); an
+        // established one carries the request one way.
+        if self.agents[a].ping_connected || self.both_ways(a, 1 - a) {
+            self.agents[a].ping_connected = true;
+            self.send(
+                a,
+                Proc::Agent((1 - a) as u8),
+                Msg::Ping {
+                    from: a as u8,
+                    req,
+                    view,
+                },
+            );
+        }
+        let timeout = self.agents[a].timeout_ms();
+        self.agent_timer(a, timeout, AgentEv::ReqTimeout(req));
+    }
+
+    fn report_witness(&mut self, a: usize) {
+        let Some(witness) = self.agents[a].durable.witness.as_ref().map(witness_of) else {
+            self.agents[a].obs.witness = WitnessObservation::default();
+            let interval = self.agents[a].interval_ms();
+            self.agent_timer(a, interval, AgentEv::Report);
+            return;
+        };
+        let req = self.req();
+        self.agents[a].report_req = req;
+        let view = self.agent_view(a);
+        let connected = self.agents[a].report_connected == Some(witness);
+        if connected || self.both_ways(a, WIT_A + witness) {
+            self.agents[a].report_connected = Some(witness);
+            self.send(
+                a,
+                Proc::Witness(witness as u8),
+                Msg::Report {
+                    from: a as u8,
+                    req,
+                    view,
+                },
+            );
+        }
+        let timeout = self.agents[a].timeout_ms();
+        self.agent_timer(a, timeout, AgentEv::ReqTimeout(req));
+    }
+
+    fn peer_heard(&mut self, a: usize, view: PeerView) {
+        let peer = &mut self.agents[a].obs.peer;
+        if !peer.connected {
+            self.log(a, "peer connected", view.epoch.0, 0, "");
+        }
+        let peer = &mut self.agents[a].obs.peer;
+        peer.connected = true;
+        peer.view = Some(view);
+    }
+
+    fn peer_lost(&mut self, a: usize) {
+        if self.agents[a].obs.peer.connected {
+            self.agents[a].obs.peer.connected = false;
+            self.log(a, "peer lost", 0, 0, "");
+            self.close_streams(a);
+        }
+    }
+
+    fn witness_lost(&mut self, a: usize) {
+        if self.agents[a].obs.witness.connected {
+            self.agents[a].obs.witness.connected = false;
+            self.log(a, "witness lost", 0, 0, "");
+        }
+    }
+
+    /// A request of agent `a` got no answer in time, or was refused.
+    fn request_failed(&mut self, a: usize, req: u64) {
+        if req == self.agents[a].ping_req {
+            self.agents[a].ping_req = 0;
+            self.agents[a].ping_connected = false;
+            self.peer_lost(a);
+            // A refused connection sleeps; a timed-out one reconnects at once
+            // (the connect then waits TIMEOUT itself).
+            self.agent_timer(a, 1, AgentEv::Ping);
+        } else if req == self.agents[a].report_req {
+            self.agents[a].report_req = 0;
+            self.agents[a].report_connected = None;
+            self.witness_lost(a);
+            self.agent_timer(a, 1, AgentEv::Report);
+        } else {
+            self.op_reply(a, req, None);
+        }
+    }
+
+    pub fn agent_message(&mut self, a: usize, msg: Msg) {
+        match msg {
+            Msg::Ping { from, req, view } => {
+                self.peer_heard(a, view);
+                let view = self.agent_view(a);
+                self.send(a, Proc::Agent(from), Msg::Pong { req, view });
+            }
+            Msg::Pong { req, view } if req == self.agents[a].ping_req => {
+                self.agents[a].ping_req = 0;
+                self.peer_heard(a, view);
+                let interval = self.agents[a].interval_ms();
+                self.agent_timer(a, interval, AgentEv::Ping);
+            }
+            Msg::Nack { req } if req == self.agents[a].ping_req => {
+                self.agents[a].ping_req = 0;
+                self.agents[a].ping_connected = false;
+                self.peer_lost(a);
+                let interval = self.agents[a].interval_ms();
+                self.agent_timer(a, interval, AgentEv::Ping);
+            }
+            Msg::Witness { req, reply } if req == self.agents[a].report_req => {
+                self.agents[a].report_req = 0;
+                match reply {
+                    WitnessReply::Row(row) => {
+                        let witness = &mut self.agents[a].obs.witness;
+                        if !witness.connected {
+                            self.log(a, "witness connected", 0, 0, "");
+                        }
+                        let witness = &mut self.agents[a].obs.witness;
+                        witness.connected = true;
+                        witness.row = row;
+                    }
+                    WitnessReply::Refused => self.witness_lost(a),
+                }
+                let interval = self.agents[a].interval_ms();
+                self.agent_timer(a, interval, AgentEv::Report);
+            }
+            Msg::Nack { req } if req == self.agents[a].report_req => {
+                self.agents[a].report_req = 0;
+                self.agents[a].report_connected = None;
+                self.witness_lost(a);
+                let interval = self.agents[a].interval_ms();
+                self.agent_timer(a, interval, AgentEv::Report);
+            }
+            Msg::Status { req } => {
+                let status = self.agent_status(a);
+                if status.mirroring_role == Some(1) && self.pgs[a].run == PgRun::Mirror {
+                    // I3: the new role is shown before the promotion is done.
+                    let t = self.t;
+                    self.check.on_shown_early(t, &mut self.trace);
+                }
+                self.send(a, Proc::Proxy, Msg::StatusReply { req, status });
+            }
+            Msg::Command { from, req, command } => {
+                self.enqueue(a, Op::Command { command, from, req })
+            }
+            Msg::TakeOver {
+                from,
+                req,
+                epoch,
+                lsn,
+                kind,
+            } => self.enqueue(
+                a,
+                Op::TakeOver {
+                    from,
+                    req,
+                    epoch,
+                    lsn,
+                    kind,
+                },
+            ),
+            Msg::Nack { req } => self.op_reply(a, req, None),
+            reply
+            @ (Msg::Witness { .. } | Msg::CommandReply { .. } | Msg::TakeOverReply { .. }) => {
+                let req = match &reply {
+                    Msg::Witness { req, .. }
+                    | Msg::CommandReply { req, .. }
+                    | Msg::TakeOverReply { req, .. } => *req,
+                    _ => 0,
+                };
+                self.op_reply(a, req, Some(reply));
+            }
+            _ => {}
+        }
+    }
+
+    /// The quorum watch, ten times a second, outside the operations lock.
+    fn watch(&mut self, a: usize) {
+        if self.agents[a].watch_blocked {
+            return;
+        }
+        self.observe(a);
+        let agent = &self.agents[a];
+        if agent.durable.witness.is_some() && !agent.durable.ended {
+            match agent.durable.role {
+                Role::Principal => {
+                    let decision = quorum_check(&agent.durable, &agent.memory, &agent.obs);
+                    if decision.actions.contains(&Action::Stop(
+                        pgmirror::partner::engine::StopMode::Immediate,
+                    )) {
+                        self.agents[a].memory = decision.memory;
+                        self.log(a, "no quorum", 0, 0, "stopping PostgreSQL immediately");
+                        self.pg_stop(a, true);
+                    }
+                }
+                Role::Mirror => {
+                    let now = self.agent_now_ms(a);
+                    let may_ask = agent
+                        .last_auto_request
+                        .is_none_or(|last| now.saturating_sub(last) >= 200);
+                    if may_ask && wants_automatic_failover(&agent.durable, &agent.obs) {
+                        self.agents[a].last_auto_request = Some(now);
+                        self.agents[a].watch_blocked = true;
+                        self.enqueue(a, Op::AutoFailover);
+                        return;
+                    }
+                }
+            }
+        }
+        self.agent_timer(a, WATCH_MS, AgentEv::Watch);
+    }
+
+    /// The automatic failover request finished: the watch goes on.
+    pub fn watch_resume(&mut self, a: usize) {
+        if self.agents[a].watch_blocked {
+            self.agents[a].watch_blocked = false;
+            self.agent_timer(a, WATCH_MS, AgentEv::Watch);
+        }
+    }
+
+    pub fn tick_done(&mut self, a: usize) {
+        self.agent_timer(a, TICK_MS, AgentEv::Tick);
+    }
+}

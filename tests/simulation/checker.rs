@@ -1,0 +1,259 @@
+//! The invariants of DESIGN.md section 3, checked as the run goes (I1 at
+//! every commit, I3 at every grant and promotion, I4 at every commit a
+//! routed client reaches) and at its end (I2 on the final principal's
+//! history, liveness).
+
+use pgmirror::partner::api::PromotionKind;
+use pgmirror::roles::Role;
+
+use crate::agent::Promotion;
+use crate::postgres::{Pg, PgRun, Protection, TxnAck};
+use crate::trace::{Line, Trace};
+use crate::world::World;
+
+#[derive(Default, Clone, Copy, Debug)]
+pub struct Failures {
+    pub i1: u64,
+    pub i2: u64,
+    pub i3: u64,
+    pub i4: u64,
+    pub liveness: u64,
+    /// I3's atomicity: a partner shows the principal role while its
+    /// PostgreSQL is still in recovery.
+    pub i3_atomic: u64,
+}
+
+impl Failures {
+    pub fn any(&self) -> bool {
+        self.i1 + self.i2 + self.i3 + self.i4 + self.liveness + self.i3_atomic > 0
+    }
+
+    pub fn add(&mut self, other: &Failures) {
+        self.i1 += other.i1;
+        self.i2 += other.i2;
+        self.i3 += other.i3;
+        self.i4 += other.i4;
+        self.liveness += other.liveness;
+        self.i3_atomic += other.i3_atomic;
+    }
+}
+
+#[derive(Default)]
+pub struct Checker {
+    pub done: bool,
+    /// The highest epoch granted by the witness or taken by a role switch.
+    pub highest_epoch: u64,
+    /// The highest epoch whose principal has completed a commit.
+    completed_epoch: u64,
+    /// Epochs begun by forced service without a witness: the operator
+    /// accepted two writers (the reference's split brain); not counted.
+    forced_alone: Vec<u64>,
+    /// Acknowledged under FULL while synchronized: (pos, rid, epoch).
+    protected: Vec<(u32, u32, u64, Protection)>,
+    /// Witness writes that overwrote a change made since their read.
+    pub lost_updates: u64,
+    pub acknowledged: u64,
+    pub edge: u64,
+    pub failures: Failures,
+    /// The first failure: when, and which.
+    pub first: Option<(u64, &'static str)>,
+}
+
+impl Checker {
+    fn fail(&mut self, t: u64, what: &'static str, trace: &mut Trace, a: u64, b: u64) {
+        trace.push(Line {
+            t,
+            node: "CHECKER",
+            what: "VIOLATION",
+            a,
+            b,
+            note: what,
+        });
+        if self.first.is_none() {
+            self.first = Some((t, what));
+        }
+    }
+
+    fn forced_between(&self, low: u64, high: u64) -> bool {
+        self.forced_alone.iter().any(|e| *e > low && *e <= high)
+    }
+
+    pub fn on_forced_without_witness(&mut self, epoch: pgmirror::roles::Epoch) {
+        self.forced_alone.push(epoch.0);
+    }
+
+    pub fn on_persist(&mut self, role: Role, epoch: u64) {
+        if role == Role::Principal {
+            self.highest_epoch = self.highest_epoch.max(epoch);
+        }
+    }
+
+    pub fn on_serving(&mut self, _p: usize, epoch: u64) {
+        self.highest_epoch = self.highest_epoch.max(epoch);
+    }
+
+    /// I1: a commit completes on a principal of an epoch older than one
+    /// that already completed a commit.
+    pub fn on_commit(&mut self, t: u64, ack: TxnAck, trace: &mut Trace) {
+        if ack.epoch < self.completed_epoch && !self.forced_between(ack.epoch, self.completed_epoch)
+        {
+            self.failures.i1 += 1;
+            self.fail(
+                t,
+                "I1: a commit completed at an older epoch after one at a newer epoch",
+                trace,
+                ack.epoch,
+                self.completed_epoch,
+            );
+        }
+        self.completed_epoch = self.completed_epoch.max(ack.epoch);
+    }
+
+    /// The client received the commit's success.
+    pub fn on_acknowledged(&mut self, _t: u64, ack: TxnAck) {
+        self.acknowledged += 1;
+        if ack.edge {
+            self.edge += 1;
+        } else if ack.protected {
+            self.protected
+                .push((ack.pos, ack.rid, ack.epoch, ack.class));
+        }
+    }
+
+    /// I4: a routed client is served by a PostgreSQL below the highest
+    /// epoch granted.
+    pub fn on_routed(&mut self, t: u64, _p: usize, serve_epoch: u64, trace: &mut Trace) {
+        if serve_epoch < self.highest_epoch && !self.forced_between(serve_epoch, self.highest_epoch)
+        {
+            self.failures.i4 += 1;
+            self.fail(
+                t,
+                "I4: a client was served by a PostgreSQL below the highest epoch granted",
+                trace,
+                serve_epoch,
+                self.highest_epoch,
+            );
+        }
+    }
+
+    /// I3 at the grant: the witness lets a mirror take over automatically
+    /// while the old principal's PostgreSQL still serves.
+    pub fn on_grant(&mut self, t: u64, kind: PromotionKind, old_serving: bool, trace: &mut Trace) {
+        if kind == PromotionKind::Automatic && old_serving {
+            self.failures.i3 += 1;
+            self.fail(
+                t,
+                "I3: automatic failover granted while the old principal's PostgreSQL still serves",
+                trace,
+                0,
+                0,
+            );
+        }
+    }
+
+    pub fn on_shown_early(&mut self, t: u64, trace: &mut Trace) {
+        self.failures.i3_atomic += 1;
+        self.fail(
+            t,
+            "I3-atomic: the principal role is shown while PostgreSQL is still in recovery",
+            trace,
+            0,
+            0,
+        );
+    }
+
+    /// I3 at the promotion: an automatic promotion (or a handover) of a
+    /// mirror that lacks a commit acknowledged under FULL.
+    pub fn on_promoted(
+        &mut self,
+        t: u64,
+        _p: usize,
+        epoch: u64,
+        kind: Promotion,
+        pg: &Pg,
+        trace: &mut Trace,
+    ) {
+        let automatic = matches!(
+            kind,
+            Promotion::Granted(PromotionKind::Automatic | PromotionKind::Handover)
+        );
+        if !automatic {
+            return;
+        }
+        let missing = self
+            .protected
+            .iter()
+            .filter(|(pos, rid, acked, _)| *acked < epoch && !pg.holds(*pos, *rid))
+            .count();
+        if missing > 0 {
+            self.failures.i3 += 1;
+            self.fail(
+                t,
+                "I3: automatic promotion of a mirror missing commits acknowledged under FULL",
+                trace,
+                missing as u64,
+                epoch,
+            );
+        }
+    }
+
+    /// I2 at the end: every protected commit is in the final history.
+    fn final_history(&mut self, t: u64, pg: &Pg, trace: &mut Trace) {
+        let mut first = None;
+        let mut missing = 0;
+        for (pos, rid, _, class) in &self.protected {
+            if !pg.holds(*pos, *rid) {
+                missing += 1;
+                first.get_or_insert(*class);
+            }
+        }
+        if let Some(class) = first {
+            self.failures.i2 += missing;
+            let what = match class {
+                Protection::Waited => {
+                    "I2: commits acknowledged under FULL are missing from the final principal \
+                     (the first had waited for the mirror's flush)"
+                }
+                Protection::StateOnly => {
+                    "I2: commits acknowledged under FULL are missing from the final principal \
+                     (the first did not wait: the state said synchronized, the requirement was \
+                     not in force)"
+                }
+                Protection::WitnessOnly => {
+                    "I2: commits acknowledged under FULL are missing from the final principal \
+                     (the first did not wait: only the witness still recorded synchronized)"
+                }
+            };
+            self.fail(t, what, trace, missing, 0);
+        }
+    }
+}
+
+impl World {
+    /// The end of the run: liveness and I2.
+    pub fn finish(&mut self) {
+        let t = self.t;
+        if !self.scenario.ended && self.scenario.synchronized_at.is_none() {
+            self.check.failures.liveness += 1;
+            self.check.fail(
+                t,
+                "liveness: not SYNCHRONIZED within the bound after the heal",
+                &mut self.trace,
+                self.scenario.deadline,
+                0,
+            );
+        }
+        // The final principal: the principal of the highest epoch, serving
+        // if one does.
+        let candidates = (0..2).filter(|a| self.agents[*a].durable.role == Role::Principal);
+        let final_principal = candidates.max_by_key(|a| {
+            (
+                self.pgs[*a].run == PgRun::Principal,
+                self.agents[*a].durable.epoch,
+            )
+        });
+        if let Some(p) = final_principal {
+            self.check.final_history(t, &self.pgs[p], &mut self.trace);
+        }
+    }
+}
