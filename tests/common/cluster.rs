@@ -4,7 +4,7 @@
 //! metrics on a port of their own. Dropping it kills the agents and the
 //! servers.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -121,6 +121,40 @@ pub struct WitnessProcess {
 }
 
 impl WitnessProcess {
+    /// Writes a witness config in `dir` (free ports, its own store) and
+    /// starts it.
+    pub fn launch(dir: &Path, tls: &str) -> WitnessProcess {
+        let port = free_port();
+        let metrics_port = free_port();
+        std::fs::create_dir_all(dir).expect("witness dir");
+        let config_path = dir.join("witness.toml");
+        std::fs::write(
+            &config_path,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n\
+                 store = {:?}\n\n{tls}",
+                dir.join("witness.sqlite")
+            ),
+        )
+        .expect("witness config");
+        let mut witness = WitnessProcess {
+            port,
+            metrics_port,
+            config_path,
+            dir: dir.to_path_buf(),
+            process: None,
+        };
+        witness.start();
+        witness
+    }
+
+    pub fn endpoint(&self) -> pgmirror::config::Endpoint {
+        pgmirror::config::Endpoint {
+            host: "127.0.0.1".into(),
+            port: self.port,
+        }
+    }
+
     pub fn start(&mut self) {
         let config = self.config_path.to_str().expect("utf-8 path").to_string();
         self.process = Some(Pgmirror::spawn(
@@ -165,6 +199,8 @@ pub struct Pair {
     pub witness_links: Option<(Link, Link)>,
     pub witness: Option<WitnessProcess>,
     tls: EndpointTls,
+    /// Whether the endpoints run TLS.
+    tls_on: bool,
     /// The generated certificates (`ca.crt`, `alpha`, `beta`, `tester`).
     pub pki: PathBuf,
     // Last: removed after the partners are gone.
@@ -194,32 +230,10 @@ impl Pair {
             None => [endpoints[1], endpoints[0]],
         };
         let witness = match options.witness {
-            WitnessChoice::Own => {
-                let port = free_port();
-                let metrics_port = free_port();
-                let witness_dir = dir.path().join("witness");
-                std::fs::create_dir_all(&witness_dir).expect("witness dir");
-                let tls = tls_section(&pki, "witness", options.tls);
-                let config_path = witness_dir.join("witness.toml");
-                std::fs::write(
-                    &config_path,
-                    format!(
-                        "listen = \"127.0.0.1:{port}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n\
-                         store = {:?}\n\n{tls}",
-                        witness_dir.join("witness.sqlite")
-                    ),
-                )
-                .expect("witness config");
-                let mut witness = WitnessProcess {
-                    port,
-                    metrics_port,
-                    config_path,
-                    dir: witness_dir,
-                    process: None,
-                };
-                witness.start();
-                Some(witness)
-            }
+            WitnessChoice::Own => Some(WitnessProcess::launch(
+                &dir.path().join("witness"),
+                &tls_section(&pki, "witness", options.tls),
+            )),
             _ => None,
         };
         let witness_port = match (&options.witness, &witness) {
@@ -305,6 +319,7 @@ impl Pair {
             witness_links,
             witness,
             tls: EndpointTls::from_config(&tester).expect("tester TLS"),
+            tls_on: options.tls,
             pki,
             _dir: dir,
         }
@@ -383,14 +398,20 @@ impl Pair {
         to_a.heal();
     }
 
+    /// A second witness for this pair (to move the session to).
+    pub fn another_witness(&self) -> WitnessProcess {
+        let dir = self.pki.parent().expect("pair dir").join("witness-2");
+        WitnessProcess::launch(&dir, &tls_section(&self.pki, "witness", self.tls_on))
+    }
+
     /// The witness's row for this pair's session.
     pub async fn witness_row(&self) -> Option<RoleRow> {
-        let port = self.witness.as_ref().map(|witness| witness.port)?;
-        let endpoint = pgmirror::config::Endpoint {
-            host: "127.0.0.1".into(),
-            port,
-        };
-        let mut client = ControlClient::connect(&endpoint, &self.tls).await.ok()?;
+        self.row_at(&self.witness.as_ref()?.endpoint()).await
+    }
+
+    /// The row for this pair's session at the witness at `endpoint`.
+    pub async fn row_at(&self, endpoint: &pgmirror::config::Endpoint) -> Option<RoleRow> {
+        let mut client = ControlClient::connect(endpoint, &self.tls).await.ok()?;
         client
             .sessions()
             .await
