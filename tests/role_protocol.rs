@@ -152,7 +152,10 @@ async fn an_agent_killed_during_promotion_finishes_it_on_restart() {
             assert_eq!(status.mirroring_role_sequence, Some(epoch.0));
             break;
         }
-        assert!(Instant::now() < deadline, "beta never finished its promotion");
+        assert!(
+            Instant::now() < deadline,
+            "beta never finished its promotion"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     pair.a.start_agent();

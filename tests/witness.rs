@@ -14,8 +14,12 @@ use pgmirror::control::{Command, ControlError};
 const TIMEOUT: u64 = 3;
 
 async fn witnessed_pair(links: bool) -> Pair {
+    witnessed_pair_at(TIMEOUT, links).await
+}
+
+async fn witnessed_pair_at(timeout: u64, links: bool) -> Pair {
     let pair = Pair::start(PairOptions {
-        timeout: TIMEOUT,
+        timeout,
         witness: WitnessChoice::Own,
         links,
         ..PairOptions::default()
@@ -44,7 +48,13 @@ async fn wait_principal(pair: &Pair, partner: &Partner) {
 /// Runs `fault` on the principal (alpha) under the workload, expects beta
 /// to take over, and checks the bank on beta.
 async fn automatic_failover_after(fault: impl FnOnce(&mut Pair)) -> Pair {
-    let mut pair = witnessed_pair(false).await;
+    automatic_failover_at(TIMEOUT, fault).await.0
+}
+
+/// As [`automatic_failover_after`] at `timeout`; also returns how long
+/// after the fault beta was shown as principal.
+async fn automatic_failover_at(timeout: u64, fault: impl FnOnce(&mut Pair)) -> (Pair, Duration) {
+    let mut pair = witnessed_pair_at(timeout, false).await;
     let workload = Workload::start(ports(&pair), 4, 7);
     workload.wait_for_progress(100, SLOW).await;
     let started = Instant::now();
@@ -58,7 +68,7 @@ async fn automatic_failover_after(fault: impl FnOnce(&mut Pair)) -> Pair {
         acknowledged.len()
     );
     bank::verify(&pair.b.sql().await, &acknowledged).await;
-    pair
+    (pair, promoted)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,6 +80,27 @@ async fn kill9_of_the_principals_postgres_fails_over() {
             && status.state() == Some("SYNCHRONIZED")
     })
     .await;
+}
+
+/// The lease and the witness's wait scale with TIMEOUT: the same failover
+/// at 5 s and at the default 10 s, within the takeover wait plus slack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_the_principals_postgres_fails_over_at_timeout_5_and_10() {
+    for timeout in [5, 10] {
+        let (pair, promoted) =
+            automatic_failover_at(timeout, |pair| pair.a.engine.signal_all(Signal::SIGKILL)).await;
+        // A crashed PostgreSQL is handed over at once; the lease bounds
+        // the slowest path (an automatic failover) with generous slack.
+        let bound = pgmirror::roles::takeover_wait(Duration::from_secs(timeout)) * 3;
+        println!(
+            "TIMEOUT {timeout}: beta principal {promoted:?} after the fault (bound {bound:?})"
+        );
+        assert!(
+            promoted < bound,
+            "TIMEOUT {timeout}: failover took {promoted:?}"
+        );
+        drop(pair);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
