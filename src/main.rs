@@ -44,6 +44,14 @@ enum Commands {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Internal, started by `partner`: kills its PostgreSQL when the agent's
+    /// lease ends or the agent dies.
+    #[command(hide = true)]
+    Fence {
+        /// The data directory of the PostgreSQL to fence.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// Run a whole mirrored cluster on this machine, in the foreground, for a first try.
     Demo {
         /// Where configs, certificates, data and logs go; reused by a second run.
@@ -80,6 +88,10 @@ fn main() -> ExitCode {
             Ok(config) => serve(pgmirror::proxy::run(config, shutdown_on_signal())),
             Err(err) => fail(err),
         },
+        Commands::Fence { data_dir } => {
+            pgmirror::partner::fence::run(&data_dir);
+            ExitCode::SUCCESS
+        }
         Commands::Demo {
             dir,
             port,

@@ -124,13 +124,8 @@ async fn an_agent_killed_during_promotion_finishes_it_on_restart() {
     state.assume_role(Role::Principal, epoch, true);
     state.promoting = true;
     store.save(&state).unwrap();
-    let beta_pg = pair.b.sql().await;
-    let in_recovery: bool = beta_pg
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(in_recovery, "the staging left beta's PostgreSQL a standby");
+    // The fence killed beta's PostgreSQL with its agent (I1).
+    assert!(pair.b.engine.wait_gone(Duration::from_secs(5)));
     pair.b.start_agent();
     let deadline = Instant::now() + SLOW;
     loop {

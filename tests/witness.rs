@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::bank::{self, Workload};
 use common::cluster::{Pair, PairOptions, Partner, WitnessChoice, SLOW};
+use common::probe;
 use nix::sys::signal::Signal;
 use pgmirror::control::{Command, ControlError};
 
@@ -145,39 +146,6 @@ async fn sigstop_of_the_principal_fails_over_and_it_rejoins_as_mirror() {
     .await;
 }
 
-/// Probes each instance with a write every 50 ms; returns when each write
-/// was acknowledged, per instance.
-fn probe_writes(ports: Vec<u16>, run_for: Duration) -> tokio::task::JoinHandle<Vec<Vec<Instant>>> {
-    tokio::spawn(async move {
-        let mut accepted = vec![Vec::new(); ports.len()];
-        let deadline = Instant::now() + run_for;
-        let mut clients: Vec<Option<tokio_postgres::Client>> = ports.iter().map(|_| None).collect();
-        while Instant::now() < deadline {
-            for (index, port) in ports.iter().enumerate() {
-                if clients[index].is_none() {
-                    clients[index] = tokio::time::timeout(
-                        Duration::from_millis(500),
-                        common::pg::connect_port(*port),
-                    )
-                    .await
-                    .ok()
-                    .and_then(Result::ok);
-                }
-                let Some(client) = &clients[index] else {
-                    continue;
-                };
-                let write = client.batch_execute("INSERT INTO probes VALUES (now())");
-                match tokio::time::timeout(Duration::from_millis(300), write).await {
-                    Ok(Ok(())) => accepted[index].push(Instant::now()),
-                    _ => clients[index] = None,
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        accepted
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_principal_cut_from_both_stops_before_the_mirror_is_promoted() {
     let pair = witnessed_pair(true).await;
@@ -189,7 +157,7 @@ async fn a_principal_cut_from_both_stops_before_the_mirror_is_promoted() {
         .unwrap();
     let workload = Workload::start(ports(&pair), 4, 11);
     workload.wait_for_progress(100, SLOW).await;
-    let probes = probe_writes(ports(&pair), Duration::from_secs(6 * TIMEOUT));
+    let probes = probe::writes(ports(&pair), "local", Duration::from_secs(6 * TIMEOUT));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cut = Instant::now();
     let (a_to_witness, _) = pair.witness_links.as_ref().unwrap();

@@ -466,19 +466,12 @@ impl Instance {
 
     /// The postmaster's pid while a server runs on this data directory.
     pub fn postmaster_pid(&self) -> Option<Pid> {
-        let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
-        let pid = Pid::from_raw(text.lines().next()?.trim().parse().ok()?);
-        is_alive(pid).then_some(pid)
+        postmaster_of(&self.data_dir)
     }
 
     /// The postmaster and all its children (backends, walsender, ...).
     pub fn processes(&self) -> Vec<Pid> {
-        let Some(postmaster) = self.postmaster_pid() else {
-            return Vec::new();
-        };
-        let mut pids = vec![postmaster];
-        pids.extend(children_of(postmaster));
-        pids
+        processes_of(&self.data_dir)
     }
 
     /// Sends `sig` to every process of the instance at once, the way a crash
@@ -500,6 +493,23 @@ impl Instance {
         }
         false
     }
+}
+
+/// The pid of the postmaster serving `data_dir`, while it runs.
+pub fn postmaster_of(data_dir: &Path) -> Option<Pid> {
+    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let pid = Pid::from_raw(text.lines().next()?.trim().parse().ok()?);
+    is_alive(pid).then_some(pid)
+}
+
+/// The postmaster serving `data_dir` and all its children.
+pub fn processes_of(data_dir: &Path) -> Vec<Pid> {
+    let Some(postmaster) = postmaster_of(data_dir) else {
+        return Vec::new();
+    };
+    let mut pids = vec![postmaster];
+    pids.extend(children_of(postmaster));
+    pids
 }
 
 fn append(path: &Path, text: &str) -> Result<(), EngineError> {

@@ -14,6 +14,7 @@ pub mod actions;
 pub mod agent;
 pub mod endpoint;
 pub mod engine;
+pub mod fence;
 pub mod operations;
 pub mod peer;
 pub mod policy;
@@ -139,12 +140,17 @@ pub async fn run(config: PartnerConfig, shutdown: CancellationToken) -> Result<(
         "partner agent started"
     );
 
+    // I1: PostgreSQL never outlives this agent or its lease.
+    let fence = fence::Fence::start(&agent.engine.data_dir).map_err(|source| StateError::Io {
+        path: agent.engine.data_dir.clone(),
+        source,
+    })?;
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(endpoint::serve_endpoint(agent.clone(), endpoint));
     tasks.spawn(endpoint::serve_wal_relay(agent.clone(), wal_relay));
     tasks.spawn(peer::ping_peer(agent.clone()));
     tasks.spawn(quorum::ping_witness(agent.clone()));
-    tasks.spawn(quorum::watch_quorum(agent.clone()));
+    tasks.spawn(quorum::watch_quorum(agent.clone(), fence));
     tasks.spawn(supervisor::supervise(agent.clone()));
     tasks.close();
     shutdown.cancelled().await;

@@ -17,6 +17,7 @@ use tracing::{error, info, warn};
 use crate::control::{ControlClient, ControlError};
 use crate::partner::actions::carry_out;
 use crate::partner::agent::{ping_interval, sleep_or_shutdown, Agent};
+use crate::partner::fence::Fence;
 use crate::partner::policy::{self, PostgresObservation};
 use crate::partner::supervisor;
 use crate::sync::lock;
@@ -96,8 +97,10 @@ fn witness_lost(agent: &Agent, why: &str) {
     status.connected = false;
 }
 
-/// Checks the quorum rules ten times a second.
-pub async fn watch_quorum(agent: Arc<Agent>) {
+/// Checks the quorum rules ten times a second and tells the fence the
+/// lease; at shutdown the fence leaves without killing (the agent stops
+/// PostgreSQL itself).
+pub async fn watch_quorum(agent: Arc<Agent>, mut fence: Fence) {
     let mut last_request = Instant::now() - PROMOTION_RETRY;
     while sleep_or_shutdown(&agent, WATCH_INTERVAL).await {
         let state = agent.state();
@@ -106,6 +109,7 @@ pub async fn watch_quorum(agent: Arc<Agent>) {
             None => PostgresObservation::Stopped,
         };
         let observed = agent.observation(postgres);
+        fence.order(policy::fence_order(&state, &observed)).await;
         let fence = agent.decide(|memory| policy::quorum_check(&state, memory, &observed));
         if !fence.actions.is_empty() {
             // I1: not under the operations lock, so that a command or tick
@@ -135,4 +139,5 @@ pub async fn watch_quorum(agent: Arc<Agent>) {
             warn!("automatic failover: {err}");
         }
     }
+    fence.exit().await;
 }

@@ -9,6 +9,7 @@ pub mod bank;
 pub mod cluster;
 pub mod link;
 pub mod pg;
+pub mod probe;
 pub mod process;
 pub mod proxy;
 

@@ -25,7 +25,7 @@ use std::time::Duration;
 use crate::control::{PeerView, PromotionKind, RoleRow};
 use crate::partner::engine::StopMode;
 use crate::partner::state::{HandOver, SessionState};
-use crate::roles::{lease_holds, takeover_wait, Epoch, Role, Safety};
+use crate::roles::{lease_holds, lease_length, takeover_wait, Epoch, Role, Safety};
 use crate::wire::lsn::Lsn;
 
 /// What the partner observed just before deciding.
@@ -247,6 +247,20 @@ pub fn witness_allows_exposure(state: &SessionState, observed: &Observation) -> 
         })
 }
 
+/// What the fence process is told (`partner::fence`): the principal's
+/// lease, or no deadline when no lease applies (I1).
+pub fn fence_order(state: &SessionState, observed: &Observation) -> crate::partner::fence::Order {
+    use crate::partner::fence::Order;
+    if state.ended || state.role != Role::Principal || state.witness.is_none() {
+        return Order::Hold;
+    }
+    let end = observed
+        .lease_from
+        .map(|from| from + lease_length(state.timeout()))
+        .unwrap_or_default();
+    Order::Lease(end.saturating_sub(observed.now))
+}
+
 /// The fast check, run ten times a second outside the operations lock: a
 /// principal whose lease ended stops PostgreSQL at once (I1).
 pub fn quorum_check(state: &SessionState, memory: &Memory, observed: &Observation) -> Decision {
@@ -257,6 +271,8 @@ pub fn quorum_check(state: &SessionState, memory: &Memory, observed: &Observatio
         decision.note = Some(
             "No Quorum: the principal's lease ended (neither the witness nor the mirror answered); stopping PostgreSQL",
         );
+        // No flush reply of the mirror may release a commit any more.
+        decision.actions.push(Action::CloseStreams);
         return decision.act(Action::Stop(StopMode::Immediate));
     }
     decision

@@ -121,7 +121,10 @@ fn i1_a_principal_whose_lease_ended_stops_postgresql() {
         .is_empty());
     seen.lease_from = Some(seen.now - lease_length(state.timeout()));
     let decision = quorum_check(&state, &Memory::default(), &seen);
-    assert_eq!(decision.actions, [Action::Stop(StopMode::Immediate)]);
+    assert_eq!(
+        decision.actions,
+        [Action::CloseStreams, Action::Stop(StopMode::Immediate)]
+    );
     // Connected flags do not count, only answered round trips.
     seen.peer.connected = true;
     seen.witness.connected = true;
