@@ -284,12 +284,21 @@ pub struct PartnerConfig {
     pub timeout: u64,
     /// Prometheus metrics listener.
     pub metrics: Option<ListenAddr>,
+    /// How many diverged copies (data directories pg_rewind could not
+    /// rewind, moved aside as `DATA.diverged-<unix ms>`) are kept; older
+    /// ones are removed, each with a log line.
+    #[serde(default = "default_keep_diverged")]
+    pub keep_diverged: usize,
     /// Warning thresholds (spec 64); none is set by default.
     #[serde(default)]
     pub warnings: WarningsConfig,
     pub postgres: PostgresConfig,
     #[serde(default)]
     pub tls: TlsConfig,
+}
+
+fn default_keep_diverged() -> usize {
+    2
 }
 
 /// The partner's warning thresholds (spec 64). A breach logs a warning once

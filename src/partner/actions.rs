@@ -9,6 +9,7 @@
 //! fence's immediate stop. Dropping a future between actions leaves the
 //! durable state as persisted; the next tick decides again.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -490,6 +491,17 @@ async fn take_copy(agent: &Arc<Agent>, view: &PeerView) -> Result<(), OpError> {
     let Some(theirs) = view.system_identifier else {
         return Ok(());
     };
+    let in_progress = agent.config.state_dir.join(BASE_BACKUP_IN_PROGRESS);
+    if in_progress.exists() {
+        // A base backup was interrupted: that copy is never adopted.
+        warn!(
+            "a base backup into {} was interrupted; removing that copy and taking a new one",
+            agent.engine.data_dir.display()
+        );
+        if agent.engine.data_dir.exists() {
+            std::fs::remove_dir_all(&agent.engine.data_dir)?;
+        }
+    }
     if agent.engine.has_cluster() {
         let ours = blocking(agent, |engine| engine.control_data())
             .await?
@@ -506,6 +518,7 @@ async fn take_copy(agent: &Arc<Agent>, view: &PeerView) -> Result<(), OpError> {
         let engine = agent.engine.clone();
         let slot = agent.slot_name();
         let started = Instant::now();
+        write_synced(&in_progress)?;
         with_tool_relay(agent, move |conninfo| engine.base_backup(&conninfo, &slot)).await??;
         info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -516,6 +529,9 @@ async fn take_copy(agent: &Arc<Agent>, view: &PeerView) -> Result<(), OpError> {
         state.has_copy = true;
         state.system_identifier = Some(theirs);
     })?;
+    if in_progress.exists() {
+        std::fs::remove_file(&in_progress)?;
+    }
     Ok(())
 }
 
@@ -549,10 +565,10 @@ async fn rewind(agent: &Arc<Agent>) -> Result<(), OpError> {
             // This copy's WAL back to the common checkpoint is gone or torn:
             // rewinding is impossible, so keep the diverged copy aside for manual
             // reconciliation and clone the principal afresh.
-            let aside = agent.engine.data_dir.with_extension("diverged");
+            let aside = diverged_name(&agent.engine.data_dir);
             warn!("pg_rewind cannot rewind ({err}); moving the copy to {} and taking a new base backup", aside.display());
-            let _ = std::fs::remove_dir_all(&aside);
             std::fs::rename(&agent.engine.data_dir, &aside)?;
+            keep_newest_diverged(&agent.engine.data_dir, agent.config.keep_diverged);
             agent.update(|state| {
                 state.needs_rewind = false;
                 state.has_copy = false;
@@ -561,4 +577,94 @@ async fn rewind(agent: &Arc<Agent>) -> Result<(), OpError> {
         Err(err) => return Err(err.into()),
     }
     Ok(())
+}
+
+/// Marks, in the agent's state directory, a base backup under way: a copy
+/// found with it is a half-finished one.
+const BASE_BACKUP_IN_PROGRESS: &str = "base-backup.in-progress";
+
+/// Creates `path` and syncs it and its directory.
+fn write_synced(path: &Path) -> std::io::Result<()> {
+    std::fs::File::create(path)?.sync_all()?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// `DATA.diverged-<unix ms>`: where a copy that cannot be rewound is kept.
+fn diverged_name(data_dir: &Path) -> PathBuf {
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|since| since.as_millis())
+        .unwrap_or_default();
+    let name = data_dir
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "data".into());
+    data_dir.with_file_name(format!("{name}.diverged-{at}"))
+}
+
+/// Removes all but the `keep` newest diverged copies of `data_dir`.
+fn keep_newest_diverged(data_dir: &Path, keep: usize) {
+    let (Some(parent), Some(name)) = (data_dir.parent(), data_dir.file_name()) else {
+        return;
+    };
+    let prefix = format!("{}.diverged-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    let mut copies: Vec<(u128, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            let at = file_name.strip_prefix(&prefix)?.parse().ok()?;
+            Some((at, entry.path()))
+        })
+        .collect();
+    copies.sort();
+    let excess = copies.len().saturating_sub(keep);
+    for (_, old) in copies.into_iter().take(excess) {
+        match std::fs::remove_dir_all(&old) {
+            Ok(()) => warn!("removed the diverged copy {} (keep_diverged = {keep})", old.display()),
+            Err(err) => warn!("cannot remove the diverged copy {}: {err}", old.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_newest_diverged_copies_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        for at in [100, 300, 200, 400] {
+            std::fs::create_dir_all(dir.path().join(format!("data.diverged-{at}"))).unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join("data.diverged-notatime")).unwrap();
+        std::fs::create_dir_all(dir.path().join("other.diverged-1")).unwrap();
+        keep_newest_diverged(&data, 2);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "data.diverged-300",
+                "data.diverged-400",
+                "data.diverged-notatime",
+                "other.diverged-1"
+            ]
+        );
+        let named = diverged_name(&data);
+        assert!(named
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("data.diverged-"));
+    }
 }

@@ -330,13 +330,14 @@ impl Instance {
     /// Rolls this (stopped) data directory back to where it diverged from
     /// the server at `conninfo`, so it can follow that server's timeline.
     /// Prints "no rewind required" and changes nothing when it has not diverged.
+    /// pg_rewind syncs the directory to disk before it returns, so a copy
+    /// recorded as rewound is one that survives a crash.
     pub fn rewind(&self, conninfo: &str) -> Result<String, EngineError> {
         let mut command = self.run_as.command(self.bin.path("pg_rewind"));
         command
             .arg("-D")
             .arg(&self.data_dir)
-            .arg(format!("--source-server={conninfo}"))
-            .arg("--no-sync");
+            .arg(format!("--source-server={conninfo}"));
         run(command).map(|output| {
             let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
             text.push_str(&String::from_utf8_lossy(&output.stderr));
