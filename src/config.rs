@@ -467,6 +467,10 @@ pub struct ProxyConfig {
     pub endpoint_tls: Option<TlsConfig>,
     #[serde(default)]
     pub probe: ProbeConfig,
+    /// Where the proxy keeps the highest epoch seen per session, so that a
+    /// restarted proxy never routes below it (I4). Without it the proxy
+    /// starts from nothing and warns.
+    pub state_dir: Option<PathBuf>,
     pub sessions: BTreeMap<String, ProxySession>,
 }
 

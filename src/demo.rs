@@ -104,13 +104,15 @@ fn write_configs(options: &DemoOptions) -> anyhow::Result<()> {
         dir.join("proxy.toml"),
         format!(
             "# The demo's proxy: clients connect here and reach the current principal.\n\
-             listen = \"127.0.0.1:{}\"\ndefault_session = \"demo\"\nmetrics = \"127.0.0.1:{}\"\n\n\
+             listen = \"127.0.0.1:{}\"\ndefault_session = \"demo\"\nmetrics = \"127.0.0.1:{}\"\n\
+             state_dir = {:?}\n\n\
              [admin]\nuser = \"admin\"\npassword = \"{DEMO_ADMIN_PASSWORD}\"\n\n\
              [endpoint_tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n\n\
              [sessions.demo]\npartners = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\
              databases = [\"postgres\", \"demo\"]\npostgres = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n",
             options.port,
             free_port()?,
+            dir.join("proxy"),
             pki.join("proxy.crt"),
             pki.join("proxy.key"),
             pki.join("ca.crt"),

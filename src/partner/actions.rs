@@ -626,7 +626,10 @@ fn keep_newest_diverged(data_dir: &Path, keep: usize) {
     let excess = copies.len().saturating_sub(keep);
     for (_, old) in copies.into_iter().take(excess) {
         match std::fs::remove_dir_all(&old) {
-            Ok(()) => warn!("removed the diverged copy {} (keep_diverged = {keep})", old.display()),
+            Ok(()) => warn!(
+                "removed the diverged copy {} (keep_diverged = {keep})",
+                old.display()
+            ),
             Err(err) => warn!("cannot remove the diverged copy {}: {err}", old.display()),
         }
     }

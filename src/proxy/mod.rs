@@ -12,6 +12,7 @@
 pub mod clients;
 pub mod connection;
 pub mod console;
+pub mod epochs;
 pub mod routing;
 
 use std::collections::BTreeMap;
@@ -105,6 +106,12 @@ pub async fn serve(
             mode: TlsMode::Off,
             ..Default::default()
         }))?;
+    if config.state_dir.is_none() {
+        tracing::warn!(
+            "no state_dir: the highest epoch seen is not kept across restarts, so a restarted \
+             proxy may probe its way to a fenced principal; set state_dir (I4)"
+        );
+    }
     let tracker = TaskTracker::new();
     let mut routes = BTreeMap::new();
     let mut databases = BTreeMap::new();
@@ -127,6 +134,10 @@ pub async fn serve(
             probe: config.probe.clone(),
             tls: endpoint_tls.clone(),
             publish,
+            epochs: config
+                .state_dir
+                .as_deref()
+                .map(|dir| epochs::EpochStore::new(dir, name)),
         };
         tracker.spawn(discoverer.run(shutdown.clone()));
         console_sessions.insert(name.clone(), (session.clone(), receive.clone()));

@@ -45,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Endpoint, ProbeConfig, ProxySession};
 use crate::control::{Command, ControlClient, ControlError, MirroringStatus};
+use crate::proxy::epochs::EpochStore;
 use crate::roles::{Epoch, Role};
 use crate::tls::EndpointTls;
 
@@ -306,6 +307,8 @@ pub struct Discoverer {
     pub probe: ProbeConfig,
     pub tls: EndpointTls,
     pub publish: watch::Sender<Route>,
+    /// Where the highest epoch is kept across restarts (I4).
+    pub epochs: Option<EpochStore>,
 }
 
 impl Discoverer {
@@ -316,6 +319,17 @@ impl Discoverer {
         let mut known_postgres: Vec<String> =
             self.config.postgres.iter().map(|e| e.to_string()).collect();
         let mut memory = RouteMemory::default();
+        if let Some(store) = &self.epochs {
+            match store.load() {
+                Ok(Some(epoch)) => {
+                    // I4: an epoch was reported before this proxy's restart.
+                    memory.highest = epoch;
+                    memory.epoch_reported = true;
+                }
+                Ok(None) => {}
+                Err(err) => tracing::error!(session = %self.session, "{err}"),
+            }
+        }
         loop {
             let polls = self
                 .config
@@ -355,6 +369,13 @@ impl Discoverer {
             if decision == Decision::Probe {
                 round.read_write = Some(probe_all(&known_postgres, &self.probe).await);
                 (next, decision) = choose(&memory, &round);
+            }
+            if next.highest > memory.highest {
+                if let Some(store) = &self.epochs {
+                    if let Err(err) = store.save(next.highest) {
+                        tracing::error!(session = %self.session, "{err}");
+                    }
+                }
             }
             memory = next;
             if memory.missed_rounds > 0 {

@@ -1,0 +1,127 @@
+//! The proxy as a fence (I4) on real PostgreSQL: it holds rather than
+//! guess when more than one server accepts writes, and a proxy restarted
+//! after a failover never routes below the epoch it saw, even when the old
+//! principal's PostgreSQL is still writable and no agent answers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::{ListenEndpoint, Pair, PairOptions, SLOW};
+use common::proxy::ProxyHandle;
+use common::{free_port, PgInstance};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use pgmirror::control::Command;
+
+fn held(err: &tokio_postgres::Error) -> bool {
+    err.code() == Some(&tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_read_write_servers_with_no_agent_answering_hold() {
+    let (first, second) = (PgInstance::start(), PgInstance::start());
+    let text = format!(
+        "hold_timeout = 2\n[sessions.shop]\npartners = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\
+         postgres = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\ndatabases = [\"postgres\"]\n",
+        free_port(),
+        free_port(),
+        first.port(),
+        second.port()
+    );
+    let proxy = ProxyHandle::start(&text).await;
+    let err = proxy
+        .connect("")
+        .await
+        .expect_err("two writable servers: the proxy must not pick one");
+    assert!(held(&err), "{err:?}");
+}
+
+fn agent_pid(partner: &common::cluster::Partner) -> Pid {
+    Pid::from_raw(partner.agent.as_ref().expect("agent").pid() as i32)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_proxy_never_routes_below_the_epoch_it_saw() {
+    let pair = Pair::start(PairOptions {
+        timeout: 3,
+        ..PairOptions::default()
+    });
+    pair.wait_state("SYNCHRONIZED").await;
+    pair.a
+        .sql()
+        .await
+        .batch_execute("CREATE TABLE marks (port int)")
+        .await
+        .unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let pki = &pair.pki;
+    // Long enough for a restarted proxy to poll, time out and probe.
+    let text = format!(
+        "hold_timeout = 12\nstate_dir = {:?}\n\
+         [endpoint_tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n\n\
+         [sessions.shop]\npartners = [\"{}\", \"{}\"]\ndatabases = [\"postgres\"]\n\
+         postgres = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n",
+        state.path(),
+        pki.join("tester.crt"),
+        pki.join("tester.key"),
+        pki.join("ca.crt"),
+        pair.a.config.listen_endpoint(),
+        pair.b.config.listen_endpoint(),
+        pair.a.pg_port(),
+        pair.b.pg_port(),
+    );
+    let proxy = ProxyHandle::start(&text).await;
+    let served_by = async |proxy: &ProxyHandle| -> Result<i32, tokio_postgres::Error> {
+        let client = proxy.connect("").await?;
+        client
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .map(|row| row.get(0))
+    };
+    assert_eq!(served_by(&proxy).await.unwrap(), pair.a.pg_port() as i32);
+    // alpha's agent freezes (no witness: no lease, its PostgreSQL stays up
+    // and writable); beta is forced into service at epoch 2.
+    let alpha_agent = agent_pid(&pair.a);
+    kill(alpha_agent, Signal::SIGSTOP).unwrap();
+    pair.wait_for(&pair.b, "alone", SLOW, |status| !status.peer_connected)
+        .await;
+    pair.command(&pair.b, Command::ForceServiceAllowDataLoss)
+        .await
+        .expect("forced service");
+    let deadline = std::time::Instant::now() + SLOW;
+    while served_by(&proxy).await.ok() != Some(pair.b.pg_port() as i32) {
+        assert!(std::time::Instant::now() < deadline, "never routed to beta");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    proxy.stop().await;
+    // Now no agent answers and only the old principal answers writes.
+    let beta_agent = agent_pid(&pair.b);
+    kill(beta_agent, Signal::SIGSTOP).unwrap();
+    pair.b.engine.signal_all(Signal::SIGSTOP);
+    let restarted = ProxyHandle::start(&text).await;
+    let attempt = restarted.connect("").await;
+    let stolen: i64 = pair
+        .a
+        .sql()
+        .await
+        .query_one("SELECT count(*) FROM marks", &[])
+        .await
+        .unwrap()
+        .get(0);
+    pair.b.engine.signal_all(Signal::SIGCONT);
+    kill(beta_agent, Signal::SIGCONT).unwrap();
+    kill(alpha_agent, Signal::SIGCONT).unwrap();
+    match attempt {
+        Err(err) => assert!(held(&err), "{err:?}"),
+        Ok(client) => {
+            let port: i32 = client
+                .query_one("SELECT inet_server_port()", &[])
+                .await
+                .map(|row| row.get(0))
+                .unwrap_or_default();
+            panic!("the restarted proxy routed to port {port}, below the epoch it saw");
+        }
+    }
+    assert_eq!(stolen, 0);
+}
