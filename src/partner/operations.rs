@@ -332,8 +332,18 @@ async fn force_service(agent: &Arc<Agent>) -> Result<String, OpError> {
         PromotionKind::Forced,
     );
     warn!(%epoch, "forced service: this partner is principal; the old principal's unsent WAL is lost");
+    // With a witness the old principal's lease had ended (its fence killed
+    // PostgreSQL); without one nothing here can fence it (spec 17, 55).
+    let unfenced = if agent.state().witness.is_none() {
+        "; without a witness the old principal could not be fenced from here: if it still \
+         runs, its PostgreSQL may accept writes from clients connected to it directly (the \
+         proxy routes only to this partner) until its agent sees this role_sequence"
+    } else {
+        ""
+    };
     Ok(format!(
         "service forced: this partner is the principal at role_sequence {epoch}; mirroring is \
-         SUSPENDED; when the old principal is back, RESUME rewinds it (its unsent transactions are lost)"
+         SUSPENDED; when the old principal is back, RESUME rewinds it (its unsent transactions \
+         are lost){unfenced}"
     ))
 }

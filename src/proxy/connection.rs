@@ -413,6 +413,7 @@ where
 
     let bytes_to_server = counter!(metrics::PROXY_BYTES, "direction" => "client_to_server");
     let bytes_to_client = counter!(metrics::PROXY_BYTES, "direction" => "server_to_client");
+    let client_routes = routes.clone();
     let client_to_server = async {
         let mut buf = vec![0u8; SPLICE_BUFFER_MIN];
         loop {
@@ -422,6 +423,11 @@ where
                 let _ = server_write.shutdown().await;
                 return Ok::<End, ConnError>(End::ClientClosed);
             };
+            if client_routes.borrow().supersedes(epoch, &principal) {
+                // I4: not one more client byte to a superseded principal;
+                // the other direction ends the connection with 57P01.
+                std::future::pending::<()>().await;
+            }
             server_write.write_all(chunk).await?;
             grow_if_full(&mut buf, n);
         }
