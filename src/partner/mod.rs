@@ -7,8 +7,10 @@
 //! failover), `peer` (the peer's heartbeat) and `operations` (control
 //! requests and commands), all through `actions`, the one place that
 //! changes PostgreSQL. `agent` is the shared context, `endpoint` the
-//! listeners and relays, `state` the durable session state, `engine` the
-//! PostgreSQL binaries and `telemetry` the measures behind the metrics.
+//! mirroring endpoint, `relays` the shipper's loopback side, `fence` the
+//! process that kills PostgreSQL when the lease ends, `state` the durable
+//! session state, `engine` the PostgreSQL binaries and `telemetry` the
+//! measures behind the metrics.
 
 pub mod actions;
 pub mod agent;
@@ -19,6 +21,7 @@ pub mod operations;
 pub mod peer;
 pub mod policy;
 pub mod quorum;
+pub mod relays;
 pub mod state;
 pub mod supervisor;
 pub mod telemetry;
@@ -147,7 +150,7 @@ pub async fn run(config: PartnerConfig, shutdown: CancellationToken) -> Result<(
     })?;
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(endpoint::serve_endpoint(agent.clone(), endpoint));
-    tasks.spawn(endpoint::serve_wal_relay(agent.clone(), wal_relay));
+    tasks.spawn(relays::serve_wal_relay(agent.clone(), wal_relay));
     tasks.spawn(peer::ping_peer(agent.clone()));
     tasks.spawn(quorum::ping_witness(agent.clone()));
     tasks.spawn(quorum::watch_quorum(agent.clone(), fence));
