@@ -62,7 +62,8 @@ struct Totals {
     shown: Vec<Outcome>,
     edge: u64,
     acknowledged: u64,
-    lost_updates: u64,
+    unfenced: u64,
+    unfenced_events: u64,
     faults: FaultCounts,
     events: u64,
     simulated_ms: u64,
@@ -80,7 +81,8 @@ fn run_seed(seed: u64, verbose: bool, totals: &Mutex<Totals>) {
     totals.failures.add(&check.failures);
     totals.edge += check.edge;
     totals.acknowledged += check.acknowledged;
-    totals.lost_updates += check.lost_updates;
+    totals.unfenced += check.unfenced;
+    totals.unfenced_events += check.unfenced_events;
     totals.faults.add(&world.faults);
     totals.events += world.events;
     totals.simulated_ms += world.t;
@@ -162,8 +164,10 @@ fn simulation() {
         }
     }
     println!(
-        "acknowledged commits: {} | edge (cancelled waits): {} | witness lost updates: {}",
-        totals.acknowledged, totals.edge, totals.lost_updates
+        "acknowledged commits: {} | edge (cancelled waits): {} | unfenced (acknowledged by a \
+         PostgreSQL whose frozen or dead agent's lease ended): {} | events the unfenced gap \
+         explains (stale commits, stale routing, grants while it served): {}",
+        totals.acknowledged, totals.edge, totals.unfenced, totals.unfenced_events
     );
     println!("faults injected:");
     for (name, n) in KINDS.iter().zip(totals.faults.0.iter()) {

@@ -1,12 +1,14 @@
 //! The invariants of DESIGN.md section 3, checked as the run goes (I1 at
 //! every commit, I3 at every grant and promotion, I4 at every commit a
 //! routed client reaches) and at its end (I2 on the final principal's
-//! history, liveness).
+//! history, liveness). Commits acknowledged by a PostgreSQL whose agent
+//! could not stop it when its lease ended (frozen or dead: the fence
+//! process is the next issue) are counted apart as "unfenced", like the
+//! commits whose synchronous wait was cancelled ("edge").
 
-use pgmirror::partner::api::PromotionKind;
+use pgmirror::control::PromotionKind;
 use pgmirror::roles::Role;
 
-use crate::agent::Promotion;
 use crate::postgres::{Pg, PgRun, Protection, TxnAck};
 use crate::trace::{Line, Trace};
 use crate::world::World;
@@ -50,10 +52,16 @@ pub struct Checker {
     forced_alone: Vec<u64>,
     /// Acknowledged under FULL while synchronized: (pos, rid, epoch).
     protected: Vec<(u32, u32, u64, Protection)>,
-    /// Witness writes that overwrote a change made since their read.
-    pub lost_updates: u64,
+    /// How each epoch was granted (by a witness, or by a takeover or
+    /// forced service without one).
+    grants: Vec<(u64, PromotionKind)>,
     pub acknowledged: u64,
     pub edge: u64,
+    /// Commits acknowledged by an unfenced PostgreSQL (the known gap).
+    pub unfenced: u64,
+    /// Events the gap explains: an unfenced commit or routed client at an
+    /// older epoch, a grant while the old principal still serves unfenced.
+    pub unfenced_events: u64,
     pub failures: Failures,
     /// The first failure: when, and which.
     pub first: Option<(u64, &'static str)>,
@@ -92,11 +100,19 @@ impl Checker {
         self.highest_epoch = self.highest_epoch.max(epoch);
     }
 
+    /// Epoch `epoch` was granted as `kind`.
+    pub fn on_granted(&mut self, epoch: u64, kind: PromotionKind) {
+        self.grants.push((epoch, kind));
+    }
+
     /// I1: a commit completes on a principal of an epoch older than one
     /// that already completed a commit.
     pub fn on_commit(&mut self, t: u64, ack: TxnAck, trace: &mut Trace) {
-        if ack.epoch < self.completed_epoch && !self.forced_between(ack.epoch, self.completed_epoch)
-        {
+        let stale = ack.epoch < self.completed_epoch
+            && !self.forced_between(ack.epoch, self.completed_epoch);
+        if stale && ack.unfenced {
+            self.unfenced_events += 1;
+        } else if stale {
             self.failures.i1 += 1;
             self.fail(
                 t,
@@ -112,7 +128,9 @@ impl Checker {
     /// The client received the commit's success.
     pub fn on_acknowledged(&mut self, _t: u64, ack: TxnAck) {
         self.acknowledged += 1;
-        if ack.edge {
+        if ack.unfenced {
+            self.unfenced += 1;
+        } else if ack.edge {
             self.edge += 1;
         } else if ack.protected {
             self.protected
@@ -122,9 +140,12 @@ impl Checker {
 
     /// I4: a routed client is served by a PostgreSQL below the highest
     /// epoch granted.
-    pub fn on_routed(&mut self, t: u64, _p: usize, serve_epoch: u64, trace: &mut Trace) {
-        if serve_epoch < self.highest_epoch && !self.forced_between(serve_epoch, self.highest_epoch)
-        {
+    pub fn on_routed(&mut self, t: u64, serve_epoch: u64, unfenced: bool, trace: &mut Trace) {
+        let stale = serve_epoch < self.highest_epoch
+            && !self.forced_between(serve_epoch, self.highest_epoch);
+        if stale && unfenced {
+            self.unfenced_events += 1;
+        } else if stale {
             self.failures.i4 += 1;
             self.fail(
                 t,
@@ -138,8 +159,19 @@ impl Checker {
 
     /// I3 at the grant: the witness lets a mirror take over automatically
     /// while the old principal's PostgreSQL still serves.
-    pub fn on_grant(&mut self, t: u64, kind: PromotionKind, old_serving: bool, trace: &mut Trace) {
-        if kind == PromotionKind::Automatic && old_serving {
+    pub fn on_grant(
+        &mut self,
+        t: u64,
+        epoch: u64,
+        kind: PromotionKind,
+        old_serving: bool,
+        old_unfenced: bool,
+        trace: &mut Trace,
+    ) {
+        self.on_granted(epoch, kind);
+        if kind == PromotionKind::Automatic && old_serving && old_unfenced {
+            self.unfenced_events += 1;
+        } else if kind == PromotionKind::Automatic && old_serving {
             self.failures.i3 += 1;
             self.fail(
                 t,
@@ -164,19 +196,10 @@ impl Checker {
 
     /// I3 at the promotion: an automatic promotion (or a handover) of a
     /// mirror that lacks a commit acknowledged under FULL.
-    pub fn on_promoted(
-        &mut self,
-        t: u64,
-        _p: usize,
-        epoch: u64,
-        kind: Promotion,
-        pg: &Pg,
-        trace: &mut Trace,
-    ) {
-        let automatic = matches!(
-            kind,
-            Promotion::Granted(PromotionKind::Automatic | PromotionKind::Handover)
-        );
+    pub fn on_promoted(&mut self, t: u64, epoch: u64, pg: &Pg, trace: &mut Trace) {
+        let automatic = self.grants.iter().any(|(granted, kind)| {
+            *granted == epoch && matches!(kind, PromotionKind::Automatic | PromotionKind::Handover)
+        });
         if !automatic {
             return;
         }

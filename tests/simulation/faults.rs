@@ -4,7 +4,7 @@
 //! then everything heals, the operator undoes SUSPEND and SAFETY OFF, and
 //! the liveness check waits for SYNCHRONIZED.
 
-use pgmirror::partner::api::Command;
+use pgmirror::control::Command;
 use pgmirror::roles::{MirroringState, Role, Safety};
 
 use crate::postgres::{PgRun, SHIP_RECORDS_PER_MS};

@@ -8,7 +8,7 @@ use std::collections::BinaryHeap;
 use std::time::Duration;
 
 use pgmirror::config::Endpoint;
-use pgmirror::partner::api::{Command, MirroringStatus, PeerView, PromotionKind, RoleRow};
+use pgmirror::control::{Command, MirroringStatus, PeerView, PromotionKind, RoleRow};
 use pgmirror::roles::Epoch;
 use pgmirror::wire::lsn::Lsn;
 
@@ -83,8 +83,12 @@ pub enum Msg {
         req: u64,
         view: PeerView,
     },
-    /// Connection refused (the process is dead) or request refused.
+    /// Connection refused (the process is dead) or reset.
     Nack {
+        req: u64,
+    },
+    /// A ping answered with Refused (a mirror refusing its principal).
+    PingRefused {
         req: u64,
     },
     Report {
@@ -104,6 +108,8 @@ pub enum Msg {
         epoch: Epoch,
         kind: PromotionKind,
         lsn: Option<Lsn>,
+        /// `principal_answered_ago_ms` of the request.
+        answered_ago_ms: Option<u64>,
     },
     Witness {
         req: u64,
