@@ -7,7 +7,8 @@
 //! sets the count, `PGMIRROR_SIM_START` the first seed, and
 //! `PGMIRROR_SIM_SEED` runs one seed printing its whole trace. A failing seed
 //! prints its last events and the command that replays it. `bench/soak` runs
-//! a million seeds in release.
+//! a million seeds in release. `PGMIRROR_SIM_LIST` prints every failing
+//! seed with its first failure (and, for liveness, where both agents are).
 
 #[path = "simulation/actions.rs"]
 mod actions;
@@ -87,6 +88,13 @@ fn run_seed(seed: u64, verbose: bool, totals: &Mutex<Totals>) {
     totals.events += world.events;
     totals.simulated_ms += world.t;
     if check.failures.any() {
+        if std::env::var_os("PGMIRROR_SIM_LIST").is_some() {
+            println!(
+                "failing seed {seed}: {:?}{}",
+                check.first.map(|(_, what)| what).unwrap_or(""),
+                check.final_states
+            );
+        }
         totals.failing_seeds += 1;
         let f = check.failures;
         for (i, count) in [f.i1, f.i2, f.i3, f.i4, f.liveness, f.i3_atomic]

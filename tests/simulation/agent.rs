@@ -33,9 +33,10 @@ const TICK_MS: u64 = 500;
 const WATCH_MS: u64 = 100;
 /// `quorum::PROMOTION_RETRY`.
 const PROMOTION_RETRY_MS: u64 = 200;
-/// `roles::lease::STOP_BOUND`: how long an agent that runs again may take
-/// to stop a PostgreSQL whose lease ended while it could not.
-const STOP_BOUND_MS: u64 = 1000;
+/// How long an agent that runs again may take to stop a PostgreSQL whose
+/// lease ended while it could not: its first tick (500 ms) and
+/// `roles::lease::STOP_BOUND`.
+const RETURN_BOUND_MS: u64 = TICK_MS + 1000;
 
 #[derive(Debug, Clone, Copy)]
 pub enum AgentEv {
@@ -81,6 +82,9 @@ pub struct Agent {
     /// For the checker: the host clock's reading when this agent last
     /// started or was thawed.
     pub available_since_local: u64,
+    /// For the checker: at that return its lease had ended while it was
+    /// away (any lease it renews since does not make its PostgreSQL fenced).
+    pub returned_lapsed: bool,
 }
 
 impl Agent {
@@ -124,6 +128,7 @@ impl Agent {
             last_auto_request: None,
             lease_from_local: None,
             available_since_local: 0,
+            returned_lapsed: false,
         }
     }
 
@@ -174,7 +179,9 @@ impl World {
     /// Starts the agent process (first start or restart after kill -9).
     pub fn agent_start(&mut self, a: usize) {
         let local = self.local_ms(a);
+        let lapsed = self.gen_lapsed(a);
         let agent = &mut self.agents[a];
+        agent.returned_lapsed = lapsed;
         agent.alive = true;
         agent.frozen = false;
         agent.gen += 1;
@@ -255,6 +262,7 @@ impl World {
         if !self.agents[a].frozen {
             return;
         }
+        self.agents[a].returned_lapsed = self.gen_lapsed(a);
         self.agents[a].frozen = false;
         self.agents[a].available_since_local = self.local_ms(a);
         self.log(a, "agent SIGCONT", 0, 0, "");
@@ -267,25 +275,37 @@ impl World {
     }
 
     /// The known gap this issue leaves (DESIGN.md I1, the next issue's
-    /// fence process): agent `p` had a lease (a witness is configured) that
-    /// has ended, and it could not stop its PostgreSQL: it is frozen or
-    /// dead, or it runs again since less than the stop bound after being
-    /// away when the lease ended.
+    /// fence process): agent `p` (with a witness, so with a lease) could not
+    /// stop its PostgreSQL when its lease ended. Either it is frozen or
+    /// dead now and its lease is over, or it runs again since less than
+    /// its first tick and the stop bound, and its lease had ended while it
+    /// was away (a lease it renews on its return does not undo that: the
+    /// witness may have granted the role meanwhile).
     pub fn unfenced(&self, p: usize) -> bool {
         let agent = &self.agents[p];
         if agent.durable.witness.is_none() {
             return false;
         }
-        let now = self.local_ms(p);
+        if !agent.alive || agent.frozen {
+            return self.lease_over(p);
+        }
+        agent.returned_lapsed && self.local_ms(p) < agent.available_since_local + RETURN_BOUND_MS
+    }
+
+    /// Agent `p`'s last lease (any incarnation) has ended, on its clock.
+    fn lease_over(&self, p: usize) -> bool {
+        let agent = &self.agents[p];
         let length = lease_length(agent.durable.timeout()).as_millis() as u64;
         let end = agent.lease_from_local.map(|from| from + length);
-        if end.is_some_and(|end| now < end) {
-            return false;
-        }
-        let away_at_end = end.is_none_or(|end| end <= agent.available_since_local);
-        !agent.alive
-            || agent.frozen
-            || (away_at_end && now < agent.available_since_local + STOP_BOUND_MS)
+        end.is_none_or(|end| self.local_ms(p) >= end)
+    }
+
+    /// At its return (start, SIGCONT): whether agent `p` was away with a
+    /// lease that ended meanwhile and its PostgreSQL still running.
+    fn gen_lapsed(&self, p: usize) -> bool {
+        self.agents[p].durable.witness.is_some()
+            && matches!(self.pgs[p].run, PgRun::Principal | PgRun::Stopping)
+            && self.lease_over(p)
     }
 
     /// A round trip sent at `sent` (agent clock) was answered by the
@@ -553,7 +573,14 @@ impl World {
                     let t = self.t;
                     self.check.on_shown_early(t, &mut self.trace);
                 }
-                self.send(a, Proc::Proxy, Msg::StatusReply { req, status });
+                self.send(
+                    a,
+                    Proc::Proxy,
+                    Msg::StatusReply {
+                        req,
+                        status: Box::new(status),
+                    },
+                );
             }
             Msg::Command { from, req, command } => {
                 self.enqueue(a, Op::Command { command, from, req })

@@ -63,6 +63,8 @@ pub struct Checker {
     /// older epoch, a grant while the old principal still serves unfenced.
     pub unfenced_events: u64,
     pub failures: Failures,
+    /// Both agents' states at a liveness failure (`World::log_state`).
+    pub final_states: String,
     /// The first failure: when, and which.
     pub first: Option<(u64, &'static str)>,
 }
@@ -257,6 +259,9 @@ impl World {
     pub fn finish(&mut self) {
         let t = self.t;
         if !self.scenario.ended && self.scenario.synchronized_at.is_none() {
+            for a in 0..2 {
+                self.log_state(a);
+            }
             self.check.failures.liveness += 1;
             self.check.fail(
                 t,
@@ -278,5 +283,59 @@ impl World {
         if let Some(p) = final_principal {
             self.check.final_history(t, &self.pgs[p], &mut self.trace);
         }
+    }
+}
+
+impl World {
+    /// One line of what agent `a` is at: a = role (1 principal), promoting
+    /// (2), handing over (4), suspended (8), safety off (16), peer connected
+    /// (32), witness connected (64), refusing (128), epoch << 8; b = its
+    /// PostgreSQL (0 stopped, 1 starting, 2 principal, 3 mirror, 4
+    /// stopping); the note: what holds its operations lock.
+    pub fn log_state(&mut self, a: usize) {
+        use crate::ops::Stage;
+        let agent = &self.agents[a];
+        let state = &agent.durable;
+        let bits = u64::from(state.role == Role::Principal)
+            | u64::from(state.promoting) << 1
+            | u64::from(state.handing_over.is_some()) << 2
+            | u64::from(state.suspended) << 3
+            | u64::from(state.safety == pgmirror::roles::Safety::Off) << 4
+            | u64::from(agent.obs.peer.connected) << 5
+            | u64::from(agent.obs.witness.connected) << 6
+            | u64::from(agent.memory.refusing_principal) << 7
+            | state.epoch.0 << 8;
+        let pg = match self.pgs[a].run {
+            PgRun::Stopped => 0,
+            PgRun::Starting => 1,
+            PgRun::Principal => 2,
+            PgRun::Mirror => 3,
+            PgRun::Stopping => 4,
+        };
+        let note = match agent.running.as_ref().map(|r| &r.stage) {
+            None => "lock free",
+            Some(Stage::Tick) => "lock: tick",
+            Some(Stage::Change) => "lock: command",
+            Some(Stage::MoveWitness { .. }) => "lock: SET WITNESS",
+            Some(Stage::Forward) => "lock: forwarded command",
+            Some(Stage::Manual { .. }) => "lock: FAILOVER",
+            Some(Stage::TakeOver { .. }) => "lock: takeover",
+            Some(Stage::Forced { .. }) => "lock: FORCE_SERVICE",
+            Some(Stage::Auto) => "lock: automatic failover",
+        };
+        let note = if !agent.alive {
+            "dead"
+        } else if agent.frozen {
+            "frozen"
+        } else {
+            note
+        };
+        self.log(a, "state", bits, pg, note);
+        use std::fmt::Write;
+        let _ = write!(
+            self.check.final_states,
+            " | {}: {bits:#x} pg {pg} {note}",
+            crate::world::HOST_NAMES[a]
+        );
     }
 }

@@ -621,7 +621,7 @@ impl World {
             Stage::Auto => self.watch_resume(a),
             Stage::TakeOver { from, req, .. } => {
                 let done = !running.failed;
-                self.send(a, Proc::Agent(from), Msg::TakeOverReply { req, done });
+                self.send_held(a, Proc::Agent(from), Msg::TakeOverReply { req, done });
             }
             Stage::Manual { .. } => {
                 self.agents[a].pending_failover = false;
@@ -632,7 +632,7 @@ impl World {
         }
         if let Some((to, req)) = running.answer_to {
             let ok = !running.failed;
-            self.send(a, to, Msg::CommandReply { req, ok });
+            self.send_held(a, to, Msg::CommandReply { req, ok });
         }
         self.start_next(a);
     }

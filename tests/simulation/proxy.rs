@@ -94,7 +94,7 @@ impl World {
             Msg::StatusReply { req, status } => {
                 if let Some(a) = self.proxy.polls.iter().position(|r| *r == req) {
                     self.proxy.polls[a] = 0;
-                    self.proxy.answers[a] = Some(AgentAnswer::from(&status as &MirroringStatus));
+                    self.proxy.answers[a] = Some(AgentAnswer::from(&*status as &MirroringStatus));
                     self.proxy_round_done();
                 }
             }

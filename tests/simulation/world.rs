@@ -120,7 +120,7 @@ pub enum Msg {
     },
     StatusReply {
         req: u64,
-        status: MirroringStatus,
+        status: Box<MirroringStatus>,
     },
     Command {
         from: Proc,
@@ -303,6 +303,9 @@ pub struct World {
     pub next_req: u64,
     pub next_rid: u32,
     pub events: u64,
+    /// Data of established connections held by TCP while their link is
+    /// cut: (from host, to, message), sent again when it heals.
+    pub parked: Vec<(usize, Proc, Msg)>,
 }
 
 impl World {
@@ -348,6 +351,7 @@ impl World {
             next_req: 1,
             next_rid: 1,
             events: 0,
+            parked: Vec::new(),
             rng,
         };
         world.agent_start(ALPHA);
@@ -434,6 +438,25 @@ impl World {
         Some(delay)
     }
 
+    /// Sends `msg` on an established connection whose peer waits long for
+    /// it (a takeover's or a command's answer): over a cut link TCP keeps
+    /// it and delivers it once the link heals.
+    pub fn send_held(&mut self, from: usize, to: Proc, msg: Msg) {
+        if self.links[from][to.host()].up() {
+            self.send(from, to, msg);
+        } else {
+            self.parked.push((from, to, msg));
+        }
+    }
+
+    /// Sends the held data whose link carries it again.
+    pub fn unpark(&mut self) {
+        let parked = std::mem::take(&mut self.parked);
+        for (from, to, msg) in parked {
+            self.send_held(from, to, msg);
+        }
+    }
+
     pub fn both_ways(&self, a: usize, b: usize) -> bool {
         self.links[a][b].up() && self.links[b][a].up()
     }
@@ -504,6 +527,7 @@ impl World {
             E::LinkHeal { from, to } => {
                 let link = &mut self.links[from as usize][to as usize];
                 link.down = link.down.saturating_sub(1);
+                self.unpark();
                 self.stream_kick();
             }
             E::Fault => self.fault(),
