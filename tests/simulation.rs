@@ -7,7 +7,8 @@
 //! sets the count, `PGMIRROR_SIM_START` the first seed, and
 //! `PGMIRROR_SIM_SEED` runs one seed printing its whole trace. A failing seed
 //! prints its last events and the command that replays it. `bench/soak` runs
-//! a million seeds in release.
+//! a million seeds in release. `PGMIRROR_SIM_LIST` prints every failing
+//! seed with its first failure (and, for liveness, where both agents are).
 
 #[path = "simulation/actions.rs"]
 mod actions;
@@ -62,7 +63,8 @@ struct Totals {
     shown: Vec<Outcome>,
     edge: u64,
     acknowledged: u64,
-    lost_updates: u64,
+    unfenced: u64,
+    unfenced_events: u64,
     faults: FaultCounts,
     events: u64,
     simulated_ms: u64,
@@ -80,11 +82,19 @@ fn run_seed(seed: u64, verbose: bool, totals: &Mutex<Totals>) {
     totals.failures.add(&check.failures);
     totals.edge += check.edge;
     totals.acknowledged += check.acknowledged;
-    totals.lost_updates += check.lost_updates;
+    totals.unfenced += check.unfenced;
+    totals.unfenced_events += check.unfenced_events;
     totals.faults.add(&world.faults);
     totals.events += world.events;
     totals.simulated_ms += world.t;
     if check.failures.any() {
+        if std::env::var_os("PGMIRROR_SIM_LIST").is_some() {
+            println!(
+                "failing seed {seed}: {:?}{}",
+                check.first.map(|(_, what)| what).unwrap_or(""),
+                check.final_states
+            );
+        }
         totals.failing_seeds += 1;
         let f = check.failures;
         for (i, count) in [f.i1, f.i2, f.i3, f.i4, f.liveness, f.i3_atomic]
@@ -162,8 +172,10 @@ fn simulation() {
         }
     }
     println!(
-        "acknowledged commits: {} | edge (cancelled waits): {} | witness lost updates: {}",
-        totals.acknowledged, totals.edge, totals.lost_updates
+        "acknowledged commits: {} | edge (cancelled waits): {} | unfenced (acknowledged by a \
+         PostgreSQL whose frozen or dead agent's lease ended): {} | events the unfenced gap \
+         explains (stale commits, stale routing, grants while it served): {}",
+        totals.acknowledged, totals.edge, totals.unfenced, totals.unfenced_events
     );
     println!("faults injected:");
     for (name, n) in KINDS.iter().zip(totals.faults.0.iter()) {

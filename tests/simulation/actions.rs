@@ -1,19 +1,21 @@
-//! The actions of a Decision as the agent carries them out (pg_ctl start
-//! and stop, pg_promote, pg_rewind, pg_basebackup, synchronous_standby_names
-//! and reload, the witness and the peer asked), each taking simulated time;
-//! the operation holding the lock waits for one before starting the next,
-//! and a failed one drops the rest (the real code's `?`).
+//! The actions of a Decision as `src/partner/actions.rs` carries them out
+//! (pg_ctl start and stop, pg_promote, the checkpoint after it, pg_rewind,
+//! pg_basebackup, synchronous_standby_names and reload, the witness and the
+//! peer asked), each taking simulated time; the operation holding the lock
+//! waits for one before starting the next, and a failed one drops the rest
+//! (the real code's `?`).
 
-use pgmirror::partner::api::PromotionKind;
+use pgmirror::control::PromotionKind;
 use pgmirror::partner::engine::StopMode;
 use pgmirror::partner::policy::Action;
+use pgmirror::partner::state::HandOver;
 use pgmirror::roles::Role;
 use pgmirror::wire::lsn::Lsn;
 
 use crate::agent::{AgentEv, SYSTEM_IDENTIFIER};
 use crate::ops::{Post, Purpose, Started, Wait};
 use crate::postgres::PgRun;
-use crate::world::{witness_of, Msg, Proc, World};
+use crate::world::{witness_of, Msg, World};
 
 /// Action codes for the trace (see `trace::render`).
 pub fn pack_actions(actions: &[Action]) -> u64 {
@@ -31,6 +33,7 @@ pub fn pack_actions(actions: &[Action]) -> u64 {
             Action::RecordAtWitness { synchronized } => (9, *synchronized),
             Action::AskPromotion { .. } => (10, false),
             Action::CloseStreams => (11, false),
+            Action::FinishPromotion { .. } => (12, false),
         };
         packed |= (code | if flag { 0x20 } else { 0 }) << (6 * i);
     }
@@ -63,6 +66,11 @@ impl World {
                         running.actions.clear();
                     }
                 }
+                Started::Stop => {
+                    if let Some(running) = self.agents[a].running.as_mut() {
+                        running.actions.clear();
+                    }
+                }
             }
         }
     }
@@ -82,21 +90,30 @@ impl World {
 
     fn start_action(&mut self, a: usize, action: Action) -> Started {
         match action {
-            Action::HandOver { epoch } => {
+            Action::HandOver(hand_over) => {
+                let HandOver {
+                    epoch,
+                    failover_lsn,
+                } = hand_over;
+                let kind = match failover_lsn {
+                    Some(_) => PromotionKind::Manual,
+                    None => PromotionKind::Handover,
+                };
                 let req = self.req();
+                self.log(a, "ask takeover", epoch.0, kind as u64, "");
                 self.call_peer(
                     a,
                     Msg::TakeOver {
                         from: a as u8,
                         req,
                         epoch,
-                        lsn: Lsn::INVALID,
-                        kind: PromotionKind::Handover,
+                        lsn: failover_lsn.unwrap_or(Lsn::INVALID),
+                        kind,
                     },
                 );
                 let limit = self.call_limit(a);
                 self.agent_timer(a, limit, AgentEv::ReqTimeout(req));
-                Started::Wait(Wait::Request(req, Purpose::HandOver(epoch)))
+                Started::Wait(Wait::Request(req, Purpose::HandOver(hand_over)))
             }
             Action::StartPrincipal { synchronous } => {
                 let sync = synchronous && self.agents[a].durable.peer_name.is_some();
@@ -105,8 +122,12 @@ impl World {
                     None => Started::Failed,
                 }
             }
+            // pg_ctl start -W: a standby is started without waiting.
             Action::StartMirror => match self.pg_start(a, false, false) {
-                Some(delay) => self.wait_action(a, delay, Post::None),
+                Some(_) => {
+                    let delay = self.rng.range(5, 20);
+                    self.wait_action(a, delay, Post::None)
+                }
                 None => Started::Failed,
             },
             Action::Stop(mode) => {
@@ -124,6 +145,14 @@ impl World {
                 },
                 _ => Started::Failed,
             },
+            // CHECKPOINT and the slot over a local SQL connection.
+            Action::FinishPromotion { epoch } => match self.pgs[a].run {
+                PgRun::Principal | PgRun::Mirror => {
+                    let delay = self.rng.range(20, 150);
+                    self.wait_action(a, delay, Post::Checkpointed(epoch))
+                }
+                _ => Started::Failed,
+            },
             Action::Rewind => {
                 let stop = self.pg_stop(a, false);
                 let delay = stop + self.rng.range(800, 1500);
@@ -134,6 +163,9 @@ impl World {
                 self.wait_action(a, delay, Post::TakeCopy)
             }
             Action::RequireSync(sync) => {
+                if self.pgs[a].run == PgRun::Stopped {
+                    return Started::Done;
+                }
                 self.pg_require_sync(a, sync);
                 let delay = self.rng.range(5, 20);
                 self.wait_action(a, delay, Post::None)
@@ -144,21 +176,45 @@ impl World {
                 };
                 let req = self.req();
                 let epoch = self.agents[a].durable.epoch;
-                self.send(
+                self.call_witness(
                     a,
-                    Proc::Witness(witness as u8),
+                    witness,
                     Msg::SetSync {
                         from: a as u8,
                         req,
                         epoch,
                         synchronized,
                     },
+                    Purpose::Record,
                 );
-                let timeout = self.agents[a].timeout_ms();
-                self.agent_timer(a, timeout, AgentEv::ReqTimeout(req));
                 Started::Wait(Wait::Request(req, Purpose::Record))
             }
-            Action::AskPromotion { .. } => Started::Done,
+            Action::AskPromotion {
+                kind,
+                principal_answered_ago,
+            } => {
+                let Some(witness) = self.agents[a].durable.witness.as_ref().map(witness_of) else {
+                    return Started::Stop;
+                };
+                let req = self.req();
+                let epoch = self.agents[a].durable.epoch;
+                let lsn = self.pg_received(a);
+                self.log(a, "ask promotion", epoch.0, kind as u64, "automatic");
+                self.call_witness(
+                    a,
+                    witness,
+                    Msg::Promote {
+                        from: a as u8,
+                        req,
+                        epoch,
+                        kind,
+                        lsn,
+                        answered_ago_ms: principal_answered_ago.map(|ago| ago.as_millis() as u64),
+                    },
+                    Purpose::Ask,
+                );
+                Started::Wait(Wait::Request(req, Purpose::Ask))
+            }
             Action::CloseStreams => {
                 self.close_streams(a);
                 Started::Done
@@ -204,6 +260,13 @@ impl World {
                     agent.durable.system_identifier = Some(SYSTEM_IDENTIFIER);
                 }
                 true
+            }
+            Post::Checkpointed(epoch) => {
+                let ok = matches!(self.pgs[a].run, PgRun::Principal | PgRun::Mirror);
+                if ok {
+                    self.agents[a].memory.checkpointed = Some(epoch);
+                }
+                ok
             }
             Post::PromoteAfterStart => match self.pg_promote(a) {
                 Some(delay) => {

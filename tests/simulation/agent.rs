@@ -1,21 +1,24 @@
 //! The partner agent process: its durable SessionState (kept across kill
-//! -9), its volatile policy Memory and observations (lost), and the loops
-//! of `src/partner/agent.rs` and `quorum.rs` on simulated time: the peer
-//! ping and the witness report every TIMEOUT/5 (200 ms..2 s) with TIMEOUT
-//! to answer, the supervisor tick every 500 ms and the quorum check every
-//! 100 ms. A frozen agent (SIGSTOP) defers every timer and message until
-//! SIGCONT; its PostgreSQL keeps running.
+//! -9), its volatile policy Memory, lease and observations (lost), and the
+//! loops of `src/partner/peer.rs`, `quorum.rs` and `supervisor.rs` on
+//! simulated time: the peer ping and the witness report every TIMEOUT/5
+//! (200 ms..2 s) with TIMEOUT to answer (an answered one renews the lease
+//! from its send time), the supervisor tick every 500 ms and the quorum
+//! watch every 100 ms (the fence outside the operations lock, the
+//! automatic failover request under it). A mirror refusing its principal
+//! answers its pings with Refused. A frozen agent (SIGSTOP) defers every
+//! timer and message until SIGCONT; its PostgreSQL keeps running.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use pgmirror::partner::api::{MirroringStatus, PeerView, PromotionKind};
+use pgmirror::control::{MirroringStatus, PeerView};
 use pgmirror::partner::policy::{
-    quorum_check, wants_automatic_failover, Action, Memory, Observation, PeerObservation,
-    PostgresObservation, WitnessObservation,
+    automatic_failover, quorum_check, Memory, Observation, PeerObservation, PostgresObservation,
+    WitnessObservation,
 };
 use pgmirror::partner::state::SessionState;
-use pgmirror::roles::{MirroringState, Role, Safety};
+use pgmirror::roles::{lease_length, Epoch, MirroringState, Role, Safety};
 
 use crate::ops::{Op, Running, Stage};
 use crate::postgres::PgRun;
@@ -28,15 +31,12 @@ use crate::world::{
 pub const SYSTEM_IDENTIFIER: u64 = 7_000_000_007;
 const TICK_MS: u64 = 500;
 const WATCH_MS: u64 = 100;
-
-/// How a promotion came about (for the I3 check).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Promotion {
-    None,
-    Granted(PromotionKind),
-    /// Finishing a failover the witness's row names (follow_witness).
-    FromRow,
-}
+/// `quorum::PROMOTION_RETRY`.
+const PROMOTION_RETRY_MS: u64 = 200;
+/// How long an agent that runs again may take to stop a PostgreSQL whose
+/// lease ended while it could not: its first tick (500 ms) and
+/// `roles::lease::STOP_BOUND`.
+const RETURN_BOUND_MS: u64 = TICK_MS + 1000;
 
 #[derive(Debug, Clone, Copy)]
 pub enum AgentEv {
@@ -59,10 +59,15 @@ pub struct Agent {
     pub started_local: u64,
     pub deferred: Vec<E>,
     pub memory: Memory,
+    /// What the policy sees; `lease_from` and `answered_principal_at` are
+    /// the agent's own (`Agent::renew_lease`, `answered_principal`).
     pub obs: Observation,
     pub pending_failover: bool,
     pub ping_req: u64,
+    /// When the ping in flight was sent, on this agent's clock.
+    pub ping_sent: Duration,
     pub report_req: u64,
+    pub report_sent: Duration,
     /// The ping loop's control connection is established.
     pub ping_connected: bool,
     /// The report loop's connection, to which witness.
@@ -71,7 +76,15 @@ pub struct Agent {
     pub queue: VecDeque<Op>,
     pub watch_blocked: bool,
     pub last_auto_request: Option<u64>,
-    pub promotion: Promotion,
+    /// For the checker: the host clock's reading at the send of the last
+    /// round trip that renewed a lease of this agent (any incarnation).
+    pub lease_from_local: Option<u64>,
+    /// For the checker: the host clock's reading when this agent last
+    /// started or was thawed.
+    pub available_since_local: u64,
+    /// For the checker: at that return its lease had ended while it was
+    /// away (any lease it renews since does not make its PostgreSQL fenced).
+    pub returned_lapsed: bool,
 }
 
 impl Agent {
@@ -99,17 +112,23 @@ impl Agent {
                 peer: PeerObservation::default(),
                 witness: WitnessObservation::default(),
                 postgres: PostgresObservation::Stopped,
+                lease_from: None,
+                answered_principal_at: None,
             },
             pending_failover: false,
             ping_req: 0,
+            ping_sent: Duration::ZERO,
             report_req: 0,
+            report_sent: Duration::ZERO,
             ping_connected: false,
             report_connected: None,
             running: None,
             queue: VecDeque::new(),
             watch_blocked: false,
             last_auto_request: None,
-            promotion: Promotion::None,
+            lease_from_local: None,
+            available_since_local: 0,
+            returned_lapsed: false,
         }
     }
 
@@ -120,6 +139,17 @@ impl Agent {
     /// `ping_interval`: a fifth of TIMEOUT, 200 ms to 2 s.
     pub fn interval_ms(&self) -> u64 {
         (self.timeout_ms() / 5).clamp(200, 2000)
+    }
+
+    /// `agent::shown`: until a promotion and its checkpoint are done the
+    /// partner shows itself as the mirror of the previous epoch (I3).
+    pub fn shown(&self) -> (Role, Epoch) {
+        let state = &self.durable;
+        if state.promoting {
+            (Role::Mirror, Epoch(state.epoch.0.saturating_sub(1)))
+        } else {
+            (state.role, state.epoch)
+        }
     }
 }
 
@@ -149,15 +179,20 @@ impl World {
     /// Starts the agent process (first start or restart after kill -9).
     pub fn agent_start(&mut self, a: usize) {
         let local = self.local_ms(a);
+        let lapsed = self.gen_lapsed(a);
         let agent = &mut self.agents[a];
+        agent.returned_lapsed = lapsed;
         agent.alive = true;
         agent.frozen = false;
         agent.gen += 1;
         agent.started_local = local;
+        agent.available_since_local = local;
         agent.deferred.clear();
         agent.memory = Memory::new(Duration::ZERO);
         agent.obs.peer = PeerObservation::default();
         agent.obs.witness = WitnessObservation::default();
+        agent.obs.lease_from = None;
+        agent.obs.answered_principal_at = None;
         agent.pending_failover = false;
         agent.ping_req = 0;
         agent.report_req = 0;
@@ -227,7 +262,9 @@ impl World {
         if !self.agents[a].frozen {
             return;
         }
+        self.agents[a].returned_lapsed = self.gen_lapsed(a);
         self.agents[a].frozen = false;
+        self.agents[a].available_since_local = self.local_ms(a);
         self.log(a, "agent SIGCONT", 0, 0, "");
         // Expired timers and buffered messages run now, in their order.
         let deferred = std::mem::take(&mut self.agents[a].deferred);
@@ -237,15 +274,59 @@ impl World {
         self.stream_kick();
     }
 
+    /// The known gap this issue leaves (DESIGN.md I1, the next issue's
+    /// fence process): agent `p` (with a witness, so with a lease) could not
+    /// stop its PostgreSQL when its lease ended. Either it is frozen or
+    /// dead now and its lease is over, or it runs again since less than
+    /// its first tick and the stop bound, and its lease had ended while it
+    /// was away (a lease it renews on its return does not undo that: the
+    /// witness may have granted the role meanwhile).
+    pub fn unfenced(&self, p: usize) -> bool {
+        let agent = &self.agents[p];
+        if agent.durable.witness.is_none() {
+            return false;
+        }
+        if !agent.alive || agent.frozen {
+            return self.lease_over(p);
+        }
+        agent.returned_lapsed && self.local_ms(p) < agent.available_since_local + RETURN_BOUND_MS
+    }
+
+    /// Agent `p`'s last lease (any incarnation) has ended, on its clock.
+    fn lease_over(&self, p: usize) -> bool {
+        let agent = &self.agents[p];
+        let length = lease_length(agent.durable.timeout()).as_millis() as u64;
+        let end = agent.lease_from_local.map(|from| from + length);
+        end.is_none_or(|end| self.local_ms(p) >= end)
+    }
+
+    /// At its return (start, SIGCONT): whether agent `p` was away with a
+    /// lease that ended meanwhile and its PostgreSQL still running.
+    fn gen_lapsed(&self, p: usize) -> bool {
+        self.agents[p].durable.witness.is_some()
+            && matches!(self.pgs[p].run, PgRun::Principal | PgRun::Stopping)
+            && self.lease_over(p)
+    }
+
+    /// A round trip sent at `sent` (agent clock) was answered by the
+    /// witness or the peer: the lease runs from there (`renew_lease`).
+    fn renew_lease(&mut self, a: usize, sent: Duration) {
+        let agent = &mut self.agents[a];
+        agent.obs.lease_from = agent.obs.lease_from.max(Some(sent));
+        let local = agent.started_local + sent.as_millis() as u64;
+        agent.lease_from_local = agent.lease_from_local.max(Some(local));
+    }
+
     /// What this partner tells its peer and the witness (`Agent::view`).
     pub fn agent_view(&self, a: usize) -> PeerView {
         let agent = &self.agents[a];
         let state = &agent.durable;
+        let (role, epoch) = agent.shown();
         PeerView {
             session: SESSION.to_string(),
             name: agent.obs.name.clone(),
-            role: state.role,
-            epoch: state.epoch,
+            role,
+            epoch,
             state: if agent.pending_failover {
                 MirroringState::PendingFailover
             } else {
@@ -259,6 +340,13 @@ impl World {
             pg_major: 15,
             safety_sequence: state.safety_sequence,
             witness: state.witness.clone(),
+            witness_id: agent
+                .obs
+                .witness
+                .row
+                .as_ref()
+                .filter(|_| state.witness.is_some())
+                .map(|row| row.witness_id),
         }
     }
 
@@ -281,20 +369,27 @@ impl World {
         } else {
             state.state
         };
+        let (role, epoch) = agent.shown();
         status.mirroring_state = Some(shown.code());
         status.mirroring_state_desc = Some(shown.desc().into());
-        status.mirroring_role = Some(match state.role {
+        status.mirroring_role = Some(match role {
             Role::Principal => 1,
             Role::Mirror => 2,
         });
-        status.mirroring_role_sequence = Some(state.epoch.0);
+        status.mirroring_role_desc = Some(role.to_string());
+        status.mirroring_role_sequence = Some(epoch.0);
         status
     }
 
     /// Observation as of now (the supervisor reads PostgreSQL first).
     pub fn observe(&mut self, a: usize) {
-        let now = self.agent_now(a);
         let postgres = self.pg_observe(a);
+        self.observe_as(a, postgres);
+    }
+
+    /// Observation as of now with `postgres` as read.
+    pub fn observe_as(&mut self, a: usize, postgres: PostgresObservation) {
+        let now = self.agent_now(a);
         let obs = &mut self.agents[a].obs;
         obs.now = now;
         obs.postgres = postgres;
@@ -315,6 +410,7 @@ impl World {
     fn ping_peer(&mut self, a: usize) {
         let req = self.req();
         self.agents[a].ping_req = req;
+        self.agents[a].ping_sent = self.agent_now(a);
         let view = self.agent_view(a);
         // A new connection needs both directions (SYN, SYN-ACK); an
         // established one carries the request one way.
@@ -337,12 +433,22 @@ impl World {
     fn report_witness(&mut self, a: usize) {
         let Some(witness) = self.agents[a].durable.witness.as_ref().map(witness_of) else {
             self.agents[a].obs.witness = WitnessObservation::default();
+            self.agents[a].report_connected = None;
             let interval = self.agents[a].interval_ms();
             self.agent_timer(a, interval, AgentEv::Report);
             return;
         };
+        if self.agents[a]
+            .report_connected
+            .is_some_and(|connected| connected != witness)
+        {
+            // Another witness: nothing the old one said counts there.
+            self.agents[a].obs.witness = WitnessObservation::default();
+            self.agents[a].report_connected = None;
+        }
         let req = self.req();
         self.agents[a].report_req = req;
+        self.agents[a].report_sent = self.agent_now(a);
         let view = self.agent_view(a);
         let connected = self.agents[a].report_connected == Some(witness);
         if connected || self.both_ways(a, WIT_A + witness) {
@@ -407,16 +513,22 @@ impl World {
 
     pub fn agent_message(&mut self, a: usize, msg: Msg) {
         match msg {
-            Msg::Ping { from, req, view } => {
-                self.peer_heard(a, view);
-                let view = self.agent_view(a);
-                self.send(a, Proc::Agent(from), Msg::Pong { req, view });
-            }
+            Msg::Ping { from, req, view } => self.answer_ping(a, from, req, view),
             Msg::Pong { req, view } if req == self.agents[a].ping_req => {
                 self.agents[a].ping_req = 0;
+                let sent = self.agents[a].ping_sent;
+                self.renew_lease(a, sent);
                 self.peer_heard(a, view);
                 let interval = self.agents[a].interval_ms();
                 self.agent_timer(a, interval, AgentEv::Ping);
+            }
+            Msg::PingRefused { req } if req == self.agents[a].ping_req => {
+                // `ping_peer`: a refusal marks the peer lost and reconnects
+                // at once.
+                self.agents[a].ping_req = 0;
+                self.agents[a].ping_connected = false;
+                self.peer_lost(a);
+                self.agent_timer(a, 1, AgentEv::Ping);
             }
             Msg::Nack { req } if req == self.agents[a].ping_req => {
                 self.agents[a].ping_req = 0;
@@ -429,6 +541,8 @@ impl World {
                 self.agents[a].report_req = 0;
                 match reply {
                     WitnessReply::Row(row) => {
+                        let sent = self.agents[a].report_sent;
+                        self.renew_lease(a, sent);
                         let witness = &mut self.agents[a].obs.witness;
                         if !witness.connected {
                             self.log(a, "witness connected", 0, 0, "");
@@ -437,7 +551,10 @@ impl World {
                         witness.connected = true;
                         witness.row = row;
                     }
-                    WitnessReply::Refused => self.witness_lost(a),
+                    WitnessReply::Refused => {
+                        self.agents[a].report_connected = None;
+                        self.witness_lost(a);
+                    }
                 }
                 let interval = self.agents[a].interval_ms();
                 self.agent_timer(a, interval, AgentEv::Report);
@@ -456,7 +573,14 @@ impl World {
                     let t = self.t;
                     self.check.on_shown_early(t, &mut self.trace);
                 }
-                self.send(a, Proc::Proxy, Msg::StatusReply { req, status });
+                self.send(
+                    a,
+                    Proc::Proxy,
+                    Msg::StatusReply {
+                        req,
+                        status: Box::new(status),
+                    },
+                );
             }
             Msg::Command { from, req, command } => {
                 self.enqueue(a, Op::Command { command, from, req })
@@ -477,7 +601,7 @@ impl World {
                     kind,
                 },
             ),
-            Msg::Nack { req } => self.op_reply(a, req, None),
+            Msg::Nack { req } | Msg::PingRefused { req } => self.op_reply(a, req, None),
             reply
             @ (Msg::Witness { .. } | Msg::CommandReply { .. } | Msg::TakeOverReply { .. }) => {
                 let req = match &reply {
@@ -492,38 +616,74 @@ impl World {
         }
     }
 
-    /// The quorum watch, ten times a second, outside the operations lock.
+    /// `operations::answer_ping`: a mirror that is asking the witness for
+    /// the principal role refuses its principal's ping (I1); otherwise it
+    /// records the peer and, for its principal, when it answered.
+    fn answer_ping(&mut self, a: usize, from: u8, req: u64, view: PeerView) {
+        let from_principal =
+            view.role == Role::Principal && self.agents[a].durable.role == Role::Mirror;
+        if from_principal && self.agents[a].memory.refusing_principal {
+            self.send(a, Proc::Agent(from), Msg::PingRefused { req });
+            return;
+        }
+        self.peer_heard(a, view);
+        if from_principal {
+            self.agents[a].obs.answered_principal_at = Some(self.agent_now(a));
+        }
+        let view = self.agent_view(a);
+        self.send(a, Proc::Agent(from), Msg::Pong { req, view });
+    }
+
+    /// The quorum watch (`quorum::watch_quorum`), ten times a second: the
+    /// fence outside the operations lock, then the automatic failover
+    /// decision, carried out under the lock.
     fn watch(&mut self, a: usize) {
         if self.agents[a].watch_blocked {
             return;
         }
-        self.observe(a);
+        let postgres = if self.pgs[a].run == PgRun::Stopped {
+            PostgresObservation::Stopped
+        } else {
+            PostgresObservation::Unreadable
+        };
+        self.observe_as(a, postgres);
         let agent = &self.agents[a];
-        if agent.durable.witness.is_some() && !agent.durable.ended {
-            match agent.durable.role {
-                Role::Principal => {
-                    let decision = quorum_check(&agent.durable, &agent.memory, &agent.obs);
-                    if decision.actions.contains(&Action::Stop(
-                        pgmirror::partner::engine::StopMode::Immediate,
-                    )) {
-                        self.agents[a].memory = decision.memory;
-                        self.log(a, "no quorum", 0, 0, "stopping PostgreSQL immediately");
-                        self.pg_stop(a, true);
-                    }
-                }
-                Role::Mirror => {
-                    let now = self.agent_now_ms(a);
-                    let may_ask = agent
-                        .last_auto_request
-                        .is_none_or(|last| now.saturating_sub(last) >= 200);
-                    if may_ask && wants_automatic_failover(&agent.durable, &agent.obs) {
-                        self.agents[a].last_auto_request = Some(now);
-                        self.agents[a].watch_blocked = true;
-                        self.enqueue(a, Op::AutoFailover);
-                        return;
-                    }
-                }
-            }
+        let fence = quorum_check(&agent.durable, &agent.memory, &agent.obs);
+        self.agents[a].memory = fence.memory;
+        if !fence.actions.is_empty() {
+            self.log(
+                a,
+                "no quorum",
+                0,
+                0,
+                "lease ended: stopping PostgreSQL immediately",
+            );
+            // carry_out waits for the stop before the watch goes on.
+            let delay = self.pg_stop(a, true);
+            self.agent_timer(a, delay + WATCH_MS, AgentEv::Watch);
+            return;
+        }
+        let agent = &self.agents[a];
+        let wanted = automatic_failover(&agent.durable, &agent.memory, &agent.obs);
+        let refusing = wanted.memory.refusing_principal;
+        if refusing != self.agents[a].memory.refusing_principal {
+            let note = if refusing {
+                "refusing the principal's pings"
+            } else {
+                "answering the principal again"
+            };
+            self.log(a, "refusing", u64::from(refusing), 0, note);
+        }
+        self.agents[a].memory = wanted.memory;
+        let now = self.agent_now_ms(a);
+        let may_ask = self.agents[a]
+            .last_auto_request
+            .is_none_or(|last| now.saturating_sub(last) >= PROMOTION_RETRY_MS);
+        if !wanted.actions.is_empty() && may_ask {
+            self.agents[a].last_auto_request = Some(now);
+            self.agents[a].watch_blocked = true;
+            self.enqueue(a, Op::AutoFailover);
+            return;
         }
         self.agent_timer(a, WATCH_MS, AgentEv::Watch);
     }

@@ -1,12 +1,14 @@
 //! The invariants of DESIGN.md section 3, checked as the run goes (I1 at
 //! every commit, I3 at every grant and promotion, I4 at every commit a
 //! routed client reaches) and at its end (I2 on the final principal's
-//! history, liveness).
+//! history, liveness). Commits acknowledged by a PostgreSQL whose agent
+//! could not stop it when its lease ended (frozen or dead: the fence
+//! process is the next issue) are counted apart as "unfenced", like the
+//! commits whose synchronous wait was cancelled ("edge").
 
-use pgmirror::partner::api::PromotionKind;
+use pgmirror::control::PromotionKind;
 use pgmirror::roles::Role;
 
-use crate::agent::Promotion;
 use crate::postgres::{Pg, PgRun, Protection, TxnAck};
 use crate::trace::{Line, Trace};
 use crate::world::World;
@@ -50,11 +52,19 @@ pub struct Checker {
     forced_alone: Vec<u64>,
     /// Acknowledged under FULL while synchronized: (pos, rid, epoch).
     protected: Vec<(u32, u32, u64, Protection)>,
-    /// Witness writes that overwrote a change made since their read.
-    pub lost_updates: u64,
+    /// How each epoch was granted (by a witness, or by a takeover or
+    /// forced service without one).
+    grants: Vec<(u64, PromotionKind)>,
     pub acknowledged: u64,
     pub edge: u64,
+    /// Commits acknowledged by an unfenced PostgreSQL (the known gap).
+    pub unfenced: u64,
+    /// Events the gap explains: an unfenced commit or routed client at an
+    /// older epoch, a grant while the old principal still serves unfenced.
+    pub unfenced_events: u64,
     pub failures: Failures,
+    /// Both agents' states at a liveness failure (`World::log_state`).
+    pub final_states: String,
     /// The first failure: when, and which.
     pub first: Option<(u64, &'static str)>,
 }
@@ -92,11 +102,19 @@ impl Checker {
         self.highest_epoch = self.highest_epoch.max(epoch);
     }
 
+    /// Epoch `epoch` was granted as `kind`.
+    pub fn on_granted(&mut self, epoch: u64, kind: PromotionKind) {
+        self.grants.push((epoch, kind));
+    }
+
     /// I1: a commit completes on a principal of an epoch older than one
     /// that already completed a commit.
     pub fn on_commit(&mut self, t: u64, ack: TxnAck, trace: &mut Trace) {
-        if ack.epoch < self.completed_epoch && !self.forced_between(ack.epoch, self.completed_epoch)
-        {
+        let stale = ack.epoch < self.completed_epoch
+            && !self.forced_between(ack.epoch, self.completed_epoch);
+        if stale && ack.unfenced {
+            self.unfenced_events += 1;
+        } else if stale {
             self.failures.i1 += 1;
             self.fail(
                 t,
@@ -112,7 +130,9 @@ impl Checker {
     /// The client received the commit's success.
     pub fn on_acknowledged(&mut self, _t: u64, ack: TxnAck) {
         self.acknowledged += 1;
-        if ack.edge {
+        if ack.unfenced {
+            self.unfenced += 1;
+        } else if ack.edge {
             self.edge += 1;
         } else if ack.protected {
             self.protected
@@ -122,9 +142,12 @@ impl Checker {
 
     /// I4: a routed client is served by a PostgreSQL below the highest
     /// epoch granted.
-    pub fn on_routed(&mut self, t: u64, _p: usize, serve_epoch: u64, trace: &mut Trace) {
-        if serve_epoch < self.highest_epoch && !self.forced_between(serve_epoch, self.highest_epoch)
-        {
+    pub fn on_routed(&mut self, t: u64, serve_epoch: u64, unfenced: bool, trace: &mut Trace) {
+        let stale = serve_epoch < self.highest_epoch
+            && !self.forced_between(serve_epoch, self.highest_epoch);
+        if stale && unfenced {
+            self.unfenced_events += 1;
+        } else if stale {
             self.failures.i4 += 1;
             self.fail(
                 t,
@@ -138,8 +161,19 @@ impl Checker {
 
     /// I3 at the grant: the witness lets a mirror take over automatically
     /// while the old principal's PostgreSQL still serves.
-    pub fn on_grant(&mut self, t: u64, kind: PromotionKind, old_serving: bool, trace: &mut Trace) {
-        if kind == PromotionKind::Automatic && old_serving {
+    pub fn on_grant(
+        &mut self,
+        t: u64,
+        epoch: u64,
+        kind: PromotionKind,
+        old_serving: bool,
+        old_unfenced: bool,
+        trace: &mut Trace,
+    ) {
+        self.on_granted(epoch, kind);
+        if kind == PromotionKind::Automatic && old_serving && old_unfenced {
+            self.unfenced_events += 1;
+        } else if kind == PromotionKind::Automatic && old_serving {
             self.failures.i3 += 1;
             self.fail(
                 t,
@@ -164,19 +198,10 @@ impl Checker {
 
     /// I3 at the promotion: an automatic promotion (or a handover) of a
     /// mirror that lacks a commit acknowledged under FULL.
-    pub fn on_promoted(
-        &mut self,
-        t: u64,
-        _p: usize,
-        epoch: u64,
-        kind: Promotion,
-        pg: &Pg,
-        trace: &mut Trace,
-    ) {
-        let automatic = matches!(
-            kind,
-            Promotion::Granted(PromotionKind::Automatic | PromotionKind::Handover)
-        );
+    pub fn on_promoted(&mut self, t: u64, epoch: u64, pg: &Pg, trace: &mut Trace) {
+        let automatic = self.grants.iter().any(|(granted, kind)| {
+            *granted == epoch && matches!(kind, PromotionKind::Automatic | PromotionKind::Handover)
+        });
         if !automatic {
             return;
         }
@@ -234,6 +259,9 @@ impl World {
     pub fn finish(&mut self) {
         let t = self.t;
         if !self.scenario.ended && self.scenario.synchronized_at.is_none() {
+            for a in 0..2 {
+                self.log_state(a);
+            }
             self.check.failures.liveness += 1;
             self.check.fail(
                 t,
@@ -255,5 +283,59 @@ impl World {
         if let Some(p) = final_principal {
             self.check.final_history(t, &self.pgs[p], &mut self.trace);
         }
+    }
+}
+
+impl World {
+    /// One line of what agent `a` is at: a = role (1 principal), promoting
+    /// (2), handing over (4), suspended (8), safety off (16), peer connected
+    /// (32), witness connected (64), refusing (128), epoch << 8; b = its
+    /// PostgreSQL (0 stopped, 1 starting, 2 principal, 3 mirror, 4
+    /// stopping); the note: what holds its operations lock.
+    pub fn log_state(&mut self, a: usize) {
+        use crate::ops::Stage;
+        let agent = &self.agents[a];
+        let state = &agent.durable;
+        let bits = u64::from(state.role == Role::Principal)
+            | u64::from(state.promoting) << 1
+            | u64::from(state.handing_over.is_some()) << 2
+            | u64::from(state.suspended) << 3
+            | u64::from(state.safety == pgmirror::roles::Safety::Off) << 4
+            | u64::from(agent.obs.peer.connected) << 5
+            | u64::from(agent.obs.witness.connected) << 6
+            | u64::from(agent.memory.refusing_principal) << 7
+            | state.epoch.0 << 8;
+        let pg = match self.pgs[a].run {
+            PgRun::Stopped => 0,
+            PgRun::Starting => 1,
+            PgRun::Principal => 2,
+            PgRun::Mirror => 3,
+            PgRun::Stopping => 4,
+        };
+        let note = match agent.running.as_ref().map(|r| &r.stage) {
+            None => "lock free",
+            Some(Stage::Tick) => "lock: tick",
+            Some(Stage::Change) => "lock: command",
+            Some(Stage::MoveWitness { .. }) => "lock: SET WITNESS",
+            Some(Stage::Forward) => "lock: forwarded command",
+            Some(Stage::Manual { .. }) => "lock: FAILOVER",
+            Some(Stage::TakeOver { .. }) => "lock: takeover",
+            Some(Stage::Forced { .. }) => "lock: FORCE_SERVICE",
+            Some(Stage::Auto) => "lock: automatic failover",
+        };
+        let note = if !agent.alive {
+            "dead"
+        } else if agent.frozen {
+            "frozen"
+        } else {
+            note
+        };
+        self.log(a, "state", bits, pg, note);
+        use std::fmt::Write;
+        let _ = write!(
+            self.check.final_states,
+            " | {}: {bits:#x} pg {pg} {note}",
+            crate::world::HOST_NAMES[a]
+        );
     }
 }

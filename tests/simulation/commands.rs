@@ -1,16 +1,17 @@
 //! Operator commands on an agent, under its operations lock: the real
 //! `commands::check` decides where a command runs (here, forwarded to the
-//! principal, or refused), `commands::apply` what it changes; manual
-//! failover and forced service go on as stages of `ops`.
+//! principal, or refused), `commands::apply` what it changes; SET WITNESS,
+//! manual failover and forced service go on as stages of `ops`, like
+//! `src/partner/operations.rs`.
 
-use pgmirror::partner::api::Command;
+use pgmirror::control::Command;
 use pgmirror::partner::policy::commands::{apply, check, failover_begins, Facts, Plan, Route};
 use pgmirror::partner::policy::Action;
-use pgmirror::wire::lsn::Lsn;
+use pgmirror::roles::Role;
 
 use crate::ops::{Purpose, Stage};
 use crate::postgres::PgRun;
-use crate::world::{Msg, Proc, World};
+use crate::world::{witness_of, Msg, Proc, World};
 
 impl World {
     pub fn begin_command(&mut self, a: usize, command: Command, from: Proc, req: u64) {
@@ -44,23 +45,53 @@ impl World {
                 self.wait_request(a, forwarded, Purpose::Op, limit);
             }
             Ok(Route::Here) => {
-                let running = self.pgs[a].run != PgRun::Stopped;
+                self.observe(a);
                 let agent = &self.agents[a];
-                match apply(&command, &agent.durable, &agent.memory, running) {
+                match apply(&command, &agent.durable, &agent.memory, &agent.obs) {
                     Plan::Change(decision) => {
                         self.hold(a, Stage::Change, Some((from, req)));
                         self.decide(a, decision, "apply");
                         self.log(a, "command", 0, 0, command_name(&command));
                         self.run_actions(a);
                     }
+                    Plan::MoveWitness(decision) => {
+                        let state = &self.agents[a].durable;
+                        let current = state.witness.as_ref().map(witness_of);
+                        let epoch = state.epoch;
+                        let principal = state.role == Role::Principal;
+                        self.hold(
+                            a,
+                            Stage::MoveWitness {
+                                decision: Box::new(decision.clone()),
+                            },
+                            Some((from, req)),
+                        );
+                        match current.filter(|_| principal) {
+                            // I2, I3: the witness the session leaves first
+                            // records the mirror as not synchronized.
+                            Some(witness) => {
+                                let req = self.req();
+                                self.call_witness(
+                                    a,
+                                    witness,
+                                    Msg::SetSync {
+                                        from: a as u8,
+                                        req,
+                                        epoch,
+                                        synchronized: false,
+                                    },
+                                    Purpose::Op,
+                                );
+                            }
+                            None => self.move_witness(a, decision),
+                        }
+                    }
                     Plan::ManualFailover => {
                         let epoch = self.agents[a].durable.epoch.next();
                         self.hold(
                             a,
                             Stage::Manual {
-                                epoch,
-                                lsn: Lsn::INVALID,
-                                answered: false,
+                                handing_over: false,
                             },
                             Some((from, req)),
                         );

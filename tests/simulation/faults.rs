@@ -4,8 +4,8 @@
 //! then everything heals, the operator undoes SUSPEND and SAFETY OFF, and
 //! the liveness check waits for SYNCHRONIZED.
 
-use pgmirror::partner::api::Command;
-use pgmirror::roles::{MirroringState, Role, Safety};
+use pgmirror::control::Command;
+use pgmirror::roles::{takeover_wait, MirroringState, Role, Safety};
 
 use crate::postgres::{PgRun, SHIP_RECORDS_PER_MS};
 use crate::rng::Rng;
@@ -270,6 +270,7 @@ impl World {
                 link.loss = 0;
             }
         }
+        self.unpark();
         for a in 0..2 {
             self.agent_thaw(a);
             self.agent_restart(a);
@@ -280,12 +281,14 @@ impl World {
         self.stream_kick();
         self.scenario.ended |= self.agents.iter().any(|agent| agent.durable.ended);
         // Liveness bound: two TIMEOUTs (a lost peer or witness is noticed
-        // within one; the witness waits one more, plus its margin, before
-        // it grants a failover), one operator round (RESUME, SAFETY FULL),
-        // and 8 s of setup: a rewind (<= 1.5 s) or a base backup (<= 2.5 s),
-        // PostgreSQL starts and a promotion (<= 1 s), supervisor ticks
-        // (0.5 s), walreceiver retries (0.5 s), ping intervals (<= 2 s) and
-        // a restarted agent's first round; plus the unsent WAL at the link's
+        // within one), a takeover wait (`roles::takeover_wait`: a mirror
+        // that refused its principal, or the witness, waits out the lease),
+        // one operator round (RESUME, SAFETY FULL), and 8 s of setup: a
+        // rewind (<= 1.5 s) or a base backup (<= 2.5 s), PostgreSQL starts
+        // and a promotion with its checkpoint (<= 1 s), supervisor ticks
+        // (0.5 s; a principal that lost a takeover answer asks again at
+        // each), walreceiver retries (0.5 s), ping intervals (<= 2 s) and a
+        // restarted agent's first round; plus the unsent WAL at the link's
         // speed.
         let timeout = self
             .agents
@@ -293,8 +296,10 @@ impl World {
             .map(|a| a.timeout_ms())
             .max()
             .unwrap_or(0);
+        let takeover_wait =
+            takeover_wait(std::time::Duration::from_millis(timeout)).as_millis() as u64;
         let backlog = self.pgs[0].len().abs_diff(self.pgs[1].len()) as u64;
-        let bound = 2 * timeout + 1000 + 8000 + backlog / SHIP_RECORDS_PER_MS;
+        let bound = 2 * timeout + takeover_wait + 1000 + 8000 + backlog / SHIP_RECORDS_PER_MS;
         self.scenario.healed_at = Some(self.t);
         self.scenario.deadline = self.t + bound;
         self.scenario.end = self.t + bound + 1;
@@ -311,6 +316,9 @@ impl World {
     /// After the heal: the operator undoes SUSPEND and SAFETY OFF once a
     /// second; the liveness check looks four times a second.
     pub fn operator_heal(&mut self) {
+        // PARTNER OFF may land after the heal (a queued command): an ended
+        // session has no SYNCHRONIZED to reach.
+        self.scenario.ended |= self.agents.iter().any(|agent| agent.durable.ended);
         if self.scenario.ended {
             self.check.done = true;
             return;

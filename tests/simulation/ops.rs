@@ -1,28 +1,31 @@
 //! The agent's `operations` lock and what runs under it, one at a time:
-//! supervisor ticks, operator commands (check, apply, manual failover,
-//! forced service, forwarding), the mirror's half of a takeover and the
-//! automatic failover request, like `src/partner/operations.rs` and
-//! `quorum.rs`. A Decision is persisted atomically when it is made; its
-//! actions then run in order, each taking simulated time, so a kill in the
-//! middle loses the rest.
+//! supervisor ticks, operator commands (check, apply, SET WITNESS, manual
+//! failover, forced service, forwarding), the mirror's half of a takeover
+//! and the automatic failover request, like `src/partner/operations.rs`,
+//! `supervisor.rs` and `quorum.rs`. A Decision is persisted when it is
+//! carried out (`actions::carry_out`); its actions then run in order, each
+//! taking simulated time, so a kill in the middle loses the rest. An action
+//! may answer with a follow-up decision (a takeover's answer, a witness's
+//! grant) that replaces the rest of the list, or drop the rest (a witness
+//! that did not record).
 
 use std::collections::VecDeque;
 
-use pgmirror::partner::api::{Command, PromotionKind};
+use pgmirror::control::{Command, PromotionKind};
 use pgmirror::partner::policy::commands::{
-    failover_answered, forced_service, take_over, take_over_check, TakeOverAnswer, WitnessAnswer,
+    failover_answered, failover_hand_over, forced_service, take_over, take_over_check,
+    TakeOverAnswer, WitnessAnswer,
 };
-use pgmirror::partner::policy::{
-    become_principal, tick, wants_automatic_failover, Action, Decision,
-};
+use pgmirror::partner::policy::{automatic_failover, granted, tick, Action, Decision};
+use pgmirror::partner::state::HandOver;
 use pgmirror::roles::{Epoch, Role};
 use pgmirror::wire::lsn::Lsn;
 
 use crate::actions::pack_actions;
-use crate::agent::{AgentEv, Promotion};
-use crate::world::{witness_of, Msg, Proc, WitnessReply, World};
+use crate::agent::AgentEv;
+use crate::world::{witness_of, Msg, Proc, WitnessReply, World, WIT_A};
 
-/// `api::REQUEST_TIMEOUT`: how long a control call (TakeOver) may take.
+/// `control::REQUEST_TIMEOUT`: how long a control call (TakeOver) may take.
 const REQUEST_TIMEOUT_MS: u64 = 90_000;
 /// `ControlClient::connect`: a fresh control connection over a cut link
 /// fails after this.
@@ -53,11 +56,16 @@ pub enum Stage {
     Tick,
     /// A command's change of settings; answered when its actions are done.
     Change,
+    /// SET WITNESS on the principal: the current witness was asked to
+    /// record not-synchronized; `decision` is carried out after.
+    MoveWitness {
+        decision: Box<Decision>,
+    },
     Forward,
+    /// Manual failover: the fast stop (`handing_over` false), then the
+    /// handover decision and its answer.
     Manual {
-        epoch: Epoch,
-        lsn: Lsn,
-        answered: bool,
+        handing_over: bool,
     },
     TakeOver {
         from: u8,
@@ -71,9 +79,7 @@ pub enum Stage {
         received: Option<Lsn>,
         asked: bool,
     },
-    Auto {
-        received: Option<Lsn>,
-    },
+    Auto,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,14 +88,20 @@ pub enum Post {
     Stopped,
     StartPrincipal,
     PromoteAfterStart,
+    Checkpointed(Epoch),
     Rewind,
     TakeCopy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
-    HandOver(Epoch),
+    /// Action::HandOver: the answer goes to `failover_answered`.
+    HandOver(HandOver),
+    /// Action::RecordAtWitness: no row drops the rest of the list.
     Record,
+    /// Action::AskPromotion: a row is a grant (`policy::granted`).
+    Ask,
+    /// The stage's own request.
     Op,
 }
 
@@ -107,13 +119,19 @@ pub struct Running {
     pub answer_to: Option<(Proc, u64)>,
     pub actions: VecDeque<Action>,
     pub wait: Wait,
+    /// An action failed (the real code's `?`).
     pub failed: bool,
+    /// A supervisor tick runs under the lock once the actions are done
+    /// (a granted promotion is finished at once).
+    pub then_tick: bool,
 }
 
 pub enum Started {
     Done,
     Wait(Wait),
     Failed,
+    /// The rest of the list relied on what did not happen.
+    Stop,
 }
 
 impl World {
@@ -138,6 +156,7 @@ impl World {
             actions: VecDeque::new(),
             wait: Wait::Nothing,
             failed: false,
+            then_tick: false,
         });
     }
 
@@ -145,7 +164,8 @@ impl World {
         self.agents[a].running.as_mut().map(|r| &mut r.stage)
     }
 
-    /// Persists the decision's state, keeps its memory, queues its actions.
+    /// `carry_out`'s first step: persists the decision's state, keeps its
+    /// memory and queues its actions.
     pub fn decide(&mut self, a: usize, decision: Decision, what: &'static str) {
         let packed = pack_actions(&decision.actions);
         let agent = &mut self.agents[a];
@@ -163,34 +183,37 @@ impl World {
         let b = u64::from(state.role == Role::Principal)
             | u64::from(state.synchronized) << 1
             | u64::from(state.suspended) << 2
+            | u64::from(state.promoting) << 3
+            | u64::from(state.handing_over.is_some()) << 4
             | state.epoch.0 << 8;
         if packed != 0 || decision.note.is_some() || what != "decide" {
             self.log(a, what, packed, b, decision.note.unwrap_or(""));
         }
     }
 
-    fn empty_decision(&self, a: usize) -> Decision {
-        Decision {
-            state: None,
-            memory: self.agents[a].memory.clone(),
-            actions: Vec::new(),
-            refusal: None,
-            note: None,
+    /// A follow-up decision replaces the rest of the action list.
+    fn follow_up(&mut self, a: usize, decision: Decision) {
+        if let Some(running) = self.agents[a].running.as_mut() {
+            running.actions.clear();
         }
+        self.decide(a, decision, "apply");
+        self.run_actions(a);
+    }
+
+    /// `supervisor::tick`: observe, decide, carry out.
+    fn tick_now(&mut self, a: usize) {
+        self.observe(a);
+        let agent = &self.agents[a];
+        let decision = tick(&agent.durable, &agent.memory, &agent.obs);
+        self.decide(a, decision, "decide");
+        self.run_actions(a);
     }
 
     fn begin(&mut self, a: usize, op: Op) {
         match op {
             Op::Tick => {
                 self.hold(a, Stage::Tick, None);
-                self.observe(a);
-                let agent = &self.agents[a];
-                let decision = tick(&agent.durable, &agent.memory, &agent.obs);
-                if decision.actions.contains(&Action::Promote) {
-                    self.agents[a].promotion = Promotion::FromRow;
-                }
-                self.decide(a, decision, "decide");
-                self.run_actions(a);
+                self.tick_now(a);
             }
             Op::Command { command, from, req } => self.begin_command(a, command, from, req),
             Op::TakeOver {
@@ -213,29 +236,35 @@ impl World {
                     },
                     None,
                 );
-                if take_over_check(&self.agents[a].durable, epoch).is_err() {
-                    self.log(a, "takeover refused", epoch.0, 0, "take_over_check");
-                    self.fail_and_release(a);
-                    return;
+                match take_over_check(&self.agents[a].durable, epoch) {
+                    Err(_) => {
+                        self.log(a, "takeover refused", epoch.0, 0, "take_over_check");
+                        self.fail_and_release(a);
+                    }
+                    Ok(true) => {
+                        self.log(a, "takeover done", epoch.0, 0, "already principal");
+                        self.release(a);
+                    }
+                    Ok(false) => self.op_drain(a),
                 }
-                self.op_drain(a);
             }
             Op::AutoFailover => {
-                self.hold(a, Stage::Auto { received: None }, None);
-                let agent = &self.agents[a];
-                let witness = agent.durable.witness.as_ref().map(witness_of);
-                let wants = agent.durable.role == Role::Mirror
-                    && wants_automatic_failover(&agent.durable, &agent.obs);
-                let (Some(witness), true) = (witness, wants) else {
-                    return self.release(a);
+                // Decide again under the lock: a tick may have changed the
+                // state. PostgreSQL as the watch saw it.
+                self.hold(a, Stage::Auto, None);
+                let postgres = if self.pgs[a].run == crate::postgres::PgRun::Stopped {
+                    pgmirror::partner::policy::PostgresObservation::Stopped
+                } else {
+                    pgmirror::partner::policy::PostgresObservation::Unreadable
                 };
-                let received = self.pg_received(a);
-                if let Some(Stage::Auto { received: r }) = self.stage(a) {
-                    *r = received;
+                self.observe_as(a, postgres);
+                let agent = &self.agents[a];
+                let decision = automatic_failover(&agent.durable, &agent.memory, &agent.obs);
+                if let Some(running) = self.agents[a].running.as_mut() {
+                    running.then_tick = true;
                 }
-                let epoch = self.agents[a].durable.epoch;
-                self.log(a, "ask failover", epoch.0, 0, "automatic");
-                self.ask_witness_promote(a, witness, epoch, PromotionKind::Automatic, received);
+                self.decide(a, decision, "decide");
+                self.run_actions(a);
             }
         }
     }
@@ -258,6 +287,20 @@ impl World {
         }
     }
 
+    /// `actions::ask_witness`: a fresh connection to witness `w` within
+    /// TIMEOUT, then the request within TIMEOUT. Returns the request id.
+    pub fn call_witness(&mut self, a: usize, w: usize, msg: Msg, purpose: Purpose) {
+        let req = match &msg {
+            Msg::SetSync { req, .. } | Msg::Promote { req, .. } => *req,
+            _ => 0,
+        };
+        if self.both_ways(a, WIT_A + w) {
+            self.send(a, Proc::Witness(w as u8), msg);
+        }
+        let timeout = self.agents[a].timeout_ms();
+        self.wait_request(a, req, purpose, timeout);
+    }
+
     pub fn wait_request(&mut self, a: usize, req: u64, purpose: Purpose, timeout_ms: u64) {
         if let Some(running) = self.agents[a].running.as_mut() {
             running.wait = Wait::Request(req, purpose);
@@ -265,28 +308,35 @@ impl World {
         self.agent_timer(a, timeout_ms, AgentEv::ReqTimeout(req));
     }
 
+    /// `operations::ask_witness_to_promote`.
     fn ask_witness_promote(
         &mut self,
         a: usize,
         witness: usize,
-        epoch: Epoch,
         kind: PromotionKind,
         lsn: Option<Lsn>,
+        purpose: Purpose,
     ) {
         let req = self.req();
-        self.send(
+        let epoch = self.agents[a].durable.epoch;
+        let answered_ago_ms = self.agents[a]
+            .obs
+            .answered_principal_at
+            .map(|at| self.agent_now(a).saturating_sub(at).as_millis() as u64);
+        self.log(a, "ask promotion", epoch.0, kind as u64, "");
+        self.call_witness(
             a,
-            Proc::Witness(witness as u8),
+            witness,
             Msg::Promote {
                 from: a as u8,
                 req,
                 epoch,
                 kind,
                 lsn,
+                answered_ago_ms,
             },
+            purpose,
         );
-        let timeout = self.agents[a].timeout_ms();
-        self.wait_request(a, req, Purpose::Op, timeout);
     }
 
     /// An answer (or None: timeout, refused connection) to request `req`.
@@ -302,23 +352,23 @@ impl World {
             running.wait = Wait::Nothing;
         }
         match purpose {
-            Purpose::HandOver(epoch) => {
+            Purpose::HandOver(hand_over) => {
                 let answer = takeover_answer(&reply);
                 let agent = &self.agents[a];
-                let decision =
-                    failover_answered(&agent.durable, &agent.memory, epoch, None, &answer);
+                let decision = failover_answered(&agent.durable, &agent.memory, hand_over, &answer);
+                let code = match answer {
+                    TakeOverAnswer::Done => 1,
+                    TakeOverAnswer::Refused(_) => 2,
+                    TakeOverAnswer::Lost(_) => 3,
+                };
                 self.log(
                     a,
                     "handover answer",
-                    epoch.0,
-                    u64::from(answer == TakeOverAnswer::Done),
-                    "",
+                    hand_over.epoch.0,
+                    code,
+                    "1 done 2 refused 3 lost",
                 );
-                if let Some(running) = self.agents[a].running.as_mut() {
-                    running.actions.clear();
-                }
-                self.decide(a, decision, "apply");
-                self.run_actions(a);
+                self.follow_up(a, decision);
             }
             Purpose::Record => {
                 if let Some(Msg::Witness {
@@ -327,9 +377,31 @@ impl World {
                 }) = reply
                 {
                     self.agents[a].obs.witness.row = row;
+                } else {
+                    self.log(a, "not recorded", 0, 0, "the rest of the actions dropped");
+                    if let Some(running) = self.agents[a].running.as_mut() {
+                        running.actions.clear();
+                    }
                 }
                 self.run_actions(a);
             }
+            Purpose::Ask => match reply {
+                Some(Msg::Witness {
+                    reply: WitnessReply::Row(Some(row)),
+                    ..
+                }) => {
+                    self.agents[a].obs.witness.row = Some(row.clone());
+                    let agent = &self.agents[a];
+                    let decision = granted(&agent.durable, &agent.memory, &row);
+                    self.follow_up(a, decision);
+                }
+                _ => {
+                    if let Some(running) = self.agents[a].running.as_mut() {
+                        running.actions.clear();
+                    }
+                    self.run_actions(a);
+                }
+            },
             Purpose::Op => self.stage_reply(a, reply),
         }
     }
@@ -343,146 +415,150 @@ impl World {
                 running.failed = !matches!(reply, Some(Msg::CommandReply { ok: true, .. }));
                 self.release(a);
             }
-            Stage::Manual {
-                epoch,
-                lsn,
-                answered,
-            } => {
-                let (epoch, lsn) = (*epoch, *lsn);
-                *answered = true;
-                let answer = takeover_answer(&reply);
-                running.failed = answer != TakeOverAnswer::Done;
-                self.agents[a].pending_failover = false;
-                let agent = &self.agents[a];
-                let decision =
-                    failover_answered(&agent.durable, &agent.memory, epoch, Some(lsn), &answer);
-                self.log(
-                    a,
-                    "takeover answer",
-                    epoch.0,
-                    u64::from(answer == TakeOverAnswer::Done),
-                    "",
-                );
-                self.decide(a, decision, "apply");
-                self.run_actions(a);
+            Stage::MoveWitness { decision } => {
+                let decision = (**decision).clone();
+                let recorded = match reply {
+                    Some(Msg::Witness {
+                        reply: WitnessReply::Row(row),
+                        ..
+                    }) => {
+                        self.agents[a].obs.witness.row = row;
+                        true
+                    }
+                    _ => false,
+                };
+                if !recorded && !self.agents[a].obs.peer.connected {
+                    self.log(
+                        a,
+                        "refused",
+                        0,
+                        0,
+                        "SET WITNESS: old witness did not record",
+                    );
+                    return self.fail_and_release(a);
+                }
+                self.move_witness(a, decision);
             }
             Stage::TakeOver {
                 epoch, lsn, kind, ..
             } => {
                 let (epoch, lsn, kind) = (*epoch, *lsn, *kind);
                 let answer = witness_answer(&reply);
-                let agent = &self.agents[a];
-                match take_over(&agent.durable, &agent.memory, epoch, Some(lsn), &answer) {
-                    Err(_) => self.fail_and_release(a),
-                    Ok(decision) => {
-                        self.agents[a].promotion = Promotion::Granted(kind);
-                        self.decide(a, decision, "apply");
-                        self.run_actions(a);
-                    }
-                }
+                self.take_over_with(a, epoch, lsn, kind, &answer);
             }
             Stage::Forced { received, .. } => {
                 let received = *received;
                 let answer = witness_answer(&reply);
-                let agent = &self.agents[a];
-                match forced_service(&agent.durable, &agent.memory, received, &answer) {
-                    Err(_) => self.fail_and_release(a),
-                    Ok(decision) => {
-                        self.agents[a].promotion = Promotion::Granted(PromotionKind::Forced);
-                        self.decide(a, decision, "apply");
-                        self.run_actions(a);
-                    }
-                }
+                self.forced_with(a, received, &answer);
             }
-            Stage::Auto { received } => {
-                let received = *received;
-                match reply {
-                    Some(Msg::Witness {
-                        reply: WitnessReply::Row(Some(row)),
-                        ..
-                    }) => {
-                        self.agents[a].obs.witness.row = Some(row.clone());
-                        let mut decision = self.empty_decision(a);
-                        become_principal(
-                            &self.agents[a].durable,
-                            row.epoch,
-                            row.suspended,
-                            received,
-                            &mut decision,
-                        );
-                        self.agents[a].promotion = Promotion::Granted(PromotionKind::Automatic);
-                        self.decide(a, decision, "apply");
-                        self.run_actions(a);
-                    }
-                    _ => self.release(a),
-                }
+            Stage::Tick | Stage::Change | Stage::Manual { .. } | Stage::Auto => {}
+        }
+    }
+
+    /// SET WITNESS goes on: the decision's memory, the witness observation
+    /// cleared, then carried out.
+    pub fn move_witness(&mut self, a: usize, decision: Decision) {
+        let agent = &mut self.agents[a];
+        agent.obs.witness = Default::default();
+        agent.report_connected = None;
+        self.decide(a, decision, "apply");
+        self.log(a, "command", 0, 0, "SET WITNESS");
+        self.run_actions(a);
+    }
+
+    /// The mirror's last step of a takeover (`operations::take_over`).
+    fn take_over_with(
+        &mut self,
+        a: usize,
+        epoch: Epoch,
+        lsn: Lsn,
+        kind: PromotionKind,
+        answer: &WitnessAnswer,
+    ) {
+        let lsn = Some(lsn).filter(|lsn| *lsn != Lsn::INVALID);
+        let agent = &self.agents[a];
+        match take_over(&agent.durable, &agent.memory, epoch, lsn, answer) {
+            Err(_) => {
+                self.log(a, "takeover refused", epoch.0, 0, "the witness refused");
+                self.fail_and_release(a);
             }
-            Stage::Tick | Stage::Change => {}
+            Ok(decision) => {
+                if !matches!(answer, WitnessAnswer::Granted) {
+                    self.check.on_granted(epoch.0, kind);
+                }
+                if let Some(running) = self.agents[a].running.as_mut() {
+                    running.then_tick = true;
+                }
+                self.decide(a, decision, "apply");
+                self.run_actions(a);
+            }
+        }
+    }
+
+    /// Forced service once the witness answered (`operations::force_service`).
+    fn forced_with(&mut self, a: usize, received: Option<Lsn>, answer: &WitnessAnswer) {
+        let agent = &self.agents[a];
+        match forced_service(&agent.durable, &agent.memory, received, answer) {
+            Err(_) => self.fail_and_release(a),
+            Ok(decision) => {
+                let epoch = self.agents[a].durable.epoch.next();
+                if matches!(answer, WitnessAnswer::NoWitness) {
+                    self.check.on_forced_without_witness(epoch);
+                    self.check.on_granted(epoch.0, PromotionKind::Forced);
+                }
+                if let Some(running) = self.agents[a].running.as_mut() {
+                    running.then_tick = true;
+                }
+                self.decide(a, decision, "apply");
+                self.run_actions(a);
+            }
         }
     }
 
     /// The queued actions are done: the stage's next step.
     pub fn stage_continue(&mut self, a: usize) {
-        let Some(running) = self.agents[a].running.as_ref() else {
+        let Some(running) = self.agents[a].running.as_mut() else {
             return;
         };
-        match running.stage {
+        if running.then_tick && !running.failed {
+            running.then_tick = false;
+            return self.tick_now(a);
+        }
+        let next = match &running.stage {
             Stage::Manual {
-                epoch,
-                answered: false,
-                ..
-            } => {
-                if running.failed {
-                    // The stop failed: the failover is aborted.
-                    return self.stage_reply(a, None);
-                }
+                handing_over: false,
+            } if !running.failed => 1,
+            Stage::Forced { asked: false, .. } if !running.failed => 2,
+            _ => 0,
+        };
+        match next {
+            1 => {
+                // The stop is done: read the shutdown checkpoint's LSN
+                // (pg_controldata), then ask the mirror.
                 let checkpoint = Lsn(self.pgs[a].checkpoint as u64);
-                if let Some(Stage::Manual { lsn, .. }) = self.stage(a) {
-                    *lsn = checkpoint;
+                if let Some(Stage::Manual { handing_over }) = self.stage(a) {
+                    *handing_over = true;
                 }
-                let req = self.req();
-                self.call_peer(
-                    a,
-                    Msg::TakeOver {
-                        from: a as u8,
-                        req,
-                        epoch,
-                        lsn: checkpoint,
-                        kind: PromotionKind::Manual,
-                    },
-                );
-                let limit = self.call_limit(a);
-                self.wait_request(a, req, Purpose::Op, limit);
+                let agent = &self.agents[a];
+                let decision = failover_hand_over(&agent.durable, &agent.memory, checkpoint);
+                self.decide(a, decision, "apply");
+                self.run_actions(a);
             }
-            Stage::Forced { asked: false, .. } => {
+            2 => {
                 let lsn = self.pg_received(a);
                 if let Some(Stage::Forced { asked, received }) = self.stage(a) {
                     *asked = true;
                     *received = lsn;
                 }
-                let epoch = self.agents[a].durable.epoch;
                 match self.agents[a].durable.witness.as_ref().map(witness_of) {
-                    Some(witness) => {
-                        self.ask_witness_promote(a, witness, epoch, PromotionKind::Forced, lsn)
-                    }
-                    None => {
-                        let agent = &self.agents[a];
-                        match forced_service(
-                            &agent.durable,
-                            &agent.memory,
-                            lsn,
-                            &WitnessAnswer::NoWitness,
-                        ) {
-                            Err(_) => self.fail_and_release(a),
-                            Ok(decision) => {
-                                self.agents[a].promotion =
-                                    Promotion::Granted(PromotionKind::Forced);
-                                self.check.on_forced_without_witness(epoch.next());
-                                self.decide(a, decision, "apply");
-                                self.run_actions(a);
-                            }
-                        }
-                    }
+                    Some(witness) => self.ask_witness_promote(
+                        a,
+                        witness,
+                        PromotionKind::Forced,
+                        lsn,
+                        Purpose::Op,
+                    ),
+                    None => self.forced_with(a, lsn, &WitnessAnswer::NoWitness),
                 }
             }
             _ => self.release(a),
@@ -509,27 +585,13 @@ impl World {
         }
         let received = self.pg_received(a);
         if received.is_some_and(|received| received > lsn) {
-            let state = &self.agents[a].durable;
-            let current = state.epoch;
-            match state.witness.as_ref().map(witness_of) {
-                Some(witness) => self.ask_witness_promote(a, witness, current, kind, Some(lsn)),
-                None => {
-                    let agent = &self.agents[a];
-                    match take_over(
-                        &agent.durable,
-                        &agent.memory,
-                        epoch,
-                        Some(lsn),
-                        &WitnessAnswer::NoWitness,
-                    ) {
-                        Err(_) => self.fail_and_release(a),
-                        Ok(decision) => {
-                            self.agents[a].promotion = Promotion::Granted(kind);
-                            self.decide(a, decision, "apply");
-                            self.run_actions(a);
-                        }
-                    }
-                }
+            if let Some(running) = self.agents[a].running.as_mut() {
+                running.wait = Wait::Nothing;
+            }
+            let target = Some(lsn).filter(|lsn| *lsn != Lsn::INVALID);
+            match self.agents[a].durable.witness.as_ref().map(witness_of) {
+                Some(witness) => self.ask_witness_promote(a, witness, kind, target, Purpose::Op),
+                None => self.take_over_with(a, epoch, lsn, kind, &WitnessAnswer::NoWitness),
             }
         } else if self.agent_now(a).as_millis() as u64 >= deadline {
             self.log(a, "takeover refused", epoch.0, 0, "drain limit");
@@ -551,21 +613,26 @@ impl World {
 
     /// Releases the lock: answers whoever waits, then the next operation.
     fn release(&mut self, a: usize) {
-        let Some(running) = self.agents[a].running.take() else {
+        let Some(mut running) = self.agents[a].running.take() else {
             return;
         };
-        let ok = !running.failed;
         match running.stage {
             Stage::Tick => self.tick_done(a),
-            Stage::Auto { .. } => self.watch_resume(a),
+            Stage::Auto => self.watch_resume(a),
             Stage::TakeOver { from, req, .. } => {
-                self.send(a, Proc::Agent(from), Msg::TakeOverReply { req, done: ok });
+                let done = !running.failed;
+                self.send_held(a, Proc::Agent(from), Msg::TakeOverReply { req, done });
             }
-            Stage::Manual { .. } => self.agents[a].pending_failover = false,
+            Stage::Manual { .. } => {
+                self.agents[a].pending_failover = false;
+                // Done only when this partner stepped down.
+                running.failed |= self.agents[a].durable.role != Role::Mirror;
+            }
             _ => {}
         }
         if let Some((to, req)) = running.answer_to {
-            self.send(a, to, Msg::CommandReply { req, ok });
+            let ok = !running.failed;
+            self.send_held(a, to, Msg::CommandReply { req, ok });
         }
         self.start_next(a);
     }
@@ -580,8 +647,7 @@ fn takeover_answer(reply: &Option<Msg>) -> TakeOverAnswer {
 }
 
 /// How `ask_witness` ends for a promotion: granted, refused, or (timeout,
-/// refused connection) unreachable. In a takeover any answer but a row is
-/// a refusal; an unreachable witness lets a manual failover go on.
+/// refused connection) unreachable.
 fn witness_answer(reply: &Option<Msg>) -> WitnessAnswer {
     match reply {
         Some(Msg::Witness {

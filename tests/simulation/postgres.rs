@@ -82,6 +82,8 @@ pub struct TxnAck {
     pub protected: bool,
     /// The wait for the standby was cancelled (visible, WARNING).
     pub edge: bool,
+    /// Its agent could not stop it when its lease ended (the known gap).
+    pub unfenced: bool,
     pub class: Protection,
 }
 
@@ -370,10 +372,9 @@ impl World {
                 pg.standby = None;
                 self.log(p, "pg promoted", epoch, self.pgs[p].tl as u64, "");
                 self.check.on_serving(p, epoch);
-                let kind = self.agents[p].promotion;
                 let t = self.t;
                 self.check
-                    .on_promoted(t, p, epoch, kind, &self.pgs[p], &mut self.trace);
+                    .on_promoted(t, epoch, &self.pgs[p], &mut self.trace);
             }
             PgEv::SyncEffective(sync) => {
                 self.pgs[p].sync_effective = sync;
@@ -414,7 +415,9 @@ impl World {
         }
         let serve_epoch = self.pgs[p].serve_epoch;
         let t = self.t;
-        self.check.on_routed(t, p, serve_epoch, &mut self.trace);
+        let unfenced = self.unfenced(p);
+        self.check
+            .on_routed(t, serve_epoch, unfenced, &mut self.trace);
         let pos = self.append(p);
         let pg = &self.pgs[p];
         if pg.sync_effective {
@@ -480,7 +483,8 @@ impl World {
                     && !row.suspended
             })
         });
-        let protected = by_state || by_witness;
+        let unfenced = self.unfenced(p);
+        let protected = (by_state || by_witness) && !unfenced;
         let edge = done == Done::Cancelled;
         let class = if done == Done::Flushed {
             Protection::Waited
@@ -495,6 +499,7 @@ impl World {
             epoch: self.pgs[p].serve_epoch,
             protected,
             edge,
+            unfenced,
             class,
         };
         let t = self.t;

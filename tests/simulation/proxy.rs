@@ -1,12 +1,14 @@
 //! The proxy and its clients: every 500 ms it polls both agents' status
-//! (2 s to answer), picks the route with the real `routing::choose` (or,
-//! with no answer, probes the PostgreSQL servers for a read-write one, as
-//! the real discovery does), and sends the workload's single-row commits to
-//! the chosen principal's PostgreSQL. A route change closes the
-//! connections to the old principal. The operator's console sits here too.
+//! (2 s to answer) and picks the route with the real pure step
+//! `routing::choose` (probing the PostgreSQL servers for a read-write one
+//! when it asks for that), as `Discoverer::run` does. Each client holds a
+//! connection to the principal it was routed to and sends the workload's
+//! single-row commits over it; a route that supersedes the connection's
+//! epoch or principal (`Route::supersedes`) closes it. The operator's
+//! console sits here too.
 
-use pgmirror::partner::api::MirroringStatus;
-use pgmirror::proxy::routing::choose;
+use pgmirror::control::MirroringStatus;
+use pgmirror::proxy::routing::{choose, AgentAnswer, Decision, PollRound, Route, RouteMemory};
 use pgmirror::roles::Epoch;
 
 use crate::postgres::{PgRun, TxnAck};
@@ -18,39 +20,28 @@ const POLL_TIMEOUT_MS: u64 = 2000;
 /// A client cancels a commit that waits longer than this.
 const CLIENT_CANCEL_MS: u64 = 3000;
 
-/// The route state the proxy keeps between polls, behind the interface of
-/// the reworked routing (a RouteMemory and a step function): switching to
-/// the new API is a matter of this impl.
-#[derive(Default)]
-pub struct RouteMemory {
-    pub highest: Epoch,
+/// A client's connection through the proxy to one principal.
+#[derive(Clone)]
+pub struct Connection {
+    pub at: usize,
+    pub epoch: Epoch,
+    pub principal: pgmirror::proxy::routing::Principal,
 }
 
-impl RouteMemory {
-    /// One poll round's answers in, the partner to route to out.
-    pub fn step(&mut self, answers: &[MirroringStatus]) -> Option<usize> {
-        let (highest, principal) = choose(self.highest, answers);
-        self.highest = highest;
-        let principal = principal?;
-        HOST_NAMES[..2]
-            .iter()
-            .position(|name| *name == principal.server_name)
-    }
-}
-
-#[derive(Default, Clone, Copy)]
+#[derive(Default, Clone)]
 pub struct Client {
-    /// The transaction in flight (0: none) and where it went.
+    /// The transaction in flight (0: none).
     pub txn: u64,
-    pub at: u8,
+    pub conn: Option<Connection>,
     pub next: u64,
 }
 
 pub struct Proxy {
     pub memory: RouteMemory,
-    pub principal: Option<usize>,
+    /// The route published to the connections.
+    pub route: Route,
     pub polls: [u64; 2],
-    pub answers: Vec<MirroringStatus>,
+    pub answers: [Option<AgentAnswer>; 2],
     pub clients: [Client; CLIENTS],
 }
 
@@ -58,12 +49,19 @@ impl Proxy {
     pub fn new() -> Self {
         Proxy {
             memory: RouteMemory::default(),
-            principal: None,
+            route: Route::default(),
             polls: [0; 2],
-            answers: Vec::with_capacity(2),
-            clients: [Client::default(); CLIENTS],
+            answers: [None, None],
+            clients: std::array::from_fn(|_| Client::default()),
         }
     }
+}
+
+/// The partner whose PostgreSQL listens at `address`.
+fn partner_at(address: &str) -> Option<usize> {
+    HOST_NAMES[..2]
+        .iter()
+        .position(|name| address == format!("{name}:5432"))
 }
 
 impl World {
@@ -75,7 +73,7 @@ impl World {
     }
 
     pub fn proxy_poll(&mut self) {
-        self.proxy.answers.clear();
+        self.proxy.answers = [None, None];
         for a in 0..2 {
             let req = self.req();
             self.proxy.polls[a] = req;
@@ -96,49 +94,61 @@ impl World {
             Msg::StatusReply { req, status } => {
                 if let Some(a) = self.proxy.polls.iter().position(|r| *r == req) {
                     self.proxy.polls[a] = 0;
-                    self.proxy.answers.push(status);
+                    self.proxy.answers[a] = Some(AgentAnswer::from(&*status as &MirroringStatus));
                     self.proxy_round_done();
                 }
             }
             Msg::Nack { req } => self.proxy_timeout(req),
-            Msg::CommandReply { .. } => {}
             _ => {}
         }
     }
 
-    /// Both polls answered or timed out: choose, then poll again later.
+    /// Both polls answered or timed out: choose, publish, poll again later.
     fn proxy_round_done(&mut self) {
         if self.proxy.polls.iter().any(|r| *r != 0) {
             return;
         }
-        let chosen = if self.proxy.answers.is_empty() {
-            // libpq-style probe: the first read-write PostgreSQL.
-            (0..2).find(|p| self.pgs[*p].run == PgRun::Principal && self.both_ways(PROXY, *p))
-        } else {
-            let answers = std::mem::take(&mut self.proxy.answers);
-            let chosen = self.proxy.memory.step(&answers);
-            self.proxy.answers = answers;
-            chosen
+        let mut round = PollRound {
+            answers: self.proxy.answers.to_vec(),
+            read_write: None,
         };
-        if chosen != self.proxy.principal {
-            self.log(
-                PROXY,
-                "route",
-                chosen.map_or(9, |p| p as u64),
-                self.proxy.memory.highest.0,
-                "",
-            );
-            if let Some(old) = self.proxy.principal {
-                // Connections to the old principal are closed.
-                for c in 0..CLIENTS {
-                    let client = self.proxy.clients[c];
-                    if client.txn != 0 && client.at as usize == old {
-                        self.proxy.clients[c].txn = 0;
+        let (mut next, decision) = choose(&self.proxy.memory, &round);
+        if decision == Decision::Probe {
+            // SELECT pg_is_in_recovery() on every PostgreSQL it reaches.
+            let read_write = (0..2)
+                .filter(|p| self.pgs[*p].run == PgRun::Principal && self.both_ways(PROXY, *p))
+                .map(|p| format!("{}:5432", HOST_NAMES[p]))
+                .collect();
+            round.read_write = Some(read_write);
+            next = choose(&self.proxy.memory, &round).0;
+        }
+        self.proxy.memory = next;
+        let epoch = self.proxy.memory.highest;
+        let principal = self.proxy.memory.principal.clone();
+        let route = &self.proxy.route;
+        if route.epoch != epoch || route.principal != principal {
+            let at = principal
+                .as_ref()
+                .and_then(|p| partner_at(&p.address))
+                .map_or(9, |p| p as u64);
+            self.log(PROXY, "route", at, epoch.0, "a: partner (9 none), b: epoch");
+            self.proxy.route.epoch = epoch;
+            self.proxy.route.principal = principal;
+            // Connections the new route supersedes are closed.
+            for c in 0..CLIENTS {
+                let superseded = self.proxy.clients[c]
+                    .conn
+                    .as_ref()
+                    .is_some_and(|conn| self.proxy.route.supersedes(conn.epoch, &conn.principal));
+                if superseded {
+                    let client = &mut self.proxy.clients[c];
+                    client.conn = None;
+                    if client.txn != 0 {
+                        client.txn = 0;
                         self.after(1, E::ClientGo { c: c as u8 });
                     }
                 }
             }
-            self.proxy.principal = chosen;
         }
         self.after_local(PROXY, POLL_MS, E::ProxyPoll);
     }
@@ -147,14 +157,25 @@ impl World {
         if self.proxy.clients[c].txn != 0 {
             return;
         }
-        let Some(p) = self.proxy.principal else {
+        if self.proxy.clients[c].conn.is_none() {
+            // A new connection goes to the route's principal, if any.
+            let route = &self.proxy.route;
+            let conn = route.principal.as_ref().and_then(|principal| {
+                partner_at(&principal.address).map(|at| Connection {
+                    at,
+                    epoch: route.epoch,
+                    principal: principal.clone(),
+                })
+            });
+            self.proxy.clients[c].conn = conn;
+        }
+        let Some(p) = self.proxy.clients[c].conn.as_ref().map(|conn| conn.at) else {
             self.after(100, E::ClientGo { c: c as u8 });
             return;
         };
         self.proxy.clients[c].next += 1;
         let txn = self.proxy.clients[c].next;
         self.proxy.clients[c].txn = txn;
-        self.proxy.clients[c].at = p as u8;
         if let Some(delay) = self.link_delay(PROXY, p) {
             self.after(
                 delay,
@@ -176,17 +197,23 @@ impl World {
     }
 
     pub fn client_timeout(&mut self, c: usize, txn: u64, cancelled: bool) {
-        let client = self.proxy.clients[c];
-        if client.txn != txn {
+        if self.proxy.clients[c].txn != txn {
             return;
         }
+        let Some(p) = self.proxy.clients[c]
+            .conn
+            .as_ref()
+            .map(|conn| conn.at as u8)
+        else {
+            return;
+        };
         if cancelled {
             // No answer to the cancel either: give up on the connection.
             self.proxy.clients[c].txn = 0;
+            self.proxy.clients[c].conn = None;
             self.after(10, E::ClientGo { c: c as u8 });
             return;
         }
-        let p = client.at;
         if let Some(delay) = self.link_delay(PROXY, p as usize) {
             self.after(delay, E::TxnCancel { p, c: c as u8, txn });
         }
@@ -205,9 +232,13 @@ impl World {
             return;
         }
         self.proxy.clients[c].txn = 0;
-        if let Some(ack) = ack {
-            let t = self.t;
-            self.check.on_acknowledged(t, ack);
+        match ack {
+            Some(ack) => {
+                let t = self.t;
+                self.check.on_acknowledged(t, ack);
+            }
+            // The server refused or closed: connect again.
+            None => self.proxy.clients[c].conn = None,
         }
         let think = self.rng.range(20, 80);
         self.after(think, E::ClientGo { c: c as u8 });

@@ -83,6 +83,20 @@ impl World {
     /// Sends what the mirror lacks and re-sends a flush report the
     /// principal lacks, when the stream can carry them.
     pub fn stream_kick(&mut self) {
+        for p in 0..2 {
+            // A stopping principal's walsender sends its last WAL over a
+            // connection the mirror's side already closed: once the link
+            // carries it, the reset ends the walsender.
+            let stale = self.stream.as_ref().is_none_or(|s| s.principal != p);
+            if stale
+                && self.pgs[p].drain_to.is_some()
+                && self.links[p][1 - p].up()
+                && self.links[1 - p][p].up()
+                && !self.agents[1 - p].frozen
+            {
+                self.drained(p);
+            }
+        }
         let Some(stream) = &self.stream else {
             return;
         };
@@ -209,9 +223,13 @@ impl World {
                 }
             }
             _ => {
-                if self.pgs[a].run == PgRun::Principal {
+                // Its relay's connection to its own walsender closes: a
+                // stale walsender exits (and a fast stop waiting for it
+                // goes on).
+                if matches!(self.pgs[a].run, PgRun::Principal | PgRun::Stopping) {
                     self.pgs[a].standby = None;
                 }
+                self.drained(a);
             }
         }
     }

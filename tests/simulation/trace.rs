@@ -56,7 +56,7 @@ impl Trace {
     }
 }
 
-const ACTIONS: [&str; 12] = [
+const ACTIONS: [&str; 13] = [
     "",
     "HandOver",
     "StartPrincipal",
@@ -69,6 +69,7 @@ const ACTIONS: [&str; 12] = [
     "RecordAtWitness",
     "AskPromotion",
     "CloseStreams",
+    "FinishPromotion",
 ];
 
 fn render(line: &Line) -> String {
@@ -76,7 +77,7 @@ fn render(line: &Line) -> String {
     match line.what {
         "decide" | "apply" => {
             // a: action codes, 5 bits each (low first) with a flag bit;
-            // b: role, epoch, synchronized, suspended.
+            // b: role, synchronized, suspended, promoting, handing over, epoch.
             let mut codes = line.a;
             let mut names = Vec::new();
             while codes != 0 {
@@ -98,7 +99,13 @@ fn render(line: &Line) -> String {
             };
             let _ = write!(
                 out,
-                "-> {role} epoch {} sync={} susp={} [{}]",
+                "-> {role}{}{} epoch {} sync={} susp={} [{}]",
+                if line.b & 8 != 0 { " (promoting)" } else { "" },
+                if line.b & 16 != 0 {
+                    " (handing over)"
+                } else {
+                    ""
+                },
                 line.b >> 8,
                 line.b & 2 != 0,
                 line.b & 4 != 0,

@@ -1,15 +1,19 @@
 //! The witness process as `src/witness/mod.rs` runs it: a durable role
-//! table row (kept across kill -9), heard-times that restart with the
-//! process, and the real `arbiter` deciding. Like the real store, a
-//! request reads the row, and a change is written a little later (the
-//! SQLite transaction and its fsync) with a compare-and-set on the epoch
-//! only, so two requests in flight can interleave.
+//! table row and a persistent identity (kept across kill -9), heard-times
+//! that restart with the process, and the real `arbiter` deciding. Like the
+//! real store (`RoleStore::update`), a request reads, decides and writes in
+//! one atomic step; only the answer leaves after the transaction's fsync,
+//! and a witness killed in between never sends it.
 
-use pgmirror::partner::api::{PromotionKind, RoleRow};
-use pgmirror::roles::Epoch;
+use pgmirror::control::{PromotionKind, PromotionRequest, RoleRow};
 use pgmirror::witness::arbiter::{self, Change};
 
-use crate::world::{Msg, Proc, WitnessReply, World, E, HOST_NAMES, WIT_A};
+use crate::world::{Msg, Proc, WitnessReply, World, E, HOST_NAMES, SESSION, WIT_A};
+
+/// The identity witness `w` drew when its store was created.
+pub fn witness_identity(w: usize) -> u64 {
+    0x5eed_0000 + w as u64
+}
 
 pub struct Witness {
     /// The role table row (durable).
@@ -21,21 +25,13 @@ pub struct Witness {
     pub started_local: u64,
 }
 
-/// A change read at `expected` and written after the store's latency.
-pub struct Pending {
-    expected: Option<Epoch>,
-    /// The row as read, to notice a change made meanwhile (same epoch).
-    read: Option<RoleRow>,
-    change: Change,
-    answer_to: (Proc, u64),
-    /// A report is answered with the row as it is after the write; a
-    /// decision with the written row, or a refusal.
-    report: bool,
-    promotion: Option<(u8, PromotionKind)>,
-}
-
 pub enum WitnessEv {
-    Write(Box<Pending>),
+    /// The answer to a request, sent once the transaction is durable.
+    Answer {
+        to: Proc,
+        req: u64,
+        reply: WitnessReply,
+    },
 }
 
 impl Witness {
@@ -87,34 +83,22 @@ impl World {
         std::time::Duration::from_millis(self.witness_now(w).saturating_sub(heard))
     }
 
+    /// The row as the store reads it: with this witness's identity.
+    fn witness_row(&self, w: usize) -> Option<RoleRow> {
+        self.witnesses[w].row.clone().map(|row| RoleRow {
+            witness_id: witness_identity(w),
+            ..row
+        })
+    }
+
     pub fn witness_message(&mut self, w: usize, msg: Msg) {
         let now = self.witness_now(w);
-        let host = WIT_A + w;
         match msg {
             Msg::Report { from, req, view } => {
                 self.witnesses[w].heard[from as usize] = Some(now);
-                let row = self.witnesses[w].row.clone();
-                match arbiter::on_report(row.as_ref(), &view) {
-                    Some(change) => self.witness_write(
-                        w,
-                        Pending {
-                            expected: row.as_ref().map(|row| row.epoch),
-                            read: row,
-                            change,
-                            answer_to: (Proc::Agent(from), req),
-                            report: true,
-                            promotion: None,
-                        },
-                    ),
-                    None => self.send(
-                        host,
-                        Proc::Agent(from),
-                        Msg::Witness {
-                            req,
-                            reply: WitnessReply::Row(row),
-                        },
-                    ),
-                }
+                let outcome =
+                    self.witness_update(w, None, |row| Ok(arbiter::on_report(row, &view)));
+                self.witness_answer(w, Proc::Agent(from), req, outcome);
             }
             Msg::SetSync {
                 from,
@@ -123,14 +107,11 @@ impl World {
                 synchronized,
             } => {
                 self.witnesses[w].heard[from as usize] = Some(now);
-                let row = self.witnesses[w].row.clone();
-                let verdict = arbiter::set_synchronized(
-                    row.as_ref(),
-                    HOST_NAMES[from as usize],
-                    epoch,
-                    synchronized,
-                );
-                self.witness_decide(w, from, req, row, verdict, None);
+                let name = HOST_NAMES[from as usize];
+                let outcome = self.witness_update(w, None, |row| {
+                    arbiter::set_synchronized(row, name, epoch, synchronized).map(Some)
+                });
+                self.witness_answer(w, Proc::Agent(from), req, outcome);
             }
             Msg::Promote {
                 from,
@@ -138,60 +119,81 @@ impl World {
                 epoch,
                 kind,
                 lsn,
+                answered_ago_ms,
             } => {
                 self.witnesses[w].heard[from as usize] = Some(now);
-                let row = self.witnesses[w].row.clone();
-                let silent = row
+                let silent = self.witnesses[w]
+                    .row
                     .as_ref()
                     .map(|row| self.silent_for(w, &row.principal))
                     .unwrap_or_default();
-                let verdict = arbiter::promote(
-                    row.as_ref(),
-                    HOST_NAMES[from as usize],
+                let request = PromotionRequest {
+                    session: SESSION.to_string(),
+                    name: HOST_NAMES[from as usize].to_string(),
                     epoch,
                     kind,
-                    lsn,
-                    silent,
-                );
-                self.witness_decide(w, from, req, row, verdict, Some((from, kind)));
+                    failover_lsn: lsn,
+                    principal_answered_ago_ms: answered_ago_ms,
+                };
+                let outcome = self.witness_update(w, Some((from, kind)), |row| {
+                    arbiter::promote(row, &request, silent).map(Some)
+                });
+                self.witness_answer(w, Proc::Agent(from), req, outcome);
             }
             _ => {}
         }
     }
 
-    fn witness_decide(
+    /// `RoleStore::update`: read, decide and write in one transaction.
+    fn witness_update(
         &mut self,
         w: usize,
-        from: u8,
-        req: u64,
-        row: Option<RoleRow>,
-        verdict: Result<Change, String>,
         promotion: Option<(u8, PromotionKind)>,
-    ) {
-        match verdict {
-            Err(_) => self.send(
-                WIT_A + w,
-                Proc::Agent(from),
-                Msg::Witness {
-                    req,
-                    reply: WitnessReply::Refused,
-                },
-            ),
-            Ok(change) => self.witness_write(
-                w,
-                Pending {
-                    expected: row.as_ref().map(|row| row.epoch),
-                    read: row,
-                    change,
-                    answer_to: (Proc::Agent(from), req),
-                    report: false,
-                    promotion,
-                },
-            ),
+        decide: impl FnOnce(Option<&RoleRow>) -> Result<Option<Change>, String>,
+    ) -> Result<Option<RoleRow>, String> {
+        let current = self.witness_row(w);
+        let change = match decide(current.as_ref())? {
+            None => return Ok(current),
+            Some(change) => change,
+        };
+        let row = RoleRow {
+            witness_id: witness_identity(w),
+            ..change.row
+        };
+        self.witnesses[w].row = Some(row.clone());
+        let (epoch, synchronized) = (row.epoch.0, row.synchronized);
+        self.log(
+            WIT_A + w,
+            "row written",
+            epoch,
+            u64::from(synchronized),
+            change.event,
+        );
+        self.check
+            .on_persist(pgmirror::roles::Role::Principal, epoch);
+        if let Some((from, kind)) = promotion {
+            let old = 1 - from as usize;
+            let t = self.t;
+            let serving = self.pgs[old].run == crate::postgres::PgRun::Principal;
+            let unfenced = self.unfenced(old);
+            self.check
+                .on_grant(t, epoch, kind, serving, unfenced, &mut self.trace);
         }
+        Ok(Some(row))
     }
 
-    fn witness_write(&mut self, w: usize, pending: Pending) {
+    /// The answer leaves once the transaction is durable (its fsync).
+    fn witness_answer(
+        &mut self,
+        w: usize,
+        to: Proc,
+        req: u64,
+        outcome: Result<Option<RoleRow>, String>,
+    ) {
+        let reply = match outcome {
+            Ok(row) => WitnessReply::Row(row),
+            Err(_) => WitnessReply::Refused,
+        };
         let delay = self.rng.range(1, 5);
         let gen = self.witnesses[w].gen;
         self.after(
@@ -199,54 +201,13 @@ impl World {
             E::Witness {
                 w: w as u8,
                 gen,
-                ev: WitnessEv::Write(Box::new(pending)),
+                ev: WitnessEv::Answer { to, req, reply },
             },
         );
     }
 
     pub fn witness_event(&mut self, w: usize, ev: WitnessEv) {
-        let WitnessEv::Write(pending) = ev;
-        let witness = &mut self.witnesses[w];
-        let written = witness.row.as_ref().map(|row| row.epoch) == pending.expected;
-        if written {
-            if witness.row != pending.read {
-                // The compare-and-set on the epoch alone let this write
-                // overwrite a change made since it read the row.
-                self.check.lost_updates += 1;
-                // a = 1: it records synchronized over a "not synchronized".
-                let resynchronized = pending.change.row.synchronized
-                    && witness.row.as_ref().is_some_and(|row| !row.synchronized);
-                let a = u64::from(resynchronized);
-                self.log(WIT_A + w, "LOST UPDATE", a, 0, pending.change.event);
-            }
-            let witness = &mut self.witnesses[w];
-            witness.row = Some(pending.change.row.clone());
-            let row = &pending.change.row;
-            let (epoch, synchronized) = (row.epoch.0, row.synchronized);
-            self.log(
-                WIT_A + w,
-                "row written",
-                epoch,
-                u64::from(synchronized),
-                pending.change.event,
-            );
-            self.check
-                .on_persist(pgmirror::roles::Role::Principal, epoch);
-            if let Some((from, kind)) = pending.promotion {
-                let old = 1 - from as usize;
-                let t = self.t;
-                let serving = self.pgs[old].run == crate::postgres::PgRun::Principal;
-                self.check.on_grant(t, kind, serving, &mut self.trace);
-            }
-        }
-        let reply = if pending.report {
-            WitnessReply::Row(self.witnesses[w].row.clone())
-        } else if written {
-            WitnessReply::Row(Some(pending.change.row))
-        } else {
-            WitnessReply::Refused
-        };
-        let (to, req) = pending.answer_to;
+        let WitnessEv::Answer { to, req, reply } = ev;
         self.send(WIT_A + w, to, Msg::Witness { req, reply });
     }
 }

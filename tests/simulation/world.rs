@@ -8,7 +8,7 @@ use std::collections::BinaryHeap;
 use std::time::Duration;
 
 use pgmirror::config::Endpoint;
-use pgmirror::partner::api::{Command, MirroringStatus, PeerView, PromotionKind, RoleRow};
+use pgmirror::control::{Command, MirroringStatus, PeerView, PromotionKind, RoleRow};
 use pgmirror::roles::Epoch;
 use pgmirror::wire::lsn::Lsn;
 
@@ -83,8 +83,12 @@ pub enum Msg {
         req: u64,
         view: PeerView,
     },
-    /// Connection refused (the process is dead) or request refused.
+    /// Connection refused (the process is dead) or reset.
     Nack {
+        req: u64,
+    },
+    /// A ping answered with Refused (a mirror refusing its principal).
+    PingRefused {
         req: u64,
     },
     Report {
@@ -104,6 +108,8 @@ pub enum Msg {
         epoch: Epoch,
         kind: PromotionKind,
         lsn: Option<Lsn>,
+        /// `principal_answered_ago_ms` of the request.
+        answered_ago_ms: Option<u64>,
     },
     Witness {
         req: u64,
@@ -114,7 +120,7 @@ pub enum Msg {
     },
     StatusReply {
         req: u64,
-        status: MirroringStatus,
+        status: Box<MirroringStatus>,
     },
     Command {
         from: Proc,
@@ -297,6 +303,9 @@ pub struct World {
     pub next_req: u64,
     pub next_rid: u32,
     pub events: u64,
+    /// Data of established connections held by TCP while their link is
+    /// cut: (from host, to, message), sent again when it heals.
+    pub parked: Vec<(usize, Proc, Msg)>,
 }
 
 impl World {
@@ -342,6 +351,7 @@ impl World {
             next_req: 1,
             next_rid: 1,
             events: 0,
+            parked: Vec::new(),
             rng,
         };
         world.agent_start(ALPHA);
@@ -428,6 +438,25 @@ impl World {
         Some(delay)
     }
 
+    /// Sends `msg` on an established connection whose peer waits long for
+    /// it (a takeover's or a command's answer): over a cut link TCP keeps
+    /// it and delivers it once the link heals.
+    pub fn send_held(&mut self, from: usize, to: Proc, msg: Msg) {
+        if self.links[from][to.host()].up() {
+            self.send(from, to, msg);
+        } else {
+            self.parked.push((from, to, msg));
+        }
+    }
+
+    /// Sends the held data whose link carries it again.
+    pub fn unpark(&mut self) {
+        let parked = std::mem::take(&mut self.parked);
+        for (from, to, msg) in parked {
+            self.send_held(from, to, msg);
+        }
+    }
+
     pub fn both_ways(&self, a: usize, b: usize) -> bool {
         self.links[a][b].up() && self.links[b][a].up()
     }
@@ -498,6 +527,7 @@ impl World {
             E::LinkHeal { from, to } => {
                 let link = &mut self.links[from as usize][to as usize];
                 link.down = link.down.saturating_sub(1);
+                self.unpark();
                 self.stream_kick();
             }
             E::Fault => self.fault(),
