@@ -32,6 +32,9 @@ pub const KIND: &str = "kind";
 pub const THRESHOLD: &str = "threshold";
 /// Label of [`PROXY_BYTES`]: `client_to_server` or `server_to_client`.
 pub const DIRECTION: &str = "direction";
+/// Label of [`PROXY_COMMITS_FENCED`]: `wait_cancelled`, `wait_terminated`,
+/// `cancel_forwarded` or `server_closed`.
+pub const CAUSE: &str = "cause";
 
 /// Always 1; its `version` label says which pgmirror runs.
 pub const BUILD_INFO: &str = "pgmirror_build_info";
@@ -95,6 +98,9 @@ pub const PROXY_CONNECT_SECONDS: &str = "pgmirror_proxy_connect_duration_seconds
 pub const PROXY_HELD_CONNECTIONS: &str = "pgmirror_proxy_held_connections";
 /// Proxy: CancelRequests forwarded.
 pub const PROXY_CANCEL_REQUESTS: &str = "pgmirror_proxy_cancel_requests_total";
+/// Proxy: responses replaced by 40003 because a commit's wait for the
+/// mirror was cut short (invariant I2), by cause.
+pub const PROXY_COMMITS_FENCED: &str = "pgmirror_proxy_commits_fenced_total";
 
 /// Histogram buckets of [`PROXY_CONNECT_SECONDS`], in seconds.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -158,6 +164,7 @@ pub const ALL: &[Metric] = &[
     metric(PROXY_CONNECT_SECONDS, Kind::Histogram, Some(Unit::Seconds), "Time the proxy took to connect to the principal."),
     metric(PROXY_HELD_CONNECTIONS, Kind::Gauge, None, "Client connections held while no principal serves."),
     metric(PROXY_CANCEL_REQUESTS, Kind::Counter, None, "CancelRequests the proxy forwarded."),
+    metric(PROXY_COMMITS_FENCED, Kind::Counter, None, "Commits whose wait for the mirror was cut short, turned into 40003 for the client, by cause."),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -10,21 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{Pair, PairOptions, SLOW};
-use common::proxy::{run_client, ProxyHandle, ADMIN};
+use common::proxy::{run_client, standalone_config, ProxyHandle, ADMIN};
 use common::{free_port, PgInstance};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A proxy for one standalone server: the session's agent endpoint is a
-/// closed port, so the proxy finds the server by its read-write probe.
-fn standalone_config(pg: &PgInstance, extra: &str) -> String {
-    format!(
-        "startup_timeout = 2\nhold_timeout = 5\n{extra}\n{ADMIN}\n\
-         [sessions.shop]\npartners = [\"127.0.0.1:{}\"]\npostgres = [\"127.0.0.1:{}\"]\n\
-         databases = [\"postgres\"]\n",
-        free_port(),
-        pg.port()
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_pgbench_and_tls_clients_work_through_the_proxy() {

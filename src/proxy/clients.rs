@@ -6,8 +6,13 @@
 //! and removed when the returned [`Registration`] drops, so the keys of
 //! closed connections are forgotten even when a task panics. A DashMap
 //! keeps lookups lock-free across the runtime's threads.
+//!
+//! Each entry also counts the cancels the proxy forwarded for its client,
+//! so that the client's connection task can fence a commit that a cancel
+//! may have cut short (invariant I2, `proxy::fence`).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -27,6 +32,28 @@ pub struct ClientEntry {
     pub server_addr: Option<String>,
     /// The server's own key, once its BackendKeyData has passed.
     pub server_key: Option<(u32, u32)>,
+    /// How many cancels the proxy forwarded for this client; shared with
+    /// its [`Registration`] (the connection task reads it).
+    pub cancels: Arc<AtomicU64>,
+}
+
+/// Where a CancelRequest goes, as [`Clients::cancel_target`] finds it.
+#[derive(Debug, Clone)]
+pub struct CancelTarget {
+    /// The server the client is spliced to.
+    pub address: String,
+    /// The server's own (pid, secret).
+    pub server_key: (u32, u32),
+    cancels: Arc<AtomicU64>,
+}
+
+impl CancelTarget {
+    /// Counts the cancel as forwarded; called before the request is sent,
+    /// so the client's connection task knows of it before the server can
+    /// act on it.
+    pub fn mark_forwarded(&self) {
+        self.cancels.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// Shared registry; cheap to clone.
@@ -40,6 +67,8 @@ pub struct Clients {
 pub struct Registration {
     pub pid: u32,
     pub secret: u32,
+    /// The entry's forwarded-cancel count.
+    cancels: Arc<AtomicU64>,
     clients: Clients,
 }
 
@@ -50,6 +79,11 @@ impl Drop for Registration {
 }
 
 impl Registration {
+    /// How many cancels the proxy forwarded for this client so far.
+    pub fn cancels_forwarded(&self) -> u64 {
+        self.cancels.load(Ordering::SeqCst)
+    }
+
     /// Records the server a client is now spliced to.
     pub fn set_server(&self, address: &str) {
         if let Some(mut entry) = self.clients.map.get_mut(&self.pid) {
@@ -77,10 +111,12 @@ impl Clients {
             if let dashmap::Entry::Vacant(slot) = self.map.entry(pid) {
                 entry.secret = rand::random::<u32>();
                 let secret = entry.secret;
+                let cancels = entry.cancels.clone();
                 slot.insert(entry);
                 return Registration {
                     pid,
                     secret,
+                    cancels,
                     clients: self.clone(),
                 };
             }
@@ -89,12 +125,16 @@ impl Clients {
 
     /// The server and server key a CancelRequest with this key targets;
     /// None for unknown keys (dropped silently, like PostgreSQL does).
-    pub fn cancel_target(&self, pid: u32, secret: u32) -> Option<(String, (u32, u32))> {
+    pub fn cancel_target(&self, pid: u32, secret: u32) -> Option<CancelTarget> {
         let entry = self.map.get(&pid)?;
         if entry.secret != secret {
             return None;
         }
-        Some((entry.server_addr.clone()?, entry.server_key?))
+        Some(CancelTarget {
+            address: entry.server_addr.clone()?,
+            server_key: entry.server_key?,
+            cancels: entry.cancels.clone(),
+        })
     }
 
     /// A snapshot of every client, for SHOW CLIENTS / SHOW SERVERS.
@@ -132,6 +172,7 @@ mod tests {
             connected_at: SystemTime::now(),
             server_addr: None,
             server_key: None,
+            cancels: Arc::default(),
         }
     }
 
@@ -139,23 +180,28 @@ mod tests {
     fn cancel_keys_resolve_only_with_the_secret_and_are_forgotten() {
         let clients = Clients::default();
         let registration = clients.register(entry());
-        assert_eq!(
-            clients.cancel_target(registration.pid, registration.secret),
-            None
-        );
+        assert!(clients
+            .cancel_target(registration.pid, registration.secret)
+            .is_none());
         registration.set_server("127.0.0.1:5432");
         registration.set_server_key(42, 43);
+        let target = clients
+            .cancel_target(registration.pid, registration.secret)
+            .unwrap();
         assert_eq!(
-            clients.cancel_target(registration.pid, registration.secret),
-            Some(("127.0.0.1:5432".into(), (42, 43)))
+            (target.address.as_str(), target.server_key),
+            ("127.0.0.1:5432", (42, 43))
         );
-        assert_eq!(
-            clients.cancel_target(registration.pid, registration.secret.wrapping_add(1)),
-            None
-        );
+        assert!(clients
+            .cancel_target(registration.pid, registration.secret.wrapping_add(1))
+            .is_none());
+        // Forwarded cancels are counted where the connection task sees them.
+        assert_eq!(registration.cancels_forwarded(), 0);
+        target.mark_forwarded();
+        assert_eq!(registration.cancels_forwarded(), 1);
         let (pid, secret) = (registration.pid, registration.secret);
         drop(registration);
-        assert_eq!(clients.cancel_target(pid, secret), None);
+        assert!(clients.cancel_target(pid, secret).is_none());
         assert!(clients.is_empty());
     }
 }

@@ -7,7 +7,11 @@
 //! The splice copies bytes both ways without parsing queries; the
 //! server-to-client direction only tracks message boundaries (tag+length)
 //! so that, when a failover supersedes the connection's principal (I4) or
-//! the proxy shuts down, a FATAL 57P01 can be inserted between messages.
+//! the proxy shuts down, a FATAL 57P01 can be inserted between messages,
+//! and runs them through the commit fence (`fence`, I2): a commit whose
+//! wait for the mirror was cut short ends the connection with 40003. The
+//! client-to-server direction tracks only the last message's tag (does the
+//! client await ReadyForQuery?), which the fence needs.
 //! The first packets (and TLS handshake) run under the startup timeout;
 //! the hold while no principal serves runs under the hold timeout; the
 //! authentication exchange then gets a fresh startup timeout. Dropping the
@@ -18,6 +22,7 @@ use ::metrics::{counter, gauge, histogram};
 use crate::metrics::{self, GaugeGuard};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -26,6 +31,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::proxy::clients::{ClientEntry, Registration};
+use crate::proxy::fence::{
+    CommitFence, FenceCause, Step, FRONTEND_AWAITS_READY, SQLSTATE_COMPLETION_UNKNOWN,
+};
 use crate::proxy::routing::{Principal, Route};
 use crate::proxy::Context;
 use crate::roles::Epoch;
@@ -107,6 +115,8 @@ pub enum End {
     Cancel,
     /// An admin console connection ended.
     Admin,
+    /// The commit fence replaced a response with 40003 (I2).
+    CommitFenced(FenceCause),
 }
 
 /// Serves one accepted TCP connection until it ends.
@@ -240,6 +250,7 @@ where
         connected_at: SystemTime::now(),
         server_addr: None,
         server_key: None,
+        cancels: Arc::default(),
     });
     let _client = GaugeGuard::new(
         gauge!(metrics::PROXY_CLIENT_CONNECTIONS, metrics::SESSION => session.clone()),
@@ -355,13 +366,16 @@ where
 
 /// Forwards a CancelRequest with a known key; unknown keys are dropped.
 async fn forward_cancel(ctx: &Context, pid: u32, secret: u32) {
-    let Some((address, (server_pid, server_secret))) = ctx.clients.cancel_target(pid, secret)
-    else {
+    let Some(target) = ctx.clients.cancel_target(pid, secret) else {
         tracing::debug!("cancel request with an unknown key dropped");
         return;
     };
+    let address = &target.address;
+    let (server_pid, server_secret) = target.server_key;
+    // Before the server can act on it: the commit fence (I2) must know.
+    target.mark_forwarded();
     let send = async {
-        let mut server = TcpStream::connect(&address).await?;
+        let mut server = TcpStream::connect(address).await?;
         server
             .write_all(&cancel_request(server_pid, server_secret))
             .await?;
@@ -385,6 +399,53 @@ fn grow_if_full(buf: &mut Vec<u8>, read: usize) {
     if read == buf.len() && buf.len() < SPLICE_BUFFER_MAX {
         buf.resize(buf.len() * 2, 0);
     }
+}
+
+/// Runs one chunk of server bytes through the commit fence and writes what
+/// it lets through; Some(end) when the fence ended the connection.
+async fn forward<W: AsyncWrite + Unpin>(
+    fence: &mut CommitFence,
+    chunk: &[u8],
+    awaiting_ready: &AtomicBool,
+    registration: &Registration,
+    client: &mut W,
+) -> Result<Option<End>, ConnError> {
+    if chunk.is_empty() {
+        return Ok(None);
+    }
+    let awaiting = awaiting_ready.load(Ordering::Relaxed);
+    match fence.feed(chunk, awaiting, registration.cancels_forwarded())? {
+        Step::PassChunk => client.write_all(chunk).await?,
+        Step::Output if fence.output().is_empty() => {}
+        Step::Output => client.write_all(fence.output()).await?,
+        Step::Fence { cause, at_boundary } => {
+            if !fence.output().is_empty() {
+                client.write_all(fence.output()).await?;
+            }
+            fenced(cause, at_boundary, client).await;
+            return Ok(Some(End::CommitFenced(cause)));
+        }
+    }
+    Ok(None)
+}
+
+/// Tells the client its commit's outcome is unknown (40003), when a message
+/// can be inserted, and closes its side.
+async fn fenced<W: AsyncWrite + Unpin>(cause: FenceCause, at_boundary: bool, client: &mut W) {
+    counter!(metrics::PROXY_COMMITS_FENCED, metrics::CAUSE => cause.label()).increment(1);
+    tracing::warn!(
+        cause = cause.label(),
+        "commit not confirmed by the mirror: client told 40003 and disconnected (I2)"
+    );
+    if at_boundary {
+        let error = error_response(
+            Severity::Fatal,
+            SQLSTATE_COMPLETION_UNKNOWN,
+            &cause.client_message(),
+        );
+        let _ = client.write_all(&error).await;
+    }
+    let _ = client.shutdown().await;
 }
 
 /// Relays the authentication exchange, then splices until one side ends.
@@ -414,8 +475,15 @@ where
     let bytes_to_server = counter!(metrics::PROXY_BYTES, "direction" => "client_to_server");
     let bytes_to_client = counter!(metrics::PROXY_BYTES, "direction" => "server_to_client");
     let client_routes = routes.clone();
+    // Whether the client's last message was Sync, Query or FunctionCall, so
+    // that a ReadyForQuery comes without more client input (the fence's
+    // rule 3). Both directions run in this task; the atomic only makes the
+    // shared flag Send.
+    let awaiting_ready = AtomicBool::new(false);
     let client_to_server = async {
         let mut buf = vec![0u8; SPLICE_BUFFER_MIN];
+        // Every client message after the startup packet is tagged.
+        let mut scanner = FrameScanner::backend();
         loop {
             let n = client_read.read(&mut buf).await?;
             bytes_to_server.increment(n as u64);
@@ -423,6 +491,18 @@ where
                 let _ = server_write.shutdown().await;
                 return Ok::<End, ConnError>(End::ClientClosed);
             };
+            let mut last_tag = None;
+            if scanner
+                .feed(chunk, |message| last_tag = message.tag)
+                .is_err()
+            {
+                // Not protocol 3 any more: never hold (the fence's other
+                // rules do not depend on this flag).
+                awaiting_ready.store(false, Ordering::Relaxed);
+            } else if let Some(tag) = last_tag {
+                let awaits = FRONTEND_AWAITS_READY.contains(&tag) && !scanner.is_failed();
+                awaiting_ready.store(awaits, Ordering::Relaxed);
+            }
             if client_routes.borrow().supersedes(epoch, &principal) {
                 // I4: not one more client byte to a superseded principal;
                 // the other direction ends the connection with 57P01.
@@ -437,7 +517,6 @@ where
         // Authentication: whole messages, BackendKeyData swapped.
         let mut pending = pending;
         let mut out = Vec::new();
-        let mut scanner = FrameScanner::backend();
         'auth: loop {
             let mut ready = false;
             while let Some((tag, len)) = backend_message_len(&pending)? {
@@ -463,9 +542,6 @@ where
                 }
                 pending.drain(..len);
                 if ready {
-                    // Bytes after ReadyForQuery are spliced as they are.
-                    let _ = scanner.feed(&pending, |_| {});
-                    out.append(&mut pending);
                     client_write.write_all(&out).await?;
                     break 'auth;
                 }
@@ -484,22 +560,42 @@ where
                 return Ok(End::ServerClosed);
             }
         }
-        drop(pending);
         drop(out);
 
-        // The hot path: bytes as they come, boundaries tracked.
+        // The hot path: bytes as they come, boundaries tracked, commits
+        // fenced. Bytes after the authentication's ReadyForQuery go first.
+        let mut fence = CommitFence::new(FrameScanner::backend(), registration.cancels_forwarded());
+        let early = forward(
+            &mut fence,
+            &pending,
+            &awaiting_ready,
+            registration,
+            &mut client_write,
+        )
+        .await?;
+        drop(pending);
         let mut buf = vec![0u8; SPLICE_BUFFER_MIN];
         let mut watching = true;
         let end = loop {
+            if let Some(end) = early {
+                break end;
+            }
             tokio::select! {
                 read = server_read.read(&mut buf) => {
                     let n = read?;
                     bytes_to_client.increment(n as u64);
                     let Some(chunk) = buf.get(..n).filter(|chunk| !chunk.is_empty()) else {
+                        if let Some(cause) = fence.server_closed() {
+                            fenced(cause, true, &mut client_write).await;
+                            break End::CommitFenced(cause);
+                        }
                         break End::ServerClosed;
                     };
-                    let _ = scanner.feed(chunk, |_| {});
-                    client_write.write_all(chunk).await?;
+                    let fed = forward(&mut fence, chunk, &awaiting_ready, registration, &mut client_write)
+                        .await?;
+                    if let Some(end) = fed {
+                        break end;
+                    }
                     grow_if_full(&mut buf, n);
                 }
                 changed = routes.changed(), if watching => {
@@ -523,7 +619,8 @@ where
             _ => None,
         };
         if let Some(message) = goodbye {
-            if scanner.at_message_boundary() {
+            // A held completion is dropped: its ReadyForQuery never came.
+            if fence.abandon() {
                 let _ = client_write
                     .write_all(&error_response(Severity::Fatal, "57P01", &message))
                     .await;

@@ -7,12 +7,15 @@
 //! `accept`; on shutdown it stops accepting, tells spliced clients (FATAL
 //! 57P01) and waits up to [`SHUTDOWN_GRACE`] for connection tasks.
 //! Submodules: `connection` (one client), `routing` (principal discovery),
-//! `clients` (cancel keys and the client registry), `console` (pgwire).
+//! `clients` (cancel keys and the client registry), `console` (pgwire),
+//! `fence` (the commit fence: a commit whose wait for the mirror was cut
+//! short reaches the client as 40003, invariant I2).
 
 pub mod clients;
 pub mod connection;
 pub mod console;
 pub mod epochs;
+pub mod fence;
 pub mod routing;
 
 use std::collections::BTreeMap;

@@ -66,6 +66,10 @@ pub struct Message<'a> {
     pub body_len: u32,
     /// The first `min(body_len, PREFIX_LEN)` bytes of the body.
     pub prefix: &'a [u8],
+    /// Offset, in the chunk being fed, just past this message's last byte.
+    /// The message starts `TAGGED_HEADER_LEN + body_len` bytes earlier
+    /// (for a tagged message), possibly in an earlier chunk.
+    pub end: usize,
 }
 
 impl Message<'_> {
@@ -225,7 +229,7 @@ impl FrameScanner {
                     if self.header_filled == header_len {
                         self.start_body()?;
                         // A message with an empty body is complete already.
-                        self.finish_if_complete(on_message);
+                        self.finish_if_complete(chunk.len() - rest.len(), on_message);
                     }
                 }
                 Phase::Body {
@@ -254,7 +258,7 @@ impl FrameScanner {
                     if tag.is_none() {
                         self.check_protocol_code()?;
                     }
-                    self.finish_if_complete(on_message);
+                    self.finish_if_complete(chunk.len() - rest.len(), on_message);
                 }
             }
         }
@@ -318,7 +322,9 @@ impl FrameScanner {
         }
     }
 
-    fn finish_if_complete(&mut self, on_message: &mut impl FnMut(Message<'_>)) {
+    /// Reports the current message if its body is complete; `end` is the
+    /// offset in the chunk just past the bytes consumed so far.
+    fn finish_if_complete(&mut self, end: usize, on_message: &mut impl FnMut(Message<'_>)) {
         let Phase::Body {
             tag,
             body_len,
@@ -335,6 +341,7 @@ impl FrameScanner {
             tag,
             body_len,
             prefix,
+            end,
         });
         self.expecting_startup = false;
         self.prefix_filled = 0;
@@ -444,6 +451,33 @@ mod tests {
         let tags: Vec<_> = seen.iter().map(|message| message.tag).collect();
         assert_eq!(tags, vec![Some(b'R'), Some(b'Z')]);
         assert_eq!(seen[1].prefix, b"I");
+    }
+
+    #[test]
+    fn end_offsets_point_just_past_each_message_in_its_chunk() {
+        let mut stream = tagged(b'C', b"SELECT 1\0");
+        stream.extend(tagged(b'Z', b"I"));
+        let first_len = 5 + 9;
+        for split in 0..=stream.len() {
+            let mut scanner = FrameScanner::backend();
+            let mut ends = Vec::new();
+            for (index, chunk) in [&stream[..split], &stream[split..]].into_iter().enumerate() {
+                scanner
+                    .feed(chunk, |message| ends.push((index, message.end)))
+                    .unwrap();
+            }
+            let expected: Vec<_> = [first_len, stream.len()]
+                .into_iter()
+                .map(|end| {
+                    if end <= split {
+                        (0, end)
+                    } else {
+                        (1, end - split)
+                    }
+                })
+                .collect();
+            assert_eq!(ends, expected, "split at {split}");
+        }
     }
 
     #[test]

@@ -4,10 +4,13 @@
 //! `lsn` is the WAL position type, `frame` splits one direction of a protocol
 //! v3 connection into messages without buffering bodies, and `replication`
 //! decodes the streaming-replication sub-messages carried in CopyData;
+//! `notice` decodes NoticeResponse fields and recognises the notice of a
+//! cut synchronous-replication wait (the proxy's commit fence);
 //! `startup` decodes a connection's first packet and builds the few
 //! messages the proxy writes itself.
 
 pub mod frame;
 pub mod lsn;
+pub mod notice;
 pub mod replication;
 pub mod startup;

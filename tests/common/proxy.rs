@@ -107,6 +107,18 @@ impl Drop for ProxyHandle {
 /// The `[admin]` section every test proxy gets.
 pub const ADMIN: &str = "[admin]\nuser = \"admin\"\npassword = \"secret\"\n";
 
+/// A proxy config for one standalone server: the session's agent endpoint
+/// is a closed port, so the proxy finds the server by its read-write probe.
+pub fn standalone_config(pg: &super::PgInstance, extra: &str) -> String {
+    format!(
+        "startup_timeout = 2\nhold_timeout = 5\n{extra}\n{ADMIN}\n\
+         [sessions.shop]\npartners = [\"127.0.0.1:{}\"]\npostgres = [\"127.0.0.1:{}\"]\n\
+         databases = [\"postgres\"]\n",
+        super::free_port(),
+        pg.port()
+    )
+}
+
 /// Runs a client program (psql, pgbench) to completion; returns success
 /// and combined output.
 pub fn run_client(program: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
