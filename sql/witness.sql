@@ -33,3 +33,9 @@ CREATE INDEX IF NOT EXISTS history_by_session ON history (session, at_ms);
 CREATE TABLE IF NOT EXISTS witness_identity (
     id INTEGER NOT NULL
 );
+
+-- Sessions whose principal moved to another witness (or none): nothing is
+-- granted for them here until their principal records a sync state again.
+CREATE TABLE IF NOT EXISTS detached_sessions (
+    session TEXT PRIMARY KEY
+);

@@ -158,13 +158,14 @@ impl ControlClient {
         epoch: Epoch,
         failover_lsn: Lsn,
         kind: PromotionKind,
+        limit: Duration,
     ) -> Result<String, ControlError> {
         let request = Request::TakeOver {
             epoch,
             failover_lsn,
             kind,
         };
-        match self.call_within(&request, REQUEST_TIMEOUT).await? {
+        match self.call_within(&request, limit).await? {
             Response::Done(message) => Ok(message),
             other => Err(not_expected("take_over", other)),
         }
@@ -217,6 +218,26 @@ impl ControlClient {
         match self.call_within(&request, limit).await? {
             Response::Row(row) => Ok(row),
             other => Err(not_expected("set_synchronized", other)),
+        }
+    }
+
+    /// Witness: the principal leaves this witness (SET WITNESS elsewhere or
+    /// OFF); Ok is the detached row.
+    pub async fn detach_within(
+        &mut self,
+        session: String,
+        name: String,
+        epoch: Epoch,
+        limit: Duration,
+    ) -> Result<Option<RoleRow>, ControlError> {
+        let request = Request::Witness(WitnessRequest::Detach {
+            session,
+            name,
+            epoch,
+        });
+        match self.call_within(&request, limit).await? {
+            Response::Row(row) => Ok(row),
+            other => Err(not_expected("detach", other)),
         }
     }
 

@@ -101,6 +101,10 @@ pub struct RoleRow {
     /// The identity of the witness that holds this row.
     #[serde(default)]
     pub witness_id: u64,
+    /// The principal moved the session to another witness: no promotion is
+    /// granted here (I1, I3).
+    #[serde(default)]
+    pub detached: bool,
 }
 
 /// Why a mirror asks the witness to make it principal.
@@ -149,6 +153,14 @@ pub enum WitnessRequest {
     },
     /// A mirror asks to become principal at `epoch` + 1.
     Promote(PromotionRequest),
+    /// The principal moves the session to another witness (or none): this
+    /// one records the mirror as not synchronized and grants nothing for
+    /// the session until its principal records a sync state here again.
+    Detach {
+        session: String,
+        name: String,
+        epoch: Epoch,
+    },
     /// Every session's row.
     Sessions,
 }

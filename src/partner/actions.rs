@@ -246,6 +246,9 @@ async fn stop(agent: &Agent, mode: StopMode) {
     }
 }
 
+/// How long the mirror may take to promote and checkpoint once drained.
+const TAKE_OVER_PROMOTION: Duration = Duration::from_secs(20);
+
 /// Asks the peer to take the principal role as `hand_over` says.
 async fn ask_peer_to_take_over(agent: &Agent, hand_over: HandOver) -> TakeOverAnswer {
     let kind = match hand_over.failover_lsn {
@@ -253,15 +256,19 @@ async fn ask_peer_to_take_over(agent: &Agent, hand_over: HandOver) -> TakeOverAn
         None => PromotionKind::Handover,
     };
     let failover_lsn = hand_over.failover_lsn.unwrap_or(Lsn::INVALID);
+    // The mirror drains for up to TIMEOUT, then promotes and checkpoints.
+    let limit = agent.timeout() * 2 + TAKE_OVER_PROMOTION;
     let answer = async {
         let mut client = ControlClient::connect(&agent.config.peer, &agent.tls).await?;
-        client.take_over(hand_over.epoch, failover_lsn, kind).await
+        client
+            .take_over(hand_over.epoch, failover_lsn, kind, limit)
+            .await
     };
     match answer.await {
         Ok(_) => TakeOverAnswer::Done,
-        Err(ControlError::Refused(reason) | ControlError::Failed(reason)) => {
-            TakeOverAnswer::Refused(reason)
-        }
+        Err(ControlError::Refused(reason)) => TakeOverAnswer::Refused(reason),
+        // Failed: the mirror may have recorded the principal role before it
+        // failed; as good as no answer (I1).
         Err(err) => TakeOverAnswer::Lost(err.to_string()),
     }
 }

@@ -153,6 +153,11 @@ impl Agent {
         *from = (*from).max(Some(sent));
     }
 
+    /// Where the principal's lease starts (see [`Agent::renew_lease`]).
+    pub fn lease(&self) -> Option<Duration> {
+        *lock(&self.lease_from)
+    }
+
     /// Since this mirror last answered a ping of the principal.
     pub fn principal_answered_ago(&self) -> Option<Duration> {
         let at = *lock(&self.answered_principal_at);

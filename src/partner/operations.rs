@@ -17,7 +17,7 @@ use crate::control::{
 };
 use crate::partner::actions::{
     ask_witness, blocking, carry_out, observe_postgres, promotion_request, received_lsn,
-    record_at_witness, start_mirror, OpError,
+    start_mirror, OpError,
 };
 use crate::partner::agent::Agent;
 use crate::partner::peer::peer_heard;
@@ -25,9 +25,6 @@ use crate::partner::policy::commands::{self, check, Facts, Plan, Route, WitnessA
 use crate::partner::supervisor;
 use crate::roles::{Epoch, Role};
 use crate::wire::lsn::Lsn;
-
-/// How long the mirror waits for the principal's last WAL in a manual failover.
-const TAKE_OVER_DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 /// Answers one control request.
 pub async fn handle(agent: &Arc<Agent>, request: Request) -> Response {
@@ -60,7 +57,16 @@ fn answer_ping(agent: &Agent, view: PeerView) -> Response {
         agent.set_error(Some(reason.clone()));
         return Response::Refused(reason);
     }
-    let from_principal = view.role == Role::Principal && agent.state().role == Role::Mirror;
+    let state = agent.state();
+    if view.role == Role::Principal && state.role == Role::Principal && view.epoch < state.epoch {
+        // I1: a principal of an earlier epoch must not renew its lease
+        // here, even while this partner's promotion is not shown yet.
+        return Response::Refused(format!(
+            "this partner is the principal at role_sequence {}; {} is at {}",
+            state.epoch, view.name, view.epoch
+        ));
+    }
+    let from_principal = view.role == Role::Principal && state.role == Role::Mirror;
     if from_principal && agent.memory().refusing_principal {
         return Response::Refused(
             "this mirror has lost its principal and is asking the witness for the principal role"
@@ -164,15 +170,32 @@ async fn execute(agent: &Arc<Agent>, command: &Command) -> Result<String, OpErro
         Plan::MoveWitness(decision) => {
             // I2, I3: the witness the session leaves must not keep a
             // "synchronized" it could grant a failover on.
-            if state.role == Role::Principal && state.witness.is_some() {
-                let recorded = record_at_witness(agent, false).await;
-                if !recorded && !agent.peer_connected() {
-                    return Err(OpError::Refused(
-                        "the current witness did not record the mirror as not synchronized and \
-                         the mirror is not connected: the old witness could still grant a \
-                         failover; reconnect either, then SET WITNESS again"
-                            .into(),
-                    ));
+            if let (Role::Principal, Some(old)) = (state.role, state.witness.clone()) {
+                let session = agent.config.session.clone();
+                let name = agent.config.name.clone();
+                let detach = async |client: &mut ControlClient, limit| {
+                    client
+                        .detach_within(session, name, state.epoch, limit)
+                        .await
+                };
+                match ask_witness(agent, &old, detach).await {
+                    Ok(_) => {}
+                    Err(OpError::Api(ControlError::Refused(reason))) => {
+                        return Err(OpError::Refused(format!(
+                            "the current witness {old} refused to let the session go: {reason}"
+                        )))
+                    }
+                    Err(err) if !agent.peer_connected() => {
+                        return Err(OpError::Refused(format!(
+                            "the current witness {old} could not be told that the session leaves \
+                             it ({err}) and the mirror is not connected: the old witness could \
+                             still grant a failover; reconnect either, then SET WITNESS again"
+                        )))
+                    }
+                    Err(err) => warn!(
+                        "the current witness {old} could not be told ({err}); the connected \
+                         mirror learns the new witness from its next ping"
+                    ),
                 }
             }
             agent.decide(|_| decision.clone());
@@ -276,18 +299,34 @@ async fn take_over(
     failover_lsn: Lsn,
     kind: PromotionKind,
 ) -> Result<String, OpError> {
-    if commands::take_over_check(&agent.state(), epoch).map_err(OpError::Refused)? {
+    let state = agent.state();
+    if commands::take_over_check(&state, epoch).map_err(OpError::Refused)? {
         return Ok(format!("principal at role_sequence {epoch} already"));
     }
-    let deadline = tokio::time::Instant::now() + TAKE_OVER_DRAIN_LIMIT;
+    let lease = crate::roles::lease_holds(agent.lease(), agent.clock(), state.timeout());
+    if state.witness.is_some() && !lease {
+        // I1: it could not serve anyway; refuse before recording anything.
+        return Err(OpError::Refused(
+            "this mirror has no quorum lease (neither the witness nor the principal answered it \
+             lately): it would be stopped at once as principal"
+                .into(),
+        ));
+    }
+    if agent.engine.postmaster_pid().is_none() {
+        start_mirror(agent).await?;
+    }
+    // A handover after a crash has nothing to drain (failover_lsn invalid).
+    let drain = state.timeout();
+    let deadline = tokio::time::Instant::now() + drain;
     loop {
         let received = received_lsn(agent).await;
-        if received.is_some_and(|received| received > failover_lsn) {
+        if failover_lsn == Lsn::INVALID || received.is_some_and(|received| received > failover_lsn)
+        {
             break;
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(OpError::Refused(format!(
-                "the mirror did not receive WAL up to {failover_lsn} within {TAKE_OVER_DRAIN_LIMIT:?} (it has {})",
+                "the mirror did not receive WAL up to {failover_lsn} within TIMEOUT ({drain:?}); it has {}",
                 received.map(|lsn| lsn.to_string()).unwrap_or_else(|| "none".into())
             )));
         }

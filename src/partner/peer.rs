@@ -40,7 +40,13 @@ pub async fn ping_peer(agent: Arc<Agent>) {
             let sent = agent.clock();
             match client.ping_within(agent.view(), timeout).await {
                 Ok(view) => {
-                    agent.renew_lease(sent);
+                    // A peer that is principal at a later epoch answers,
+                    // but grants no lease (I1).
+                    let later = view.role == crate::roles::Role::Principal
+                        && view.epoch > agent.state().epoch;
+                    if !later {
+                        agent.renew_lease(sent);
+                    }
                     peer_heard(&agent, view);
                 }
                 Err(ControlError::Refused(reason)) => {

@@ -64,7 +64,15 @@ pub async fn ping_witness(agent: Arc<Agent>) {
             let sent = agent.clock();
             match client.report_within(agent.view(), agent.timeout()).await {
                 Ok(row) => {
-                    agent.renew_lease(sent);
+                    // A row naming another principal at a later epoch grants
+                    // no lease (I1).
+                    let state = agent.state();
+                    let superseded = row.as_ref().is_some_and(|row| {
+                        row.epoch > state.epoch && row.principal != agent.config.name
+                    });
+                    if !superseded {
+                        agent.renew_lease(sent);
+                    }
                     let mut status = lock(&agent.witness);
                     if !status.connected {
                         info!(%witness, "witness connected");

@@ -30,6 +30,7 @@ pub fn on_report(row: Option<&RoleRow>, view: &PeerView) -> Option<Change> {
                 timeout_secs: view.timeout_secs,
                 failover_lsn: None,
                 witness_id: 0,
+                detached: false,
             },
             event: "Session Created",
         });
@@ -90,6 +91,8 @@ pub fn set_synchronized(
         ));
     }
     let mut next = row.clone();
+    // The principal records a sync state here: it reports here again.
+    next.detached = false;
     if carried {
         next.mirror = Some(row.principal.clone())
             .filter(|old| old != name)
@@ -106,6 +109,24 @@ pub fn set_synchronized(
             "Principal Running Exposed"
         },
     })
+}
+
+/// The principal leaves this witness: the row records the mirror as not
+/// synchronized and detached, so that nothing is granted here on what the
+/// principal no longer reports (I1-I3). Carries a later epoch like
+/// [`set_synchronized`].
+pub fn detach(
+    row: Option<&RoleRow>,
+    name: &str,
+    epoch: crate::roles::Epoch,
+) -> Result<Option<Change>, String> {
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let mut change = set_synchronized(Some(row), name, epoch, false)?;
+    change.row.detached = true;
+    change.event = "Session Left the Witness";
+    Ok(Some(change))
 }
 
 /// Whether the mirror asking in `request` may become principal at the
@@ -128,6 +149,12 @@ pub fn promote(
         return Err(format!(
             "stale request: {name} is at role_sequence {}, the witness at {}",
             request.epoch, row.epoch
+        ));
+    }
+    if row.detached {
+        return Err(format!(
+            "the session's principal {} moved to another witness (or none); ask that one",
+            row.principal
         ));
     }
     let wait = takeover_wait(Duration::from_secs(row.timeout_secs));

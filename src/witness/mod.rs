@@ -162,6 +162,15 @@ impl Witness {
                 }
                 Ok(answer(outcome))
             }
+            WitnessRequest::Detach {
+                session,
+                name,
+                epoch,
+            } => {
+                self.heard(&session, &name);
+                let outcome = self.decide(&session, |row| arbiter::detach(row, &name, epoch))?;
+                Ok(answer(outcome))
+            }
             WitnessRequest::Sessions => Ok(Response::Rows(lock(&self.store).all()?)),
         }
     }

@@ -18,7 +18,8 @@ const SCHEMA: &str = include_str!("../../sql/witness.sql");
 
 /// The role table's columns in the order [`read_row`] reads them.
 const COLUMNS: &str = "session, principal, mirror, epoch, safety, safety_sequence, suspended, \
-                       synchronized, timeout_secs, failover_lsn";
+                       synchronized, timeout_secs, failover_lsn, EXISTS (SELECT 1 FROM \
+                       detached_sessions AS d WHERE d.session = role_table.session)";
 
 #[derive(Debug, thiserror::Error)]
 #[error("role table {path}: {source}")]
@@ -184,6 +185,14 @@ impl RoleStore {
                 ],
             )
             .map_err(wrap)?;
+        let detached = if row.detached {
+            "INSERT OR IGNORE INTO detached_sessions (session) VALUES (?1)"
+        } else {
+            "DELETE FROM detached_sessions WHERE session = ?1"
+        };
+        transaction
+            .execute(detached, params![row.session])
+            .map_err(wrap)?;
         transaction
             .execute(
                 "INSERT INTO history (session, at_ms, event, principal, epoch, synchronized) \
@@ -249,6 +258,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RoleRow> {
         failover_lsn: failover_lsn.and_then(|lsn| lsn.parse().ok()),
         // Not a column: the store names itself in every row it answers with.
         witness_id: 0,
+        detached: r.get(10)?,
     })
 }
 
@@ -269,6 +279,7 @@ mod tests {
             timeout_secs: 10,
             failover_lsn: None,
             witness_id: 0,
+            detached: false,
         }
     }
 

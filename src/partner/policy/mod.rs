@@ -162,7 +162,7 @@ pub enum Action {
     RecordAtWitness { synchronized: bool },
     /// Ask the witness to make this mirror principal at the next epoch;
     /// `principal_answered_ago`: since this mirror last answered the
-    /// principal, on its own clock (None: not since its start).
+    /// principal (or, if it did not, since it started), on its own clock.
     AskPromotion {
         kind: PromotionKind,
         principal_answered_ago: Option<Duration>,
@@ -243,7 +243,10 @@ pub fn has_quorum(state: &SessionState, observed: &Observation) -> bool {
 pub fn witness_allows_exposure(state: &SessionState, observed: &Observation) -> bool {
     state.witness.is_none()
         || observed.witness.row.as_ref().is_some_and(|row| {
-            row.epoch == state.epoch && row.principal == observed.name && !row.synchronized
+            row.epoch == state.epoch
+                && row.principal == observed.name
+                && !row.synchronized
+                && !row.detached
         })
 }
 
@@ -308,15 +311,18 @@ pub fn automatic_failover(
     if !wants {
         return decision;
     }
-    let answered_ago = observed
+    // Not since this agent started: its previous life may have answered
+    // just before, so count from the start.
+    let answered_at = observed
         .answered_principal_at
-        .map(|at| observed.now.saturating_sub(at));
-    if answered_ago.is_some_and(|ago| ago < takeover_wait(state.timeout())) {
+        .unwrap_or(decision.memory.started_at);
+    let answered_ago = observed.now.saturating_sub(answered_at);
+    if answered_ago < takeover_wait(state.timeout()) {
         return decision;
     }
     decision.act(Action::AskPromotion {
         kind: PromotionKind::Automatic,
-        principal_answered_ago: answered_ago,
+        principal_answered_ago: Some(answered_ago),
     })
 }
 

@@ -187,7 +187,9 @@ fn serve(
     if wait_for_mirror {
         require(state, true, &mut decision);
         let row_unsynchronized = observed.witness.row.as_ref().is_some_and(|row| {
-            row.epoch == state.epoch && row.principal == observed.name && !row.synchronized
+            row.epoch == state.epoch
+                && row.principal == observed.name
+                && (!row.synchronized || row.detached)
         });
         if state.witness.is_some() && synchronized && caught_up && row_unsynchronized {
             decision

@@ -46,6 +46,7 @@ fn row(principal: &str, epoch: u64, synchronized: bool) -> RoleRow {
         timeout_secs: 2,
         failover_lsn: None,
         witness_id: 1,
+        detached: false,
     }
 }
 
@@ -355,6 +356,13 @@ fn i1_the_mirror_stops_answering_before_it_asks_for_the_principal_role() {
     assert!(decision.actions.is_empty());
     seen.answered_principal_at = Some(seen.now - takeover_wait(state.timeout()));
     let decision = automatic_failover(&state, &Memory::default(), &seen);
+    // A restarted agent that has not answered yet counts from its start.
+    let restarted = Memory::new(seen.now - SECOND);
+    let mut fresh = seen.clone();
+    fresh.answered_principal_at = None;
+    assert!(automatic_failover(&state, &restarted, &fresh)
+        .actions
+        .is_empty());
     assert!(matches!(
         decision.actions[..],
         [Action::AskPromotion {
