@@ -22,6 +22,8 @@ mod commands;
 mod faults;
 #[path = "simulation/ops.rs"]
 mod ops;
+#[path = "simulation/peer.rs"]
+mod peer;
 #[path = "simulation/postgres.rs"]
 mod postgres;
 #[path = "simulation/proxy.rs"]
@@ -30,6 +32,8 @@ mod proxy;
 mod rng;
 #[path = "simulation/stream.rs"]
 mod stream;
+#[path = "simulation/takeover.rs"]
+mod takeover;
 #[path = "simulation/trace.rs"]
 mod trace;
 #[path = "simulation/witness.rs"]

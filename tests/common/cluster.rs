@@ -72,6 +72,15 @@ impl Partner {
 
 impl Drop for Partner {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The agent's output is shown by its process handle; the
+            // server's log says why a standby would not stream.
+            eprintln!(
+                "--- {} PostgreSQL log (last 30 lines) ---\n{}",
+                self.name,
+                self.engine.log_tail(30)
+            );
+        }
         if let Some(agent) = &mut self.agent {
             agent.kill9();
         }

@@ -111,7 +111,7 @@ impl World {
                         kind,
                     },
                 );
-                let limit = self.call_limit(a);
+                let limit = self.takeover_limit(a);
                 self.agent_timer(a, limit, AgentEv::ReqTimeout(req));
                 Started::Wait(Wait::Request(req, Purpose::HandOver(hand_over)))
             }
@@ -176,6 +176,7 @@ impl World {
                 };
                 let req = self.req();
                 let epoch = self.agents[a].durable.epoch;
+                self.log(a, "record", witness as u64, u64::from(synchronized), "");
                 self.call_witness(
                     a,
                     witness,

@@ -67,18 +67,20 @@ impl World {
                             Some((from, req)),
                         );
                         match current.filter(|_| principal) {
-                            // I2, I3: the witness the session leaves first
-                            // records the mirror as not synchronized.
+                            // I2, I3: the witness the session leaves is
+                            // told first (`WitnessRequest::Detach`): it
+                            // records the mirror as not synchronized and
+                            // grants nothing more for the session.
                             Some(witness) => {
                                 let req = self.req();
+                                self.log(a, "detach", witness as u64, epoch.0, "old witness");
                                 self.call_witness(
                                     a,
                                     witness,
-                                    Msg::SetSync {
+                                    Msg::Detach {
                                         from: a as u8,
                                         req,
                                         epoch,
-                                        synchronized: false,
                                     },
                                     Purpose::Op,
                                 );

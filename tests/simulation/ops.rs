@@ -1,7 +1,8 @@
 //! The agent's `operations` lock and what runs under it, one at a time:
 //! supervisor ticks, operator commands (check, apply, SET WITNESS, manual
 //! failover, forced service, forwarding), the mirror's half of a takeover
-//! and the automatic failover request, like `src/partner/operations.rs`,
+//! (its steps in `takeover.rs`) and the automatic failover request, like
+//! `src/partner/operations.rs`,
 //! `supervisor.rs` and `quorum.rs`. A Decision is persisted when it is
 //! carried out (`actions::carry_out`); its actions then run in order, each
 //! taking simulated time, so a kill in the middle loses the rest. An action
@@ -13,8 +14,7 @@ use std::collections::VecDeque;
 
 use pgmirror::control::{Command, PromotionKind};
 use pgmirror::partner::policy::commands::{
-    failover_answered, failover_hand_over, forced_service, take_over, take_over_check,
-    TakeOverAnswer, WitnessAnswer,
+    failover_answered, failover_hand_over, forced_service, TakeOverAnswer, WitnessAnswer,
 };
 use pgmirror::partner::policy::{automatic_failover, granted, tick, Action, Decision};
 use pgmirror::partner::state::HandOver;
@@ -23,15 +23,17 @@ use pgmirror::wire::lsn::Lsn;
 
 use crate::actions::pack_actions;
 use crate::agent::AgentEv;
-use crate::world::{witness_of, Msg, Proc, WitnessReply, World, WIT_A};
+use crate::takeover::takeover_answer;
+use crate::world::{witness_of, Msg, Proc, TakeOverOutcome, WitnessReply, World, WIT_A};
 
-/// `control::REQUEST_TIMEOUT`: how long a control call (TakeOver) may take.
+/// `control::REQUEST_TIMEOUT`: how long a forwarded command may take.
 const REQUEST_TIMEOUT_MS: u64 = 90_000;
 /// `ControlClient::connect`: a fresh control connection over a cut link
 /// fails after this.
 const CONNECT_TIMEOUT_MS: u64 = 10_000;
-/// `TAKE_OVER_DRAIN_LIMIT`.
-const DRAIN_LIMIT_MS: u64 = 30_000;
+/// `actions::TAKE_OVER_PROMOTION`: the takeover request waits 2 x TIMEOUT
+/// and this (the mirror drains up to TIMEOUT, then promotes).
+const TAKE_OVER_PROMOTION_MS: u64 = 20_000;
 
 /// Work waiting for the operations lock.
 pub enum Op {
@@ -56,8 +58,8 @@ pub enum Stage {
     Tick,
     /// A command's change of settings; answered when its actions are done.
     Change,
-    /// SET WITNESS on the principal: the current witness was asked to
-    /// record not-synchronized; `decision` is carried out after.
+    /// SET WITNESS on the principal: the current witness was told the
+    /// session leaves it (Detach); `decision` is carried out after.
     MoveWitness {
         decision: Box<Decision>,
     },
@@ -73,7 +75,8 @@ pub enum Stage {
         epoch: Epoch,
         lsn: Lsn,
         kind: PromotionKind,
-        deadline: u64,
+        /// When the drain gives up; None while the standby starts.
+        deadline: Option<u64>,
     },
     Forced {
         received: Option<Lsn>,
@@ -121,6 +124,8 @@ pub struct Running {
     pub wait: Wait,
     /// An action failed (the real code's `?`).
     pub failed: bool,
+    /// The failure is a refusal (`OpError::Refused`), not an error.
+    pub refused: bool,
     /// A supervisor tick runs under the lock once the actions are done
     /// (a granted promotion is finished at once).
     pub then_tick: bool,
@@ -156,6 +161,7 @@ impl World {
             actions: VecDeque::new(),
             wait: Wait::Nothing,
             failed: false,
+            refused: false,
             then_tick: false,
         });
     }
@@ -222,32 +228,7 @@ impl World {
                 epoch,
                 lsn,
                 kind,
-            } => {
-                let deadline = self.agent_now(a).as_millis() as u64 + DRAIN_LIMIT_MS;
-                self.hold(
-                    a,
-                    Stage::TakeOver {
-                        from,
-                        req,
-                        epoch,
-                        lsn,
-                        kind,
-                        deadline,
-                    },
-                    None,
-                );
-                match take_over_check(&self.agents[a].durable, epoch) {
-                    Err(_) => {
-                        self.log(a, "takeover refused", epoch.0, 0, "take_over_check");
-                        self.fail_and_release(a);
-                    }
-                    Ok(true) => {
-                        self.log(a, "takeover done", epoch.0, 0, "already principal");
-                        self.release(a);
-                    }
-                    Ok(false) => self.op_drain(a),
-                }
-            }
+            } => self.begin_take_over(a, from, req, epoch, lsn, kind),
             Op::AutoFailover => {
                 // Decide again under the lock: a tick may have changed the
                 // state. PostgreSQL as the watch saw it.
@@ -269,11 +250,22 @@ impl World {
         }
     }
 
-    /// A call to the peer over a fresh connection: the connect fails after
-    /// 10 s on a cut link, else the answer may take REQUEST_TIMEOUT.
+    /// A command forwarded to the peer over a fresh connection: the
+    /// connect fails after 10 s on a cut link, else the answer may take
+    /// REQUEST_TIMEOUT.
     pub fn call_limit(&self, a: usize) -> u64 {
         if self.both_ways(a, 1 - a) {
             REQUEST_TIMEOUT_MS
+        } else {
+            CONNECT_TIMEOUT_MS
+        }
+    }
+
+    /// `ask_peer_to_take_over`: the connect fails after 10 s on a cut
+    /// link, else the answer may take 2 x TIMEOUT + 20 s.
+    pub fn takeover_limit(&self, a: usize) -> u64 {
+        if self.both_ways(a, 1 - a) {
+            2 * self.agents[a].timeout_ms() + TAKE_OVER_PROMOTION_MS
         } else {
             CONNECT_TIMEOUT_MS
         }
@@ -291,7 +283,7 @@ impl World {
     /// TIMEOUT, then the request within TIMEOUT. Returns the request id.
     pub fn call_witness(&mut self, a: usize, w: usize, msg: Msg, purpose: Purpose) {
         let req = match &msg {
-            Msg::SetSync { req, .. } | Msg::Promote { req, .. } => *req,
+            Msg::SetSync { req, .. } | Msg::Detach { req, .. } | Msg::Promote { req, .. } => *req,
             _ => 0,
         };
         if self.both_ways(a, WIT_A + w) {
@@ -309,7 +301,7 @@ impl World {
     }
 
     /// `operations::ask_witness_to_promote`.
-    fn ask_witness_promote(
+    pub fn ask_witness_promote(
         &mut self,
         a: usize,
         witness: usize,
@@ -417,25 +409,29 @@ impl World {
             }
             Stage::MoveWitness { decision } => {
                 let decision = (**decision).clone();
-                let recorded = match reply {
+                match reply {
                     Some(Msg::Witness {
-                        reply: WitnessReply::Row(row),
+                        reply: WitnessReply::Row(_),
+                        ..
+                    }) => {}
+                    Some(Msg::Witness {
+                        reply: WitnessReply::Refused,
                         ..
                     }) => {
-                        self.agents[a].obs.witness.row = row;
-                        true
+                        self.log(a, "refused", 0, 0, "SET WITNESS: old witness refused");
+                        return self.refuse_and_release(a);
                     }
-                    _ => false,
-                };
-                if !recorded && !self.agents[a].obs.peer.connected {
-                    self.log(
-                        a,
-                        "refused",
-                        0,
-                        0,
-                        "SET WITNESS: old witness did not record",
-                    );
-                    return self.fail_and_release(a);
+                    _ if !self.agents[a].obs.peer.connected => {
+                        self.log(
+                            a,
+                            "refused",
+                            0,
+                            0,
+                            "SET WITNESS: old witness not told, mirror not connected",
+                        );
+                        return self.refuse_and_release(a);
+                    }
+                    _ => {}
                 }
                 self.move_witness(a, decision);
             }
@@ -466,40 +462,11 @@ impl World {
         self.run_actions(a);
     }
 
-    /// The mirror's last step of a takeover (`operations::take_over`).
-    fn take_over_with(
-        &mut self,
-        a: usize,
-        epoch: Epoch,
-        lsn: Lsn,
-        kind: PromotionKind,
-        answer: &WitnessAnswer,
-    ) {
-        let lsn = Some(lsn).filter(|lsn| *lsn != Lsn::INVALID);
-        let agent = &self.agents[a];
-        match take_over(&agent.durable, &agent.memory, epoch, lsn, answer) {
-            Err(_) => {
-                self.log(a, "takeover refused", epoch.0, 0, "the witness refused");
-                self.fail_and_release(a);
-            }
-            Ok(decision) => {
-                if !matches!(answer, WitnessAnswer::Granted) {
-                    self.check.on_granted(epoch.0, kind);
-                }
-                if let Some(running) = self.agents[a].running.as_mut() {
-                    running.then_tick = true;
-                }
-                self.decide(a, decision, "apply");
-                self.run_actions(a);
-            }
-        }
-    }
-
     /// Forced service once the witness answered (`operations::force_service`).
     fn forced_with(&mut self, a: usize, received: Option<Lsn>, answer: &WitnessAnswer) {
         let agent = &self.agents[a];
         match forced_service(&agent.durable, &agent.memory, received, answer) {
-            Err(_) => self.fail_and_release(a),
+            Err(_) => self.refuse_and_release(a),
             Ok(decision) => {
                 let epoch = self.agents[a].durable.epoch.next();
                 if matches!(answer, WitnessAnswer::NoWitness) {
@@ -529,6 +496,7 @@ impl World {
                 handing_over: false,
             } if !running.failed => 1,
             Stage::Forced { asked: false, .. } if !running.failed => 2,
+            Stage::TakeOver { deadline: None, .. } if !running.failed => 3,
             _ => 0,
         };
         match next {
@@ -561,49 +529,13 @@ impl World {
                     None => self.forced_with(a, lsn, &WitnessAnswer::NoWitness),
                 }
             }
+            // The standby started: the drain begins.
+            3 => self.take_over_drain(a),
             _ => self.release(a),
         }
     }
 
-    /// The mirror waits for the principal's last WAL before it promotes.
-    pub fn op_drain(&mut self, a: usize) {
-        let Some(running) = self.agents[a].running.as_ref() else {
-            return;
-        };
-        let Stage::TakeOver {
-            epoch,
-            lsn,
-            kind,
-            deadline,
-            ..
-        } = running.stage
-        else {
-            return;
-        };
-        if !matches!(running.wait, Wait::Nothing | Wait::Drain) {
-            return;
-        }
-        let received = self.pg_received(a);
-        if received.is_some_and(|received| received > lsn) {
-            if let Some(running) = self.agents[a].running.as_mut() {
-                running.wait = Wait::Nothing;
-            }
-            let target = Some(lsn).filter(|lsn| *lsn != Lsn::INVALID);
-            match self.agents[a].durable.witness.as_ref().map(witness_of) {
-                Some(witness) => self.ask_witness_promote(a, witness, kind, target, Purpose::Op),
-                None => self.take_over_with(a, epoch, lsn, kind, &WitnessAnswer::NoWitness),
-            }
-        } else if self.agent_now(a).as_millis() as u64 >= deadline {
-            self.log(a, "takeover refused", epoch.0, 0, "drain limit");
-            self.fail_and_release(a);
-        } else {
-            if let Some(running) = self.agents[a].running.as_mut() {
-                running.wait = Wait::Drain;
-            }
-            self.agent_timer(a, 10, AgentEv::Drain);
-        }
-    }
-
+    /// The operation ends with an error (answered Failed).
     pub fn fail_and_release(&mut self, a: usize) {
         if let Some(running) = self.agents[a].running.as_mut() {
             running.failed = true;
@@ -611,8 +543,17 @@ impl World {
         self.release(a);
     }
 
+    /// The operation ends with `OpError::Refused` (answered Refused).
+    pub fn refuse_and_release(&mut self, a: usize) {
+        if let Some(running) = self.agents[a].running.as_mut() {
+            running.failed = true;
+            running.refused = true;
+        }
+        self.release(a);
+    }
+
     /// Releases the lock: answers whoever waits, then the next operation.
-    fn release(&mut self, a: usize) {
+    pub fn release(&mut self, a: usize) {
         let Some(mut running) = self.agents[a].running.take() else {
             return;
         };
@@ -620,8 +561,12 @@ impl World {
             Stage::Tick => self.tick_done(a),
             Stage::Auto => self.watch_resume(a),
             Stage::TakeOver { from, req, .. } => {
-                let done = !running.failed;
-                self.send_held(a, Proc::Agent(from), Msg::TakeOverReply { req, done });
+                let answer = match (running.failed, running.refused) {
+                    (false, _) => TakeOverOutcome::Done,
+                    (true, true) => TakeOverOutcome::Refused,
+                    (true, false) => TakeOverOutcome::Failed,
+                };
+                self.send_held(a, Proc::Agent(from), Msg::TakeOverReply { req, answer });
             }
             Stage::Manual { .. } => {
                 self.agents[a].pending_failover = false;
@@ -638,17 +583,9 @@ impl World {
     }
 }
 
-fn takeover_answer(reply: &Option<Msg>) -> TakeOverAnswer {
-    match reply {
-        Some(Msg::TakeOverReply { done: true, .. }) => TakeOverAnswer::Done,
-        Some(Msg::TakeOverReply { done: false, .. }) => TakeOverAnswer::Refused("refused".into()),
-        _ => TakeOverAnswer::Lost("no answer".into()),
-    }
-}
-
 /// How `ask_witness` ends for a promotion: granted, refused, or (timeout,
 /// refused connection) unreachable.
-fn witness_answer(reply: &Option<Msg>) -> WitnessAnswer {
+pub fn witness_answer(reply: &Option<Msg>) -> WitnessAnswer {
     match reply {
         Some(Msg::Witness {
             reply: WitnessReply::Row(Some(_)),

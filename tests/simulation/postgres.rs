@@ -479,6 +479,7 @@ impl World {
                 row.principal == HOST_NAMES[p]
                     && row.epoch.0 == epoch
                     && row.synchronized
+                    && !row.detached
                     && row.safety == Safety::Full
                     && !row.suspended
             })

@@ -113,6 +113,12 @@ impl World {
                 });
                 self.witness_answer(w, Proc::Agent(from), req, outcome);
             }
+            Msg::Detach { from, req, epoch } => {
+                self.witnesses[w].heard[from as usize] = Some(now);
+                let name = HOST_NAMES[from as usize];
+                let outcome = self.witness_update(w, None, |row| arbiter::detach(row, name, epoch));
+                self.witness_answer(w, Proc::Agent(from), req, outcome);
+            }
             Msg::Promote {
                 from,
                 req,

@@ -140,8 +140,23 @@ pub enum Msg {
     },
     TakeOverReply {
         req: u64,
-        done: bool,
+        answer: TakeOverOutcome,
     },
+    /// SET WITNESS: the principal leaves witness `to` (`WitnessRequest::Detach`).
+    Detach {
+        from: u8,
+        req: u64,
+        epoch: Epoch,
+    },
+}
+
+/// How the mirror's `take_over` ended: Done, `OpError::Refused` (answered
+/// Refused) or another error (answered Failed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakeOverOutcome {
+    Done,
+    Refused,
+    Failed,
 }
 
 impl Msg {
@@ -151,6 +166,7 @@ impl Msg {
             Msg::Ping { from, req, .. }
             | Msg::Report { from, req, .. }
             | Msg::SetSync { from, req, .. }
+            | Msg::Detach { from, req, .. }
             | Msg::Promote { from, req, .. }
             | Msg::TakeOver { from, req, .. } => Some((Proc::Agent(*from), *req)),
             Msg::Status { req } => Some((Proc::Proxy, *req)),
