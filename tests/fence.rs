@@ -107,11 +107,7 @@ async fn a_frozen_agents_postgres_is_fenced_before_the_mirror_takes_over() {
     )
     .await;
     kill(frozen, Signal::SIGCONT).unwrap();
-    pair.wait_for(&pair.a, "the mirror again", SLOW, |status| {
-        status.mirroring_role_desc.as_deref() == Some("MIRROR")
-            && status.state() == Some("SYNCHRONIZED")
-    })
-    .await;
+    pair.wait_mirror_again(&pair.a).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -76,11 +76,7 @@ async fn automatic_failover_at(timeout: u64, fault: impl FnOnce(&mut Pair)) -> (
 async fn kill9_of_the_principals_postgres_fails_over() {
     let pair = automatic_failover_after(|pair| pair.a.engine.signal_all(Signal::SIGKILL)).await;
     // The old principal follows the new one without an operator.
-    pair.wait_for(&pair.a, "the mirror again", SLOW, |status| {
-        status.mirroring_role_desc.as_deref() == Some("MIRROR")
-            && status.state() == Some("SYNCHRONIZED")
-    })
-    .await;
+    pair.wait_mirror_again(&pair.a).await;
 }
 
 /// The lease and the witness's wait scale with TIMEOUT: the same failover
@@ -139,11 +135,7 @@ async fn sigstop_of_the_principal_fails_over_and_it_rejoins_as_mirror() {
         .unwrap();
     }
     pair.a.engine.signal_all(Signal::SIGCONT);
-    pair.wait_for(&pair.a, "the mirror again", SLOW, |status| {
-        status.mirroring_role_desc.as_deref() == Some("MIRROR")
-            && status.state() == Some("SYNCHRONIZED")
-    })
-    .await;
+    pair.wait_mirror_again(&pair.a).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,11 +180,7 @@ async fn a_principal_cut_from_both_stops_before_the_mirror_is_promoted() {
     bank::verify(&pair.b.sql().await, &acknowledged).await;
     pair.heal_partners();
     a_to_witness.heal();
-    pair.wait_for(&pair.a, "the mirror again", SLOW, |status| {
-        status.mirroring_role_desc.as_deref() == Some("MIRROR")
-            && status.state() == Some("SYNCHRONIZED")
-    })
-    .await;
+    pair.wait_mirror_again(&pair.a).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

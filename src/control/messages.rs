@@ -81,6 +81,29 @@ pub struct PeerView {
     pub witness_id: Option<u64>,
 }
 
+#[cfg(test)]
+impl PeerView {
+    /// A synchronized partner of session `shop` under FULL, for tests.
+    pub fn sample(name: &str, role: Role, epoch: u64) -> PeerView {
+        PeerView {
+            session: "shop".into(),
+            name: name.into(),
+            role,
+            epoch: Epoch(epoch),
+            state: MirroringState::Synchronized,
+            safety: Safety::Full,
+            timeout_secs: 2,
+            suspended: false,
+            ended: false,
+            system_identifier: Some(7),
+            pg_major: 15,
+            safety_sequence: 1,
+            witness: None,
+            witness_id: None,
+        }
+    }
+}
+
 /// The witness's row for one session (spec 3), changed only by
 /// compare-and-set on `epoch`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

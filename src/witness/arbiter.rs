@@ -215,25 +215,10 @@ pub fn promote(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::roles::{Epoch, MirroringState};
+    use crate::roles::Epoch;
 
     fn view(name: &str, role: Role, epoch: u64) -> PeerView {
-        PeerView {
-            session: "shop".into(),
-            name: name.into(),
-            role,
-            epoch: Epoch(epoch),
-            state: MirroringState::Synchronized,
-            safety: Safety::Full,
-            timeout_secs: 2,
-            suspended: false,
-            ended: false,
-            system_identifier: Some(7),
-            pg_major: 15,
-            safety_sequence: 1,
-            witness: None,
-            witness_id: None,
-        }
+        PeerView::sample(name, role, epoch)
     }
 
     fn synchronized_row() -> RoleRow {

@@ -449,6 +449,15 @@ impl Pair {
         }
     }
 
+    /// Waits until `partner`, a former principal, is a SYNCHRONIZED mirror.
+    pub async fn wait_mirror_again(&self, partner: &Partner) {
+        self.wait_for(partner, "the mirror again", SLOW, |status| {
+            status.mirroring_role_desc.as_deref() == Some("MIRROR")
+                && status.state() == Some("SYNCHRONIZED")
+        })
+        .await;
+    }
+
     /// Waits until both partners report `state`.
     pub async fn wait_state(&self, state: &str) {
         for partner in [&self.a, &self.b] {

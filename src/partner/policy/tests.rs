@@ -52,20 +52,9 @@ fn row(principal: &str, epoch: u64, synchronized: bool) -> RoleRow {
 
 fn view(name: &str, role: Role, epoch: u64) -> PeerView {
     PeerView {
-        session: "shop".into(),
-        name: name.into(),
-        role,
-        epoch: Epoch(epoch),
-        state: MirroringState::Synchronized,
-        safety: Safety::Full,
-        timeout_secs: 2,
-        suspended: false,
-        ended: false,
-        system_identifier: Some(7),
-        pg_major: 15,
-        safety_sequence: 1,
         witness: Some(witness()),
         witness_id: Some(1),
+        ..PeerView::sample(name, role, epoch)
     }
 }
 
