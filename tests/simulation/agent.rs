@@ -1,8 +1,8 @@
 //! The partner agent process: its durable SessionState (kept across kill
 //! -9), its volatile policy Memory, lease and observations (lost), and the
 //! loops of `src/partner/peer.rs`, `quorum.rs` and `supervisor.rs` on
-//! simulated time (the ping and report rounds themselves and the control
-//! API's answers are in `peer.rs`): the peer ping and the witness report every TIMEOUT/5
+//! simulated time (the rounds themselves and the control API's answers
+//! are in `peer.rs`): the peer ping and the witness report every TIMEOUT/5
 //! (200 ms..2 s) with TIMEOUT to answer (an answered one renews the lease
 //! from its send time), the supervisor tick every 500 ms and the quorum
 //! watch every 100 ms (the fence outside the operations lock, the
@@ -221,8 +221,9 @@ impl World {
         }
         self.agents[a].alive = false;
         self.agents[a].frozen = false;
-        // Its connections are reset: whoever waits for an answer gets an
-        // error now (if the link carries the reset).
+        // Its kernel closes its connections: whoever waits for an answer
+        // gets an error, over a cut link once it heals (TCP retransmits
+        // the FIN like data).
         let mut waiting = Vec::new();
         for e in std::mem::take(&mut self.agents[a].deferred) {
             if let E::Deliver { msg, .. } = e {
@@ -243,7 +244,7 @@ impl World {
             }
         }
         for (to, req) in waiting {
-            self.send(a, to, Msg::Nack { req });
+            self.send_held(a, to, Msg::Nack { req });
         }
         self.close_streams(a);
         self.log(a, "agent killed", 0, 0, "");

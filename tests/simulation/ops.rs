@@ -2,8 +2,7 @@
 //! supervisor ticks, operator commands (check, apply, SET WITNESS, manual
 //! failover, forced service, forwarding), the mirror's half of a takeover
 //! (its steps in `takeover.rs`) and the automatic failover request, like
-//! `src/partner/operations.rs`,
-//! `supervisor.rs` and `quorum.rs`. A Decision is persisted when it is
+//! `src/partner/operations.rs`, `supervisor.rs` and `quorum.rs`. A Decision is persisted when it is
 //! carried out (`actions::carry_out`); its actions then run in order, each
 //! taking simulated time, so a kill in the middle loses the rest. An action
 //! may answer with a follow-up decision (a takeover's answer, a witness's

@@ -576,11 +576,12 @@ impl World {
         }
     }
 
-    /// A request to a dead process: connection refused, if the link lets
-    /// the reset through.
+    /// A request to a dead process: its host's kernel answers with a
+    /// reset, over a cut link once it heals (the requester's TCP
+    /// retransmits until then).
     fn refuse(&mut self, at: Proc, msg: &Msg) {
         if let Some((requester, req)) = msg.requester() {
-            self.send(at.host(), requester, Msg::Nack { req });
+            self.send_held(at.host(), requester, Msg::Nack { req });
         }
     }
 }
