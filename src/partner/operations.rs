@@ -58,9 +58,11 @@ fn answer_ping(agent: &Agent, view: PeerView) -> Response {
         return Response::Refused(reason);
     }
     let state = agent.state();
-    if view.role == Role::Principal && state.role == Role::Principal && view.epoch < state.epoch {
-        // I1: a principal of an earlier epoch must not renew its lease
-        // here, even while this partner's promotion is not shown yet.
+    if state.promoting && view.role == Role::Principal && view.epoch < state.epoch {
+        // I1: while this partner's promotion is not shown, its Pong would
+        // look like a mirror's and renew the old principal's lease. Once it
+        // is shown, the Pong tells the old principal to step down (and
+        // renews nothing, see `peer`).
         return Response::Refused(format!(
             "this partner is the principal at role_sequence {}; {} is at {}",
             state.epoch, view.name, view.epoch
@@ -118,7 +120,7 @@ fn check_peer(agent: &Agent, view: &PeerView) -> Result<(), String> {
 }
 
 async fn run_command(agent: &Arc<Agent>, command: Command) -> Response {
-    let _guard = agent.operations.lock().await;
+    let guard = agent.operations.lock().await;
     let facts = Facts {
         peer_connected: agent.peer_connected(),
         witness_connected: agent
@@ -135,7 +137,12 @@ async fn run_command(agent: &Arc<Agent>, command: Command) -> Response {
         }
     };
     let outcome = match route {
-        Route::Peer => forward(agent, &command).await,
+        Route::Peer => {
+            // Not under the lock: the peer may be waiting on this partner
+            // (a takeover request) while it carries the command out.
+            drop(guard);
+            forward(agent, &command).await
+        }
         Route::Here => {
             info!(?command, "carrying out");
             execute(agent, &command).await.map(Response::Done)
@@ -167,41 +174,20 @@ async fn execute(agent: &Arc<Agent>, command: &Command) -> Result<String, OpErro
     match commands::apply(command, &state, &memory, &observed) {
         Plan::ManualFailover => return manual_failover(agent).await,
         Plan::ForcedService => return force_service(agent).await,
-        Plan::MoveWitness(decision) => {
-            // I2, I3: the witness the session leaves must not keep a
-            // "synchronized" it could grant a failover on.
-            if let (Role::Principal, Some(old)) = (state.role, state.witness.clone()) {
-                let session = agent.config.session.clone();
-                let name = agent.config.name.clone();
-                let detach = async |client: &mut ControlClient, limit| {
-                    client
-                        .detach_within(session, name, state.epoch, limit)
-                        .await
-                };
-                match ask_witness(agent, &old, detach).await {
-                    Ok(_) => {}
-                    Err(OpError::Api(ControlError::Refused(reason))) => {
-                        return Err(OpError::Refused(format!(
-                            "the current witness {old} refused to let the session go: {reason}"
-                        )))
-                    }
-                    Err(err) if !agent.peer_connected() => {
-                        return Err(OpError::Refused(format!(
-                            "the current witness {old} could not be told that the session leaves \
-                             it ({err}) and the mirror is not connected: the old witness could \
-                             still grant a failover; reconnect either, then SET WITNESS again"
-                        )))
-                    }
-                    Err(err) => warn!(
-                        "the current witness {old} could not be told ({err}); the connected \
-                         mirror learns the new witness from its next ping"
-                    ),
-                }
-            }
+        Plan::LeaveWitness(decision) => {
+            // I1-I3: the witness the session leaves must not grant a
+            // failover on what the principal no longer reports to it.
+            let unconfirmed = match (state.role, state.witness.clone()) {
+                (Role::Principal, Some(old)) => release(agent, &old, command).await?,
+                _ => None,
+            };
             agent.decide(|_| decision.clone());
             // Nothing the old witness said counts for the new one.
             *crate::sync::lock(&agent.witness) = Default::default();
             carry_out(agent, decision).await?;
+            if let Some((old, why)) = unconfirmed {
+                confirm_mirror_follows(agent, command, old, why).await?;
+            }
         }
         Plan::Change(decision) => {
             agent.decide(|_| decision.clone());
@@ -232,6 +218,72 @@ async fn execute(agent: &Arc<Agent>, command: &Command) -> Result<String, OpErro
         }
         Command::Failover | Command::ForceServiceAllowDataLoss => String::new(),
     })
+}
+
+/// Asks the witness the session leaves (SET WITNESS, PARTNER OFF) to
+/// release it. Ok(None): released. Ok(Some): it could not be told, and the
+/// command may go on only if the connected mirror confirms the new witness
+/// (SET WITNESS only); the reason is returned for that check.
+async fn release(
+    agent: &Agent,
+    old: &crate::config::Endpoint,
+    command: &Command,
+) -> Result<Option<(crate::config::Endpoint, String)>, OpError> {
+    let state = agent.state();
+    let session = agent.config.session.clone();
+    let name = agent.config.name.clone();
+    let detach = async |client: &mut ControlClient, limit| {
+        client
+            .detach_within(session, name, state.epoch, limit)
+            .await
+    };
+    match ask_witness(agent, old, detach).await {
+        Ok(_) => Ok(None),
+        Err(OpError::Api(ControlError::Refused(reason))) => Err(OpError::Refused(format!(
+            "the current witness {old} refused to let the session go: {reason}"
+        ))),
+        Err(err) if matches!(command, Command::Witness(_)) && agent.peer_connected() => {
+            Ok(Some((old.clone(), err.to_string())))
+        }
+        Err(err) => Err(OpError::Refused(format!(
+            "the current witness {old} could not be told that the session leaves it ({err}): \
+             until it is, it could still grant the mirror a failover; bring it back, or SET \
+             WITNESS while the mirror is connected (it then confirms the change), then try again"
+        ))),
+    }
+}
+
+/// The old witness could not be told: the change stands only once the
+/// mirror, the one partner that witness could promote, shows the new
+/// setting (within TIMEOUT); otherwise it is undone and refused (I1, I3).
+async fn confirm_mirror_follows(
+    agent: &Agent,
+    command: &Command,
+    old: crate::config::Endpoint,
+    why: String,
+) -> Result<(), OpError> {
+    let Command::Witness(new) = command else {
+        return Ok(());
+    };
+    let changed = tokio::time::Instant::now();
+    let deadline = changed + agent.timeout();
+    while tokio::time::Instant::now() < deadline {
+        let peer = agent.peer();
+        let fresh = peer.last_heard.is_some_and(|heard| heard > changed);
+        if fresh && peer.view.is_some_and(|view| view.witness == *new) {
+            warn!(
+                "the old witness {old} could not be told ({why}); the mirror confirmed the change"
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    agent.update(|state| state.witness = Some(old.clone()))?;
+    Err(OpError::Refused(format!(
+        "the current witness {old} could not be told that the session leaves it ({why}) and the \
+         mirror did not confirm the new witness within TIMEOUT: nothing changed; try again when \
+         either answers"
+    )))
 }
 
 /// Manual failover (spec 37-38), on the principal: a fast stop ships every

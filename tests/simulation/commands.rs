@@ -54,7 +54,7 @@ impl World {
                         self.log(a, "command", 0, 0, command_name(&command));
                         self.run_actions(a);
                     }
-                    Plan::MoveWitness(decision) => {
+                    Plan::LeaveWitness(decision) => {
                         let state = &self.agents[a].durable;
                         let current = state.witness.as_ref().map(witness_of);
                         let epoch = state.epoch;

@@ -156,13 +156,13 @@ pub enum Plan {
     /// The mirror takes over without its principal (spec 39-40): see
     /// [`forced_service`].
     ForcedService,
-    /// SET WITNESS on the principal: first the current witness (if any) is
-    /// asked to record the mirror as not synchronized, so that it can never
-    /// grant a failover on a stale "synchronized" once the principal reports
-    /// elsewhere (I2, I3); if it does not answer, the change goes on only
-    /// while the peer is connected, which learns it from its next ping.
-    /// Then persist and act.
-    MoveWitness(Decision),
+    /// SET WITNESS, or PARTNER OFF, on the principal: first the current
+    /// witness (if any) releases the session (`Detach`: it records the mirror
+    /// as not synchronized and grants nothing more for it), so that it can
+    /// never grant a failover on what the principal no longer reports to it
+    /// (I1-I3); if it cannot be told, the command is refused. Then persist
+    /// and act.
+    LeaveWitness(Decision),
 }
 
 /// What `command` changes on this partner. Commits stop waiting for the
@@ -209,7 +209,7 @@ pub fn apply(
         Command::Timeout(secs) => decision.change(state, |state| state.timeout_secs = *secs),
         Command::Witness(witness) => {
             decision.change(state, |state| state.witness = witness.clone());
-            return Plan::MoveWitness(decision);
+            return Plan::LeaveWitness(decision);
         }
         Command::Off => {
             decision.change(state, |state| {
@@ -219,6 +219,12 @@ pub fn apply(
             decision.actions.push(Action::CloseStreams);
             if principal {
                 // Without a mirror, waiting for one would block every commit.
+                if state.witness.is_some() {
+                    // The witness releases the session first (see Plan).
+                    decision.memory.applied_sync = Some(false);
+                    decision.actions.push(Action::RequireSync(false));
+                    return Plan::LeaveWitness(decision);
+                }
                 stop_waiting(state, observed, &mut decision);
             }
         }
@@ -305,7 +311,9 @@ pub fn failover_answered(
 /// Whether this mirror may take over at `epoch` when its principal asks:
 /// Ok(true) when it already did (a repeated request whose answer was lost).
 pub fn take_over_check(state: &SessionState, epoch: Epoch) -> Result<bool, String> {
-    if state.role == Role::Principal && state.epoch == epoch && !state.ended {
+    if state.role == Role::Principal && state.epoch >= epoch {
+        // Done, or superseded: never a refusal that would let the asking
+        // principal serve again at its older epoch (I1).
         return Ok(true);
     }
     if state.role != Role::Mirror || state.ended || !state.has_copy || state.needs_rewind {

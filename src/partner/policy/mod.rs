@@ -243,10 +243,7 @@ pub fn has_quorum(state: &SessionState, observed: &Observation) -> bool {
 pub fn witness_allows_exposure(state: &SessionState, observed: &Observation) -> bool {
     state.witness.is_none()
         || observed.witness.row.as_ref().is_some_and(|row| {
-            row.epoch == state.epoch
-                && row.principal == observed.name
-                && !row.synchronized
-                && !row.detached
+            row.epoch == state.epoch && row.principal == observed.name && !row.synchronized
         })
 }
 
@@ -381,6 +378,17 @@ fn follow_witness(state: &SessionState, observed: &Observation, decision: &mut D
     }
     if row.principal == observed.name {
         if state.role == Role::Mirror && state.has_copy && !state.needs_rewind {
+            // A grant this partner did not record (it restarted, or the
+            // answer was lost) may have been followed by answers to the old
+            // principal that renewed its lease: stop answering it and wait
+            // a whole takeover wait since the last one (I1).
+            decision.memory.refusing_principal = true;
+            let answered_at = observed
+                .answered_principal_at
+                .unwrap_or(decision.memory.started_at);
+            if observed.now.saturating_sub(answered_at) < takeover_wait(state.timeout()) {
+                return true;
+            }
             become_principal(state, row.epoch, row.suspended, row.failover_lsn, decision);
             decision.note = Some("the witness made this partner the principal");
             return true;
