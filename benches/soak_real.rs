@@ -182,9 +182,10 @@ async fn run_schedule(seed: u64) -> Outcome {
             _ => false,
         };
         let at = Instant::now();
-        let note = faults::apply(&mut pair, *fault).await;
+        let mut note = faults::apply(&mut pair, *fault).await;
         if let (true, Fault::Freeze(p)) = (frozen_principal, fault) {
             gaps.push(tokio::spawn(failover_gap(proxy.port, pg_ports[*p], at)));
+            note.push_str("(the principal: write gap measured from here)");
         }
         println!(
             "  seed {seed} step {step} at {:.1}s: {fault:?} {note}",
