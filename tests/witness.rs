@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::bank::{self, Workload};
 use common::cluster::{Pair, PairOptions, Partner, WitnessChoice, SLOW};
+use common::faults::{apply, heal_all, schedule, Fault, Kinds};
 use common::probe;
 use nix::sys::signal::Signal;
 use pgmirror::control::{Command, ControlError};
@@ -315,142 +316,17 @@ async fn one_witness_serves_two_sessions_and_one_fails_over_alone() {
     );
 }
 
-/// One step of the random fault schedule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fault {
-    KillServer(usize),
-    KillPostgres(usize),
-    Freeze(usize),
-    Thaw(usize),
-    RestartAgent(usize),
-    CutPartners,
-    HealPartners,
-    CutWitness(usize),
-    HealWitness(usize),
-    RestartWitness,
-}
-
-/// What the schedule knows of the cluster, to pick faults that apply.
-#[derive(Default, Clone)]
-struct Model {
-    dead: [bool; 2],
-    frozen: [bool; 2],
-    partners_cut: bool,
-    witness_cut: [bool; 2],
-}
-
-fn schedule(seed: u64, steps: usize) -> Vec<Fault> {
-    let mut random = seed.max(1);
-    let mut next = move |bound: u64| {
-        random ^= random << 13;
-        random ^= random >> 7;
-        random ^= random << 17;
-        random % bound
-    };
-    let mut model = Model::default();
-    let mut faults = Vec::new();
-    while faults.len() < steps {
-        let partner = next(2) as usize;
-        let fault = match next(10) {
-            0 if !model.dead[partner] && !model.frozen[partner] => Fault::KillServer(partner),
-            1 if !model.dead[partner] && !model.frozen[partner] => Fault::KillPostgres(partner),
-            2 if !model.dead[partner] && !model.frozen[partner] => Fault::Freeze(partner),
-            3 | 4 if model.frozen[partner] => Fault::Thaw(partner),
-            3 | 4 if model.dead[partner] => Fault::RestartAgent(partner),
-            5 if !model.partners_cut => Fault::CutPartners,
-            6 if model.partners_cut => Fault::HealPartners,
-            7 if !model.witness_cut[partner] => Fault::CutWitness(partner),
-            8 if model.witness_cut[partner] => Fault::HealWitness(partner),
-            9 => Fault::RestartWitness,
-            _ => continue,
-        };
-        match fault {
-            Fault::KillServer(p) => model.dead[p] = true,
-            Fault::Freeze(p) => model.frozen[p] = true,
-            Fault::Thaw(p) => model.frozen[p] = false,
-            Fault::RestartAgent(p) => model.dead[p] = false,
-            Fault::CutPartners => model.partners_cut = true,
-            Fault::HealPartners => model.partners_cut = false,
-            Fault::CutWitness(p) => model.witness_cut[p] = true,
-            Fault::HealWitness(p) => model.witness_cut[p] = false,
-            Fault::KillPostgres(_) | Fault::RestartWitness => {}
-        }
-        faults.push(fault);
-    }
-    faults
-}
-
-fn signal_agent(partner: &Partner, signal: Signal) {
-    if let Some(agent) = &partner.agent {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.pid() as i32), signal);
-    }
-}
-
-fn target(pair: &mut Pair, index: usize) -> &mut Partner {
-    if index == 0 {
-        &mut pair.a
-    } else {
-        &mut pair.b
-    }
-}
-
-fn apply(pair: &mut Pair, fault: Fault) {
-    match fault {
-        Fault::KillServer(p) => target(pair, p).kill9(),
-        Fault::KillPostgres(p) => target(pair, p).engine.signal_all(Signal::SIGKILL),
-        Fault::Freeze(p) => {
-            let partner = target(pair, p);
-            signal_agent(partner, Signal::SIGSTOP);
-            partner.engine.signal_all(Signal::SIGSTOP);
-        }
-        Fault::Thaw(p) => {
-            let partner = target(pair, p);
-            signal_agent(partner, Signal::SIGCONT);
-            partner.engine.signal_all(Signal::SIGCONT);
-        }
-        Fault::RestartAgent(p) => target(pair, p).start_agent(),
-        Fault::CutPartners => pair.cut_partners(),
-        Fault::HealPartners => pair.heal_partners(),
-        Fault::CutWitness(p) | Fault::HealWitness(p) => {
-            let (a, b) = pair.witness_links.as_ref().unwrap();
-            let link = if p == 0 { a } else { b };
-            if matches!(fault, Fault::CutWitness(_)) {
-                link.black_hole()
-            } else {
-                link.heal()
-            }
-        }
-        Fault::RestartWitness => {
-            let witness = pair.witness.as_mut().unwrap();
-            witness.kill9();
-            witness.start();
-        }
-    }
-}
-
 async fn run_schedule(faults: &[Fault], seed: u64) {
     let mut pair = witnessed_pair(true).await;
     let workload = Workload::start(ports(&pair), 4, seed);
     workload.wait_for_progress(50, SLOW).await;
     for (step, fault) in faults.iter().enumerate() {
         println!("seed {seed} step {step}: {fault:?}");
-        apply(&mut pair, *fault);
+        apply(&mut pair, *fault).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
     // Heal everything and let the cluster settle without an operator.
-    for index in 0..2 {
-        apply(&mut pair, Fault::Thaw(index));
-        apply(&mut pair, Fault::HealWitness(index));
-        let partner = target(&mut pair, index);
-        if partner
-            .agent
-            .as_mut()
-            .is_none_or(|agent| agent.has_exited())
-        {
-            partner.start_agent();
-        }
-    }
-    apply(&mut pair, Fault::HealPartners);
+    heal_all(&mut pair).await;
     pair.wait_state("SYNCHRONIZED").await;
     workload.wait_for_progress(50, SLOW).await;
     let acknowledged = workload.stop().await;
@@ -470,10 +346,10 @@ async fn a_seeded_schedule_of_twenty_faults_loses_nothing_twice() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20261126);
-    let first = schedule(seed, 20);
+    let first = schedule(seed, 20, Kinds::Faults);
     assert_eq!(
         first,
-        schedule(seed, 20),
+        schedule(seed, 20, Kinds::Faults),
         "the same seed gives the same schedule"
     );
     for _ in 0..2 {

@@ -150,30 +150,52 @@ impl Workload {
     }
 }
 
-/// The total is intact and every acknowledged transfer is present.
-pub async fn verify(client: &tokio_postgres::Client, acknowledged: &[Acknowledged]) {
+/// What [`audit`] found: the bank's total and the acknowledged transfers
+/// that are missing.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    pub total: i64,
+    pub lost: Vec<i64>,
+}
+
+impl Audit {
+    pub fn total_ok(&self) -> bool {
+        self.total == ACCOUNTS * OPENING_BALANCE
+    }
+}
+
+/// Reads the total and looks up every acknowledged transfer on `client`.
+pub async fn audit(
+    client: &tokio_postgres::Client,
+    acknowledged: &[Acknowledged],
+) -> Result<Audit, tokio_postgres::Error> {
     let total: i64 = client
         .query_one("SELECT sum(balance)::bigint FROM accounts", &[])
-        .await
-        .expect("sum")
+        .await?
         .get(0);
-    assert_eq!(
-        total,
-        ACCOUNTS * OPENING_BALANCE,
-        "the bank's total changed"
-    );
     let present: std::collections::HashSet<i64> = client
         .query("SELECT id FROM transfers", &[])
-        .await
-        .expect("transfers")
+        .await?
         .iter()
         .map(|row| row.get(0))
         .collect();
-    let lost: Vec<i64> = acknowledged
+    let lost = acknowledged
         .iter()
         .map(|ack| ack.id)
         .filter(|id| !present.contains(id))
         .collect();
+    Ok(Audit { total, lost })
+}
+
+/// The total is intact and every acknowledged transfer is present.
+pub async fn verify(client: &tokio_postgres::Client, acknowledged: &[Acknowledged]) {
+    let audit = audit(client, acknowledged).await.expect("audit the bank");
+    assert_eq!(
+        audit.total,
+        ACCOUNTS * OPENING_BALANCE,
+        "the bank's total changed"
+    );
+    let lost = audit.lost;
     assert!(
         lost.is_empty(),
         "{} acknowledged transfers lost: {:?}",

@@ -7,6 +7,7 @@
 
 pub mod bank;
 pub mod cluster;
+pub mod faults;
 pub mod link;
 pub mod pg;
 pub mod probe;

@@ -18,7 +18,12 @@ impl Pgmirror {
     /// Starts `pgmirror ARGS` with its stdout and stderr in `dir/NAME.log`.
     pub fn spawn(name: &str, dir: &Path, args: &[&str]) -> Pgmirror {
         let log = dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("process log file");
+        // Appended to, so a restarted process keeps its earlier output.
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("process log file");
         let child = Command::new(BINARY)
             .args(args)
             .env(
