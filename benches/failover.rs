@@ -1,7 +1,9 @@
 //! Benchmark of automatic failover (issue 4), run by `bench/failover`: with
 //! TIMEOUT 2 s and a witness, the time from kill -9 of the principal (its
 //! PostgreSQL and its agent: the server died) to the first acknowledged
-//! write on the new principal, over 10 runs.
+//! write on the new principal, over 10 runs. With `BENCH_FAULT=freeze` the
+//! fault is a SIGSTOP of the principal's agent alone: its PostgreSQL keeps
+//! running until the fence kills it at the end of the lease (issue 10).
 //!
 //! For comparison, pg_auto_failover's defaults take 20-50 s and Patroni's
 //! about 30-40 s (published defaults; not measured here).
@@ -52,6 +54,12 @@ async fn main() {
         .batch_execute("CREATE TABLE beats (at timestamptz)")
         .await
         .unwrap();
+    let freeze = std::env::var("BENCH_FAULT").as_deref() == Ok("freeze");
+    let fault = if freeze {
+        "SIGSTOP of the principal's agent"
+    } else {
+        "kill -9"
+    };
     let proxy = common::proxy::ProxyHandle::in_front_of(&pair, "").await;
     let mut timings = Vec::new();
     let mut through_proxy = Vec::new();
@@ -64,7 +72,17 @@ async fn main() {
             (&mut pair.b, &mut pair.a)
         };
         let mirror_port = mirror.pg_port();
-        principal.kill9();
+        let agent = principal
+            .agent
+            .as_ref()
+            .map(|agent| nix::unistd::Pid::from_raw(agent.pid() as i32));
+        if freeze {
+            if let Some(agent) = agent {
+                let _ = nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGSTOP);
+            }
+        } else {
+            principal.kill9();
+        }
         let limit = Duration::from_secs(60);
         let (direct, proxied) = tokio::join!(
             first_write(mirror_port, Duration::from_millis(200), limit),
@@ -74,11 +92,16 @@ async fn main() {
             panic!("run {run}: no write within 60 s (direct {direct:?}, proxy {proxied:?})");
         };
         println!(
-            "run {run}: kill -9 to first acknowledged write on the new principal: direct {direct:?}, through the proxy {proxied:?}"
+            "run {run}: {fault} to first acknowledged write on the new principal: direct {direct:?}, through the proxy {proxied:?}"
         );
         timings.push(direct);
         through_proxy.push(proxied);
-        principal.start_agent();
+        match (freeze, agent) {
+            (true, Some(agent)) => {
+                let _ = nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGCONT);
+            }
+            _ => principal.start_agent(),
+        }
         pair.wait_state("SYNCHRONIZED").await;
         pair.wait_witness_synchronized().await;
     }
@@ -91,7 +114,7 @@ async fn main() {
         through_proxy[through_proxy.len() - 1]
     );
     println!(
-        "automatic failover with TIMEOUT {TIMEOUT_SECS} s (direct connection): median {:?}, min {:?}, max {:?} over {} runs (target <= TIMEOUT + 1.5 s = {} s)",
+        "automatic failover after {fault} with TIMEOUT {TIMEOUT_SECS} s (direct connection): median {:?}, min {:?}, max {:?} over {} runs (target <= TIMEOUT + 1.5 s = {} s)",
         timings[timings.len() / 2],
         timings[0],
         timings[timings.len() - 1],
