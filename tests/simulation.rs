@@ -66,6 +66,8 @@ struct Totals {
     by_invariant: [Vec<u64>; 6],
     shown: Vec<Outcome>,
     edge: u64,
+    fenced: u64,
+    fenced_cancel: u64,
     acknowledged: u64,
     unfenced: u64,
     unfenced_events: u64,
@@ -85,6 +87,8 @@ fn run_seed(seed: u64, verbose: bool, totals: &Mutex<Totals>) {
     let mut totals = totals.lock().unwrap_or_else(|p| p.into_inner());
     totals.failures.add(&check.failures);
     totals.edge += check.edge;
+    totals.fenced += check.fenced;
+    totals.fenced_cancel += check.fenced_cancel;
     totals.acknowledged += check.acknowledged;
     totals.unfenced += check.unfenced;
     totals.unfenced_events += check.unfenced_events;
@@ -176,15 +180,25 @@ fn simulation() {
         }
     }
     println!(
-        "acknowledged commits: {} | edge (cancelled waits): {} | unfenced (acknowledged by a \
-         PostgreSQL whose frozen or dead agent's lease ended): {} | events the unfenced gap \
-         explains (stale commits, stale routing, grants while it served): {}",
-        totals.acknowledged, totals.edge, totals.unfenced, totals.unfenced_events
+        "acknowledged commits: {} | edge (acknowledged after a cut wait): {} | fenced by the \
+         proxy (40003): {} cut waits, {} completions after a forwarded cancel | unfenced \
+         (acknowledged by a PostgreSQL whose frozen or dead agent's lease ended): {} | events \
+         the unfenced gap explains (stale commits, stale routing, grants while it served): {}",
+        totals.acknowledged,
+        totals.edge,
+        totals.fenced,
+        totals.fenced_cancel,
+        totals.unfenced,
+        totals.unfenced_events
     );
     println!("faults injected:");
     for (name, n) in KINDS.iter().zip(totals.faults.0.iter()) {
         println!("  {name:<22} {n}");
     }
+    assert_eq!(
+        totals.edge, 0,
+        "a commit whose synchronous wait was cut reached its client as a success"
+    );
     assert!(
         !f.any(),
         "{} of {count} seeds broke an invariant (see above; replay one with PGMIRROR_SIM_SEED)",

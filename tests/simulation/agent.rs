@@ -45,6 +45,8 @@ pub enum AgentEv {
     ActionDone(u64),
     Drain,
     ReqTimeout(u64),
+    /// SET WITNESS waits for the mirror to show the new setting.
+    Confirm,
 }
 
 pub struct Agent {
@@ -68,6 +70,13 @@ pub struct Agent {
     pub report_sent: Duration,
     /// The ping loop's control connection is established.
     pub ping_connected: bool,
+    /// `PeerStatus::last_heard`: when a ping of the peer or its answer
+    /// was last heard, on this agent's clock.
+    pub peer_heard_at: Option<Duration>,
+    /// Commands forwarded to the peer outside the operations lock
+    /// (`operations::forward`): the forwarded request and who gets its
+    /// answer.
+    pub forwards: Vec<(u64, (Proc, u64))>,
     /// The report loop's connection, to which witness.
     pub report_connected: Option<usize>,
     pub running: Option<Running>,
@@ -119,6 +128,8 @@ impl Agent {
             report_req: 0,
             report_sent: Duration::ZERO,
             ping_connected: false,
+            peer_heard_at: None,
+            forwards: Vec::new(),
             report_connected: None,
             running: None,
             queue: VecDeque::new(),
@@ -195,6 +206,8 @@ impl World {
         agent.ping_req = 0;
         agent.report_req = 0;
         agent.ping_connected = false;
+        agent.peer_heard_at = None;
+        agent.forwards.clear();
         agent.report_connected = None;
         agent.running = None;
         agent.queue.clear();
@@ -230,6 +243,8 @@ impl World {
                 waiting.extend(msg.requester());
             }
         }
+        let forwards = std::mem::take(&mut self.agents[a].forwards);
+        waiting.extend(forwards.into_iter().map(|(_, to)| to));
         if let Some(running) = self.agents[a].running.take() {
             waiting.extend(running.answer_to);
             if let Stage::TakeOver { from, req, .. } = running.stage {
@@ -394,6 +409,7 @@ impl World {
             AgentEv::ActionDone(token) => self.action_done(a, token),
             AgentEv::Drain => self.op_drain(a),
             AgentEv::ReqTimeout(req) => self.request_failed(a, req),
+            AgentEv::Confirm => self.confirm_check(a),
         }
     }
 

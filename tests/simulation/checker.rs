@@ -3,8 +3,10 @@
 //! routed client reaches) and at its end (I2 on the final principal's
 //! history, liveness). Commits acknowledged by a PostgreSQL whose agent
 //! could not stop it when its lease ended (frozen or dead: the fence
-//! process is the next issue) are counted apart as "unfenced", like the
-//! commits whose synchronous wait was cancelled ("edge").
+//! process is not modelled) are counted apart as "unfenced". A commit whose
+//! synchronous wait was cancelled reaches its client through the proxy's
+//! commit fence as 40003, not as a success: it is counted as "fenced by the
+//! proxy", and "edge" (such a commit acknowledged) must stay 0.
 
 use pgmirror::control::PromotionKind;
 use pgmirror::roles::Role;
@@ -56,7 +58,14 @@ pub struct Checker {
     /// forced service without one).
     grants: Vec<(u64, PromotionKind)>,
     pub acknowledged: u64,
+    /// Commits acknowledged although their synchronous wait was cut (the
+    /// proxy's commit fence lets none through: must be 0).
     pub edge: u64,
+    /// Commits whose cut wait the proxy turned into 40003 (outcome unknown).
+    pub fenced: u64,
+    /// Commits completed normally that the proxy turned into 40003 because
+    /// it had forwarded the client's cancel meanwhile.
+    pub fenced_cancel: u64,
     /// Commits acknowledged by an unfenced PostgreSQL (the known gap).
     pub unfenced: u64,
     /// Events the gap explains: an unfenced commit or routed client at an
@@ -137,6 +146,15 @@ impl Checker {
         } else if ack.protected {
             self.protected
                 .push((ack.pos, ack.rid, ack.epoch, ack.class));
+        }
+    }
+
+    /// The proxy's commit fence answered the client 40003 instead.
+    pub fn on_fenced(&mut self, ack: TxnAck) {
+        if ack.edge {
+            self.fenced += 1;
+        } else {
+            self.fenced_cancel += 1;
         }
     }
 
@@ -316,8 +334,7 @@ impl World {
             None => "lock free",
             Some(Stage::Tick) => "lock: tick",
             Some(Stage::Change) => "lock: command",
-            Some(Stage::MoveWitness { .. }) => "lock: SET WITNESS",
-            Some(Stage::Forward) => "lock: forwarded command",
+            Some(Stage::LeaveWitness { .. }) => "lock: leaving the witness",
             Some(Stage::Manual { .. }) => "lock: FAILOVER",
             Some(Stage::TakeOver { .. }) => "lock: takeover",
             Some(Stage::Forced { .. }) => "lock: FORCE_SERVICE",

@@ -1,17 +1,24 @@
-//! Operator commands on an agent, under its operations lock: the real
-//! `commands::check` decides where a command runs (here, forwarded to the
-//! principal, or refused), `commands::apply` what it changes; SET WITNESS,
-//! manual failover and forced service go on as stages of `ops`, like
-//! `src/partner/operations.rs`.
+//! Operator commands on an agent, like `src/partner/operations.rs`
+//! (`run_command`, `execute`, `release`, `confirm_mirror_follows`): under
+//! the operations lock the real `commands::check` decides where a command
+//! runs (here, or refused; one for the peer is forwarded with the lock
+//! released), `commands::apply` what it changes; leaving the witness (SET
+//! WITNESS, PARTNER OFF on the principal), manual failover and forced
+//! service go on as stages of `ops`.
 
+use pgmirror::config::Endpoint;
 use pgmirror::control::Command;
 use pgmirror::partner::policy::commands::{apply, check, failover_begins, Facts, Plan, Route};
-use pgmirror::partner::policy::Action;
+use pgmirror::partner::policy::{Action, Decision};
 use pgmirror::roles::Role;
 
-use crate::ops::{Purpose, Stage};
+use crate::agent::AgentEv;
+use crate::ops::{Purpose, Stage, Wait};
 use crate::postgres::PgRun;
-use crate::world::{witness_of, Msg, Proc, World};
+use crate::world::{witness_of, Msg, Proc, WitnessReply, World};
+
+/// `confirm_mirror_follows`: how often it looks at the peer's view.
+const CONFIRM_POLL_MS: u64 = 50;
 
 impl World {
     pub fn begin_command(&mut self, a: usize, command: Command, from: Proc, req: u64) {
@@ -31,8 +38,11 @@ impl World {
                 self.fail_and_release(a);
             }
             Ok(Route::Peer) => {
-                self.hold(a, Stage::Forward, Some((from, req)));
+                // `forward`, with the lock released: the peer may be
+                // waiting on this partner (a takeover) while it carries the
+                // command out.
                 let forwarded = self.req();
+                self.log(a, "forward", 0, 0, command_name(&command));
                 self.call_peer(
                     a,
                     Msg::Command {
@@ -41,8 +51,9 @@ impl World {
                         command,
                     },
                 );
+                self.agents[a].forwards.push((forwarded, (from, req)));
                 let limit = self.call_limit(a);
-                self.wait_request(a, forwarded, Purpose::Op, limit);
+                self.agent_timer(a, limit, AgentEv::ReqTimeout(forwarded));
             }
             Ok(Route::Here) => {
                 self.observe(a);
@@ -61,19 +72,24 @@ impl World {
                         let principal = state.role == Role::Principal;
                         self.hold(
                             a,
-                            Stage::MoveWitness {
-                                decision: Box::new(decision.clone()),
+                            Stage::LeaveWitness {
+                                decision: Some(Box::new(decision.clone())),
+                                command: command.clone(),
+                                unconfirmed: None,
+                                confirm: None,
                             },
                             Some((from, req)),
                         );
                         match current.filter(|_| principal) {
-                            // I2, I3: the witness the session leaves is
-                            // told first (`WitnessRequest::Detach`): it
-                            // records the mirror as not synchronized and
-                            // grants nothing more for the session.
+                            // I1-I3 (`release`): the witness the session
+                            // leaves is told first (`WitnessRequest::
+                            // Detach`): it records the mirror as not
+                            // synchronized and grants nothing more for the
+                            // session.
                             Some(witness) => {
                                 let req = self.req();
-                                self.log(a, "detach", witness as u64, epoch.0, "old witness");
+                                let name = command_name(&command);
+                                self.log(a, "detach", witness as u64, epoch.0, name);
                                 self.call_witness(
                                     a,
                                     witness,
@@ -85,7 +101,7 @@ impl World {
                                     Purpose::Op,
                                 );
                             }
-                            None => self.move_witness(a, decision),
+                            None => self.leave_witness(a, decision, None),
                         }
                     }
                     Plan::ManualFailover => {
@@ -123,6 +139,147 @@ impl World {
                 }
             }
         }
+    }
+}
+
+impl World {
+    /// The answer to a command forwarded to the peer (None: no answer in
+    /// time, a refused or broken connection) goes to whoever sent it here.
+    pub fn forward_answered(&mut self, a: usize, req: u64, reply: &Option<Msg>) -> bool {
+        let forwards = &mut self.agents[a].forwards;
+        let Some(index) = forwards.iter().position(|(forwarded, _)| *forwarded == req) else {
+            return false;
+        };
+        let (_, (to, req)) = forwards.swap_remove(index);
+        let ok = matches!(reply, Some(Msg::CommandReply { ok: true, .. }));
+        self.send_held(a, to, Msg::CommandReply { req, ok });
+        true
+    }
+
+    /// `release`: the old witness answered the Detach, or did not. Released:
+    /// go on. Refused: the command is refused. Not told: SET WITNESS goes on
+    /// only while the peer is connected, and stands only once the mirror
+    /// confirms it; PARTNER OFF is refused.
+    pub fn leave_witness_answered(&mut self, a: usize, reply: Option<Msg>) {
+        let Some(Stage::LeaveWitness {
+            decision, command, ..
+        }) = self.stage(a)
+        else {
+            return;
+        };
+        let Some(decision) = decision.take() else {
+            return;
+        };
+        let name = command_name(command);
+        let set_witness = matches!(command, Command::Witness(_));
+        let old = self.agents[a].durable.witness.clone();
+        match reply {
+            Some(Msg::Witness {
+                reply: WitnessReply::Row(_),
+                ..
+            }) => self.leave_witness(a, *decision, None),
+            Some(Msg::Witness {
+                reply: WitnessReply::Refused,
+                ..
+            }) => {
+                self.log(a, "refused", 0, 0, "the old witness refused to let go");
+                self.refuse_and_release(a);
+            }
+            _ if set_witness && self.agents[a].obs.peer.connected && old.is_some() => {
+                self.log(
+                    a,
+                    "unconfirmed",
+                    0,
+                    0,
+                    "old witness not told: mirror to confirm",
+                );
+                self.leave_witness(a, *decision, old);
+            }
+            _ => {
+                self.log(a, "refused", 0, 0, name);
+                self.refuse_and_release(a);
+            }
+        }
+    }
+
+    /// The command goes on: the decision persisted, the witness
+    /// observation cleared (nothing the old witness said counts for the
+    /// new one), then carried out.
+    pub fn leave_witness(&mut self, a: usize, decision: Decision, unconfirmed: Option<Endpoint>) {
+        let name = match self.stage(a) {
+            Some(Stage::LeaveWitness {
+                command,
+                unconfirmed: slot,
+                ..
+            }) => {
+                *slot = unconfirmed;
+                command_name(command)
+            }
+            _ => "",
+        };
+        let agent = &mut self.agents[a];
+        agent.obs.witness = Default::default();
+        agent.report_connected = None;
+        self.decide(a, decision, "apply");
+        self.log(a, "command", 0, 0, name);
+        self.run_actions(a);
+    }
+
+    /// `confirm_mirror_follows` begins once the change is carried out.
+    pub fn confirm_begin(&mut self, a: usize) {
+        let now = self.agent_now(a).as_millis() as u64;
+        let timeout = self.agents[a].timeout_ms();
+        if let Some(Stage::LeaveWitness { confirm, .. }) = self.stage(a) {
+            *confirm = Some((now, now + timeout));
+        }
+        if let Some(running) = self.agents[a].running.as_mut() {
+            running.wait = Wait::Confirm;
+        }
+        self.confirm_check(a);
+    }
+
+    /// Until TIMEOUT after the change: a peer view heard since then that
+    /// shows the new witness confirms it; else the old witness is put back
+    /// and the command refused (I1, I3).
+    pub fn confirm_check(&mut self, a: usize) {
+        let Some(running) = self.agents[a].running.as_ref() else {
+            return;
+        };
+        let Stage::LeaveWitness {
+            command: Command::Witness(new),
+            unconfirmed: Some(old),
+            confirm: Some((changed, deadline)),
+            ..
+        } = &running.stage
+        else {
+            return;
+        };
+        if running.wait != Wait::Confirm {
+            return;
+        }
+        let (new, old, changed, deadline) = (new.clone(), old.clone(), *changed, *deadline);
+        let agent = &self.agents[a];
+        let now = self.agent_now(a).as_millis() as u64;
+        if now >= deadline {
+            self.agents[a].durable.witness = Some(old);
+            self.log(
+                a,
+                "refused",
+                0,
+                0,
+                "the mirror did not confirm: witness put back",
+            );
+            return self.refuse_and_release(a);
+        }
+        let fresh = agent
+            .peer_heard_at
+            .is_some_and(|heard| heard.as_millis() as u64 > changed);
+        let shown = agent.obs.peer.view.as_ref().map(|view| &view.witness);
+        if fresh && shown == Some(&new) {
+            self.log(a, "confirmed", 0, 0, "the mirror shows the new witness");
+            return self.release(a);
+        }
+        self.agent_timer(a, CONFIRM_POLL_MS, AgentEv::Confirm);
     }
 }
 

@@ -1,8 +1,10 @@
 //! The agent's `operations` lock and what runs under it, one at a time:
-//! supervisor ticks, operator commands (check, apply, SET WITNESS, manual
-//! failover, forced service, forwarding), the mirror's half of a takeover
-//! (its steps in `takeover.rs`) and the automatic failover request, like
-//! `src/partner/operations.rs`, `supervisor.rs` and `quorum.rs`. A Decision is persisted when it is
+//! supervisor ticks, operator commands (check, apply, SET WITNESS and
+//! PARTNER OFF leaving the witness, manual failover, forced service; a
+//! command for the peer is forwarded outside the lock, in `commands.rs`),
+//! the mirror's half of a takeover (its steps in `takeover.rs`) and the
+//! automatic failover request, like `src/partner/operations.rs`,
+//! `supervisor.rs` and `quorum.rs`. A Decision is persisted when it is
 //! carried out (`actions::carry_out`); its actions then run in order, each
 //! taking simulated time, so a kill in the middle loses the rest. An action
 //! may answer with a follow-up decision (a takeover's answer, a witness's
@@ -11,6 +13,7 @@
 
 use std::collections::VecDeque;
 
+use pgmirror::config::Endpoint;
 use pgmirror::control::{Command, PromotionKind};
 use pgmirror::partner::policy::commands::{
     failover_answered, failover_hand_over, forced_service, TakeOverAnswer, WitnessAnswer,
@@ -57,12 +60,18 @@ pub enum Stage {
     Tick,
     /// A command's change of settings; answered when its actions are done.
     Change,
-    /// SET WITNESS on the principal: the current witness was told the
-    /// session leaves it (Detach); `decision` is carried out after.
-    MoveWitness {
-        decision: Box<Decision>,
+    /// SET WITNESS or PARTNER OFF on the principal (`Plan::LeaveWitness`):
+    /// the current witness is told the session leaves it (Detach) while
+    /// `decision` is Some; then the decision is carried out, and if the old
+    /// witness could not be told (`unconfirmed`, SET WITNESS only) the
+    /// mirror must show the new setting within TIMEOUT (`confirm`: when the
+    /// change was carried out and the wait's end, agent clock ms).
+    LeaveWitness {
+        decision: Option<Box<Decision>>,
+        command: Command,
+        unconfirmed: Option<Endpoint>,
+        confirm: Option<(u64, u64)>,
     },
-    Forward,
     /// Manual failover: the fast stop (`handing_over` false), then the
     /// handover decision and its answer.
     Manual {
@@ -110,9 +119,14 @@ pub enum Purpose {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
     Nothing,
-    Action { token: u64, post: Post },
+    Action {
+        token: u64,
+        post: Post,
+    },
     Request(u64, Purpose),
     Drain,
+    /// SET WITNESS waits for the mirror's view (`confirm_mirror_follows`).
+    Confirm,
 }
 
 pub struct Running {
@@ -165,7 +179,7 @@ impl World {
         });
     }
 
-    fn stage(&mut self, a: usize) -> Option<&mut Stage> {
+    pub fn stage(&mut self, a: usize) -> Option<&mut Stage> {
         self.agents[a].running.as_mut().map(|r| &mut r.stage)
     }
 
@@ -332,6 +346,9 @@ impl World {
 
     /// An answer (or None: timeout, refused connection) to request `req`.
     pub fn op_reply(&mut self, a: usize, req: u64, reply: Option<Msg>) {
+        if self.forward_answered(a, req, &reply) {
+            return;
+        }
         let Some(Wait::Request(r, purpose)) = self.agents[a].running.as_ref().map(|r| r.wait)
         else {
             return;
@@ -402,38 +419,7 @@ impl World {
             return;
         };
         match &mut running.stage {
-            Stage::Forward => {
-                running.failed = !matches!(reply, Some(Msg::CommandReply { ok: true, .. }));
-                self.release(a);
-            }
-            Stage::MoveWitness { decision } => {
-                let decision = (**decision).clone();
-                match reply {
-                    Some(Msg::Witness {
-                        reply: WitnessReply::Row(_),
-                        ..
-                    }) => {}
-                    Some(Msg::Witness {
-                        reply: WitnessReply::Refused,
-                        ..
-                    }) => {
-                        self.log(a, "refused", 0, 0, "SET WITNESS: old witness refused");
-                        return self.refuse_and_release(a);
-                    }
-                    _ if !self.agents[a].obs.peer.connected => {
-                        self.log(
-                            a,
-                            "refused",
-                            0,
-                            0,
-                            "SET WITNESS: old witness not told, mirror not connected",
-                        );
-                        return self.refuse_and_release(a);
-                    }
-                    _ => {}
-                }
-                self.move_witness(a, decision);
-            }
+            Stage::LeaveWitness { .. } => self.leave_witness_answered(a, reply),
             Stage::TakeOver {
                 epoch, lsn, kind, ..
             } => {
@@ -448,17 +434,6 @@ impl World {
             }
             Stage::Tick | Stage::Change | Stage::Manual { .. } | Stage::Auto => {}
         }
-    }
-
-    /// SET WITNESS goes on: the decision's memory, the witness observation
-    /// cleared, then carried out.
-    pub fn move_witness(&mut self, a: usize, decision: Decision) {
-        let agent = &mut self.agents[a];
-        agent.obs.witness = Default::default();
-        agent.report_connected = None;
-        self.decide(a, decision, "apply");
-        self.log(a, "command", 0, 0, "SET WITNESS");
-        self.run_actions(a);
     }
 
     /// Forced service once the witness answered (`operations::force_service`).
@@ -496,6 +471,11 @@ impl World {
             } if !running.failed => 1,
             Stage::Forced { asked: false, .. } if !running.failed => 2,
             Stage::TakeOver { deadline: None, .. } if !running.failed => 3,
+            Stage::LeaveWitness {
+                unconfirmed: Some(_),
+                confirm: None,
+                ..
+            } if !running.failed => 4,
             _ => 0,
         };
         match next {
@@ -530,6 +510,7 @@ impl World {
             }
             // The standby started: the drain begins.
             3 => self.take_over_drain(a),
+            4 => self.confirm_begin(a),
             _ => self.release(a),
         }
     }

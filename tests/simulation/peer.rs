@@ -2,9 +2,9 @@
 //! control API, like `src/partner/peer.rs` (`ping_peer`), `quorum.rs`
 //! (`ping_witness`) and `operations.rs` (`answer_ping`): an answered ping
 //! or report renews the lease from its send time, unless it names a
-//! principal at a later epoch than this agent's (I1); a principal refuses
-//! the ping of a principal of an earlier epoch, a mirror refusing its
-//! principal answers Refused.
+//! principal at a later epoch than this agent's (I1); a partner whose
+//! promotion is not shown yet refuses the ping of a principal of an earlier
+//! epoch, a mirror refusing its principal answers Refused.
 
 use std::time::Duration;
 
@@ -92,6 +92,8 @@ impl World {
         if !peer.connected {
             self.log(a, "peer connected", view.epoch.0, 0, "");
         }
+        let now = self.agent_now(a);
+        self.agents[a].peer_heard_at = Some(now);
         let peer = &mut self.agents[a].obs.peer;
         peer.connected = true;
         peer.view = Some(view);
@@ -250,15 +252,17 @@ impl World {
         }
     }
 
-    /// `operations::answer_ping`: a partner whose durable role is principal
-    /// refuses the ping of a principal of an earlier epoch, even while its
-    /// promotion is not shown (I1); a mirror that is asking the witness for
-    /// the principal role refuses its principal's ping (I1); otherwise it
-    /// records the peer and, for its principal, when it answered.
+    /// `operations::answer_ping`: a partner whose promotion is not shown
+    /// yet (durable `promoting`) refuses the ping of a principal of an
+    /// earlier epoch, since its Pong would look like a mirror's (I1); once
+    /// shown, the Pong tells the old principal to step down and renews no
+    /// lease there. A mirror that is asking the witness for the principal
+    /// role (`memory.refusing_principal` as it is now) refuses its
+    /// principal's ping (I1); otherwise it records the peer and, for its
+    /// principal, when it answered.
     fn answer_ping(&mut self, a: usize, from: u8, req: u64, view: PeerView) {
         let state = &self.agents[a].durable;
-        if view.role == Role::Principal && state.role == Role::Principal && view.epoch < state.epoch
-        {
+        if state.promoting && view.role == Role::Principal && view.epoch < state.epoch {
             self.send(a, Proc::Agent(from), Msg::PingRefused { req });
             return;
         }

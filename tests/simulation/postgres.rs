@@ -430,7 +430,8 @@ impl World {
     }
 
     /// The client cancels its wait: PostgreSQL commits visibly and answers
-    /// with a WARNING (an "edge" commit).
+    /// with a WARNING and success (an "edge" commit), which the proxy's
+    /// commit fence turns into 40003.
     pub fn txn_cancel(&mut self, p: usize, client: u8, txn: u64) {
         let waiting = &mut self.pgs[p].waiting;
         if let Some(index) = waiting

@@ -4,7 +4,11 @@
 //! when it asks for that), as `Discoverer::run` does. Each client holds a
 //! connection to the principal it was routed to and sends the workload's
 //! single-row commits over it; a route that supersedes the connection's
-//! epoch or principal (`Route::supersedes`) closes it. The operator's
+//! epoch or principal (`Route::supersedes`) closes it. The proxy's commit
+//! fence (`proxy::fence`) turns a commit whose synchronous wait was
+//! cancelled, or any completion of a response during which it forwarded the
+//! client's cancel, into SQLSTATE 40003 and ends the connection: the client
+//! takes it as "outcome unknown", never as a success. The operator's
 //! console sits here too.
 
 use pgmirror::control::MirroringStatus;
@@ -34,6 +38,9 @@ pub struct Client {
     pub txn: u64,
     pub conn: Option<Connection>,
     pub next: u64,
+    /// The proxy forwarded a cancel for the transaction in flight (counted
+    /// before it is sent, `CancelTarget`): its completion is fenced.
+    pub cancel_forwarded: bool,
 }
 
 pub struct Proxy {
@@ -176,6 +183,7 @@ impl World {
         self.proxy.clients[c].next += 1;
         let txn = self.proxy.clients[c].next;
         self.proxy.clients[c].txn = txn;
+        self.proxy.clients[c].cancel_forwarded = false;
         if let Some(delay) = self.link_delay(PROXY, p) {
             self.after(
                 delay,
@@ -214,6 +222,8 @@ impl World {
             self.after(10, E::ClientGo { c: c as u8 });
             return;
         }
+        // The client's CancelRequest goes through the proxy.
+        self.proxy.clients[c].cancel_forwarded = true;
         if let Some(delay) = self.link_delay(PROXY, p as usize) {
             self.after(delay, E::TxnCancel { p, c: c as u8, txn });
         }
@@ -232,7 +242,15 @@ impl World {
             return;
         }
         self.proxy.clients[c].txn = 0;
+        let cancel_forwarded = self.proxy.clients[c].cancel_forwarded;
         match ack {
+            // The commit fence: the WARNING of a cut wait (rule 1), or a
+            // completion after a forwarded cancel (rule 2): 40003, and the
+            // connection ends.
+            Some(ack) if ack.edge || cancel_forwarded => {
+                self.check.on_fenced(ack);
+                self.proxy.clients[c].conn = None;
+            }
             Some(ack) => {
                 let t = self.t;
                 self.check.on_acknowledged(t, ack);
