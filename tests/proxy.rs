@@ -562,9 +562,18 @@ async fn every_alter_database_form_works_or_is_refused_with_its_reason() {
         })
         .await;
     }
-    run("ALTER DATABASE shop SET WITNESS OFF")
+    // The unreachable witness must release the session first (I1, I3)...
+    let refused = run("ALTER DATABASE shop SET WITNESS OFF")
         .await
-        .expect("SET WITNESS OFF");
+        .unwrap_err();
+    assert!(refused.contains("could not be told"), "{refused}");
+    // ... and a witness started at its address (an empty store) does.
+    let _stand_in = pair.witness_at(7022);
+    let deadline = Instant::now() + SLOW;
+    while let Err(err) = run("ALTER DATABASE shop SET WITNESS OFF").await {
+        assert!(Instant::now() < deadline, "SET WITNESS OFF: {err}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     pair.wait_for(&pair.a, "no witness", SLOW, |s| {
         s.mirroring_witness_name.is_none()
     })

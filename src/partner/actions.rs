@@ -134,7 +134,7 @@ async fn carry_out_one(agent: &Arc<Agent>, action: Action) -> Result<Next, OpErr
         Action::AskPromotion {
             kind,
             principal_answered_ago,
-        } => return ask_promotion(agent, kind, principal_answered_ago).await,
+        } => return ask_promotion(agent, kind, Some(principal_answered_ago)).await,
         Action::CloseStreams => agent.close_streams(),
     }
     Ok(Next::Go)

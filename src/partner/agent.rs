@@ -158,10 +158,12 @@ impl Agent {
         *lock(&self.lease_from)
     }
 
-    /// Since this mirror last answered a ping of the principal.
-    pub fn principal_answered_ago(&self) -> Option<Duration> {
-        let at = *lock(&self.answered_principal_at);
-        at.map(|at| self.clock().saturating_sub(at))
+    /// Since this mirror last answered a ping of the principal or, if it
+    /// has not since it started, since it started: its previous life may
+    /// have answered just before (I1).
+    pub fn principal_answered_ago(&self) -> Duration {
+        let at = lock(&self.answered_principal_at).unwrap_or_default();
+        self.clock().saturating_sub(at)
     }
 
     /// This mirror just answered a ping of the principal.

@@ -177,17 +177,13 @@ async fn execute(agent: &Arc<Agent>, command: &Command) -> Result<String, OpErro
         Plan::LeaveWitness(decision) => {
             // I1-I3: the witness the session leaves must not grant a
             // failover on what the principal no longer reports to it.
-            let unconfirmed = match (state.role, state.witness.clone()) {
-                (Role::Principal, Some(old)) => release(agent, &old, command).await?,
-                _ => None,
-            };
+            if let (Role::Principal, Some(old)) = (state.role, state.witness.clone()) {
+                release(agent, &old).await?;
+            }
             agent.decide(|_| decision.clone());
             // Nothing the old witness said counts for the new one.
             *crate::sync::lock(&agent.witness) = Default::default();
             carry_out(agent, decision).await?;
-            if let Some((old, why)) = unconfirmed {
-                confirm_mirror_follows(agent, command, old, why).await?;
-            }
         }
         Plan::Change(decision) => {
             agent.decide(|_| decision.clone());
@@ -221,14 +217,12 @@ async fn execute(agent: &Arc<Agent>, command: &Command) -> Result<String, OpErro
 }
 
 /// Asks the witness the session leaves (SET WITNESS, PARTNER OFF) to
-/// release it. Ok(None): released. Ok(Some): it could not be told, and the
-/// command may go on only if the connected mirror confirms the new witness
-/// (SET WITNESS only); the reason is returned for that check.
-async fn release(
-    agent: &Agent,
-    old: &crate::config::Endpoint,
-    command: &Command,
-) -> Result<Option<(crate::config::Endpoint, String)>, OpError> {
+/// release it; until it has, it could still grant the mirror a failover on
+/// what the principal no longer reports to it, so the command is refused
+/// (I1, I3). A witness that is gone for good is replaced by starting
+/// `pgmirror witness` at its address (an empty store will do: it holds no
+/// row, so it grants nothing and releases at once).
+async fn release(agent: &Agent, old: &crate::config::Endpoint) -> Result<(), OpError> {
     let state = agent.state();
     let session = agent.config.session.clone();
     let name = agent.config.name.clone();
@@ -238,52 +232,17 @@ async fn release(
             .await
     };
     match ask_witness(agent, old, detach).await {
-        Ok(_) => Ok(None),
+        Ok(_) => Ok(()),
         Err(OpError::Api(ControlError::Refused(reason))) => Err(OpError::Refused(format!(
             "the current witness {old} refused to let the session go: {reason}"
         ))),
-        Err(err) if matches!(command, Command::Witness(_)) && agent.peer_connected() => {
-            Ok(Some((old.clone(), err.to_string())))
-        }
         Err(err) => Err(OpError::Refused(format!(
             "the current witness {old} could not be told that the session leaves it ({err}): \
-             until it is, it could still grant the mirror a failover; bring it back, or SET \
-             WITNESS while the mirror is connected (it then confirms the change), then try again"
+             until it is, it could still grant the mirror a failover; bring it back (or, if it \
+             is gone for good, start `pgmirror witness` at {old}; an empty store will do), then \
+             try again"
         ))),
     }
-}
-
-/// The old witness could not be told: the change stands only once the
-/// mirror, the one partner that witness could promote, shows the new
-/// setting (within TIMEOUT); otherwise it is undone and refused (I1, I3).
-async fn confirm_mirror_follows(
-    agent: &Agent,
-    command: &Command,
-    old: crate::config::Endpoint,
-    why: String,
-) -> Result<(), OpError> {
-    let Command::Witness(new) = command else {
-        return Ok(());
-    };
-    let changed = tokio::time::Instant::now();
-    let deadline = changed + agent.timeout();
-    while tokio::time::Instant::now() < deadline {
-        let peer = agent.peer();
-        let fresh = peer.last_heard.is_some_and(|heard| heard > changed);
-        if fresh && peer.view.is_some_and(|view| view.witness == *new) {
-            warn!(
-                "the old witness {old} could not be told ({why}); the mirror confirmed the change"
-            );
-            return Ok(());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    agent.update(|state| state.witness = Some(old.clone()))?;
-    Err(OpError::Refused(format!(
-        "the current witness {old} could not be told that the session leaves it ({why}) and the \
-         mirror did not confirm the new witness within TIMEOUT: nothing changed; try again when \
-         either answers"
-    )))
 }
 
 /// Manual failover (spec 37-38), on the principal: a fast stop ships every
@@ -331,7 +290,17 @@ async fn ask_witness_to_promote(
     let Some(witness) = agent.state().witness else {
         return WitnessAnswer::NoWitness;
     };
-    let answered = agent.principal_answered_ago();
+    // A row that already names this partner at the next epoch is a grant
+    // whose answer was lost.
+    let state = agent.state();
+    let granted = agent
+        .witness_status()
+        .row
+        .is_some_and(|row| row.principal == agent.config.name && row.epoch == state.epoch.next());
+    if granted {
+        return WitnessAnswer::Granted;
+    }
+    let answered = Some(agent.principal_answered_ago());
     let request = promotion_request(agent, kind, failover_lsn, answered);
     let ask = async |client: &mut ControlClient, limit| client.promote_within(request, limit).await;
     match ask_witness(agent, &witness, ask).await {

@@ -133,7 +133,11 @@ impl WitnessProcess {
     /// Writes a witness config in `dir` (free ports, its own store) and
     /// starts it.
     pub fn launch(dir: &Path, tls: &str) -> WitnessProcess {
-        let port = free_port();
+        Self::launch_at(dir, tls, free_port())
+    }
+
+    /// As [`WitnessProcess::launch`], listening on `port`.
+    pub fn launch_at(dir: &Path, tls: &str, port: u16) -> WitnessProcess {
         let metrics_port = free_port();
         std::fs::create_dir_all(dir).expect("witness dir");
         let config_path = dir.join("witness.toml");
@@ -411,6 +415,16 @@ impl Pair {
     pub fn another_witness(&self) -> WitnessProcess {
         let dir = self.pki.parent().expect("pair dir").join("witness-2");
         WitnessProcess::launch(&dir, &tls_section(&self.pki, "witness", self.tls_on))
+    }
+
+    /// A witness with an empty store of its own on `port`.
+    pub fn witness_at(&self, port: u16) -> WitnessProcess {
+        let dir = self
+            .pki
+            .parent()
+            .expect("pair dir")
+            .join(format!("witness-{port}"));
+        WitnessProcess::launch_at(&dir, &tls_section(&self.pki, "witness", self.tls_on), port)
     }
 
     /// The witness's row for this pair's session.

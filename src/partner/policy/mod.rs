@@ -165,7 +165,7 @@ pub enum Action {
     /// principal (or, if it did not, since it started), on its own clock.
     AskPromotion {
         kind: PromotionKind,
-        principal_answered_ago: Option<Duration>,
+        principal_answered_ago: Duration,
     },
     /// Close every relayed stream.
     CloseStreams,
@@ -304,7 +304,12 @@ pub fn automatic_failover(
         && observed.witness.connected
         && !observed.peer.connected
         && row_allows;
-    decision.memory.refusing_principal = wants;
+    // A grant this partner has not recorded yet (see `follow_witness`)
+    // keeps it refusing the old principal too.
+    let granted = observed.witness.row.as_ref().is_some_and(|row| {
+        row.principal == observed.name && row.epoch > state.epoch && state.role == Role::Mirror
+    });
+    decision.memory.refusing_principal = wants || granted;
     if !wants {
         return decision;
     }
@@ -319,7 +324,7 @@ pub fn automatic_failover(
     }
     decision.act(Action::AskPromotion {
         kind: PromotionKind::Automatic,
-        principal_answered_ago: Some(answered_ago),
+        principal_answered_ago: answered_ago,
     })
 }
 
