@@ -331,13 +331,7 @@ impl Discoverer {
             }
         }
         loop {
-            let polls = self
-                .config
-                .partners
-                .iter()
-                .zip(clients.iter_mut())
-                .map(|(endpoint, client)| poll(endpoint, client, &self.tls));
-            let results = futures::future::join_all(polls).await;
+            let results = poll_round(&self.config.partners, &mut clients, &self.tls, &memory).await;
             let mut round = PollRound::default();
             let mut partners = Vec::new();
             for (endpoint, result) in self.config.partners.iter().zip(results) {
@@ -411,29 +405,69 @@ impl Discoverer {
     }
 }
 
-/// One status request, reusing the partner's control connection.
+/// One poll round: every agent's status, in the partners' order. The round
+/// ends as soon as an agent says it is the principal at an epoch above the
+/// route's, without waiting for a silent one (a frozen old principal's
+/// agent would hold the new route back for a whole poll timeout); an agent
+/// that has not answered then counts as a missed round.
+async fn poll_round(
+    partners: &[Endpoint],
+    clients: &mut [Option<ControlClient>],
+    tls: &EndpointTls,
+    memory: &RouteMemory,
+) -> Vec<Result<MirroringStatus, String>> {
+    use futures::StreamExt;
+    let mut results: Vec<Result<MirroringStatus, String>> = partners
+        .iter()
+        .map(|endpoint| Err(format!("no answer from {endpoint} in this round")))
+        .collect();
+    let mut polls: futures::stream::FuturesUnordered<_> = partners
+        .iter()
+        .zip(clients.iter_mut())
+        .enumerate()
+        .map(
+            |(index, (endpoint, client))| async move { (index, poll(endpoint, client, tls).await) },
+        )
+        .collect();
+    while let Some((index, result)) = polls.next().await {
+        let promoted = result.as_ref().is_ok_and(|status| {
+            status.role() == Some(Role::Principal)
+                && status
+                    .mirroring_role_sequence
+                    .is_some_and(|epoch| Epoch(epoch) > memory.highest)
+                && status.state() != Some("PENDING_FAILOVER")
+        });
+        if let Some(slot) = results.get_mut(index) {
+            *slot = result;
+        }
+        if promoted {
+            break;
+        }
+    }
+    results
+}
+
+/// One status request, reusing the partner's control connection. The
+/// connection is taken out for the call, so that a call dropped mid-way
+/// (a round that ended early) leaves none with a pending answer.
 async fn poll(
     endpoint: &Endpoint,
     client: &mut Option<ControlClient>,
     tls: &EndpointTls,
 ) -> Result<MirroringStatus, String> {
-    if client.is_none() {
-        let connected = tokio::time::timeout(POLL_TIMEOUT, ControlClient::connect(endpoint, tls))
+    let mut connected = match client.take() {
+        Some(connected) => connected,
+        None => tokio::time::timeout(POLL_TIMEOUT, ControlClient::connect(endpoint, tls))
             .await
             .map_err(|_| format!("no answer from {endpoint} within {POLL_TIMEOUT:?}"))?
-            .map_err(|err| err.to_string())?;
-        *client = Some(connected);
-    }
-    let Some(connected) = client.as_mut() else {
-        return Err("not connected".into());
+            .map_err(|err| err.to_string())?,
     };
-    match connected.status_within(POLL_TIMEOUT).await {
-        Ok(status) => Ok(status),
-        Err(err) => {
-            *client = None;
-            Err(err.to_string())
-        }
-    }
+    let status = connected
+        .status_within(POLL_TIMEOUT)
+        .await
+        .map_err(|err| err.to_string())?;
+    *client = Some(connected);
+    Ok(status)
 }
 
 /// Every PostgreSQL in `addresses` that accepts writes, probed at once.
