@@ -8,7 +8,8 @@
 //! `PGMIRROR_SIM_SEED` runs one seed printing its whole trace. A failing seed
 //! prints its last events and the command that replays it. `bench/soak` runs
 //! a million seeds in release. `PGMIRROR_SIM_LIST` prints every failing
-//! seed with its first failure (and, for liveness, where both agents are).
+//! seed with its first failure (and, for liveness, where both agents are),
+//! and every seed with unfenced commits.
 
 #[path = "simulation/actions.rs"]
 mod actions;
@@ -20,6 +21,8 @@ mod checker;
 mod commands;
 #[path = "simulation/faults.rs"]
 mod faults;
+#[path = "simulation/fence.rs"]
+mod fence;
 #[path = "simulation/ops.rs"]
 mod ops;
 #[path = "simulation/peer.rs"]
@@ -95,8 +98,12 @@ fn run_seed(seed: u64, verbose: bool, totals: &Mutex<Totals>) {
     totals.faults.add(&world.faults);
     totals.events += world.events;
     totals.simulated_ms += world.t;
+    let list = std::env::var_os("PGMIRROR_SIM_LIST").is_some();
+    if list && check.unfenced > 0 {
+        println!("unfenced seed {seed}: {} commits", check.unfenced);
+    }
     if check.failures.any() {
-        if std::env::var_os("PGMIRROR_SIM_LIST").is_some() {
+        if list {
             println!(
                 "failing seed {seed}: {:?}{}",
                 check.first.map(|(_, what)| what).unwrap_or(""),

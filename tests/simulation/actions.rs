@@ -210,7 +210,7 @@ impl World {
                         epoch,
                         kind,
                         lsn,
-                        answered_ago_ms: principal_answered_ago.map(|ago| ago.as_millis() as u64),
+                        answered_ago_ms: Some(principal_answered_ago.as_millis() as u64),
                     },
                     Purpose::Ask,
                 );

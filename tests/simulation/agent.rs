@@ -8,15 +8,17 @@
 //! watch every 100 ms (the fence outside the operations lock, the
 //! automatic failover request under it). A mirror refusing its principal
 //! answers its pings with Refused. A frozen agent (SIGSTOP) defers every
-//! timer and message until SIGCONT; its PostgreSQL keeps running.
+//! timer and message until SIGCONT; its PostgreSQL keeps running until its
+//! fence process (`fence.rs`, fed by the watch) kills it at the lease's end;
+//! a killed agent's fence kills PostgreSQL at once.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use pgmirror::control::{MirroringStatus, PeerView};
 use pgmirror::partner::policy::{
-    automatic_failover, quorum_check, Memory, Observation, PeerObservation, PostgresObservation,
-    WitnessObservation,
+    automatic_failover, fence_order, quorum_check, Memory, Observation, PeerObservation,
+    PostgresObservation, WitnessObservation,
 };
 use pgmirror::partner::state::SessionState;
 use pgmirror::roles::{lease_length, Epoch, MirroringState, Role, Safety};
@@ -45,8 +47,6 @@ pub enum AgentEv {
     ActionDone(u64),
     Drain,
     ReqTimeout(u64),
-    /// SET WITNESS waits for the mirror to show the new setting.
-    Confirm,
 }
 
 pub struct Agent {
@@ -70,9 +70,6 @@ pub struct Agent {
     pub report_sent: Duration,
     /// The ping loop's control connection is established.
     pub ping_connected: bool,
-    /// `PeerStatus::last_heard`: when a ping of the peer or its answer
-    /// was last heard, on this agent's clock.
-    pub peer_heard_at: Option<Duration>,
     /// Commands forwarded to the peer outside the operations lock
     /// (`operations::forward`): the forwarded request and who gets its
     /// answer.
@@ -128,7 +125,6 @@ impl Agent {
             report_req: 0,
             report_sent: Duration::ZERO,
             ping_connected: false,
-            peer_heard_at: None,
             forwards: Vec::new(),
             report_connected: None,
             running: None,
@@ -189,6 +185,7 @@ impl World {
     pub fn agent_start(&mut self, a: usize) {
         let local = self.local_ms(a);
         let lapsed = self.gen_lapsed(a);
+        self.fence_start(a);
         let agent = &mut self.agents[a];
         agent.returned_lapsed = lapsed;
         agent.alive = true;
@@ -206,7 +203,6 @@ impl World {
         agent.ping_req = 0;
         agent.report_req = 0;
         agent.ping_connected = false;
-        agent.peer_heard_at = None;
         agent.forwards.clear();
         agent.report_connected = None;
         agent.running = None;
@@ -263,6 +259,8 @@ impl World {
         }
         self.close_streams(a);
         self.log(a, "agent killed", 0, 0, "");
+        // Its pipe closes: the fence kills PostgreSQL at once.
+        self.fence_agent_gone(a);
     }
 
     pub fn agent_freeze(&mut self, a: usize) {
@@ -288,12 +286,14 @@ impl World {
         self.stream_kick();
     }
 
-    /// The known gap this issue leaves (DESIGN.md I1, the next issue's
-    /// fence process): agent `p` (with a witness, so with a lease) could not
-    /// stop its PostgreSQL when its lease ended. Either it is frozen or
-    /// dead now and its lease is over, or it runs again since less than
-    /// its first tick and the stop bound, and its lease had ended while it
-    /// was away (a lease it renews on its return does not undo that: the
+    /// The fence's gap (DESIGN.md I1): agent `p` (with a witness, so with
+    /// a lease) could not stop its PostgreSQL when its lease ended, and its
+    /// fence (`fence.rs`) did not kill it: it had no deadline for it (it is
+    /// fed only by the quorum watch, which does not run while it waits for
+    /// or holds the operations lock). Either the agent is frozen or dead
+    /// now and its lease is over, or it runs again since less than its
+    /// first tick and the stop bound, and its lease had ended while it was
+    /// away (a lease it renews on its return does not undo that: the
     /// witness may have granted the role meanwhile).
     pub fn unfenced(&self, p: usize) -> bool {
         let agent = &self.agents[p];
@@ -409,7 +409,6 @@ impl World {
             AgentEv::ActionDone(token) => self.action_done(a, token),
             AgentEv::Drain => self.op_drain(a),
             AgentEv::ReqTimeout(req) => self.request_failed(a, req),
-            AgentEv::Confirm => self.confirm_check(a),
         }
     }
 
@@ -426,6 +425,9 @@ impl World {
             PostgresObservation::Unreadable
         };
         self.observe_as(a, postgres);
+        let agent = &self.agents[a];
+        let order = fence_order(&agent.durable, &agent.obs);
+        self.fence_order(a, order);
         let agent = &self.agents[a];
         let fence = quorum_check(&agent.durable, &agent.memory, &agent.obs);
         self.agents[a].memory = fence.memory;

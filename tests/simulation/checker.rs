@@ -1,9 +1,10 @@
 //! The invariants of DESIGN.md section 3, checked as the run goes (I1 at
 //! every commit, I3 at every grant and promotion, I4 at every commit a
 //! routed client reaches) and at its end (I2 on the final principal's
-//! history, liveness). Commits acknowledged by a PostgreSQL whose agent
-//! could not stop it when its lease ended (frozen or dead: the fence
-//! process is not modelled) are counted apart as "unfenced". A commit whose
+//! history, liveness). Commits acknowledged by a PostgreSQL that outlived
+//! its frozen or dead agent's lease (its fence, `fence.rs`, had no deadline
+//! for it: fed only by the quorum watch) are counted apart as "unfenced".
+//! A commit whose
 //! synchronous wait was cancelled reaches its client through the proxy's
 //! commit fence as 40003, not as a success: it is counted as "fenced by the
 //! proxy", and "edge" (such a commit acknowledged) must stay 0.
@@ -66,7 +67,7 @@ pub struct Checker {
     /// Commits completed normally that the proxy turned into 40003 because
     /// it had forwarded the client's cancel meanwhile.
     pub fenced_cancel: u64,
-    /// Commits acknowledged by an unfenced PostgreSQL (the known gap).
+    /// Commits acknowledged by an unfenced PostgreSQL (the fence's gap).
     pub unfenced: u64,
     /// Events the gap explains: an unfenced commit or routed client at an
     /// older epoch, a grant while the old principal still serves unfenced.

@@ -1,24 +1,20 @@
 //! Operator commands on an agent, like `src/partner/operations.rs`
-//! (`run_command`, `execute`, `release`, `confirm_mirror_follows`): under
+//! (`run_command`, `execute`, `release`): under
 //! the operations lock the real `commands::check` decides where a command
 //! runs (here, or refused; one for the peer is forwarded with the lock
 //! released), `commands::apply` what it changes; leaving the witness (SET
 //! WITNESS, PARTNER OFF on the principal), manual failover and forced
 //! service go on as stages of `ops`.
 
-use pgmirror::config::Endpoint;
 use pgmirror::control::Command;
 use pgmirror::partner::policy::commands::{apply, check, failover_begins, Facts, Plan, Route};
 use pgmirror::partner::policy::{Action, Decision};
 use pgmirror::roles::Role;
 
 use crate::agent::AgentEv;
-use crate::ops::{Purpose, Stage, Wait};
+use crate::ops::{Purpose, Stage};
 use crate::postgres::PgRun;
 use crate::world::{witness_of, Msg, Proc, WitnessReply, World};
-
-/// `confirm_mirror_follows`: how often it looks at the peer's view.
-const CONFIRM_POLL_MS: u64 = 50;
 
 impl World {
     pub fn begin_command(&mut self, a: usize, command: Command, from: Proc, req: u64) {
@@ -75,8 +71,6 @@ impl World {
                             Stage::LeaveWitness {
                                 decision: Some(Box::new(decision.clone())),
                                 command: command.clone(),
-                                unconfirmed: None,
-                                confirm: None,
                             },
                             Some((from, req)),
                         );
@@ -101,7 +95,7 @@ impl World {
                                     Purpose::Op,
                                 );
                             }
-                            None => self.leave_witness(a, decision, None),
+                            None => self.leave_witness(a, decision),
                         }
                     }
                     Plan::ManualFailover => {
@@ -156,44 +150,29 @@ impl World {
         true
     }
 
-    /// `release`: the old witness answered the Detach, or did not. Released:
-    /// go on. Refused: the command is refused. Not told: SET WITNESS goes on
-    /// only while the peer is connected, and stands only once the mirror
-    /// confirms it; PARTNER OFF is refused.
+    /// `release`: the old witness answered the Detach, or did not.
+    /// Released: go on. Refused, or not told (no answer, a refused
+    /// connection): the command is refused, SET WITNESS like PARTNER OFF
+    /// (I1, I3).
     pub fn leave_witness_answered(&mut self, a: usize, reply: Option<Msg>) {
-        let Some(Stage::LeaveWitness {
-            decision, command, ..
-        }) = self.stage(a)
-        else {
+        let Some(Stage::LeaveWitness { decision, command }) = self.stage(a) else {
             return;
         };
         let Some(decision) = decision.take() else {
             return;
         };
         let name = command_name(command);
-        let set_witness = matches!(command, Command::Witness(_));
-        let old = self.agents[a].durable.witness.clone();
         match reply {
             Some(Msg::Witness {
                 reply: WitnessReply::Row(_),
                 ..
-            }) => self.leave_witness(a, *decision, None),
+            }) => self.leave_witness(a, *decision),
             Some(Msg::Witness {
                 reply: WitnessReply::Refused,
                 ..
             }) => {
                 self.log(a, "refused", 0, 0, "the old witness refused to let go");
                 self.refuse_and_release(a);
-            }
-            _ if set_witness && self.agents[a].obs.peer.connected && old.is_some() => {
-                self.log(
-                    a,
-                    "unconfirmed",
-                    0,
-                    0,
-                    "old witness not told: mirror to confirm",
-                );
-                self.leave_witness(a, *decision, old);
             }
             _ => {
                 self.log(a, "refused", 0, 0, name);
@@ -205,16 +184,9 @@ impl World {
     /// The command goes on: the decision persisted, the witness
     /// observation cleared (nothing the old witness said counts for the
     /// new one), then carried out.
-    pub fn leave_witness(&mut self, a: usize, decision: Decision, unconfirmed: Option<Endpoint>) {
+    pub fn leave_witness(&mut self, a: usize, decision: Decision) {
         let name = match self.stage(a) {
-            Some(Stage::LeaveWitness {
-                command,
-                unconfirmed: slot,
-                ..
-            }) => {
-                *slot = unconfirmed;
-                command_name(command)
-            }
+            Some(Stage::LeaveWitness { command, .. }) => command_name(command),
             _ => "",
         };
         let agent = &mut self.agents[a];
@@ -223,63 +195,6 @@ impl World {
         self.decide(a, decision, "apply");
         self.log(a, "command", 0, 0, name);
         self.run_actions(a);
-    }
-
-    /// `confirm_mirror_follows` begins once the change is carried out.
-    pub fn confirm_begin(&mut self, a: usize) {
-        let now = self.agent_now(a).as_millis() as u64;
-        let timeout = self.agents[a].timeout_ms();
-        if let Some(Stage::LeaveWitness { confirm, .. }) = self.stage(a) {
-            *confirm = Some((now, now + timeout));
-        }
-        if let Some(running) = self.agents[a].running.as_mut() {
-            running.wait = Wait::Confirm;
-        }
-        self.confirm_check(a);
-    }
-
-    /// Until TIMEOUT after the change: a peer view heard since then that
-    /// shows the new witness confirms it; else the old witness is put back
-    /// and the command refused (I1, I3).
-    pub fn confirm_check(&mut self, a: usize) {
-        let Some(running) = self.agents[a].running.as_ref() else {
-            return;
-        };
-        let Stage::LeaveWitness {
-            command: Command::Witness(new),
-            unconfirmed: Some(old),
-            confirm: Some((changed, deadline)),
-            ..
-        } = &running.stage
-        else {
-            return;
-        };
-        if running.wait != Wait::Confirm {
-            return;
-        }
-        let (new, old, changed, deadline) = (new.clone(), old.clone(), *changed, *deadline);
-        let agent = &self.agents[a];
-        let now = self.agent_now(a).as_millis() as u64;
-        if now >= deadline {
-            self.agents[a].durable.witness = Some(old);
-            self.log(
-                a,
-                "refused",
-                0,
-                0,
-                "the mirror did not confirm: witness put back",
-            );
-            return self.refuse_and_release(a);
-        }
-        let fresh = agent
-            .peer_heard_at
-            .is_some_and(|heard| heard.as_millis() as u64 > changed);
-        let shown = agent.obs.peer.view.as_ref().map(|view| &view.witness);
-        if fresh && shown == Some(&new) {
-            self.log(a, "confirmed", 0, 0, "the mirror shows the new witness");
-            return self.release(a);
-        }
-        self.agent_timer(a, CONFIRM_POLL_MS, AgentEv::Confirm);
     }
 }
 

@@ -7,6 +7,7 @@
 use pgmirror::control::Command;
 use pgmirror::roles::{takeover_wait, MirroringState, Role, Safety};
 
+use crate::ops::CONNECT_TIMEOUT_MS;
 use crate::postgres::{PgRun, SHIP_RECORDS_PER_MS};
 use crate::rng::Rng;
 use crate::world::{witness_endpoint, witness_of, Msg, Proc, World, E, PROXY, WIT_A, WIT_B};
@@ -288,8 +289,10 @@ impl World {
         // and a promotion with its checkpoint (<= 1 s), supervisor ticks
         // (0.5 s; a principal that lost a takeover answer asks again at
         // each), walreceiver retries (0.5 s), ping intervals (<= 2 s) and a
-        // restarted agent's first round; plus the unsent WAL at the link's
-        // speed.
+        // restarted agent's first round; plus the connect timeout of a
+        // request to the peer started over a cut link just before the heal
+        // (`ops::CONNECT_TIMEOUT_MS`: TCP's SYN retries are not modelled, so
+        // it ends only then), and the unsent WAL at the link's speed.
         let timeout = self
             .agents
             .iter()
@@ -299,7 +302,12 @@ impl World {
         let takeover_wait =
             takeover_wait(std::time::Duration::from_millis(timeout)).as_millis() as u64;
         let backlog = self.pgs[0].len().abs_diff(self.pgs[1].len()) as u64;
-        let bound = 2 * timeout + takeover_wait + 1000 + 8000 + backlog / SHIP_RECORDS_PER_MS;
+        let bound = 2 * timeout
+            + takeover_wait
+            + 1000
+            + 8000
+            + CONNECT_TIMEOUT_MS
+            + backlog / SHIP_RECORDS_PER_MS;
         self.scenario.healed_at = Some(self.t);
         self.scenario.deadline = self.t + bound;
         self.scenario.end = self.t + bound + 1;

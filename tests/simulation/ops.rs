@@ -13,7 +13,6 @@
 
 use std::collections::VecDeque;
 
-use pgmirror::config::Endpoint;
 use pgmirror::control::{Command, PromotionKind};
 use pgmirror::partner::policy::commands::{
     failover_answered, failover_hand_over, forced_service, TakeOverAnswer, WitnessAnswer,
@@ -32,7 +31,7 @@ use crate::world::{witness_of, Msg, Proc, TakeOverOutcome, WitnessReply, World, 
 const REQUEST_TIMEOUT_MS: u64 = 90_000;
 /// `ControlClient::connect`: a fresh control connection over a cut link
 /// fails after this.
-const CONNECT_TIMEOUT_MS: u64 = 10_000;
+pub const CONNECT_TIMEOUT_MS: u64 = 10_000;
 /// `actions::TAKE_OVER_PROMOTION`: the takeover request waits 2 x TIMEOUT
 /// and this (the mirror drains up to TIMEOUT, then promotes).
 const TAKE_OVER_PROMOTION_MS: u64 = 20_000;
@@ -62,15 +61,11 @@ pub enum Stage {
     Change,
     /// SET WITNESS or PARTNER OFF on the principal (`Plan::LeaveWitness`):
     /// the current witness is told the session leaves it (Detach) while
-    /// `decision` is Some; then the decision is carried out, and if the old
-    /// witness could not be told (`unconfirmed`, SET WITNESS only) the
-    /// mirror must show the new setting within TIMEOUT (`confirm`: when the
-    /// change was carried out and the wait's end, agent clock ms).
+    /// `decision` is Some; then the decision is carried out. Not told (or
+    /// refused): the command is refused (`operations::release`).
     LeaveWitness {
         decision: Option<Box<Decision>>,
         command: Command,
-        unconfirmed: Option<Endpoint>,
-        confirm: Option<(u64, u64)>,
     },
     /// Manual failover: the fast stop (`handing_over` false), then the
     /// handover decision and its answer.
@@ -119,14 +114,9 @@ pub enum Purpose {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
     Nothing,
-    Action {
-        token: u64,
-        post: Post,
-    },
+    Action { token: u64, post: Post },
     Request(u64, Purpose),
     Drain,
-    /// SET WITNESS waits for the mirror's view (`confirm_mirror_follows`).
-    Confirm,
 }
 
 pub struct Running {
@@ -313,21 +303,38 @@ impl World {
         self.agent_timer(a, timeout_ms, AgentEv::ReqTimeout(req));
     }
 
-    /// `operations::ask_witness_to_promote`.
+    /// `operations::ask_witness_to_promote`: a row of the witness that
+    /// already names this partner at the next epoch is a grant whose answer
+    /// was lost (Granted without asking); else the request, which always
+    /// says how long ago this mirror last answered the principal (since its
+    /// start if it has not: `Agent::principal_answered_ago`).
     pub fn ask_witness_promote(
         &mut self,
         a: usize,
         witness: usize,
         kind: PromotionKind,
         lsn: Option<Lsn>,
-        purpose: Purpose,
     ) {
-        let req = self.req();
-        let epoch = self.agents[a].durable.epoch;
-        let answered_ago_ms = self.agents[a]
+        let agent = &self.agents[a];
+        let epoch = agent.durable.epoch;
+        let granted = agent
             .obs
-            .answered_principal_at
-            .map(|at| self.agent_now(a).saturating_sub(at).as_millis() as u64);
+            .witness
+            .row
+            .as_ref()
+            .is_some_and(|row| row.principal == agent.obs.name && row.epoch == epoch.next());
+        if granted {
+            self.log(
+                a,
+                "granted",
+                epoch.0,
+                kind as u64,
+                "the witness's row names it",
+            );
+            return self.promotion_answered(a, &WitnessAnswer::Granted);
+        }
+        let req = self.req();
+        let answered_ago_ms = Some(self.principal_answered_ago_ms(a));
         self.log(a, "ask promotion", epoch.0, kind as u64, "");
         self.call_witness(
             a,
@@ -340,8 +347,15 @@ impl World {
                 lsn,
                 answered_ago_ms,
             },
-            purpose,
+            Purpose::Op,
         );
+    }
+
+    /// `Agent::principal_answered_ago`: since this mirror last answered a
+    /// ping of the principal, or since this agent started.
+    pub fn principal_answered_ago_ms(&self, a: usize) -> u64 {
+        let at = self.agents[a].obs.answered_principal_at.unwrap_or_default();
+        self.agent_now(a).saturating_sub(at).as_millis() as u64
     }
 
     /// An answer (or None: timeout, refused connection) to request `req`.
@@ -415,24 +429,29 @@ impl World {
     }
 
     fn stage_reply(&mut self, a: usize, reply: Option<Msg>) {
-        let Some(running) = self.agents[a].running.as_mut() else {
-            return;
-        };
-        match &mut running.stage {
-            Stage::LeaveWitness { .. } => self.leave_witness_answered(a, reply),
-            Stage::TakeOver {
+        match self.stage(a) {
+            Some(Stage::LeaveWitness { .. }) => self.leave_witness_answered(a, reply),
+            Some(Stage::TakeOver { .. } | Stage::Forced { .. }) => {
+                self.promotion_answered(a, &witness_answer(&reply))
+            }
+            _ => {}
+        }
+    }
+
+    /// The witness's answer to the stage's promotion request.
+    fn promotion_answered(&mut self, a: usize, answer: &WitnessAnswer) {
+        match self.stage(a) {
+            Some(Stage::TakeOver {
                 epoch, lsn, kind, ..
-            } => {
+            }) => {
                 let (epoch, lsn, kind) = (*epoch, *lsn, *kind);
-                let answer = witness_answer(&reply);
-                self.take_over_with(a, epoch, lsn, kind, &answer);
+                self.take_over_with(a, epoch, lsn, kind, answer);
             }
-            Stage::Forced { received, .. } => {
+            Some(Stage::Forced { received, .. }) => {
                 let received = *received;
-                let answer = witness_answer(&reply);
-                self.forced_with(a, received, &answer);
+                self.forced_with(a, received, answer);
             }
-            Stage::Tick | Stage::Change | Stage::Manual { .. } | Stage::Auto => {}
+            _ => {}
         }
     }
 
@@ -471,11 +490,6 @@ impl World {
             } if !running.failed => 1,
             Stage::Forced { asked: false, .. } if !running.failed => 2,
             Stage::TakeOver { deadline: None, .. } if !running.failed => 3,
-            Stage::LeaveWitness {
-                unconfirmed: Some(_),
-                confirm: None,
-                ..
-            } if !running.failed => 4,
             _ => 0,
         };
         match next {
@@ -498,19 +512,14 @@ impl World {
                     *received = lsn;
                 }
                 match self.agents[a].durable.witness.as_ref().map(witness_of) {
-                    Some(witness) => self.ask_witness_promote(
-                        a,
-                        witness,
-                        PromotionKind::Forced,
-                        lsn,
-                        Purpose::Op,
-                    ),
+                    Some(witness) => {
+                        self.ask_witness_promote(a, witness, PromotionKind::Forced, lsn)
+                    }
                     None => self.forced_with(a, lsn, &WitnessAnswer::NoWitness),
                 }
             }
             // The standby started: the drain begins.
             3 => self.take_over_drain(a),
-            4 => self.confirm_begin(a),
             _ => self.release(a),
         }
     }

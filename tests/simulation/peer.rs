@@ -92,8 +92,6 @@ impl World {
         if !peer.connected {
             self.log(a, "peer connected", view.epoch.0, 0, "");
         }
-        let now = self.agent_now(a);
-        self.agents[a].peer_heard_at = Some(now);
         let peer = &mut self.agents[a].obs.peer;
         peer.connected = true;
         peer.view = Some(view);

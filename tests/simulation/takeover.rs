@@ -14,7 +14,7 @@ use pgmirror::roles::{lease_holds, Epoch};
 use pgmirror::wire::lsn::Lsn;
 
 use crate::agent::AgentEv;
-use crate::ops::{Purpose, Stage, Wait};
+use crate::ops::{Stage, Wait};
 use crate::postgres::PgRun;
 use crate::world::{witness_of, Msg, TakeOverOutcome, World};
 
@@ -105,7 +105,7 @@ impl World {
             }
             let target = Some(lsn).filter(|lsn| *lsn != Lsn::INVALID);
             match self.agents[a].durable.witness.as_ref().map(witness_of) {
-                Some(witness) => self.ask_witness_promote(a, witness, kind, target, Purpose::Op),
+                Some(witness) => self.ask_witness_promote(a, witness, kind, target),
                 None => self.take_over_with(a, epoch, lsn, kind, &WitnessAnswer::NoWitness),
             }
         } else if self.agent_now(a).as_millis() as u64 >= deadline {

@@ -15,6 +15,7 @@ use pgmirror::wire::lsn::Lsn;
 use crate::agent::{Agent, AgentEv};
 use crate::checker::Checker;
 use crate::faults::{FaultCounts, Scenario};
+use crate::fence::Fence;
 use crate::postgres::{Pg, PgEv, TxnAck};
 use crate::proxy::Proxy;
 use crate::rng::Rng;
@@ -189,6 +190,11 @@ pub enum E {
     Thaw {
         a: u8,
     },
+    /// The timer of agent `a`'s fence process.
+    Fence {
+        a: u8,
+        timer: u32,
+    },
     Deliver {
         to: Proc,
         msg: Box<Msg>,
@@ -307,6 +313,7 @@ pub struct World {
     pub clocks: [Clock; HOSTS],
     pub links: [[Link; HOSTS]; HOSTS],
     pub agents: [Agent; 2],
+    pub fences: [Fence; 2],
     pub pgs: [Pg; 2],
     pub stream: Option<Stream>,
     pub sgen: u32,
@@ -355,6 +362,7 @@ impl World {
                 Agent::new(ALPHA, timeout, scenario.witness),
                 Agent::new(BETA, timeout, scenario.witness),
             ],
+            fences: Default::default(),
             pgs: [Pg::new(), Pg::new()],
             stream: None,
             sgen: 0,
@@ -433,6 +441,9 @@ impl World {
             base_true: self.t,
             base_local: local,
         };
+        if host < 2 {
+            self.fence_rearm(host);
+        }
     }
 
     pub fn req(&mut self) -> u64 {
@@ -516,6 +527,7 @@ impl World {
             }
             E::AgentRestart { a } => self.agent_restart(a as usize),
             E::Thaw { a } => self.agent_thaw(a as usize),
+            E::Fence { a, timer } => self.fence_timer(a as usize, timer),
             E::Deliver { to, msg } => self.deliver(to, msg),
             E::Pg { p, pgen, ev } => {
                 if self.pgs[p as usize].pgen == pgen {
