@@ -57,6 +57,10 @@ pub async fn carry_out(agent: &Arc<Agent>, decision: Decision) -> Result<Option<
             let before = agent.state();
             agent.update(|state| *state = next)?;
             let after = agent.state();
+            if (before.role, before.epoch) != (after.role, after.epoch) {
+                // A principal's lease reaches the fence before it serves.
+                agent.fence_changed.notify_one();
+            }
             if (before.role, before.epoch, before.state) != (after.role, after.epoch, after.state) {
                 info!(
                     session = %agent.config.session,

@@ -84,6 +84,8 @@ pub struct Agent {
     pub wal_relay_port: u16,
     pub last_error: Mutex<Option<String>>,
     pub pending_failover: AtomicBool,
+    /// Wakes the fence feeder when the durable role changed (I1).
+    pub fence_changed: tokio::sync::Notify,
     pub shutdown: CancellationToken,
     pub started_at: Instant,
 }
@@ -398,6 +400,7 @@ impl Agent {
             wal_relay_port,
             last_error: Mutex::new(None),
             pending_failover: AtomicBool::new(false),
+            fence_changed: tokio::sync::Notify::new(),
             shutdown,
             started_at: Instant::now(),
         }

@@ -153,7 +153,8 @@ pub async fn run(config: PartnerConfig, shutdown: CancellationToken) -> Result<(
     tasks.spawn(relays::serve_wal_relay(agent.clone(), wal_relay));
     tasks.spawn(peer::ping_peer(agent.clone()));
     tasks.spawn(quorum::ping_witness(agent.clone()));
-    tasks.spawn(quorum::watch_quorum(agent.clone(), fence));
+    tasks.spawn(quorum::feed_fence(agent.clone(), fence));
+    tasks.spawn(quorum::watch_quorum(agent.clone()));
     tasks.spawn(supervisor::supervise(agent.clone()));
     tasks.close();
     shutdown.cancelled().await;

@@ -105,10 +105,31 @@ fn witness_lost(agent: &Agent, why: &str) {
     status.connected = false;
 }
 
-/// Checks the quorum rules ten times a second and tells the fence the
-/// lease; at shutdown the fence leaves without killing (the agent stops
-/// PostgreSQL itself).
-pub async fn watch_quorum(agent: Arc<Agent>, mut fence: Fence) {
+/// Tells the fence process the lease every [`WATCH_INTERVAL`], and at once
+/// when the durable role changes ([`Agent::fence_changed`]), on a task of
+/// its own: no lock and no failover in progress may delay it (I1). At
+/// shutdown the fence leaves without killing (the agent stops PostgreSQL
+/// itself).
+pub async fn feed_fence(agent: Arc<Agent>, mut fence: Fence) {
+    loop {
+        let state = agent.state();
+        let postgres = match agent.engine.postmaster_pid() {
+            Some(_) => PostgresObservation::Unreadable,
+            None => PostgresObservation::Stopped,
+        };
+        let observed = agent.observation(postgres);
+        fence.order(policy::fence_order(&state, &observed)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+            _ = agent.fence_changed.notified() => {}
+            _ = agent.shutdown.cancelled() => break,
+        }
+    }
+    fence.exit().await;
+}
+
+/// Checks the quorum rules ten times a second.
+pub async fn watch_quorum(agent: Arc<Agent>) {
     let mut last_request = Instant::now() - PROMOTION_RETRY;
     while sleep_or_shutdown(&agent, WATCH_INTERVAL).await {
         let state = agent.state();
@@ -117,7 +138,6 @@ pub async fn watch_quorum(agent: Arc<Agent>, mut fence: Fence) {
             None => PostgresObservation::Stopped,
         };
         let observed = agent.observation(postgres);
-        fence.order(policy::fence_order(&state, &observed)).await;
         let fence = agent.decide(|memory| policy::quorum_check(&state, memory, &observed));
         if !fence.actions.is_empty() {
             // I1: not under the operations lock, so that a command or tick
@@ -147,5 +167,4 @@ pub async fn watch_quorum(agent: Arc<Agent>, mut fence: Fence) {
             warn!("automatic failover: {err}");
         }
     }
-    fence.exit().await;
 }

@@ -42,6 +42,8 @@ const RETURN_BOUND_MS: u64 = TICK_MS + 1000;
 pub enum AgentEv {
     Tick,
     Watch,
+    /// `quorum::feed_fence`: its own task, never blocked.
+    Feed,
     Ping,
     Report,
     ActionDone(u64),
@@ -213,6 +215,7 @@ impl World {
         self.log(a, "agent start", gen, 0, "");
         self.agent_timer(a, TICK_MS, AgentEv::Tick);
         self.agent_timer(a, WATCH_MS, AgentEv::Watch);
+        self.agent_timer(a, WATCH_MS, AgentEv::Feed);
         self.agent_timer(a, 1, AgentEv::Ping);
         self.agent_timer(a, 1, AgentEv::Report);
     }
@@ -404,6 +407,10 @@ impl World {
         match ev {
             AgentEv::Tick => self.enqueue(a, Op::Tick),
             AgentEv::Watch => self.watch(a),
+            AgentEv::Feed => {
+                self.feed_fence(a);
+                self.agent_timer(a, WATCH_MS, AgentEv::Feed);
+            }
             AgentEv::Ping => self.ping_peer(a),
             AgentEv::Report => self.report_witness(a),
             AgentEv::ActionDone(token) => self.action_done(a, token),
@@ -412,9 +419,23 @@ impl World {
         }
     }
 
+    /// `quorum::feed_fence`: the lease to the fence process, every 100 ms
+    /// and at once when the durable role changes, never behind a lock.
+    pub fn feed_fence(&mut self, a: usize) {
+        let postgres = if self.pgs[a].run == PgRun::Stopped {
+            PostgresObservation::Stopped
+        } else {
+            PostgresObservation::Unreadable
+        };
+        self.observe_as(a, postgres);
+        let agent = &self.agents[a];
+        let order = fence_order(&agent.durable, &agent.obs);
+        self.fence_order(a, order);
+    }
+
     /// The quorum watch (`quorum::watch_quorum`), ten times a second: the
-    /// fence outside the operations lock, then the automatic failover
-    /// decision, carried out under the lock.
+    /// quorum check outside the operations lock, then the automatic
+    /// failover decision, carried out under the lock.
     fn watch(&mut self, a: usize) {
         if self.agents[a].watch_blocked {
             return;
@@ -425,9 +446,6 @@ impl World {
             PostgresObservation::Unreadable
         };
         self.observe_as(a, postgres);
-        let agent = &self.agents[a];
-        let order = fence_order(&agent.durable, &agent.obs);
-        self.fence_order(a, order);
         let agent = &self.agents[a];
         let fence = quorum_check(&agent.durable, &agent.memory, &agent.obs);
         self.agents[a].memory = fence.memory;

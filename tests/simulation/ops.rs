@@ -179,9 +179,14 @@ impl World {
         let packed = pack_actions(&decision.actions);
         let agent = &mut self.agents[a];
         if let Some(state) = decision.state {
+            let changed = (agent.durable.role, agent.durable.epoch) != (state.role, state.epoch);
             agent.durable = state;
             let (role, epoch) = (agent.durable.role, agent.durable.epoch.0);
             self.check.on_persist(role, epoch);
+            if changed {
+                // `Agent::fence_changed` wakes the feeder at once.
+                self.feed_fence(a);
+            }
         }
         let agent = &mut self.agents[a];
         agent.memory = decision.memory;
