@@ -51,6 +51,9 @@ use crate::tls::EndpointTls;
 
 /// How often the agents are asked for their status.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a poll round still waits for the other agents once one
+/// reported the principal role at a higher epoch.
+const ROUND_GRACE: Duration = Duration::from_millis(300);
 /// How long one status request or probe may take.
 const POLL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Consecutive poll rounds the principal's agent may miss, uncontradicted,
@@ -405,11 +408,11 @@ impl Discoverer {
     }
 }
 
-/// One poll round: every agent's status, in the partners' order. The round
-/// ends as soon as an agent says it is the principal at an epoch above the
-/// route's, without waiting for a silent one (a frozen old principal's
-/// agent would hold the new route back for a whole poll timeout); an agent
-/// that has not answered then counts as a missed round.
+/// One poll round: every agent's status, in the partners' order. Once an
+/// agent says it is the principal at an epoch above the route's, the round
+/// waits only [`ROUND_GRACE`] more for the others, not a silent one's whole
+/// poll timeout (a frozen old principal's agent would hold the new route
+/// back); an agent that has not answered by then counts as a missed round.
 async fn poll_round(
     partners: &[Endpoint],
     clients: &mut [Option<ControlClient>],
@@ -429,7 +432,18 @@ async fn poll_round(
             |(index, (endpoint, client))| async move { (index, poll(endpoint, client, tls).await) },
         )
         .collect();
-    while let Some((index, result)) = polls.next().await {
+    let mut grace: Option<tokio::time::Instant> = None;
+    loop {
+        let next = match grace {
+            None => polls.next().await,
+            Some(until) => tokio::time::timeout_at(until, polls.next())
+                .await
+                .ok()
+                .flatten(),
+        };
+        let Some((index, result)) = next else {
+            break;
+        };
         let promoted = result.as_ref().is_ok_and(|status| {
             status.role() == Some(Role::Principal)
                 && status
@@ -440,8 +454,8 @@ async fn poll_round(
         if let Some(slot) = results.get_mut(index) {
             *slot = result;
         }
-        if promoted {
-            break;
+        if promoted && grace.is_none() {
+            grace = Some(tokio::time::Instant::now() + ROUND_GRACE);
         }
     }
     results
