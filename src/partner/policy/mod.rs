@@ -234,7 +234,25 @@ impl SessionState {
 /// a principal that lost its mirror runs exposed after TIMEOUT); with one
 /// only while its lease holds (I1, [`crate::roles::lease`]).
 pub fn has_quorum(state: &SessionState, observed: &Observation) -> bool {
-    state.witness.is_none() || lease_holds(observed.lease_from, observed.now, state.timeout())
+    state.witness.is_none()
+        || lease_holds(
+            observed.lease_from,
+            observed.now,
+            lease_timeout(state, observed),
+        )
+}
+
+/// The TIMEOUT a lease is measured with: this partner's, but never more
+/// than the one the witness's row holds, which is what the witness waits
+/// out (I1: a TIMEOUT raised here must not lengthen the lease before the
+/// witness knows it).
+pub fn lease_timeout(state: &SessionState, observed: &Observation) -> Duration {
+    let witness = observed
+        .witness
+        .row
+        .as_ref()
+        .map(|row| Duration::from_secs(row.timeout_secs));
+    witness.map_or(state.timeout(), |witness| witness.min(state.timeout()))
 }
 
 /// Whether the witness's row says, at this principal's epoch, that commits
@@ -256,7 +274,7 @@ pub fn fence_order(state: &SessionState, observed: &Observation) -> crate::partn
     }
     let end = observed
         .lease_from
-        .map(|from| from + lease_length(state.timeout()))
+        .map(|from| from + lease_length(lease_timeout(state, observed)))
         .unwrap_or_default();
     Order::Lease(end.saturating_sub(observed.now))
 }

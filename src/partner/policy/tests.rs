@@ -449,3 +449,21 @@ fn i3_the_mirror_follows_its_principal_to_another_witness() {
     let decision = tick(&state, &Memory::default(), &seen);
     assert_eq!(decision.state.unwrap().witness, Some(other));
 }
+
+#[test]
+fn i1_a_raised_timeout_does_not_lengthen_the_lease_before_the_witness_knows_it() {
+    let mut state = principal();
+    state.timeout_secs = 20;
+    let mut seen = observed("alpha");
+    // The witness's row still says 2 s: the lease is measured with 2 s.
+    seen.lease_from = Some(seen.now - lease_length(Duration::from_secs(2)));
+    assert!(!has_quorum(&state, &seen));
+    assert_eq!(
+        quorum_check(&state, &Memory::default(), &seen).actions,
+        [Action::CloseStreams, Action::Stop(StopMode::Immediate)]
+    );
+    let mut row = row("alpha", 1, true);
+    row.timeout_secs = 20;
+    seen.witness.row = Some(row);
+    assert!(has_quorum(&state, &seen));
+}
