@@ -199,6 +199,17 @@ impl Agent {
         Duration::from_secs(self.state().timeout_secs)
     }
 
+    /// How often to ping the peer and report to the witness: a fifth of the
+    /// TIMEOUT the lease is measured with (`policy::lease_timeout`), so that
+    /// a lease measured with the witness's smaller TIMEOUT is still renewed.
+    pub fn ping_every(&self) -> Duration {
+        let row = self.witness_status().row;
+        let lease = row.map_or(self.timeout(), |row| {
+            Duration::from_secs(row.timeout_secs).min(self.timeout())
+        });
+        ping_interval(lease)
+    }
+
     /// Closes every relayed stream: the walreceiver reconnects and finds
     /// out what the new situation allows.
     pub fn close_streams(&self) {

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::control::{ControlClient, ControlError, PeerView};
-use crate::partner::agent::{ping_interval, sleep_or_shutdown, Agent};
+use crate::partner::agent::{sleep_or_shutdown, Agent};
 use crate::sync::lock;
 
 /// Pings the peer over a control connection every interval; a ping not
@@ -17,7 +17,7 @@ use crate::sync::lock;
 pub async fn ping_peer(agent: Arc<Agent>) {
     while !agent.shutdown.is_cancelled() {
         let timeout = agent.timeout();
-        let interval = ping_interval(timeout);
+        let interval = agent.ping_every();
         let connected = tokio::time::timeout(
             timeout,
             ControlClient::connect(&agent.config.peer, &agent.tls),
@@ -66,7 +66,7 @@ pub async fn ping_peer(agent: Arc<Agent>) {
                     break;
                 }
             }
-            if !sleep_or_shutdown(&agent, ping_interval(timeout)).await {
+            if !sleep_or_shutdown(&agent, agent.ping_every()).await {
                 return;
             }
         }

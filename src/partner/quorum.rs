@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::control::{ControlClient, ControlError};
 use crate::partner::actions::carry_out;
-use crate::partner::agent::{ping_interval, sleep_or_shutdown, Agent};
+use crate::partner::agent::{sleep_or_shutdown, Agent};
 use crate::partner::fence::Fence;
 use crate::partner::policy::{self, PostgresObservation};
 use crate::partner::supervisor;
@@ -34,7 +34,7 @@ pub async fn ping_witness(agent: Arc<Agent>) {
         let timeout = agent.timeout();
         let Some(witness) = agent.state().witness else {
             *lock(&agent.witness) = Default::default();
-            if !sleep_or_shutdown(&agent, ping_interval(timeout)).await {
+            if !sleep_or_shutdown(&agent, agent.ping_every()).await {
                 return;
             }
             continue;
@@ -45,7 +45,7 @@ pub async fn ping_witness(agent: Arc<Agent>) {
             Ok(Ok(client)) => client,
             Ok(Err(err)) => {
                 witness_lost(&agent, &err.to_string());
-                if !sleep_or_shutdown(&agent, ping_interval(timeout)).await {
+                if !sleep_or_shutdown(&agent, agent.ping_every()).await {
                     return;
                 }
                 continue;
@@ -90,7 +90,7 @@ pub async fn ping_witness(agent: Arc<Agent>) {
                     break;
                 }
             }
-            if !sleep_or_shutdown(&agent, ping_interval(agent.timeout())).await {
+            if !sleep_or_shutdown(&agent, agent.ping_every()).await {
                 return;
             }
         }

@@ -143,9 +143,17 @@ impl Agent {
         self.durable.timeout_secs * 1000
     }
 
-    /// `ping_interval`: a fifth of TIMEOUT, 200 ms to 2 s.
+    /// `Agent::ping_every`: a fifth of the lease's TIMEOUT (the smaller of
+    /// its own and the witness row's), 200 ms to 2 s.
     pub fn interval_ms(&self) -> u64 {
-        (self.timeout_ms() / 5).clamp(200, 2000)
+        let row = self
+            .obs
+            .witness
+            .row
+            .as_ref()
+            .map(|row| row.timeout_secs * 1000);
+        let lease = row.map_or(self.timeout_ms(), |row| row.min(self.timeout_ms()));
+        (lease / 5).clamp(200, 2000)
     }
 
     /// `agent::shown`: until a promotion and its checkpoint are done the
