@@ -204,10 +204,10 @@ impl Agent {
     /// a lease measured with the witness's smaller TIMEOUT is still renewed.
     pub fn ping_every(&self) -> Duration {
         let row = self.witness_status().row;
-        let lease = row.map_or(self.timeout(), |row| {
-            Duration::from_secs(row.timeout_secs).min(self.timeout())
-        });
-        ping_interval(lease)
+        ping_interval(crate::partner::policy::lease_timeout(
+            &self.state(),
+            row.as_ref(),
+        ))
     }
 
     /// Closes every relayed stream: the walreceiver reconnects and finds

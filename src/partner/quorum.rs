@@ -113,11 +113,7 @@ fn witness_lost(agent: &Agent, why: &str) {
 pub async fn feed_fence(agent: Arc<Agent>, mut fence: Fence) {
     loop {
         let state = agent.state();
-        let postgres = match agent.engine.postmaster_pid() {
-            Some(_) => PostgresObservation::Unreadable,
-            None => PostgresObservation::Stopped,
-        };
-        let observed = agent.observation(postgres);
+        let observed = observe_without_sql(&agent);
         fence.order(policy::fence_order(&state, &observed)).await;
         tokio::select! {
             _ = tokio::time::sleep(WATCH_INTERVAL) => {}
@@ -128,16 +124,22 @@ pub async fn feed_fence(agent: Arc<Agent>, mut fence: Fence) {
     fence.exit().await;
 }
 
+/// What the fence and the quorum rules need, without asking PostgreSQL
+/// anything: only whether a postmaster runs (they must not wait on SQL).
+fn observe_without_sql(agent: &Agent) -> policy::Observation {
+    let postgres = match agent.engine.postmaster_pid() {
+        Some(_) => PostgresObservation::Unreadable,
+        None => PostgresObservation::Stopped,
+    };
+    agent.observation(postgres)
+}
+
 /// Checks the quorum rules ten times a second.
 pub async fn watch_quorum(agent: Arc<Agent>) {
     let mut last_request = Instant::now() - PROMOTION_RETRY;
     while sleep_or_shutdown(&agent, WATCH_INTERVAL).await {
         let state = agent.state();
-        let postgres = match agent.engine.postmaster_pid() {
-            Some(_) => PostgresObservation::Unreadable,
-            None => PostgresObservation::Stopped,
-        };
-        let observed = agent.observation(postgres);
+        let observed = observe_without_sql(&agent);
         let fence = agent.decide(|memory| policy::quorum_check(&state, memory, &observed));
         if !fence.actions.is_empty() {
             // I1: not under the operations lock, so that a command or tick

@@ -238,7 +238,7 @@ pub fn has_quorum(state: &SessionState, observed: &Observation) -> bool {
         || lease_holds(
             observed.lease_from,
             observed.now,
-            lease_timeout(state, observed),
+            lease_timeout(state, observed.witness.row.as_ref()),
         )
 }
 
@@ -246,12 +246,8 @@ pub fn has_quorum(state: &SessionState, observed: &Observation) -> bool {
 /// than the one the witness's row holds, which is what the witness waits
 /// out (I1: a TIMEOUT raised here must not lengthen the lease before the
 /// witness knows it).
-pub fn lease_timeout(state: &SessionState, observed: &Observation) -> Duration {
-    let witness = observed
-        .witness
-        .row
-        .as_ref()
-        .map(|row| Duration::from_secs(row.timeout_secs));
+pub fn lease_timeout(state: &SessionState, witness_row: Option<&RoleRow>) -> Duration {
+    let witness = witness_row.map(|row| Duration::from_secs(row.timeout_secs));
     witness.map_or(state.timeout(), |witness| witness.min(state.timeout()))
 }
 
@@ -274,7 +270,7 @@ pub fn fence_order(state: &SessionState, observed: &Observation) -> crate::partn
     }
     let end = observed
         .lease_from
-        .map(|from| from + lease_length(lease_timeout(state, observed)))
+        .map(|from| from + lease_length(lease_timeout(state, observed.witness.row.as_ref())))
         .unwrap_or_default();
     Order::Lease(end.saturating_sub(observed.now))
 }
