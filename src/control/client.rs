@@ -189,24 +189,15 @@ impl ControlClient {
     }
 
     /// Witness: the principal records whether its commits wait for the
-    /// mirror; answered with the session's row.
-    pub async fn set_synchronized(
-        &mut self,
-        session: String,
-        name: String,
-        epoch: Epoch,
-        synchronized: bool,
-    ) -> Result<Option<RoleRow>, ControlError> {
-        self.set_synchronized_within(session, name, epoch, synchronized, REQUEST_TIMEOUT)
-            .await
-    }
-
+    /// mirror (SYNCHRONIZED only on the row version `based_on`, when given);
+    /// answered with the session's row.
     pub async fn set_synchronized_within(
         &mut self,
         session: String,
         name: String,
         epoch: Epoch,
         synchronized: bool,
+        based_on: Option<u64>,
         limit: Duration,
     ) -> Result<Option<RoleRow>, ControlError> {
         let request = Request::Witness(WitnessRequest::SetSynchronized {
@@ -214,6 +205,7 @@ impl ControlClient {
             name,
             epoch,
             synchronized,
+            based_on,
         });
         match self.call_within(&request, limit).await? {
             Response::Row(row) => Ok(row),

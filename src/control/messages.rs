@@ -128,6 +128,11 @@ pub struct RoleRow {
     /// granted here (I1, I3).
     #[serde(default)]
     pub detached: bool,
+    /// Grows with every write of the row at this witness (its history line's
+    /// id): a principal records SYNCHRONIZED only on the row it read, so a
+    /// late request never undoes a later "not synchronized" (I2).
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// Why a mirror asks the witness to make it principal.
@@ -173,6 +178,10 @@ pub enum WitnessRequest {
         name: String,
         epoch: Epoch,
         synchronized: bool,
+        /// SYNCHRONIZED is recorded only while the row is still at this
+        /// version (the one the principal decided on).
+        #[serde(default)]
+        based_on: Option<u64>,
     },
     /// A mirror asks to become principal at `epoch` + 1.
     Promote(PromotionRequest),

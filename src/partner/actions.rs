@@ -130,8 +130,11 @@ async fn carry_out_one(agent: &Arc<Agent>, action: Action) -> Result<Next, OpErr
             }
         }
         Action::RequireSync(synchronous) => require_sync(agent, synchronous).await?,
-        Action::RecordAtWitness { synchronized } => {
-            if !record_at_witness(agent, synchronized).await {
+        Action::RecordAtWitness {
+            synchronized,
+            based_on,
+        } => {
+            if !record_at_witness(agent, synchronized, based_on).await {
                 return Ok(Next::Stop);
             }
         }
@@ -298,21 +301,28 @@ pub async fn ask_witness<T>(
 
 /// Asks the witness to record whether this principal's commits wait for
 /// the mirror; false when it did not.
-pub async fn record_at_witness(agent: &Agent, synchronized: bool) -> bool {
+pub async fn record_at_witness(agent: &Agent, synchronized: bool, based_on: Option<u64>) -> bool {
     let state = agent.state();
     let Some(witness) = state.witness.clone() else {
         return true;
     };
+    // Until answered, this record (or, at start, one of an earlier run)
+    // may land: no exposure rests on an older row (I2).
+    lock(&agent.witness).exposure_recorded_at = None;
     let session = agent.config.session.clone();
     let name = agent.config.name.clone();
     let request = async |client: &mut ControlClient, limit| {
         client
-            .set_synchronized_within(session, name, state.epoch, synchronized, limit)
+            .set_synchronized_within(session, name, state.epoch, synchronized, based_on, limit)
             .await
     };
     match ask_witness(agent, &witness, request).await {
         Ok(row) => {
-            lock(&agent.witness).row = row;
+            let mut status = lock(&agent.witness);
+            if !synchronized {
+                status.exposure_recorded_at = row.as_ref().map(|row| row.witness_id);
+            }
+            status.row = row;
             true
         }
         Err(err) => {

@@ -43,6 +43,8 @@ pub struct WitnessStatus {
     pub row: Option<RoleRow>,
     pub last_heard: Option<Instant>,
     pub connected: bool,
+    /// See `WitnessObservation::exposure_recorded_at`.
+    pub exposure_recorded_at: Option<u64>,
 }
 
 /// What the supervisor last read from the local PostgreSQL.
@@ -188,6 +190,7 @@ impl Agent {
             witness: WitnessObservation {
                 row: witness.row,
                 connected: witness.connected,
+                exposure_recorded_at: witness.exposure_recorded_at,
             },
             postgres,
             lease_from: *lock(&self.lease_from),

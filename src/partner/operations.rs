@@ -21,6 +21,7 @@ use crate::partner::actions::{
 };
 use crate::partner::agent::Agent;
 use crate::partner::peer::peer_heard;
+use crate::partner::policy;
 use crate::partner::policy::commands::{self, check, Facts, Plan, Route, WitnessAnswer};
 use crate::partner::supervisor;
 use crate::roles::{Epoch, Role};
@@ -69,7 +70,7 @@ fn answer_ping(agent: &Agent, view: PeerView) -> Response {
         ));
     }
     let from_principal = view.role == Role::Principal && state.role == Role::Mirror;
-    if from_principal && agent.memory().refusing_principal {
+    if from_principal && policy::refuses_principal(&state, &agent.memory()) {
         return Response::Refused(
             "this mirror has lost its principal and is asking the witness for the principal role"
                 .into(),
@@ -378,6 +379,10 @@ async fn force_service(agent: &Arc<Agent>) -> Result<String, OpError> {
         start_mirror(agent).await?;
     }
     let received = received_lsn(agent).await;
+    if agent.state().witness.is_some() {
+        let asks = agent.decide(|memory| commands::forced_service_asks(&agent.state(), memory));
+        carry_out(agent, asks).await?;
+    }
     let witness = ask_witness_to_promote(agent, PromotionKind::Forced, received).await;
     let state = agent.state();
     let decision = commands::forced_service(&state, &agent.memory(), received, &witness)

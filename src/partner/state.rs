@@ -82,6 +82,12 @@ pub struct SessionState {
     /// witness says who is principal (I1).
     #[serde(default)]
     pub handing_over: Option<HandOver>,
+    /// This mirror asked the witness for the principal role at this epoch
+    /// and has not seen the witness's row since: until it has, it answers
+    /// no ping of the principal, across restarts too (I1: a grant it missed
+    /// would otherwise be followed by answers renewing the old lease).
+    #[serde(default)]
+    pub asked_promotion: Option<Epoch>,
 }
 
 /// A takeover this principal asked of its mirror.
@@ -117,6 +123,7 @@ impl SessionState {
             witness: None,
             promoting: false,
             handing_over: None,
+            asked_promotion: None,
         }
     }
 }
@@ -131,6 +138,7 @@ impl SessionState {
         self.synchronized = false;
         self.promoting = false;
         self.handing_over = None;
+        self.asked_promotion = None;
         self.state = if suspended {
             MirroringState::Suspended
         } else {

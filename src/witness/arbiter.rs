@@ -31,6 +31,7 @@ pub fn on_report(row: Option<&RoleRow>, view: &PeerView) -> Option<Change> {
                 failover_lsn: None,
                 witness_id: 0,
                 detached: false,
+                version: 0,
             },
             event: "Session Created",
         });
@@ -76,11 +77,16 @@ pub fn on_report(row: Option<&RoleRow>, view: &PeerView) -> Option<Change> {
 /// synchronized" is also taken from a principal at a later epoch than the
 /// row's (a role switch this witness missed, or a witness newly set): the
 /// row then carries that epoch (I2).
+///
+/// SYNCHRONIZED is recorded only on the row version it was decided on
+/// (`based_on`): a request that arrives late, after the principal recorded
+/// "not synchronized" and let commits stop waiting, is refused (I2).
 pub fn set_synchronized(
     row: Option<&RoleRow>,
     name: &str,
     epoch: crate::roles::Epoch,
     synchronized: bool,
+    based_on: Option<u64>,
 ) -> Result<Change, String> {
     let row = row.ok_or("the witness has no row for this session yet")?;
     let carried = !synchronized && epoch > row.epoch;
@@ -88,6 +94,12 @@ pub fn set_synchronized(
         return Err(format!(
             "{name} at role_sequence {epoch} is not the principal; the witness has {} at {}",
             row.principal, row.epoch
+        ));
+    }
+    if let Some(seen) = based_on.filter(|seen| synchronized && *seen != row.version) {
+        return Err(format!(
+            "the row changed since {name} read it (version {seen}, now {}); it reads it again",
+            row.version
         ));
     }
     let mut next = row.clone();
@@ -123,7 +135,7 @@ pub fn detach(
     let Some(row) = row else {
         return Ok(None);
     };
-    let mut change = set_synchronized(Some(row), name, epoch, false)?;
+    let mut change = set_synchronized(Some(row), name, epoch, false, None)?;
     change.row.detached = true;
     change.event = "Session Left the Witness";
     Ok(Some(change))
@@ -228,7 +240,7 @@ mod tests {
         let with_mirror = on_report(Some(&created), &view("beta", Role::Mirror, 1))
             .unwrap()
             .row;
-        set_synchronized(Some(&with_mirror), "alpha", Epoch(1), true)
+        set_synchronized(Some(&with_mirror), "alpha", Epoch(1), true, None)
             .unwrap()
             .row
     }
@@ -277,7 +289,7 @@ mod tests {
         let forced = request(PromotionKind::Forced, 1, None);
         assert!(promote(Some(&row), &forced, Duration::from_secs(2)).is_err());
         assert!(promote(Some(&row), &forced, quiet).unwrap().row.suspended);
-        let exposed = set_synchronized(Some(&row), "alpha", Epoch(1), false)
+        let exposed = set_synchronized(Some(&row), "alpha", Epoch(1), false, None)
             .unwrap()
             .row;
         let refused = promote(Some(&exposed), &automatic, quiet);
@@ -287,14 +299,28 @@ mod tests {
     }
 
     #[test]
+    fn a_late_synchronized_record_never_undoes_a_later_exposure() {
+        let exposed = RoleRow {
+            synchronized: false,
+            version: 8,
+            ..synchronized_row()
+        };
+        // I2: decided on version 7, arriving after the exposure wrote 8.
+        let late = set_synchronized(Some(&exposed), "alpha", Epoch(1), true, Some(7));
+        assert!(late.unwrap_err().contains("changed since"));
+        let current = set_synchronized(Some(&exposed), "alpha", Epoch(1), true, Some(8));
+        assert!(current.unwrap().row.synchronized);
+    }
+
+    #[test]
     fn only_the_current_principal_may_run_exposed() {
         let row = synchronized_row();
-        assert!(set_synchronized(Some(&row), "beta", Epoch(1), false).is_err());
-        assert!(set_synchronized(Some(&row), "alpha", Epoch(0), false).is_err());
+        assert!(set_synchronized(Some(&row), "beta", Epoch(1), false, None).is_err());
+        assert!(set_synchronized(Some(&row), "alpha", Epoch(0), false, None).is_err());
         // "Synchronized" only at the row's epoch ...
-        assert!(set_synchronized(Some(&row), "beta", Epoch(2), true).is_err());
+        assert!(set_synchronized(Some(&row), "beta", Epoch(2), true, None).is_err());
         // ... "not synchronized" also carries a later epoch to the row (I2).
-        let carried = set_synchronized(Some(&row), "beta", Epoch(2), false)
+        let carried = set_synchronized(Some(&row), "beta", Epoch(2), false, None)
             .unwrap()
             .row;
         assert_eq!(

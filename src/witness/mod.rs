@@ -132,10 +132,11 @@ impl Witness {
                 name,
                 epoch,
                 synchronized,
+                based_on,
             } => {
                 self.heard(&session, &name);
                 let outcome = self.decide(&session, |row| {
-                    arbiter::set_synchronized(row, &name, epoch, synchronized).map(Some)
+                    arbiter::set_synchronized(row, &name, epoch, synchronized, based_on).map(Some)
                 })?;
                 Ok(answer(outcome))
             }

@@ -17,9 +17,13 @@ use crate::witness::arbiter::Change;
 const SCHEMA: &str = include_str!("../../sql/witness.sql");
 
 /// The role table's columns in the order [`read_row`] reads them.
+/// A row's version is the id of its latest history line, which every write
+/// adds (AUTOINCREMENT: never reused, so versions only grow).
 const COLUMNS: &str = "session, principal, mirror, epoch, safety, safety_sequence, suspended, \
                        synchronized, timeout_secs, failover_lsn, EXISTS (SELECT 1 FROM \
-                       detached_sessions AS d WHERE d.session = role_table.session)";
+                       detached_sessions AS d WHERE d.session = role_table.session), \
+                       COALESCE((SELECT MAX(h.id) FROM history AS h \
+                       WHERE h.session = role_table.session), 0)";
 
 #[derive(Debug, thiserror::Error)]
 #[error("role table {path}: {source}")]
@@ -207,9 +211,11 @@ impl RoleStore {
                 ],
             )
             .map_err(wrap)?;
+        let version = transaction.last_insert_rowid() as u64;
         transaction.commit().map_err(wrap)?;
         Ok(Ok(Some(RoleRow {
             witness_id: self.identity,
+            version,
             ..change.row
         })))
     }
@@ -259,6 +265,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RoleRow> {
         // Not a column: the store names itself in every row it answers with.
         witness_id: 0,
         detached: r.get(10)?,
+        version: r.get(11)?,
     })
 }
 
@@ -280,6 +287,7 @@ mod tests {
             failover_lsn: None,
             witness_id: 0,
             detached: false,
+            version: 0,
         }
     }
 
@@ -301,22 +309,24 @@ mod tests {
         let path = dir.path().join("witness.sqlite");
         let mut store = RoleStore::open(&path).unwrap();
         let identity = store.identity;
-        let row = |epoch, principal| RoleRow {
+        // Each write is a new version of the row (I2: `arbiter::set_synchronized`).
+        let row = |epoch, principal, version| RoleRow {
             witness_id: identity,
+            version,
             ..row(epoch, principal)
         };
-        let created = store.update("shop", set(row(1, "alpha"), "Session Created"));
-        assert_eq!(created.unwrap(), Ok(Some(row(1, "alpha"))));
-        let stale = store.update("shop", set(row(1, "beta"), "Session Created"));
+        let created = store.update("shop", set(row(1, "alpha", 0), "Session Created"));
+        assert_eq!(created.unwrap(), Ok(Some(row(1, "alpha", 1))));
+        let stale = store.update("shop", set(row(1, "beta", 0), "Session Created"));
         assert!(stale.unwrap().is_err());
-        let failover = store.update("shop", set(row(2, "beta"), "Automatic Failover"));
-        assert_eq!(failover.unwrap(), Ok(Some(row(2, "beta"))));
+        let failover = store.update("shop", set(row(2, "beta", 0), "Automatic Failover"));
+        assert_eq!(failover.unwrap(), Ok(Some(row(2, "beta", 2))));
         let unchanged = store.update("shop", |_| Ok(None)).unwrap();
-        assert_eq!(unchanged, Ok(Some(row(2, "beta"))));
+        assert_eq!(unchanged, Ok(Some(row(2, "beta", 2))));
         drop(store);
         let store = RoleStore::open(&path).unwrap();
         // The same witness after a restart: same identity, same row.
-        assert_eq!(store.get("shop").unwrap(), Some(row(2, "beta")));
+        assert_eq!(store.get("shop").unwrap(), Some(row(2, "beta", 2)));
         let other = RoleStore::open(&dir.path().join("other.sqlite")).unwrap();
         assert_ne!(other.identity, identity);
         let events: Vec<String> = store

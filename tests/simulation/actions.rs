@@ -30,7 +30,7 @@ pub fn pack_actions(actions: &[Action]) -> u64 {
             Action::Rewind => (6, false),
             Action::TakeCopy => (7, false),
             Action::RequireSync(sync) => (8, *sync),
-            Action::RecordAtWitness { synchronized } => (9, *synchronized),
+            Action::RecordAtWitness { synchronized, .. } => (9, *synchronized),
             Action::AskPromotion { .. } => (10, false),
             Action::CloseStreams => (11, false),
             Action::FinishPromotion { .. } => (12, false),
@@ -170,10 +170,15 @@ impl World {
                 let delay = self.rng.range(5, 20);
                 self.wait_action(a, delay, Post::None)
             }
-            Action::RecordAtWitness { synchronized } => {
+            Action::RecordAtWitness {
+                synchronized,
+                based_on,
+            } => {
                 let Some(witness) = self.agents[a].durable.witness.as_ref().map(witness_of) else {
                     return Started::Done;
                 };
+                // `actions::record_at_witness`: until answered, it may land.
+                self.agents[a].obs.witness.exposure_recorded_at = None;
                 let req = self.req();
                 let epoch = self.agents[a].durable.epoch;
                 self.log(a, "record", witness as u64, u64::from(synchronized), "");
@@ -185,10 +190,11 @@ impl World {
                         req,
                         epoch,
                         synchronized,
+                        based_on,
                     },
-                    Purpose::Record,
+                    Purpose::Record(synchronized),
                 );
-                Started::Wait(Wait::Request(req, Purpose::Record))
+                Started::Wait(Wait::Request(req, Purpose::Record(synchronized)))
             }
             Action::AskPromotion {
                 kind,

@@ -15,7 +15,8 @@ use std::collections::VecDeque;
 
 use pgmirror::control::{Command, PromotionKind};
 use pgmirror::partner::policy::commands::{
-    failover_answered, failover_hand_over, forced_service, TakeOverAnswer, WitnessAnswer,
+    failover_answered, failover_hand_over, forced_service, forced_service_asks, TakeOverAnswer,
+    WitnessAnswer,
 };
 use pgmirror::partner::policy::{automatic_failover, granted, tick, Action, Decision};
 use pgmirror::partner::state::HandOver;
@@ -103,8 +104,9 @@ pub enum Post {
 pub enum Purpose {
     /// Action::HandOver: the answer goes to `failover_answered`.
     HandOver(HandOver),
-    /// Action::RecordAtWitness: no row drops the rest of the list.
-    Record,
+    /// Action::RecordAtWitness (of this sync state): no row drops the
+    /// rest of the list.
+    Record(bool),
     /// Action::AskPromotion: a row is a grant (`policy::granted`).
     Ask,
     /// The stage's own request.
@@ -397,13 +399,17 @@ impl World {
                 );
                 self.follow_up(a, decision);
             }
-            Purpose::Record => {
+            Purpose::Record(synchronized) => {
                 if let Some(Msg::Witness {
                     reply: WitnessReply::Row(row),
                     ..
                 }) = reply
                 {
-                    self.agents[a].obs.witness.row = row;
+                    let witness = &mut self.agents[a].obs.witness;
+                    if !synchronized {
+                        witness.exposure_recorded_at = row.as_ref().map(|row| row.witness_id);
+                    }
+                    witness.row = row;
                 } else {
                     self.log(a, "not recorded", 0, 0, "the rest of the actions dropped");
                     if let Some(running) = self.agents[a].running.as_mut() {
@@ -518,6 +524,9 @@ impl World {
                 }
                 match self.agents[a].durable.witness.as_ref().map(witness_of) {
                     Some(witness) => {
+                        let agent = &self.agents[a];
+                        let asks = forced_service_asks(&agent.durable, &agent.memory);
+                        self.decide(a, asks, "decide");
                         self.ask_witness_promote(a, witness, PromotionKind::Forced, lsn)
                     }
                     None => self.forced_with(a, lsn, &WitnessAnswer::NoWitness),

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use pgmirror::control::PeerView;
-use pgmirror::partner::policy::WitnessObservation;
+use pgmirror::partner::policy::{refuses_principal, WitnessObservation};
 use pgmirror::roles::Role;
 
 use crate::agent::AgentEv;
@@ -255,9 +255,9 @@ impl World {
     /// earlier epoch, since its Pong would look like a mirror's (I1); once
     /// shown, the Pong tells the old principal to step down and renews no
     /// lease there. A mirror that is asking the witness for the principal
-    /// role (`memory.refusing_principal` as it is now) refuses its
-    /// principal's ping (I1); otherwise it records the peer and, for its
-    /// principal, when it answered.
+    /// role (`policy::refuses_principal`) refuses its principal's ping (I1);
+    /// otherwise it records the peer and, for its principal, when it
+    /// answered.
     fn answer_ping(&mut self, a: usize, from: u8, req: u64, view: PeerView) {
         let state = &self.agents[a].durable;
         if state.promoting && view.role == Role::Principal && view.epoch < state.epoch {
@@ -265,7 +265,7 @@ impl World {
             return;
         }
         let from_principal = view.role == Role::Principal && state.role == Role::Mirror;
-        if from_principal && self.agents[a].memory.refusing_principal {
+        if from_principal && refuses_principal(state, &self.agents[a].memory) {
             self.send(a, Proc::Agent(from), Msg::PingRefused { req });
             return;
         }

@@ -105,11 +105,12 @@ impl World {
                 req,
                 epoch,
                 synchronized,
+                based_on,
             } => {
                 self.witnesses[w].heard[from as usize] = Some(now);
                 let name = HOST_NAMES[from as usize];
                 let outcome = self.witness_update(w, None, |row| {
-                    arbiter::set_synchronized(row, name, epoch, synchronized).map(Some)
+                    arbiter::set_synchronized(row, name, epoch, synchronized, based_on).map(Some)
                 });
                 self.witness_answer(w, Proc::Agent(from), req, outcome);
             }
@@ -162,8 +163,10 @@ impl World {
             None => return Ok(current),
             Some(change) => change,
         };
+        // The store's version: the id of the history line each write adds.
         let row = RoleRow {
             witness_id: witness_identity(w),
+            version: current.map_or(0, |row| row.version) + 1,
             ..change.row
         };
         self.witnesses[w].row = Some(row.clone());

@@ -102,6 +102,7 @@ pub enum Msg {
         req: u64,
         epoch: Epoch,
         synchronized: bool,
+        based_on: Option<u64>,
     },
     Promote {
         from: u8,

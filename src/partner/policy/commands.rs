@@ -356,6 +356,14 @@ pub fn take_over(
     Ok(decision)
 }
 
+/// Forced service on the mirror, before it asks the witness: it stops
+/// answering its principal (I1, [`super::asking`]).
+pub fn forced_service_asks(state: &SessionState, memory: &Memory) -> Decision {
+    let mut decision = Decision::new(memory);
+    super::asking(state, &mut decision);
+    decision
+}
+
 /// Forced service on the mirror once the witness (if any) granted it:
 /// principal at the next epoch, session SUSPENDED (spec 39-40).
 pub fn forced_service(

@@ -63,6 +63,11 @@ pub struct WitnessObservation {
     pub row: Option<RoleRow>,
     /// It answered a report within TIMEOUT.
     pub connected: bool,
+    /// The identity of the witness that answered this agent's last record
+    /// of the sync state, when that record was "not synchronized". None
+    /// since a SYNCHRONIZED record was sent (it may still land), after a
+    /// record failed, and at start (a record of an earlier run may).
+    pub exposure_recorded_at: Option<u64>,
 }
 
 /// The local PostgreSQL as the agent last read it.
@@ -159,7 +164,11 @@ pub enum Action {
     /// Ask the witness to record whether commits wait for the mirror. If it
     /// does not, the rest of the action list is dropped (I2: whatever
     /// follows may rely on it).
-    RecordAtWitness { synchronized: bool },
+    /// SYNCHRONIZED is recorded only on the row version it was decided on.
+    RecordAtWitness {
+        synchronized: bool,
+        based_on: Option<u64>,
+    },
     /// Ask the witness to make this mirror principal at the next epoch;
     /// `principal_answered_ago`: since this mirror last answered the
     /// principal (or, if it did not, since it started), on its own clock.
@@ -252,12 +261,18 @@ pub fn lease_timeout(state: &SessionState, witness_row: Option<&RoleRow>) -> Dur
 }
 
 /// Whether the witness's row says, at this principal's epoch, that commits
-/// need not wait for the mirror. Only then, or without a witness, may they
-/// stop waiting (I2).
+/// need not wait for the mirror, and this agent's own last record there
+/// wrote it: a SYNCHRONIZED record whose answer was lost may have landed
+/// after the row was read, and one that lands after the exposure is refused
+/// by its version. Only then, or without a witness, may commits stop
+/// waiting (I2).
 pub fn witness_allows_exposure(state: &SessionState, observed: &Observation) -> bool {
     state.witness.is_none()
         || observed.witness.row.as_ref().is_some_and(|row| {
-            row.epoch == state.epoch && row.principal == observed.name && !row.synchronized
+            row.epoch == state.epoch
+                && row.principal == observed.name
+                && !row.synchronized
+                && observed.witness.exposure_recorded_at == Some(row.witness_id)
         })
 }
 
@@ -336,10 +351,39 @@ pub fn automatic_failover(
     if answered_ago < takeover_wait(state.timeout()) {
         return decision;
     }
+    asking(state, &mut decision);
     decision.act(Action::AskPromotion {
         kind: PromotionKind::Automatic,
         principal_answered_ago: answered_ago,
     })
+}
+
+/// This mirror is about to ask the witness for the principal role: from
+/// now on, across restarts too, it answers no ping of its principal until
+/// the witness's row shows the outcome (I1; see [`refuses_principal`]).
+pub fn asking(state: &SessionState, decision: &mut Decision) {
+    if state.asked_promotion != Some(state.epoch) {
+        decision.change(state, |state| state.asked_promotion = Some(state.epoch));
+    }
+}
+
+/// The witness answered this agent (since it started) with a row that
+/// makes it principal at no later epoch (a detached row grants nothing).
+fn witness_grants_nothing(observed: &Observation) -> bool {
+    observed.witness.connected
+        && observed
+            .witness
+            .row
+            .as_ref()
+            .is_some_and(|row| row.principal != observed.name || row.detached)
+}
+
+/// Whether this partner refuses a ping of its principal: while it asks the
+/// witness for the principal role, and, after a restart, until the witness
+/// has shown it the row its last request may have changed (I1).
+pub fn refuses_principal(state: &SessionState, memory: &Memory) -> bool {
+    state.role == Role::Mirror
+        && (memory.refusing_principal || state.asked_promotion == Some(state.epoch))
 }
 
 /// The periodic decision: keep PostgreSQL in the role the durable state
@@ -349,6 +393,13 @@ pub fn tick(state: &SessionState, memory: &Memory, observed: &Observation) -> De
     let mut decision = Decision::new(memory);
     if follow_witness(state, observed, &mut decision) {
         return decision;
+    }
+    let granting = state.witness.is_some() && !witness_grants_nothing(observed);
+    if state.asked_promotion.is_some() && observed.peer.connected && !granting {
+        // A request of this mirror was refused or never arrived, or its
+        // principal left that witness (which then grants nothing): it may
+        // answer its principal again.
+        decision.change(state, |state| state.asked_promotion = None);
     }
     let peer = observed
         .peer

@@ -192,9 +192,10 @@ fn serve(
                 && (!row.synchronized || row.detached)
         });
         if state.witness.is_some() && synchronized && caught_up && row_unsynchronized {
-            decision
-                .actions
-                .push(Action::RecordAtWitness { synchronized: true });
+            decision.actions.push(Action::RecordAtWitness {
+                synchronized: true,
+                based_on: observed.witness.row.as_ref().map(|row| row.version),
+            });
         }
     } else {
         stop_waiting(state, observed, &mut decision);
@@ -212,6 +213,7 @@ pub(super) fn stop_waiting(state: &SessionState, observed: &Observation, decisio
     if !witness_allows_exposure(state, observed) {
         decision.actions.push(Action::RecordAtWitness {
             synchronized: false,
+            based_on: None,
         });
         return;
     }

@@ -47,6 +47,7 @@ fn row(principal: &str, epoch: u64, synchronized: bool) -> RoleRow {
         failover_lsn: None,
         witness_id: 1,
         detached: false,
+        version: 4,
     }
 }
 
@@ -84,6 +85,7 @@ fn observed(name: &str) -> Observation {
         witness: WitnessObservation {
             row: Some(row("alpha", 1, true)),
             connected: true,
+            exposure_recorded_at: None,
         },
         postgres: PostgresObservation::Principal {
             flushed: Lsn(100),
@@ -177,12 +179,18 @@ fn i2_the_principal_runs_exposed_only_after_the_witness_recorded_it() {
     assert_eq!(
         decision.actions,
         [Action::RecordAtWitness {
-            synchronized: false
+            synchronized: false,
+            based_on: None
         }]
     );
     assert_eq!(decision.memory.applied_sync, Some(true));
-    // Once the witness says so, commits stop waiting.
+    // The row says so, but not in answer to this agent's record: a
+    // SYNCHRONIZED record whose answer was lost may have landed since.
     seen.witness.row = Some(row("alpha", 1, false));
+    let decision = tick(&state, &memory, &seen);
+    assert!(!decision.actions.contains(&Action::RequireSync(false)));
+    // Once the witness answered this agent's record, commits stop waiting.
+    seen.witness.exposure_recorded_at = Some(1);
     let decision = tick(&state, &memory, &seen);
     assert_eq!(decision.actions, [Action::RequireSync(false)]);
     // A row of another epoch does not count.
@@ -204,6 +212,7 @@ fn i2_a_restarted_principal_waits_for_the_mirror_until_the_witness_agrees() {
         [Action::StartPrincipal { synchronous: true }]
     );
     seen.witness.row = Some(row("alpha", 1, false));
+    seen.witness.exposure_recorded_at = Some(1);
     let decision = tick(&state, &Memory::default(), &seen);
     assert_eq!(
         decision.actions,
@@ -254,7 +263,10 @@ fn i2_synchronized_means_the_requirement_is_in_force_and_the_mirror_flushed() {
     );
     assert_eq!(
         decision.actions,
-        [Action::RecordAtWitness { synchronized: true }]
+        [Action::RecordAtWitness {
+            synchronized: true,
+            based_on: Some(4)
+        }]
     );
 }
 
@@ -272,13 +284,15 @@ fn i2_suspend_records_at_the_witness_before_commits_stop_waiting() {
         decision.actions,
         [
             Action::RecordAtWitness {
-                synchronized: false
+                synchronized: false,
+                based_on: None
             },
             Action::CloseStreams
         ]
     );
     let mut agreed = seen.clone();
     agreed.witness.row = Some(row("alpha", 1, false));
+    agreed.witness.exposure_recorded_at = Some(1);
     let Plan::Change(decision) = commands::apply(
         &Command::Safety(Safety::Off),
         &state,
@@ -359,6 +373,22 @@ fn i1_the_mirror_stops_answering_before_it_asks_for_the_principal_role() {
             ..
         }]
     ));
+    // The request is on record before it leaves: restarted, the mirror
+    // still refuses its principal (whose lease a grant it missed would
+    // otherwise renew) until the witness's row shows no grant.
+    let asked = decision.state.clone().expect("recorded before asking");
+    assert!(refuses_principal(&asked, &Memory::default()));
+    let mut back = observed("beta");
+    back.postgres = seen.postgres.clone();
+    back.witness.row = None;
+    let unheard = tick(&asked, &Memory::default(), &back).state;
+    assert!(refuses_principal(
+        unheard.as_ref().unwrap_or(&asked),
+        &Memory::default()
+    ));
+    back.witness.row = Some(row("alpha", 1, true));
+    let heard = tick(&asked, &Memory::default(), &back).state.unwrap();
+    assert!(!refuses_principal(&heard, &Memory::default()));
     // I3: not for a row the witness holds as not synchronized.
     seen.witness.row = Some(row("alpha", 1, false));
     let decision = automatic_failover(&state, &Memory::default(), &seen);
