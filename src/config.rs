@@ -443,6 +443,35 @@ fn default_hold_timeout() -> u64 {
     30
 }
 
+/// `[tcp]` of the proxy: how a dead peer is noticed on an idle or stuck
+/// connection (a client that vanished, a server behind a cut link).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpConfig {
+    /// Seconds of silence before the first keepalive probe; 0 turns
+    /// keepalives off.
+    pub keepalive_idle: u64,
+    /// Seconds between probes.
+    pub keepalive_interval: u64,
+    /// Unanswered probes before the connection is dropped.
+    pub keepalive_count: u32,
+    /// Seconds sent data may stay unacknowledged before the connection is
+    /// dropped (TCP_USER_TIMEOUT); 0 leaves the system's default, as
+    /// PgBouncer's tcp_user_timeout does.
+    pub user_timeout: u64,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig {
+            keepalive_idle: 30,
+            keepalive_interval: 10,
+            keepalive_count: 3,
+            user_timeout: 0,
+        }
+    }
+}
+
 /// `pgmirror proxy`: routes clients to the current principal.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -457,6 +486,9 @@ pub struct ProxyConfig {
     /// Seconds a new connection is held while no principal serves.
     #[serde(default = "default_hold_timeout")]
     pub hold_timeout: u64,
+    /// TCP keepalive and TCP_USER_TIMEOUT on client and server sockets.
+    #[serde(default)]
+    pub tcp: TcpConfig,
     /// The session for dbnames no session lists.
     pub default_session: Option<String>,
     pub metrics: Option<ListenAddr>,
@@ -501,6 +533,14 @@ impl Validate for ProxyConfig {
         }
         if let Some(tls) = &self.endpoint_tls {
             tls.validate("endpoint_tls")?;
+        }
+        if self.tcp.keepalive_idle > 0
+            && (self.tcp.keepalive_interval == 0 || self.tcp.keepalive_count == 0)
+        {
+            return Err(Invalid::new(
+                "tcp",
+                "keepalive_interval and keepalive_count must be at least 1 when keepalive_idle is set (keepalive_idle = 0 turns keepalives off)",
+            ));
         }
         validate_timeout("startup_timeout", self.startup_timeout)?;
         validate_timeout("hold_timeout", self.hold_timeout)

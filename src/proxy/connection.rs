@@ -55,8 +55,15 @@ const SPLICE_BUFFER_MAX: usize = 64 * 1024;
 const MAX_AUTH_BUFFER: usize = 256 * 1024;
 /// How long one connect to a server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pause between connect attempts while a client is held.
-const HOLD_RETRY: Duration = Duration::from_millis(200);
+/// How long the goodbye (TLS close_notify) to a client may take.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// First pause between connect attempts while a client is held; it
+/// doubles up to [`HOLD_RETRY_MAX`], each drawn with ±50% jitter.
+const HOLD_RETRY_FIRST: Duration = Duration::from_millis(100);
+const HOLD_RETRY_MAX: Duration = Duration::from_secs(2);
+/// What a held client may send before it is authenticated (a pipelining
+/// client's first messages), kept for its server.
+const MAX_EARLY_CLIENT_BYTES: usize = 64 * 1024;
 
 /// Why a connection ended, or could not start.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +88,14 @@ pub enum ConnError {
     Server(#[from] crate::wire::frame::FrameError),
     #[error("server sent more than {MAX_AUTH_BUFFER} bytes before ReadyForQuery")]
     ServerTooChatty,
+    #[error("sorry, too many clients already: this proxy serves at most {0} (max_clients)")]
+    TooManyClients(usize),
+    #[error("the client left while it was held")]
+    ClientLeft,
+    #[error("the client sent more than {MAX_EARLY_CLIENT_BYTES} bytes before authentication")]
+    ClientTooChatty,
+    #[error("the pgmirror proxy is shutting down")]
+    ShuttingDown,
 }
 
 impl ConnError {
@@ -88,7 +103,10 @@ impl ConnError {
     /// plain disconnects.
     fn sqlstate(&self) -> Option<&'static str> {
         match self {
-            ConnError::Io(_) => None,
+            ConnError::Io(_) | ConnError::ClientLeft => None,
+            ConnError::TooManyClients(_) => Some("53300"),
+            ConnError::ClientTooChatty => Some("08P01"),
+            ConnError::ShuttingDown => Some("57P01"),
             ConnError::Startup(_) | ConnError::Unexpected(_) => Some("08P01"),
             ConnError::StartupTimeout(_) => Some("08006"),
             ConnError::NoSession(_) | ConnError::NoAdmin => Some("3D000"),
@@ -99,7 +117,7 @@ impl ConnError {
 
     /// Expected disconnects are logged at debug level only.
     pub fn is_expected(&self) -> bool {
-        matches!(self, ConnError::Io(_))
+        matches!(self, ConnError::Io(_) | ConnError::ClientLeft)
     }
 }
 
@@ -119,13 +137,16 @@ pub enum End {
     CommitFenced(FenceCause),
 }
 
-/// Serves one accepted TCP connection until it ends.
+/// Serves one accepted TCP connection until it ends; one not `admitted`
+/// (the proxy is full) is refused with 53300 after its startup packet,
+/// unless it is a cancel request or for the admin console.
 pub async fn handle(
     ctx: Arc<Context>,
     mut tcp: TcpStream,
     peer: SocketAddr,
+    admitted: bool,
 ) -> Result<End, ConnError> {
-    tcp.set_nodelay(true)?;
+    crate::proxy::socket::tune(&tcp, &ctx.tcp)?;
     let deadline = Instant::now() + ctx.startup_timeout;
     let mut negotiated_ssl = false;
     let mut negotiated_gss = false;
@@ -147,7 +168,7 @@ pub async fn handle(
                         Ok(packet) => packet,
                         Err(err) => return refuse(&mut tls, err).await,
                     };
-                    return dispatch(&ctx, tls, peer, true, packet).await;
+                    return dispatch(&ctx, tls, peer, true, admitted, packet).await;
                 }
                 tcp.write_all(b"N").await?;
             }
@@ -155,7 +176,7 @@ pub async fn handle(
                 negotiated_gss = true;
                 tcp.write_all(b"N").await?;
             }
-            packet => return dispatch(&ctx, tcp, peer, false, packet).await,
+            packet => return dispatch(&ctx, tcp, peer, false, admitted, packet).await,
         }
     }
 }
@@ -206,6 +227,7 @@ async fn dispatch<S>(
     mut stream: S,
     peer: SocketAddr,
     tls: bool,
+    admitted: bool,
     packet: FeStartup,
 ) -> Result<End, ConnError>
 where
@@ -237,6 +259,9 @@ where
             None => refuse(&mut stream, ConnError::NoAdmin).await,
         };
     }
+    if !admitted {
+        return refuse(&mut stream, ConnError::TooManyClients(ctx.max_clients)).await;
+    }
     let Some((session, routes)) = ctx.route_for(&database) else {
         return refuse(&mut stream, ConnError::NoSession(database)).await;
     };
@@ -256,7 +281,9 @@ where
         gauge!(metrics::PROXY_CLIENT_CONNECTIONS, metrics::SESSION => session.clone()),
     );
     let mut routes = routes;
-    let connected = match hold_and_connect(ctx, &session, &mut routes, &raw).await {
+    let mut early = Vec::new();
+    let held = hold_and_connect(ctx, &session, &mut routes, &raw, &mut stream, &mut early);
+    let connected = match held.await {
         Ok(connected) => connected,
         Err(err) => return refuse(&mut stream, err).await,
     };
@@ -267,7 +294,16 @@ where
     // The hold does not count against authentication: the client gets a
     // full startup_timeout from the moment its server is reached.
     let deadline = Instant::now() + ctx.startup_timeout;
-    splice(ctx, stream, connected, &registration, routes, deadline).await
+    splice(
+        ctx,
+        stream,
+        connected,
+        early,
+        &registration,
+        routes,
+        deadline,
+    )
+    .await
 }
 
 /// A server connection whose startup packet has been sent.
@@ -282,24 +318,34 @@ struct Connected {
 
 /// Waits (up to the hold timeout) for the session's principal to serve,
 /// connects and sends the startup packet. A server that answers "starting
-/// up" (57P03), as a promoted mirror may, is retried like an absent one.
-async fn hold_and_connect(
+/// up" (57P03), as a promoted mirror may, is retried like an absent one,
+/// after a pause that grows with jitter, so that held clients do not knock
+/// all together; a route change wakes them at once. A client that leaves
+/// meanwhile frees its slot at once; what it sends is kept in `early`.
+async fn hold_and_connect<S: AsyncRead + Unpin>(
     ctx: &Context,
     session: &str,
     routes: &mut tokio::sync::watch::Receiver<Route>,
     startup: &[u8],
+    client: &mut S,
+    early: &mut Vec<u8>,
 ) -> Result<Connected, ConnError> {
     let started = Instant::now();
     let hold_deadline = started + ctx.hold_timeout;
     let mut _held = None;
+    let mut pause = HOLD_RETRY_FIRST;
+    let mut watching = true;
     loop {
         let (epoch, principal) = {
             let route = routes.borrow_and_update();
             (route.epoch, route.principal.clone())
         };
         if let Some(principal) = principal {
-            if let Ok(Some(connected)) =
-                tokio::time::timeout(CONNECT_TIMEOUT, try_server(&principal, epoch, startup)).await
+            if let Ok(Some(connected)) = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                try_server(&principal, epoch, startup, &ctx.tcp),
+            )
+            .await
             {
                 histogram!(metrics::PROXY_CONNECT_SECONDS, metrics::SESSION => session.to_string())
                     .record(started.elapsed().as_secs_f64());
@@ -318,16 +364,33 @@ async fn hold_and_connect(
                 waited: ctx.hold_timeout,
             });
         }
-        // Wakes on a route change, or retries the connect after a pause.
-        let _ = tokio::time::timeout(HOLD_RETRY, routes.changed()).await;
+        let jittered = pause.mul_f64(0.5 + rand::random::<f64>());
+        pause = (pause * 2).min(HOLD_RETRY_MAX);
+        tokio::select! {
+            _ = tokio::time::sleep(jittered) => {}
+            changed = routes.changed(), if watching => watching = changed.is_ok(),
+            _ = ctx.shutdown.cancelled() => return Err(ConnError::ShuttingDown),
+            read = client.read_buf(early) => match read {
+                Ok(0) | Err(_) => return Err(ConnError::ClientLeft),
+                Ok(_) if early.len() > MAX_EARLY_CLIENT_BYTES => {
+                    return Err(ConnError::ClientTooChatty)
+                }
+                Ok(_) => {}
+            },
+        }
     }
 }
 
 /// Connects to `principal` and sends the startup packet; None when the
 /// server is unreachable or not accepting connections yet.
-async fn try_server(principal: &Principal, epoch: Epoch, startup: &[u8]) -> Option<Connected> {
+async fn try_server(
+    principal: &Principal,
+    epoch: Epoch,
+    startup: &[u8],
+    tcp: &crate::config::TcpConfig,
+) -> Option<Connected> {
     let mut server = TcpStream::connect(&principal.address).await.ok()?;
-    server.set_nodelay(true).ok()?;
+    crate::proxy::socket::tune(&server, tcp).ok()?;
     server.write_all(startup).await.ok()?;
     let mut pending = Vec::with_capacity(512);
     loop {
@@ -416,7 +479,7 @@ async fn forward<W: AsyncWrite + Unpin>(
     let awaiting = awaiting_ready.load(Ordering::Relaxed);
     match fence.feed(chunk, awaiting, registration.cancels_forwarded())? {
         Step::PassChunk => client.write_all(chunk).await?,
-        Step::Output if fence.output().is_empty() => {}
+        Step::Output if fence.output().is_empty() => return Ok(None),
         Step::Output => client.write_all(fence.output()).await?,
         Step::Fence { cause, at_boundary } => {
             if !fence.output().is_empty() {
@@ -426,6 +489,9 @@ async fn forward<W: AsyncWrite + Unpin>(
             return Ok(Some(End::CommitFenced(cause)));
         }
     }
+    // The proxy waits for the server next: a TLS stream must not keep the
+    // tail of what it was given (a no-op on plain TCP).
+    client.flush().await?;
     Ok(None)
 }
 
@@ -453,6 +519,7 @@ async fn splice<S>(
     ctx: &Context,
     client: S,
     connected: Connected,
+    early: Vec<u8>,
     registration: &Registration,
     mut routes: tokio::sync::watch::Receiver<Route>,
     deadline: Instant,
@@ -484,6 +551,12 @@ where
         let mut buf = vec![0u8; SPLICE_BUFFER_MIN];
         // Every client message after the startup packet is tagged.
         let mut scanner = FrameScanner::backend();
+        if !early.is_empty() {
+            // Sent during the hold; the fence's flag needs no update yet
+            // (authentication comes first).
+            let _ = scanner.feed(&early, |_| {});
+            server_write.write_all(&early).await?;
+        }
         loop {
             let n = client_read.read(&mut buf).await?;
             bytes_to_server.increment(n as u64);
@@ -532,7 +605,18 @@ where
                                 registration.secret,
                             ));
                         }
-                        None => out.extend_from_slice(message),
+                        None => {
+                            // Never the server's key to the client: the
+                            // proxy's own, which no cancel can use.
+                            tracing::warn!(
+                                len = message.len(),
+                                "BackendKeyData of an unexpected form: cancel requests of this client cannot be forwarded"
+                            );
+                            out.extend_from_slice(&backend_key_data(
+                                registration.pid,
+                                registration.secret,
+                            ));
+                        }
                     },
                     READY_FOR_QUERY => {
                         out.extend_from_slice(message);
@@ -543,11 +627,13 @@ where
                 pending.drain(..len);
                 if ready {
                     client_write.write_all(&out).await?;
+                    client_write.flush().await?;
                     break 'auth;
                 }
             }
             if !out.is_empty() {
                 client_write.write_all(&out).await?;
+                client_write.flush().await?;
                 out.clear();
             }
             if pending.len() > MAX_AUTH_BUFFER {
@@ -630,8 +716,11 @@ where
         Ok(end)
     };
 
-    tokio::select! {
+    let end = tokio::select! {
         end = client_to_server => end,
         end = server_to_client => end,
-    }
+    };
+    // TLS: close_notify, so that the client can tell an end from a cut.
+    let _ = tokio::time::timeout(CLOSE_GRACE, client_write.shutdown()).await;
+    end
 }

@@ -17,6 +17,7 @@ pub mod console;
 pub mod epochs;
 pub mod fence;
 pub mod routing;
+pub mod socket;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,6 +37,25 @@ use routing::{Discoverer, Route};
 
 /// How long connection tasks get to finish after shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Connections accepted beyond `max_clients` only to be told 53300 at
+/// once: a few at a time, so that refusing stays cheap.
+const REFUSAL_SLOTS: usize = 16;
+
+/// The slot an accepted connection holds while it runs: a client slot
+/// (`admitted`), or a refusal slot (it gets 53300, or the admin console).
+struct Admission {
+    _slot: OwnedSemaphorePermit,
+    admitted: bool,
+}
+
+impl Admission {
+    fn new(slot: OwnedSemaphorePermit, admitted: bool) -> Self {
+        Admission {
+            _slot: slot,
+            admitted,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -57,6 +77,9 @@ pub enum ProxyError {
 pub struct Context {
     pub startup_timeout: Duration,
     pub hold_timeout: Duration,
+    pub tcp: crate::config::TcpConfig,
+    /// `max_clients`, for the refusal of one more.
+    pub max_clients: usize,
     /// dbname -> session, plus the default.
     databases: BTreeMap<String, String>,
     default_session: Option<String>,
@@ -165,6 +188,8 @@ pub async fn serve(
     let ctx = Arc::new(Context {
         startup_timeout: Duration::from_secs(config.startup_timeout),
         hold_timeout: Duration::from_secs(config.hold_timeout),
+        tcp: config.tcp.clone(),
+        max_clients: config.max_clients,
         databases,
         default_session: config.default_session.clone(),
         routes,
@@ -175,11 +200,20 @@ pub async fn serve(
     });
 
     let limit = Arc::new(Semaphore::new(config.max_clients));
+    let refusals = Arc::new(Semaphore::new(REFUSAL_SLOTS));
     loop {
-        let permit = tokio::select! {
+        // A client slot is taken before accept; when none is free, a
+        // refusal slot lets the next client hear 53300 instead of waiting
+        // unanswered in the kernel's backlog.
+        let admission = tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
             permit = limit.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
+                Ok(permit) => Admission::new(permit, true),
+                Err(_) => break,
+            },
+            refusal = refusals.clone().acquire_owned() => match refusal {
+                Ok(refusal) => Admission::new(refusal, false),
                 Err(_) => break,
             },
         };
@@ -195,10 +229,20 @@ pub async fn serve(
                 }
             },
         };
+        // A client slot may have been freed while accept waited.
+        let admission = if admission.admitted {
+            admission
+        } else {
+            match limit.clone().try_acquire_owned() {
+                Ok(permit) => Admission::new(permit, true),
+                Err(_) => admission,
+            }
+        };
         let ctx = ctx.clone();
         tracker.spawn(async move {
-            let _permit = permit;
-            match connection::handle(ctx, tcp, peer).await {
+            let admitted = admission.admitted;
+            let _admission = admission;
+            match connection::handle(ctx, tcp, peer, admitted).await {
                 Ok(end) => tracing::debug!(%peer, ?end, "connection ended"),
                 Err(err) if err.is_expected() => tracing::debug!(%peer, "connection: {err}"),
                 Err(err) => tracing::info!(%peer, "connection refused or failed: {err}"),

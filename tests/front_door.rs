@@ -1,0 +1,257 @@
+//! The proxy's front door on real PostgreSQL: a client that stalls before
+//! reading a large result over TLS still gets every byte, a client that
+//! leaves while held frees its slot, a full proxy refuses new clients with
+//! 53300 at once while established ones keep working.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::proxy::{standalone_config, ProxyHandle};
+use common::PgInstance;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Rows of 1,000 bytes each: 20 MB in all.
+const ROWS: usize = 20_000;
+
+/// A StartupMessage (protocol 3.0) for `user` and `database`.
+fn startup_message(user: &str, database: &str) -> Vec<u8> {
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    for (key, value) in [("user", user), ("database", database)] {
+        body.extend_from_slice(key.as_bytes());
+        body.push(0);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut message = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    message.extend_from_slice(&body);
+    message
+}
+
+fn query_message(sql: &str) -> Vec<u8> {
+    let mut message = vec![b'Q'];
+    message.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+    message.extend_from_slice(sql.as_bytes());
+    message.push(0);
+    message
+}
+
+/// Reads backend messages until ReadyForQuery; returns how many DataRows
+/// came and their total length. Panics on an ErrorResponse.
+async fn read_until_ready<S: AsyncRead + Unpin>(stream: &mut S) -> (usize, usize) {
+    let (mut rows, mut bytes) = (0, 0);
+    loop {
+        let mut header = [0u8; 5];
+        stream.read_exact(&mut header).await.expect("a message");
+        let len = u32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; len - 4];
+        stream.read_exact(&mut body).await.expect("its body");
+        match header[0] {
+            b'D' => {
+                rows += 1;
+                bytes += len;
+            }
+            b'E' => panic!("server error: {}", String::from_utf8_lossy(&body)),
+            b'Z' => return (rows, bytes),
+            _ => {}
+        }
+    }
+}
+
+/// A TLS client of the proxy, its certificate checked against the test CA.
+async fn tls_client(port: u16, ca: &std::path::Path) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tcp.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S", "the proxy accepts SSLRequest");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut std::fs::read(ca).unwrap().as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST).into());
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake with the proxy")
+}
+
+async fn login<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
+    stream
+        .write_all(&startup_message("postgres", "postgres"))
+        .await
+        .unwrap();
+    read_until_ready(stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_that_stalls_before_reading_gets_every_byte() {
+    let pg = PgInstance::start();
+    let pki = tempfile::tempdir().unwrap();
+    pgmirror::tls::generate_pki(pki.path(), &["proxy"]).unwrap();
+    let tls = format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\n",
+        pki.path().join("proxy.crt"),
+        pki.path().join("proxy.key")
+    );
+    let proxy = ProxyHandle::start(&standalone_config(&pg, &tls)).await;
+    for stall in [Duration::from_secs(2), Duration::ZERO] {
+        let mut client = tls_client(proxy.port, &pki.path().join("ca.crt")).await;
+        login(&mut client).await;
+        let sql = format!("SELECT repeat('x', 1000) FROM generate_series(1, {ROWS})");
+        client.write_all(&query_message(&sql)).await.unwrap();
+        // The proxy fills the socket buffers and must then keep the rest
+        // moving as the client drains them.
+        tokio::time::sleep(stall).await;
+        let started = Instant::now();
+        let read = tokio::time::timeout(Duration::from_secs(60), read_until_ready(&mut client));
+        let (rows, bytes) = read.await.unwrap_or_else(|_| {
+            panic!("the result stopped arriving (stall {stall:?}): unflushed TLS records")
+        });
+        assert_eq!(rows, ROWS, "every row arrives (stall {stall:?})");
+        assert!(bytes > ROWS * 1000, "{bytes} bytes");
+        println!(
+            "20 MB through TLS after a {stall:?} stall: read in {:?}",
+            started.elapsed()
+        );
+        // The end of the connection is a TLS close_notify, not a cut.
+        client.write_all(&[b'X', 0, 0, 0, 4]).await.unwrap();
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest));
+        closed
+            .await
+            .expect("the proxy closes")
+            .expect("a clean TLS close (close_notify)");
+    }
+    proxy.stop().await;
+}
+
+/// The client addresses SHOW CLIENTS lists.
+async fn listed_clients(console: &tokio_postgres::Client) -> Vec<String> {
+    let mut listed = Vec::new();
+    for message in console.simple_query("SHOW CLIENTS").await.unwrap() {
+        if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
+            listed.push(row.get("client_addr").unwrap_or_default().to_string());
+        }
+    }
+    listed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_proxy_refuses_at_once_while_its_clients_keep_working() {
+    let pg = PgInstance::start();
+    let proxy = ProxyHandle::start(&standalone_config(&pg, "max_clients = 2")).await;
+    let first = proxy.connect("").await.expect("first client");
+    let second = proxy.connect("").await.expect("second client");
+    let started = Instant::now();
+    let third = tokio::time::timeout(Duration::from_secs(10), proxy.connect(""))
+        .await
+        .expect("an answer, not a wait in the backlog");
+    let Err(refused) = third else {
+        panic!("a third client is refused")
+    };
+    let waited = started.elapsed();
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS),
+        "{refused}"
+    );
+    assert!(waited < Duration::from_secs(3), "refused after {waited:?}");
+    println!("third client refused with 53300 after {waited:?}");
+    for client in [&first, &second] {
+        let row = client.query_one("SELECT 40 + 2", &[]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 42);
+    }
+    // A slot given back admits the next client.
+    drop(first);
+    let admitted = async {
+        loop {
+            if let Ok(client) = proxy.connect("").await {
+                return client;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let third = tokio::time::timeout(Duration::from_secs(10), admitted)
+        .await
+        .expect("admitted once a slot is free");
+    third.simple_query("SELECT 1").await.unwrap();
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_the_hold_frees_its_slot_at_once() {
+    // No server behind the session: every client is held.
+    let config = format!(
+        "hold_timeout = 30\n{}\n[sessions.shop]\npartners = [\"127.0.0.1:{}\"]\n\
+         postgres = [\"127.0.0.1:{}\"]\ndatabases = [\"postgres\"]\n",
+        common::proxy::ADMIN,
+        common::free_port(),
+        common::free_port()
+    );
+    let proxy = ProxyHandle::start(&config).await;
+    let console = proxy.console().await;
+    let mut held = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+    held.write_all(&startup_message("postgres", "postgres"))
+        .await
+        .unwrap();
+    let address = held.local_addr().unwrap().to_string();
+    let listed = async {
+        while !listed_clients(&console).await.contains(&address) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), listed)
+        .await
+        .expect("the held client is listed");
+    drop(held);
+    let left = Instant::now();
+    let gone = async {
+        while listed_clients(&console).await.contains(&address) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(1), gone)
+        .await
+        .expect("gone from SHOW CLIENTS within a second");
+    println!(
+        "held client gone from SHOW CLIENTS {:?} after it left",
+        left.elapsed()
+    );
+    // Shutdown releases held clients with 57P01 rather than keeping them.
+    let mut another = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+    another
+        .write_all(&startup_message("postgres", "postgres"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = Instant::now();
+    let answer = tokio::spawn(async move {
+        let mut answer = Vec::new();
+        let read = another.read_to_end(&mut answer);
+        let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+        (
+            String::from_utf8_lossy(&answer).to_string(),
+            stopping.elapsed(),
+        )
+    });
+    drop(console);
+    proxy.stop().await;
+    let (answer, after) = answer.await.unwrap();
+    assert!(
+        answer.contains("57P01"),
+        "held client told the proxy stops: {answer:?}"
+    );
+    assert!(after < Duration::from_secs(2), "told after {after:?}");
+}
