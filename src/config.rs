@@ -374,6 +374,33 @@ pub struct ProxySession {
 pub struct AdminConfig {
     pub user: String,
     pub password: String,
+    /// From where a login without TLS is accepted (default: loopback).
+    #[serde(default)]
+    pub plaintext: AdminPlaintext,
+}
+
+/// Where the admin console accepts logins that are not over TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminPlaintext {
+    /// Only from a loopback address: the password never crosses a network
+    /// in the clear.
+    #[default]
+    Loopback,
+    /// Never: TLS for every login.
+    Never,
+    /// From anywhere (a trusted network only).
+    Anywhere,
+}
+
+impl AdminPlaintext {
+    pub fn allows(self, from: std::net::IpAddr) -> bool {
+        match self {
+            AdminPlaintext::Loopback => from.is_loopback(),
+            AdminPlaintext::Never => false,
+            AdminPlaintext::Anywhere => true,
+        }
+    }
 }
 
 /// Never prints the password, so configs can be logged.

@@ -1,7 +1,8 @@
 //! The proxy's front door on real PostgreSQL: a client that stalls before
 //! reading a large result over TLS still gets every byte, a client that
 //! leaves while held frees its slot, a full proxy refuses new clients with
-//! 53300 at once while established ones keep working.
+//! 53300 at once while established ones keep working, and the admin console
+//! wants TLS, hides which user exists and limits failed logins.
 
 mod common;
 
@@ -254,4 +255,106 @@ async fn a_client_that_leaves_the_hold_frees_its_slot_at_once() {
         "held client told the proxy stops: {answer:?}"
     );
     assert!(after < Duration::from_secs(2), "told after {after:?}");
+}
+
+/// A console login's error, or None when it succeeded.
+async fn console_login(
+    port: u16,
+    user: &str,
+    password: &str,
+    tls: Option<&std::path::Path>,
+) -> Option<String> {
+    let conninfo =
+        format!("host=127.0.0.1 port={port} user={user} password={password} dbname=pgmirror");
+    let connected = match tls {
+        None => tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+            .await
+            .map(|(client, connection)| {
+                tokio::spawn(connection);
+                client
+            }),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_pemfile::certs(&mut std::fs::read(ca).unwrap().as_slice()) {
+                roots.add(cert.unwrap()).unwrap();
+            }
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(config);
+            tokio_postgres::connect(&format!("{conninfo} sslmode=require"), tls)
+                .await
+                .map(|(client, connection)| {
+                    tokio::spawn(connection);
+                    client
+                })
+        }
+    };
+    match connected {
+        Ok(client) => {
+            client.simple_query("SHOW CLIENTS").await.unwrap();
+            None
+        }
+        Err(err) => Some(
+            err.as_db_error()
+                .map(|db| format!("{}: {}", db.code().code(), db.message()))
+                .unwrap_or_else(|| err.to_string()),
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_wants_tls_hides_its_user_and_limits_failed_logins() {
+    let pg = PgInstance::start();
+    let pki = tempfile::tempdir().unwrap();
+    pgmirror::tls::generate_pki(pki.path(), &["proxy"]).unwrap();
+    // plaintext = "never" stands for a client on another host.
+    let config = format!(
+        "startup_timeout = 2\n[tls]\ncert = {:?}\nkey = {:?}\n\
+         [admin]\nuser = \"admin\"\npassword = \"secret\"\nplaintext = \"never\"\n\
+         [sessions.shop]\npartners = [\"127.0.0.1:{}\"]\npostgres = [\"127.0.0.1:{}\"]\n\
+         databases = [\"postgres\"]\n",
+        pki.path().join("proxy.crt"),
+        pki.path().join("proxy.key"),
+        common::free_port(),
+        pg.port()
+    );
+    let proxy = ProxyHandle::start(&config).await;
+    let ca = pki.path().join("ca.crt");
+    let plain = console_login(proxy.port, "admin", "secret", None).await;
+    assert!(
+        plain
+            .as_deref()
+            .is_some_and(|e| e.starts_with("28000") && e.contains("need TLS")),
+        "{plain:?}"
+    );
+    assert_eq!(
+        console_login(proxy.port, "admin", "secret", Some(&ca)).await,
+        None
+    );
+    // An unknown user and a wrong password look alike.
+    let unknown = console_login(proxy.port, "root", "secret", Some(&ca)).await;
+    let wrong = console_login(proxy.port, "admin", "guess", Some(&ca)).await;
+    assert!(
+        unknown.is_some() && unknown == wrong,
+        "{unknown:?} / {wrong:?}"
+    );
+    // Five failures from one address: even the right password waits now.
+    for _ in 0..3 {
+        assert!(console_login(proxy.port, "admin", "guess", Some(&ca))
+            .await
+            .is_some());
+    }
+    let limited = console_login(proxy.port, "admin", "secret", Some(&ca)).await;
+    assert!(
+        limited
+            .as_deref()
+            .is_some_and(|e| e.contains("too many failed admin console logins")),
+        "{limited:?}"
+    );
+    proxy.stop().await;
 }

@@ -21,7 +21,6 @@ use ::metrics::{counter, gauge, histogram};
 
 use crate::metrics::{self, GaugeGuard};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -31,6 +30,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::proxy::clients::{ClientEntry, Registration};
+use crate::proxy::console_door;
 use crate::proxy::fence::{
     CommitFence, FenceCause, Step, FRONTEND_AWAITS_READY, SQLSTATE_COMPLETION_UNKNOWN,
 };
@@ -96,6 +96,10 @@ pub enum ConnError {
     ClientTooChatty,
     #[error("the pgmirror proxy is shutting down")]
     ShuttingDown,
+    #[error("{0}")]
+    AdminRefused(String),
+    #[error("admin console message refused: {0}")]
+    ConsoleMessage(crate::wire::frame::FrameError),
 }
 
 impl ConnError {
@@ -107,6 +111,8 @@ impl ConnError {
             ConnError::TooManyClients(_) => Some("53300"),
             ConnError::ClientTooChatty => Some("08P01"),
             ConnError::ShuttingDown => Some("57P01"),
+            ConnError::AdminRefused(_) => Some("28000"),
+            ConnError::ConsoleMessage(_) => Some("08P01"),
             ConnError::Startup(_) | ConnError::Unexpected(_) => Some("08P01"),
             ConnError::StartupTimeout(_) => Some("08006"),
             ConnError::NoSession(_) | ConnError::NoAdmin => Some("3D000"),
@@ -254,10 +260,17 @@ where
         .unwrap_or(user.as_str())
         .to_string();
     if database == ADMIN_DATABASE {
-        return match &ctx.admin_socket {
-            Some(socket) => admin(stream, socket, &raw).await,
-            None => refuse(&mut stream, ConnError::NoAdmin).await,
+        let Some(socket) = &ctx.admin_socket else {
+            return refuse(&mut stream, ConnError::NoAdmin).await;
         };
+        if let Some(reason) =
+            console_door::refusal(ctx.admin_plaintext, &ctx.console_logins, peer, tls)
+        {
+            return refuse(&mut stream, ConnError::AdminRefused(reason)).await;
+        }
+        let logins = &ctx.console_logins;
+        let relay = console_door::relay(stream, socket, &raw, peer, logins, ctx.startup_timeout);
+        return relay.await;
     }
     if !admitted {
         return refuse(&mut stream, ConnError::TooManyClients(ctx.max_clients)).await;
@@ -414,17 +427,6 @@ async fn try_server(
         epoch,
         pending,
     })
-}
-
-/// Splices an admin console connection to the pgwire server.
-async fn admin<S>(mut stream: S, socket: &Path, startup: &[u8]) -> Result<End, ConnError>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let mut console = tokio::net::UnixStream::connect(socket).await?;
-    console.write_all(startup).await?;
-    tokio::io::copy_bidirectional(&mut stream, &mut console).await?;
-    Ok(End::Admin)
 }
 
 /// Forwards a CancelRequest with a known key; unknown keys are dropped.

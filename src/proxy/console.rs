@@ -81,7 +81,8 @@ pub fn start(
         dir,
         path: path.clone(),
     };
-    let handlers = Arc::new(Handlers { state });
+    let login = Arc::new(AdminLogin::new(&state.admin));
+    let handlers = Arc::new(Handlers { state, login });
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -107,6 +108,7 @@ pub fn start(
 
 struct Handlers {
     state: Arc<ConsoleState>,
+    login: Arc<AdminLogin>,
 }
 
 impl PgWireServerHandlers for Handlers {
@@ -117,9 +119,7 @@ impl PgWireServerHandlers for Handlers {
     }
 
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
-        let mut scram = ScramAuth::new(Arc::new(AdminLogin {
-            admin: self.state.admin.clone(),
-        }));
+        let mut scram = ScramAuth::new(self.login.clone());
         scram.set_iterations(SCRAM_ITERATIONS);
         Arc::new(
             SASLAuthStartupHandler::new(Arc::new(DefaultServerParameterProvider::default()))
@@ -128,25 +128,49 @@ impl PgWireServerHandlers for Handlers {
     }
 }
 
-/// The `[admin]` login as a SCRAM verifier source.
-#[derive(Debug)]
+/// The `[admin]` login as a SCRAM verifier source. Both verifiers are
+/// derived once (4,096 rounds of PBKDF2 per login would make every
+/// attempt, failed ones too, cost the proxy CPU).
 struct AdminLogin {
-    admin: AdminConfig,
+    user: String,
+    verifier: Password,
+    /// For any other user name, from a random password: the exchange then
+    /// fails as a wrong password does, so user names cannot be probed.
+    decoy: Password,
+}
+
+impl AdminLogin {
+    fn new(admin: &AdminConfig) -> Self {
+        let verifier = |password: &str| {
+            let salt = rand::random::<[u8; 16]>().to_vec();
+            let salted = gen_salted_password(password, &salt, SCRAM_ITERATIONS);
+            Password::new(Some(salt), salted)
+        };
+        let unguessable = format!("{:032x}", rand::random::<u128>());
+        AdminLogin {
+            user: admin.user.clone(),
+            verifier: verifier(&admin.password),
+            decoy: verifier(&unguessable),
+        }
+    }
+}
+
+impl Debug for AdminLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminLogin")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
 }
 
 #[async_trait]
 impl AuthSource for AdminLogin {
     async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
-        if login.user() != Some(self.admin.user.as_str()) {
-            return Err(user_error(
-                "FATAL",
-                "28P01",
-                "password authentication failed for the admin console",
-            ));
-        }
-        let salt = rand::random::<[u8; 16]>().to_vec();
-        let salted = gen_salted_password(&self.admin.password, &salt, SCRAM_ITERATIONS);
-        Ok(Password::new(Some(salt), salted))
+        Ok(if login.user() == Some(self.user.as_str()) {
+            self.verifier.clone()
+        } else {
+            self.decoy.clone()
+        })
     }
 }
 

@@ -14,6 +14,7 @@
 pub mod clients;
 pub mod connection;
 pub mod console;
+pub mod console_door;
 pub mod epochs;
 pub mod fence;
 pub mod routing;
@@ -87,6 +88,8 @@ pub struct Context {
     pub clients: Clients,
     pub tls: Option<TlsAcceptor>,
     pub admin_socket: Option<PathBuf>,
+    pub admin_plaintext: crate::config::AdminPlaintext,
+    pub console_logins: console_door::LoginLimiter,
     pub shutdown: CancellationToken,
 }
 
@@ -196,6 +199,12 @@ pub async fn serve(
         clients,
         tls,
         admin_socket: console.as_ref().map(|socket| socket.path.clone()),
+        admin_plaintext: config
+            .admin
+            .as_ref()
+            .map(|admin| admin.plaintext)
+            .unwrap_or_default(),
+        console_logins: console_door::LoginLimiter::default(),
         shutdown: shutdown.clone(),
     });
 

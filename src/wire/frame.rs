@@ -84,8 +84,12 @@ impl Message<'_> {
 pub enum FrameError {
     #[error("message {} has length field {length}, less than the 4 bytes of the field itself", describe_tag(*.tag))]
     LengthTooSmall { tag: Option<u8>, length: u32 },
-    #[error("message {} has a {body_len}-byte body, more than PostgreSQL's limit of {MAX_MESSAGE_LEN}", describe_tag(*.tag))]
-    MessageTooLong { tag: Option<u8>, body_len: u32 },
+    #[error("message {} has a {body_len}-byte body, more than the limit of {limit}", describe_tag(*.tag))]
+    MessageTooLong {
+        tag: Option<u8>,
+        body_len: u32,
+        limit: u32,
+    },
     #[error("startup packet body of {body_len} bytes is too short to hold a protocol code")]
     StartupPacketTooShort { body_len: u32 },
     #[error("startup packet body of {body_len} bytes exceeds the postmaster's limit of {MAX_STARTUP_PACKET_LENGTH}")]
@@ -141,9 +145,21 @@ pub struct FrameScanner {
     header_filled: usize,
     prefix: [u8; PREFIX_LEN],
     prefix_filled: usize,
+    /// Longer tagged messages are a framing error (PostgreSQL's own limit
+    /// unless [`FrameScanner::with_max_body_len`] lowers it).
+    max_body_len: u32,
 }
 
 impl FrameScanner {
+    /// Refuses tagged messages whose body is longer than `limit`, as soon
+    /// as their header is seen.
+    pub fn with_max_body_len(self, limit: u32) -> Self {
+        FrameScanner {
+            max_body_len: limit.min(MAX_MESSAGE_LEN),
+            ..self
+        }
+    }
+
     /// Observer of the client-to-server direction, which opens with the
     /// untagged startup packet.
     pub fn frontend() -> Self {
@@ -164,6 +180,7 @@ impl FrameScanner {
             header_filled: 0,
             prefix: [0; PREFIX_LEN],
             prefix_filled: 0,
+            max_body_len: MAX_MESSAGE_LEN,
         }
     }
 
@@ -288,8 +305,12 @@ impl FrameScanner {
             if body_len > MAX_STARTUP_PACKET_LENGTH {
                 return Err(FrameError::StartupPacketTooLong { body_len });
             }
-        } else if body_len > MAX_MESSAGE_LEN {
-            return Err(FrameError::MessageTooLong { tag, body_len });
+        } else if body_len > self.max_body_len {
+            return Err(FrameError::MessageTooLong {
+                tag,
+                body_len,
+                limit: self.max_body_len,
+            });
         }
         self.header_filled = 0;
         self.prefix_filled = 0;
