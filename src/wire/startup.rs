@@ -9,7 +9,7 @@
 
 use crate::wire::frame::{
     FrameError, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, LENGTH_FIELD_LEN, MAX_MESSAGE_LEN,
-    MAX_STARTUP_PACKET_LENGTH, PROTOCOL_MAJOR_3, SSL_REQUEST_CODE, TAGGED_HEADER_LEN,
+    MAX_STARTUP_PACKET_LENGTH, PROTOCOL_MAJOR_3, SSL_REQUEST_CODE, TAGGED_HEADER_LEN, TAG_LEN,
 };
 
 /// Tag of BackendKeyData.
@@ -158,15 +158,25 @@ pub fn backend_message_len(buf: &[u8]) -> Result<Option<(u8, usize)>, FrameError
         return Err(FrameError::MessageTooLong {
             tag: Some(tag),
             body_len,
+            limit: MAX_MESSAGE_LEN,
         });
     }
     Ok(Some((tag, body_len as usize + TAGGED_HEADER_LEN)))
 }
 
+/// Size of a protocol 3.0 BackendKeyData: tag, length, pid, secret.
+const BACKEND_KEY_DATA_LEN: usize = 13;
+
 /// Decodes a whole BackendKeyData message (tag included) into pid and secret.
-/// Protocol 3.2's longer secrets are not decoded (the proxy asks for 3.0).
+/// Protocol 3.2's longer secrets are not decoded (the proxy asks for 3.0),
+/// and neither is a message whose length field disagrees with its size:
+/// the key the proxy would record is then not the one the server meant.
 pub fn decode_backend_key_data(message: &[u8]) -> Option<(u32, u32)> {
-    if message.first() != Some(&BACKEND_KEY_DATA) || message.len() != 13 {
+    let declared = be_u32(message, TAG_LEN)?;
+    if message.first() != Some(&BACKEND_KEY_DATA)
+        || message.len() != BACKEND_KEY_DATA_LEN
+        || usize::try_from(declared) != Ok(BACKEND_KEY_DATA_LEN - TAG_LEN)
+    {
         return None;
     }
     Some((be_u32(message, 5)?, be_u32(message, 9)?))
@@ -174,9 +184,9 @@ pub fn decode_backend_key_data(message: &[u8]) -> Option<(u32, u32)> {
 
 /// A BackendKeyData message.
 pub fn backend_key_data(pid: u32, secret: u32) -> Vec<u8> {
-    let mut out = Vec::with_capacity(13);
+    let mut out = Vec::with_capacity(BACKEND_KEY_DATA_LEN);
     out.push(BACKEND_KEY_DATA);
-    out.extend_from_slice(&12u32.to_be_bytes());
+    out.extend_from_slice(&((BACKEND_KEY_DATA_LEN - TAG_LEN) as u32).to_be_bytes());
     out.extend_from_slice(&pid.to_be_bytes());
     out.extend_from_slice(&secret.to_be_bytes());
     out
@@ -329,6 +339,15 @@ mod tests {
         let key = backend_key_data(1, 2);
         assert_eq!(backend_message_len(&key).unwrap(), Some((b'K', 13)));
         assert_eq!(decode_backend_key_data(&key), Some((1, 2)));
+        // Thirteen bytes whose length field says otherwise are not a key.
+        let mut lying = key.clone();
+        lying[1..5].copy_from_slice(&0u32.to_be_bytes());
+        assert_eq!(decode_backend_key_data(&lying), None);
+        // Protocol 3.2's longer secret is not decoded either.
+        let mut long_key = vec![BACKEND_KEY_DATA];
+        long_key.extend_from_slice(&40u32.to_be_bytes());
+        long_key.extend_from_slice(&[7; 36]);
+        assert_eq!(decode_backend_key_data(&long_key), None);
         let error = error_response(Severity::Fatal, "57P01", "bye");
         assert_eq!(
             backend_message_len(&error).unwrap(),
