@@ -295,6 +295,9 @@ fn load_roots(file: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// The ALPN protocol name of PostgreSQL connections.
+pub const POSTGRESQL_ALPN: &[u8] = b"postgresql";
+
 /// A TLS acceptor for the proxy's clients: server authentication only,
 /// with the certificate chain and key of the proxy's `[tls]` section.
 pub fn client_facing_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
@@ -306,12 +309,15 @@ pub fn client_facing_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, Tl
         key: key.to_path_buf(),
         source,
     };
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(identity_error)?
         .with_no_client_auth()
         .with_single_cert(chain, private_key)
         .map_err(identity_error)?;
+    // PostgreSQL 17's ALPN name, which direct SSL requires (a client that
+    // offers none still gets through after an SSLRequest).
+    config.alpn_protocols = vec![POSTGRESQL_ALPN.to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

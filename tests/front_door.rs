@@ -358,3 +358,60 @@ async fn the_console_wants_tls_hides_its_user_and_limits_failed_logins() {
     );
     proxy.stop().await;
 }
+
+/// Runs a psycopg 3 script (PyPI's build bundles libpq 18); its output.
+fn psycopg(script: &str, conninfo: &str) -> String {
+    let (ok, out) = common::proxy::run_client("python3", &["-c", script, conninfo], &[]);
+    assert!(ok, "psycopg script failed: {out}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libpq_18_asks_for_protocol_3_2_and_direct_ssl_through_the_proxy() {
+    let pg = PgInstance::start();
+    let pki = tempfile::tempdir().unwrap();
+    pgmirror::tls::generate_pki(pki.path(), &["proxy"]).unwrap();
+    let tls = format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\n",
+        pki.path().join("proxy.crt"),
+        pki.path().join("proxy.key")
+    );
+    let proxy = ProxyHandle::start(&standalone_config(&pg, &tls)).await;
+    let conninfo = proxy.conninfo("postgres", "postgres");
+    // Protocol 3.2 asked for: PostgreSQL 15 behind the proxy answers with
+    // NegotiateProtocolVersion (3.0, the _pq_ option listed), relayed; a
+    // cancel then stops the right query.
+    let out = psycopg(
+        r#"
+import sys, threading, time, psycopg
+conninfo = sys.argv[1] + " max_protocol_version=3.2 sslmode=disable"
+with psycopg.connect(conninfo, autocommit=True) as busy, psycopg.connect(conninfo, autocommit=True) as idle:
+    print("protocol", busy.pgconn.full_protocol_version, "libpq", psycopg.pq.version())
+    threading.Timer(0.5, busy.cancel_safe).start()
+    started = time.time()
+    try:
+        busy.execute("SELECT pg_sleep(30)")
+        print("not cancelled")
+    except psycopg.errors.QueryCanceled:
+        print("cancelled after", round(time.time() - started, 1))
+    print("idle still works", idle.execute("SELECT 41 + 1").fetchone()[0])
+"#,
+        &conninfo,
+    );
+    println!("{out}");
+    assert!(out.contains("protocol 30000 libpq 18"), "{out}");
+    assert!(out.contains("cancelled after"), "{out}");
+    assert!(out.contains("idle still works 42"), "{out}");
+    // Direct SSL: TLS from the first byte, ALPN "postgresql".
+    let out = psycopg(
+        r#"
+import sys, psycopg
+conninfo = sys.argv[1] + " sslmode=require sslnegotiation=direct"
+with psycopg.connect(conninfo) as conn:
+    print("ssl", conn.pgconn.ssl_in_use, conn.execute("SELECT 6 * 7").fetchone()[0])
+"#,
+        &conninfo,
+    );
+    assert!(out.contains("ssl True 42"), "{out}");
+    proxy.stop().await;
+}

@@ -55,6 +55,8 @@ const SPLICE_BUFFER_MAX: usize = 64 * 1024;
 const MAX_AUTH_BUFFER: usize = 256 * 1024;
 /// How long one connect to a server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// How long the goodbye (TLS close_notify) to a client may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// First pause between connect attempts while a client is held; it
@@ -154,6 +156,17 @@ pub async fn handle(
 ) -> Result<End, ConnError> {
     crate::proxy::socket::tune(&tcp, &ctx.tcp)?;
     let deadline = Instant::now() + ctx.startup_timeout;
+    if let Some(acceptor) = ctx.tls.clone() {
+        // Direct SSL (sslnegotiation=direct): a TLS handshake where a
+        // packet length would be (whose first byte is always 0).
+        let mut first = [0u8; 1];
+        let peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut first))
+            .await
+            .map_err(|_| ConnError::StartupTimeout(ctx.startup_timeout))??;
+        if peeked == 1 && first[0] == TLS_HANDSHAKE_RECORD {
+            return serve_tls(&ctx, acceptor, tcp, peer, admitted, deadline, true).await;
+        }
+    }
     let mut negotiated_ssl = false;
     let mut negotiated_gss = false;
     loop {
@@ -166,15 +179,7 @@ pub async fn handle(
                 negotiated_ssl = true;
                 if let Some(acceptor) = ctx.tls.clone() {
                     tcp.write_all(b"S").await?;
-                    let accept = acceptor.accept(tcp);
-                    let mut tls = tokio::time::timeout_at(deadline, accept)
-                        .await
-                        .map_err(|_| ConnError::StartupTimeout(ctx.startup_timeout))??;
-                    let packet = match read_first(&mut tls, deadline, ctx.startup_timeout).await {
-                        Ok(packet) => packet,
-                        Err(err) => return refuse(&mut tls, err).await,
-                    };
-                    return dispatch(&ctx, tls, peer, true, admitted, packet).await;
+                    return serve_tls(&ctx, acceptor, tcp, peer, admitted, deadline, false).await;
                 }
                 tcp.write_all(b"N").await?;
             }
@@ -185,6 +190,37 @@ pub async fn handle(
             packet => return dispatch(&ctx, tcp, peer, false, admitted, packet).await,
         }
     }
+}
+
+/// The TLS handshake, then the client's first packet inside it. `direct`:
+/// no SSLRequest came first, and the client must name PostgreSQL's ALPN
+/// protocol, as PostgreSQL 17 requires (so that no other protocol's client
+/// is taken for one).
+async fn serve_tls(
+    ctx: &Arc<Context>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    admitted: bool,
+    deadline: Instant,
+    direct: bool,
+) -> Result<End, ConnError> {
+    let accept = acceptor.accept(tcp);
+    let mut tls = tokio::time::timeout_at(deadline, accept)
+        .await
+        .map_err(|_| ConnError::StartupTimeout(ctx.startup_timeout))??;
+    if direct && tls.get_ref().1.alpn_protocol() != Some(crate::tls::POSTGRESQL_ALPN) {
+        return refuse(
+            &mut tls,
+            ConnError::Unexpected("direct SSL without ALPN \"postgresql\""),
+        )
+        .await;
+    }
+    let packet = match read_first(&mut tls, deadline, ctx.startup_timeout).await {
+        Ok(packet) => packet,
+        Err(err) => return refuse(&mut tls, err).await,
+    };
+    dispatch(ctx, tls, peer, true, admitted, packet).await
 }
 
 /// Writes a FATAL for user-facing errors, then returns the error.
@@ -240,8 +276,15 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (params, raw) = match packet {
-        FeStartup::CancelRequest { pid, secret } => {
+        FeStartup::CancelRequest {
+            pid,
+            secret: Some(secret),
+        } => {
             forward_cancel(ctx, pid, secret).await;
+            return Ok(End::Cancel);
+        }
+        FeStartup::CancelRequest { secret: None, .. } => {
+            tracing::debug!("cancel request with a key longer than the proxy's dropped");
             return Ok(End::Cancel);
         }
         FeStartup::Startup { params, raw } => (params, raw),

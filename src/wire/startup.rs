@@ -25,6 +25,9 @@ pub const AUTHENTICATION: u8 = b'R';
 /// (protocol 3.0; 3.2's longer keys are not offered by the proxy).
 pub const CANCEL_REQUEST_LEN: usize = 16;
 
+/// Longest cancel key protocol 3.2 allows.
+pub const MAX_CANCEL_KEY_LEN: usize = 256;
+
 /// The first packet a client sends, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FeStartup {
@@ -32,7 +35,9 @@ pub enum FeStartup {
     GssEncRequest,
     CancelRequest {
         pid: u32,
-        secret: u32,
+        /// None: a protocol 3.2 key longer than the 4 bytes this proxy
+        /// hands out, so none of its clients' keys.
+        secret: Option<u32>,
     },
     /// A protocol 3 StartupMessage: its parameters and its raw bytes (to
     /// forward unchanged).
@@ -43,10 +48,12 @@ pub enum FeStartup {
 }
 
 impl FeStartup {
-    /// The value of a startup parameter (`user`, `database`, ...).
+    /// The value of a startup parameter (`user`, `database`, ...); of a
+    /// repeated one the last, as PostgreSQL resolves it.
     pub fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
         params
             .iter()
+            .rev()
             .find(|(key, _)| key == name)
             .map(|(_, value)| value.as_str())
     }
@@ -57,7 +64,7 @@ impl FeStartup {
 pub enum StartupError {
     #[error(transparent)]
     Frame(#[from] FrameError),
-    #[error("unsupported frontend protocol {major}.{minor}: the proxy supports 3.0")]
+    #[error("unsupported frontend protocol {major}.{minor}: the proxy supports 3.x")]
     UnsupportedProtocol { major: u32, minor: u32 },
     #[error("malformed startup packet: {0}")]
     Malformed(&'static str),
@@ -96,11 +103,22 @@ pub fn decode_startup(buf: &[u8]) -> Result<Option<(FeStartup, usize)>, StartupE
         GSSENC_REQUEST_CODE => FeStartup::GssEncRequest,
         CANCEL_REQUEST_CODE => {
             let pid = be_u32(packet, 8).ok_or(StartupError::Malformed("short CancelRequest"))?;
-            let secret =
-                be_u32(packet, 12).ok_or(StartupError::Malformed("short CancelRequest"))?;
+            // Protocol 3.2: the key runs to the end of the packet.
+            let key = packet.get(12..).unwrap_or_default();
+            let secret = match key.len() {
+                4 => be_u32(key, 0),
+                5..=MAX_CANCEL_KEY_LEN => None,
+                _ => {
+                    return Err(StartupError::Malformed(
+                        "CancelRequest key of an invalid length",
+                    ))
+                }
+            };
             FeStartup::CancelRequest { pid, secret }
         }
-        code if code >> 16 == PROTOCOL_MAJOR_3 && code & 0xFFFF == 0 => FeStartup::Startup {
+        // Any 3.x: the server answers a minor version it lacks with
+        // NegotiateProtocolVersion, which the proxy relays.
+        code if code >> 16 == PROTOCOL_MAJOR_3 => FeStartup::Startup {
             params: decode_params(packet.get(8..).unwrap_or_default())?,
             raw: packet.to_vec(),
         },
@@ -288,6 +306,18 @@ mod tests {
         };
         assert_eq!(FeStartup::param(&params, "database"), Some("shop"));
         assert_eq!(raw, packet);
+        // Repeated, the last wins, as in PostgreSQL; and 3.2 is accepted.
+        let mut repeated = startup_message(&[
+            ("database", "pgmirror"),
+            ("user", "a"),
+            ("database", "shop"),
+        ]);
+        repeated[4..8].copy_from_slice(&((3u32 << 16) | 2).to_be_bytes());
+        let (FeStartup::Startup { params, .. }, _) = decode_startup(&repeated).unwrap().unwrap()
+        else {
+            panic!("a protocol 3.2 startup message");
+        };
+        assert_eq!(FeStartup::param(&params, "database"), Some("shop"));
     }
 
     #[test]
@@ -295,8 +325,27 @@ mod tests {
         let cancel = cancel_request(7, 9);
         assert_eq!(
             decode_startup(&cancel).unwrap().unwrap().0,
-            FeStartup::CancelRequest { pid: 7, secret: 9 }
+            FeStartup::CancelRequest {
+                pid: 7,
+                secret: Some(9)
+            }
         );
+        // Protocol 3.2: a longer key is parsed, and is none of the proxy's.
+        let mut long = 48u32.to_be_bytes().to_vec();
+        long.extend_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
+        long.extend_from_slice(&7u32.to_be_bytes());
+        long.extend_from_slice(&[1; 36]);
+        assert_eq!(
+            decode_startup(&long).unwrap().unwrap().0,
+            FeStartup::CancelRequest {
+                pid: 7,
+                secret: None
+            }
+        );
+        let mut short = 14u32.to_be_bytes().to_vec();
+        short.extend_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
+        short.extend_from_slice(&[0; 6]);
+        assert!(decode_startup(&short).is_err());
         let mut ssl = 8u32.to_be_bytes().to_vec();
         ssl.extend_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
         assert_eq!(
