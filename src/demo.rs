@@ -49,10 +49,99 @@ struct Component {
     log: PathBuf,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// Picks the demo's ports below the kernel's ephemeral range: a port picked
+/// by binding port 0 comes from that range, which is also where the local
+/// ports of outgoing connections come from, so one of those could take it
+/// before the demo's process binds it. Below the range only listeners
+/// compete, and every pick is checked free.
+struct PortPicker {
+    picked: std::collections::HashSet<u16>,
+    range: std::ops::Range<u16>,
+}
+
+impl PortPicker {
+    fn new() -> Self {
+        let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+            .unwrap_or(32768);
+        let end = ephemeral_start.max(2048);
+        PortPicker {
+            picked: Default::default(),
+            range: end.saturating_sub(12_000).max(1024)..end,
+        }
+    }
+
+    fn pick(&mut self) -> anyhow::Result<u16> {
+        let width = u32::from(self.range.end - self.range.start);
+        for _ in 0..1000 {
+            let port = self.range.start + (rand::random::<u32>() % width) as u16;
+            if !self.picked.contains(&port) && port_is_free(port) {
+                self.picked.insert(port);
+                return Ok(port);
+            }
+        }
+        bail!("no free port found in {:?} on 127.0.0.1", self.range)
+    }
+}
+
+fn port_is_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// The ports an earlier run's configs listen on, with what each is for
+/// (the proxy's own port is the user's `--port`, not moved).
+fn configured_ports(dir: &Path) -> anyhow::Result<Vec<(String, u16)>> {
+    let mut ports = Vec::new();
+    for name in ["alpha", "beta"] {
+        let partner: PartnerConfig = config::load(&dir.join(format!("{name}.toml")))?;
+        ports.push((format!("{name} endpoint"), partner.listen.0.port()));
+        ports.push((format!("{name} PostgreSQL"), partner.postgres.port));
+        ports.extend(
+            partner
+                .metrics
+                .map(|m| (format!("{name} metrics"), m.0.port())),
+        );
+    }
+    if dir.join("witness.toml").exists() {
+        let witness: WitnessConfig = config::load(&dir.join("witness.toml"))?;
+        ports.push(("witness endpoint".into(), witness.listen.0.port()));
+        ports.extend(
+            witness
+                .metrics
+                .map(|m| ("witness metrics".into(), m.0.port())),
+        );
+    }
+    let proxy: ProxyConfig = config::load(&dir.join("proxy.toml"))?;
+    ports.extend(proxy.metrics.map(|m| ("proxy metrics".into(), m.0.port())));
+    Ok(ports)
+}
+
+/// Writes the configs on a first run. A later run reuses them, unless one
+/// of their ports is taken now: then they are written again with free
+/// ports (the data is kept), and the moved ports are returned.
+fn prepare_configs(options: &DemoOptions) -> anyhow::Result<Vec<(String, u16)>> {
+    if !options.dir.join("alpha.toml").exists() {
+        write_configs(options)?;
+        return Ok(Vec::new());
+    }
+    let ports = configured_ports(&options.dir)?;
+    let taken: Vec<_> = ports
+        .iter()
+        .filter(|(_, port)| !port_is_free(*port))
+        .cloned()
+        .collect();
+    if taken.is_empty() {
+        return Ok(taken);
+    }
+    if taken.len() == ports.len() {
+        bail!(
+            "every port of the demo in {} is in use: is that demo running already?",
+            options.dir.display()
+        );
+    }
+    write_configs(options)?;
+    Ok(taken)
 }
 
 /// The PostgreSQL user must reach the data directories when we are root.
@@ -75,16 +164,15 @@ fn check_reachable(dir: &Path, run_as: RunAs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes the configs on a first run; later runs reuse them.
+/// Writes every config file with freshly picked ports.
 fn write_configs(options: &DemoOptions) -> anyhow::Result<()> {
     let dir = &options.dir;
     let pki = dir.join("pki");
     if !pki.join("ca.crt").exists() {
         generate_pki(&pki, &["alpha", "beta", "witness", "proxy", "admin"])?;
     }
-    if dir.join("alpha.toml").exists() {
-        return Ok(());
-    }
+    let mut ports = PortPicker::new();
+    let mut free_port = || ports.pick();
     let endpoints = [free_port()?, free_port()?];
     let witness_port = free_port()?;
     if options.witness {
@@ -253,7 +341,18 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
         ..options
     };
     check_reachable(&options.dir, run_as)?;
-    write_configs(&options)?;
+    let moved = prepare_configs(&options)?;
+    if !moved.is_empty() {
+        let list: Vec<String> = moved
+            .iter()
+            .map(|(what, port)| format!("{what} {port}"))
+            .collect();
+        println!(
+            "pgmirror demo: ports of the earlier run are taken now ({}); its configs were \
+             written again with free ports (data kept)",
+            list.join(", ")
+        );
+    }
     let dir = &options.dir;
     let alpha: PartnerConfig = config::load(&dir.join("alpha.toml"))?;
     let beta: PartnerConfig = config::load(&dir.join("beta.toml"))?;
@@ -341,5 +440,35 @@ async fn wait_any(components: &mut [Component]) -> String {
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reused_directory_moves_off_ports_taken_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = DemoOptions {
+            dir: dir.path().to_path_buf(),
+            port: 6432,
+            safety: Safety::Full,
+            witness: true,
+            timeout: 5,
+        };
+        assert!(prepare_configs(&options).unwrap().is_empty());
+        let first = configured_ports(dir.path()).unwrap();
+        let below_ephemeral = PortPicker::new().range;
+        assert!(first.iter().all(|(_, port)| below_ephemeral.contains(port)));
+        // Nothing taken: the configs are reused as they are.
+        assert!(prepare_configs(&options).unwrap().is_empty());
+        assert_eq!(configured_ports(dir.path()).unwrap(), first);
+        // A port taken in between: that run moves to free ports.
+        let (what, port) = first[0].clone();
+        let _holder = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        assert_eq!(prepare_configs(&options).unwrap(), vec![(what, port)]);
+        let moved = configured_ports(dir.path()).unwrap();
+        assert!(moved.iter().all(|(_, p)| *p != port && port_is_free(*p)));
     }
 }
