@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::proxy::{standalone_config, ProxyHandle};
+use common::proxy::{standalone_config, tls_section, trusting_client, ProxyHandle};
 use common::PgInstance;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -64,23 +64,16 @@ async fn read_until_ready<S: AsyncRead + Unpin>(stream: &mut S) -> (usize, usize
 }
 
 /// A TLS client of the proxy, its certificate checked against the test CA.
-async fn tls_client(port: u16, ca: &std::path::Path) -> tokio_rustls::client::TlsStream<TcpStream> {
+async fn tls_client(
+    port: u16,
+    pki: &std::path::Path,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     tcp.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
     let mut answer = [0u8; 1];
     tcp.read_exact(&mut answer).await.unwrap();
     assert_eq!(&answer, b"S", "the proxy accepts SSLRequest");
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut std::fs::read(ca).unwrap().as_slice()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = trusting_client(pki);
     let name = rustls::pki_types::ServerName::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST).into());
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
@@ -100,15 +93,10 @@ async fn login<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
 async fn a_tls_client_that_stalls_before_reading_gets_every_byte() {
     let pg = PgInstance::start();
     let pki = tempfile::tempdir().unwrap();
-    pgmirror::tls::generate_pki(pki.path(), &["proxy"]).unwrap();
-    let tls = format!(
-        "[tls]\ncert = {:?}\nkey = {:?}\n",
-        pki.path().join("proxy.crt"),
-        pki.path().join("proxy.key")
-    );
+    let tls = tls_section(pki.path());
     let proxy = ProxyHandle::start(&standalone_config(&pg, &tls)).await;
     for stall in [Duration::from_secs(2), Duration::ZERO] {
-        let mut client = tls_client(proxy.port, &pki.path().join("ca.crt")).await;
+        let mut client = tls_client(proxy.port, pki.path()).await;
         login(&mut client).await;
         let sql = format!("SELECT repeat('x', 1000) FROM generate_series(1, {ROWS})");
         client.write_all(&query_message(&sql)).await.unwrap();
@@ -273,18 +261,8 @@ async fn console_login(
                 tokio::spawn(connection);
                 client
             }),
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in rustls_pemfile::certs(&mut std::fs::read(ca).unwrap().as_slice()) {
-                roots.add(cert.unwrap()).unwrap();
-            }
-            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        Some(pki) => {
+            let config = trusting_client(pki);
             let tls = tokio_postgres_rustls::MakeRustlsConnect::new(config);
             tokio_postgres::connect(&format!("{conninfo} sslmode=require"), tls)
                 .await
@@ -311,20 +289,18 @@ async fn console_login(
 async fn the_console_wants_tls_hides_its_user_and_limits_failed_logins() {
     let pg = PgInstance::start();
     let pki = tempfile::tempdir().unwrap();
-    pgmirror::tls::generate_pki(pki.path(), &["proxy"]).unwrap();
     // plaintext = "never" stands for a client on another host.
     let config = format!(
-        "startup_timeout = 2\n[tls]\ncert = {:?}\nkey = {:?}\n\
+        "startup_timeout = 2\n{}\
          [admin]\nuser = \"admin\"\npassword = \"secret\"\nplaintext = \"never\"\n\
          [sessions.shop]\npartners = [\"127.0.0.1:{}\"]\npostgres = [\"127.0.0.1:{}\"]\n\
          databases = [\"postgres\"]\n",
-        pki.path().join("proxy.crt"),
-        pki.path().join("proxy.key"),
+        tls_section(pki.path()),
         common::free_port(),
         pg.port()
     );
     let proxy = ProxyHandle::start(&config).await;
-    let ca = pki.path().join("ca.crt");
+    let ca = pki.path();
     let plain = console_login(proxy.port, "admin", "secret", None).await;
     assert!(
         plain
@@ -333,23 +309,23 @@ async fn the_console_wants_tls_hides_its_user_and_limits_failed_logins() {
         "{plain:?}"
     );
     assert_eq!(
-        console_login(proxy.port, "admin", "secret", Some(&ca)).await,
+        console_login(proxy.port, "admin", "secret", Some(ca)).await,
         None
     );
     // An unknown user and a wrong password look alike.
-    let unknown = console_login(proxy.port, "root", "secret", Some(&ca)).await;
-    let wrong = console_login(proxy.port, "admin", "guess", Some(&ca)).await;
+    let unknown = console_login(proxy.port, "root", "secret", Some(ca)).await;
+    let wrong = console_login(proxy.port, "admin", "guess", Some(ca)).await;
     assert!(
         unknown.is_some() && unknown == wrong,
         "{unknown:?} / {wrong:?}"
     );
     // Five failures from one address: even the right password waits now.
     for _ in 0..3 {
-        assert!(console_login(proxy.port, "admin", "guess", Some(&ca))
+        assert!(console_login(proxy.port, "admin", "guess", Some(ca))
             .await
             .is_some());
     }
-    let limited = console_login(proxy.port, "admin", "secret", Some(&ca)).await;
+    let limited = console_login(proxy.port, "admin", "secret", Some(ca)).await;
     assert!(
         limited
             .as_deref()
@@ -370,12 +346,7 @@ fn psycopg(script: &str, conninfo: &str) -> String {
 async fn libpq_18_asks_for_protocol_3_2_and_direct_ssl_through_the_proxy() {
     let pg = PgInstance::start();
     let pki = tempfile::tempdir().unwrap();
-    pgmirror::tls::generate_pki(pki.path(), &["proxy"]).unwrap();
-    let tls = format!(
-        "[tls]\ncert = {:?}\nkey = {:?}\n",
-        pki.path().join("proxy.crt"),
-        pki.path().join("proxy.key")
-    );
+    let tls = tls_section(pki.path());
     let proxy = ProxyHandle::start(&standalone_config(&pg, &tls)).await;
     let conninfo = proxy.conninfo("postgres", "postgres");
     // Protocol 3.2 asked for: PostgreSQL 15 behind the proxy answers with

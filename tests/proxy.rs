@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{Pair, PairOptions, SLOW};
-use common::proxy::{run_client, standalone_config, ProxyHandle, ADMIN};
+use common::proxy::{
+    run_client, standalone_config, tls_section, trusting_client, ProxyHandle, ADMIN,
+};
 use common::{free_port, PgInstance};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -18,12 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn psql_pgbench_and_tls_clients_work_through_the_proxy() {
     let pg = PgInstance::start();
     let pki = tempfile::tempdir().unwrap();
-    pgmirror::tls::generate_pki(pki.path(), &["proxy"]).unwrap();
-    let tls = format!(
-        "[tls]\ncert = {:?}\nkey = {:?}\n",
-        pki.path().join("proxy.crt"),
-        pki.path().join("proxy.key")
-    );
+    let tls = tls_section(pki.path());
     let proxy = ProxyHandle::start(&standalone_config(&pg, &tls)).await;
     let port = proxy.port.to_string();
 
@@ -53,18 +50,7 @@ async fn psql_pgbench_and_tls_clients_work_through_the_proxy() {
     assert!(ok && out.trim() == "postgres", "psql in clear: {out}");
 
     // tokio-postgres with TLS, verifying the proxy's certificate.
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = std::fs::read(pki.path().join("ca.crt")).unwrap();
-    for cert in rustls_pemfile::certs(&mut ca.as_slice()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = trusting_client(pki.path());
     let (client, connection) = tokio_postgres::connect(
         &format!("{} sslmode=require", proxy.conninfo("postgres", "postgres")),
         tokio_postgres_rustls::MakeRustlsConnect::new(config),

@@ -134,3 +134,33 @@ pub fn run_client(program: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, 
     );
     (output.status.success(), text)
 }
+
+/// Generates a test CA and the proxy's certificate in `dir`; the `[tls]`
+/// section of a proxy that terminates TLS with them.
+pub fn tls_section(dir: &std::path::Path) -> String {
+    pgmirror::tls::generate_pki(dir, &["proxy"]).expect("test certificates");
+    format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\n",
+        dir.join("proxy.crt"),
+        dir.join("proxy.key")
+    )
+}
+
+/// A TLS client config that trusts the test CA of `dir` (see
+/// [`tls_section`]).
+pub fn trusting_client(dir: &std::path::Path) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(dir.join("ca.crt")).expect("the test CA");
+    for cert in rustls_pemfile::certs(&mut ca.as_slice()) {
+        roots
+            .add(cert.expect("a CA certificate"))
+            .expect("a usable CA");
+    }
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth()
+}
