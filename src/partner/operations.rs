@@ -355,6 +355,10 @@ async fn take_over(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let lsn = Some(failover_lsn).filter(|lsn| *lsn != Lsn::INVALID);
+    if agent.state().witness.is_some() {
+        let asks = agent.decide(|memory| commands::promotion_asks(&agent.state(), memory));
+        carry_out(agent, asks).await?;
+    }
     let witness = ask_witness_to_promote(agent, kind, lsn).await;
     if let WitnessAnswer::Unreachable(reason) = &witness {
         // Spec 24: with the witness lost, a handover is still allowed; the
@@ -380,7 +384,7 @@ async fn force_service(agent: &Arc<Agent>) -> Result<String, OpError> {
     }
     let received = received_lsn(agent).await;
     if agent.state().witness.is_some() {
-        let asks = agent.decide(|memory| commands::forced_service_asks(&agent.state(), memory));
+        let asks = agent.decide(|memory| commands::promotion_asks(&agent.state(), memory));
         carry_out(agent, asks).await?;
     }
     let witness = ask_witness_to_promote(agent, PromotionKind::Forced, received).await;

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 
 use pgmirror::control::{Command, PromotionKind};
 use pgmirror::partner::policy::commands::{
-    failover_answered, failover_hand_over, forced_service, forced_service_asks, TakeOverAnswer,
+    failover_answered, failover_hand_over, forced_service, promotion_asks, TakeOverAnswer,
     WitnessAnswer,
 };
 use pgmirror::partner::policy::{automatic_failover, granted, tick, Action, Decision};
@@ -525,7 +525,7 @@ impl World {
                 match self.agents[a].durable.witness.as_ref().map(witness_of) {
                     Some(witness) => {
                         let agent = &self.agents[a];
-                        let asks = forced_service_asks(&agent.durable, &agent.memory);
+                        let asks = promotion_asks(&agent.durable, &agent.memory);
                         self.decide(a, asks, "decide");
                         self.ask_witness_promote(a, witness, PromotionKind::Forced, lsn)
                     }

@@ -7,7 +7,7 @@
 
 use pgmirror::control::PromotionKind;
 use pgmirror::partner::policy::commands::{
-    take_over, take_over_check, TakeOverAnswer, WitnessAnswer,
+    promotion_asks, take_over, take_over_check, TakeOverAnswer, WitnessAnswer,
 };
 use pgmirror::partner::policy::Action;
 use pgmirror::roles::{lease_holds, Epoch};
@@ -105,7 +105,12 @@ impl World {
             }
             let target = Some(lsn).filter(|lsn| *lsn != Lsn::INVALID);
             match self.agents[a].durable.witness.as_ref().map(witness_of) {
-                Some(witness) => self.ask_witness_promote(a, witness, kind, target),
+                Some(witness) => {
+                    let agent = &self.agents[a];
+                    let asks = promotion_asks(&agent.durable, &agent.memory);
+                    self.decide(a, asks, "decide");
+                    self.ask_witness_promote(a, witness, kind, target)
+                }
                 None => self.take_over_with(a, epoch, lsn, kind, &WitnessAnswer::NoWitness),
             }
         } else if self.agent_now(a).as_millis() as u64 >= deadline {

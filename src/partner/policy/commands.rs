@@ -356,9 +356,11 @@ pub fn take_over(
     Ok(decision)
 }
 
-/// Forced service on the mirror, before it asks the witness: it stops
-/// answering its principal (I1, [`super::asking`]).
-pub fn forced_service_asks(state: &SessionState, memory: &Memory) -> Decision {
+/// A mirror about to ask the witness for the principal role (forced
+/// service, or a takeover the principal asked for): it stops answering its
+/// principal until the witness's row shows the outcome (I1,
+/// [`super::asking`]).
+pub fn promotion_asks(state: &SessionState, memory: &Memory) -> Decision {
     let mut decision = Decision::new(memory);
     super::asking(state, &mut decision);
     decision

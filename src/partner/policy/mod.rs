@@ -367,15 +367,16 @@ pub fn asking(state: &SessionState, decision: &mut Decision) {
     }
 }
 
-/// The witness answered this agent (since it started) with a row that
-/// makes it principal at no later epoch (a detached row grants nothing).
+/// The witness answered this agent (since it started) with no row, or with
+/// one that makes it principal at no later epoch (a detached row grants
+/// nothing).
 fn witness_grants_nothing(observed: &Observation) -> bool {
     observed.witness.connected
         && observed
             .witness
             .row
             .as_ref()
-            .is_some_and(|row| row.principal != observed.name || row.detached)
+            .is_none_or(|row| row.principal != observed.name || row.detached)
 }
 
 /// Whether this partner refuses a ping of its principal: while it asks the
