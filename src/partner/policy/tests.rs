@@ -381,14 +381,20 @@ fn i1_the_mirror_stops_answering_before_it_asks_for_the_principal_role() {
     let mut back = observed("beta");
     back.postgres = seen.postgres.clone();
     back.witness.row = None;
+    back.witness.connected = false;
     let unheard = tick(&asked, &Memory::default(), &back).state;
     assert!(refuses_principal(
         unheard.as_ref().unwrap_or(&asked),
         &Memory::default()
     ));
+    back.witness.connected = true;
     back.witness.row = Some(row("alpha", 1, true));
     let heard = tick(&asked, &Memory::default(), &back).state.unwrap();
     assert!(!refuses_principal(&heard, &Memory::default()));
+    // A witness without a row for the session granted nothing either.
+    back.witness.row = None;
+    let rowless = tick(&asked, &Memory::default(), &back).state.unwrap();
+    assert!(!refuses_principal(&rowless, &Memory::default()));
     // I3: not for a row the witness holds as not synchronized.
     seen.witness.row = Some(row("alpha", 1, false));
     let decision = automatic_failover(&state, &Memory::default(), &seen);
