@@ -42,15 +42,24 @@ fn query_message(sql: &str) -> Vec<u8> {
 }
 
 /// Reads backend messages until ReadyForQuery; returns how many DataRows
-/// came and their total length. Panics on an ErrorResponse.
-async fn read_until_ready<S: AsyncRead + Unpin>(stream: &mut S) -> (usize, usize) {
-    let (mut rows, mut bytes) = (0, 0);
+/// came and their total length. Panics on an ErrorResponse. With `pace`,
+/// it pauses that long after every 64 KiB, as a slow client does.
+async fn read_until_ready<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    pace: Option<Duration>,
+) -> (usize, usize) {
+    let (mut rows, mut bytes, mut since_pause) = (0, 0, 0);
     loop {
         let mut header = [0u8; 5];
         stream.read_exact(&mut header).await.expect("a message");
         let len = u32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
         let mut body = vec![0u8; len - 4];
         stream.read_exact(&mut body).await.expect("its body");
+        since_pause += len + 1;
+        if let Some(pause) = pace.filter(|_| since_pause >= 64 * 1024) {
+            since_pause = 0;
+            tokio::time::sleep(pause).await;
+        }
         match header[0] {
             b'D' => {
                 rows += 1;
@@ -86,42 +95,73 @@ async fn login<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
         .write_all(&startup_message("postgres", "postgres"))
         .await
         .unwrap();
-    read_until_ready(stream).await;
+    read_until_ready(stream, None).await;
 }
 
+/// How a reader takes a large result: after a stall, at full speed, or
+/// slowly (a pause per 64 KiB: about 6 MB/s).
+const READERS: [(&str, Duration, Option<Duration>); 3] = [
+    ("stalled 2 s", Duration::from_secs(2), None),
+    ("fast", Duration::ZERO, None),
+    ("slow", Duration::ZERO, Some(Duration::from_millis(10))),
+];
+
+/// `bench/tls-slow` sets PGMIRROR_TLS_ROUNDS (rounds of [`READERS`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_client_that_stalls_before_reading_gets_every_byte() {
     let pg = PgInstance::start();
     let pki = tempfile::tempdir().unwrap();
     let tls = tls_section(pki.path());
     let proxy = ProxyHandle::start(&standalone_config(&pg, &tls)).await;
-    for stall in [Duration::from_secs(2), Duration::ZERO] {
-        let mut client = tls_client(proxy.port, pki.path()).await;
-        login(&mut client).await;
-        let sql = format!("SELECT repeat('x', 1000) FROM generate_series(1, {ROWS})");
-        client.write_all(&query_message(&sql)).await.unwrap();
-        // The proxy fills the socket buffers and must then keep the rest
-        // moving as the client drains them.
-        tokio::time::sleep(stall).await;
-        let started = Instant::now();
-        let read = tokio::time::timeout(Duration::from_secs(60), read_until_ready(&mut client));
-        let (rows, bytes) = read.await.unwrap_or_else(|_| {
-            panic!("the result stopped arriving (stall {stall:?}): unflushed TLS records")
-        });
-        assert_eq!(rows, ROWS, "every row arrives (stall {stall:?})");
-        assert!(bytes > ROWS * 1000, "{bytes} bytes");
+    let rounds: usize = std::env::var("PGMIRROR_TLS_ROUNDS")
+        .ok()
+        .and_then(|rounds| rounds.parse().ok())
+        .unwrap_or(1);
+    let mut times: Vec<(&str, Duration)> = Vec::new();
+    for _ in 0..rounds {
+        for (reader, stall, pace) in READERS {
+            let mut client = tls_client(proxy.port, pki.path()).await;
+            login(&mut client).await;
+            let sql = format!("SELECT repeat('x', 1000) FROM generate_series(1, {ROWS})");
+            client.write_all(&query_message(&sql)).await.unwrap();
+            // The proxy fills the socket buffers and must then keep the
+            // rest moving as the client drains them.
+            tokio::time::sleep(stall).await;
+            let started = Instant::now();
+            let read = read_until_ready(&mut client, pace);
+            let (rows, bytes) = tokio::time::timeout(Duration::from_secs(120), read)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("the result stopped arriving ({reader}): unflushed TLS records")
+                });
+            assert_eq!(rows, ROWS, "every row arrives ({reader})");
+            assert!(bytes > ROWS * 1000, "{bytes} bytes");
+            times.push((reader, started.elapsed()));
+            // The end of the connection is a TLS close_notify, not a cut.
+            client.write_all(&[b'X', 0, 0, 0, 4]).await.unwrap();
+            let mut rest = Vec::new();
+            let closed = client.read_to_end(&mut rest);
+            tokio::time::timeout(Duration::from_secs(10), closed)
+                .await
+                .expect("the proxy closes")
+                .expect("a clean TLS close (close_notify)");
+        }
+    }
+    for (reader, ..) in READERS {
+        let mut taken: Vec<Duration> = times
+            .iter()
+            .filter(|(name, _)| *name == reader)
+            .map(|(_, time)| *time)
+            .collect();
+        taken.sort();
         println!(
-            "20 MB through TLS after a {stall:?} stall: read in {:?}",
-            started.elapsed()
+            "20 MB through TLS, {reader} reader: {} of {} complete, read in median {:?} (min {:?}, max {:?})",
+            taken.len(),
+            rounds,
+            taken[taken.len() / 2],
+            taken[0],
+            taken[taken.len() - 1]
         );
-        // The end of the connection is a TLS close_notify, not a cut.
-        client.write_all(&[b'X', 0, 0, 0, 4]).await.unwrap();
-        let mut rest = Vec::new();
-        let closed = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest));
-        closed
-            .await
-            .expect("the proxy closes")
-            .expect("a clean TLS close (close_notify)");
     }
     proxy.stop().await;
 }
