@@ -69,7 +69,8 @@ impl Order {
 /// at `received` (its own clock).
 pub fn deadline(order: Order, received: Instant) -> Option<Instant> {
     match order {
-        Order::Lease(left) => Some(received + left.saturating_sub(FENCE_MARGIN)),
+        // A lease past what an Instant can hold never ends (no panic).
+        Order::Lease(left) => received.checked_add(left.saturating_sub(FENCE_MARGIN)),
         Order::Hold | Order::Exit => None,
     }
 }
