@@ -165,10 +165,26 @@ async fn the_demo_runs_serves_and_stops_cleanly() {
             .unwrap_or_else(|err| panic!("{statement}: {err}"));
     }
     wait_console_state(&admin, "SYNCHRONIZED").await;
-    admin
-        .simple_query("ALTER DATABASE demo SET PARTNER FAILOVER")
-        .await
-        .expect("FAILOVER in the console");
+    // The console's view may be a poll old: while the principal itself
+    // still says SYNCHRONIZING, FAILOVER is refused with 55000 and asks to
+    // wait, as a script would.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match admin
+            .simple_query("ALTER DATABASE demo SET PARTNER FAILOVER")
+            .await
+        {
+            Ok(_) => break,
+            Err(err)
+                if err.code()
+                    == Some(&tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE)
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(err) => panic!("FAILOVER in the console: {err}"),
+        }
+    }
     let client = common::pg::connect_port(port)
         .await
         .expect("reconnect through the proxy");
