@@ -427,15 +427,20 @@ impl World {
         }
     }
 
-    /// `quorum::feed_fence`: the lease to the fence process, every 100 ms
-    /// and at once when the durable role changes, never behind a lock.
-    pub fn feed_fence(&mut self, a: usize) {
+    /// `quorum::observe_without_sql`: only whether a postmaster runs.
+    fn observe_without_sql(&mut self, a: usize) {
         let postgres = if self.pgs[a].run == PgRun::Stopped {
             PostgresObservation::Stopped
         } else {
             PostgresObservation::Unreadable
         };
         self.observe_as(a, postgres);
+    }
+
+    /// `quorum::feed_fence`: the lease to the fence process, every 100 ms
+    /// and at once when the durable role changes, never behind a lock.
+    pub fn feed_fence(&mut self, a: usize) {
+        self.observe_without_sql(a);
         let agent = &self.agents[a];
         let order = fence_order(&agent.durable, &agent.obs);
         self.fence_order(a, order);
@@ -448,12 +453,7 @@ impl World {
         if self.agents[a].watch_blocked {
             return;
         }
-        let postgres = if self.pgs[a].run == PgRun::Stopped {
-            PostgresObservation::Stopped
-        } else {
-            PostgresObservation::Unreadable
-        };
-        self.observe_as(a, postgres);
+        self.observe_without_sql(a);
         let agent = &self.agents[a];
         let fence = quorum_check(&agent.durable, &agent.memory, &agent.obs);
         self.agents[a].memory = fence.memory;
