@@ -389,9 +389,9 @@ async fn libpq_18_asks_for_protocol_3_2_and_direct_ssl_through_the_proxy() {
     let tls = tls_section(pki.path());
     let proxy = ProxyHandle::start(&standalone_config(&pg, &tls)).await;
     let conninfo = proxy.conninfo("postgres", "postgres");
-    // Protocol 3.2 asked for: PostgreSQL 15 behind the proxy answers with
-    // NegotiateProtocolVersion (3.0, the _pq_ option listed), relayed; a
-    // cancel then stops the right query.
+    // Protocol 3.2 asked for: the proxy serves it (PostgreSQL 15 behind
+    // it is asked for 3.0) and hands out a 32-byte cancel key, with which a
+    // cancel stops the right query and only that one.
     let out = psycopg(
         r#"
 import sys, threading, time, psycopg
@@ -410,7 +410,7 @@ with psycopg.connect(conninfo, autocommit=True) as busy, psycopg.connect(conninf
         &conninfo,
     );
     println!("{out}");
-    assert!(out.contains("protocol 30000 libpq 18"), "{out}");
+    assert!(out.contains("protocol 30002 libpq 18"), "{out}");
     assert!(out.contains("cancelled after"), "{out}");
     assert!(out.contains("idle still works 42"), "{out}");
     // Direct SSL: TLS from the first byte, ALPN "postgresql".
@@ -424,5 +424,50 @@ with psycopg.connect(conninfo) as conn:
         &conninfo,
     );
     assert!(out.contains("ssl True 42"), "{out}");
+    proxy.stop().await;
+}
+
+/// A client asking for a newer minor version with a protocol option gets
+/// NegotiateProtocolVersion first (3.2, the option listed), as PostgreSQL
+/// 18 answers, then a 32-byte key, and a working session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_protocol_with_options_is_negotiated_down_to_3_2() {
+    let pg = PgInstance::start();
+    let proxy = ProxyHandle::start(&standalone_config(&pg, "")).await;
+    let mut startup = pgmirror::wire::startup::startup_message(&[
+        ("user", "postgres"),
+        ("_pq_.compression", "zstd"),
+        ("database", "postgres"),
+    ]);
+    startup[4..8].copy_from_slice(&((3u32 << 16) | 5).to_be_bytes());
+    let mut stream = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+    stream.write_all(&startup).await.unwrap();
+    let mut messages = Vec::new();
+    loop {
+        let mut header = [0u8; 5];
+        stream.read_exact(&mut header).await.expect("a message");
+        let len = u32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; len - 4];
+        stream.read_exact(&mut body).await.expect("its body");
+        assert_ne!(header[0], b'E', "{}", String::from_utf8_lossy(&body));
+        messages.push((header[0], body));
+        if header[0] == b'Z' {
+            break;
+        }
+    }
+    let (tag, negotiate) = &messages[0];
+    assert_eq!(*tag, b'v', "NegotiateProtocolVersion comes first");
+    assert_eq!(negotiate[..8], [0, 0, 0, 2, 0, 0, 0, 1]);
+    assert_eq!(&negotiate[8..], b"_pq_.compression\0");
+    let key = messages
+        .iter()
+        .find(|(tag, _)| *tag == b'K')
+        .expect("BackendKeyData");
+    assert_eq!(key.1.len(), 4 + 32, "a 3.2 client gets a 32-byte key");
+    stream
+        .write_all(&query_message("SELECT 6 * 7"))
+        .await
+        .unwrap();
+    assert_eq!(read_until_ready(&mut stream, None).await.0, 1);
     proxy.stop().await;
 }

@@ -32,7 +32,7 @@ use pgmirror::wire::replication::{
 };
 use pgmirror::wire::startup::{
     backend_key_data, backend_message_len, cancel_request, decode_backend_key_data, decode_startup,
-    error_code, error_response, startup_message, FeStartup, Severity, StartupError,
+    error_code, error_response, serve_protocol, startup_message, FeStartup, Severity, StartupError,
     BACKEND_KEY_DATA,
 };
 
@@ -196,8 +196,9 @@ proptest! {
                 prop_assert_eq!(&outcome, &decode_startup(packet));
                 if let Ok(Some((decoded, used))) = outcome {
                     prop_assert_eq!(used, packet.len());
-                    if let FeStartup::Startup { params, raw } = decoded {
+                    if let FeStartup::Startup { minor, params, raw } = decoded {
                         prop_assert_eq!(raw, packet);
+                        prop_assert_eq!(minor, be_u32(packet, 4).unwrap() & 0xFFFF);
                         for (name, value) in params {
                             prop_assert!(!name.contains('\0') && !value.contains('\0'));
                         }
@@ -228,7 +229,7 @@ proptest! {
         let packet = startup_message(&borrowed);
         let (decoded, used) = decode_startup(&packet).unwrap().unwrap();
         prop_assert_eq!(used, packet.len());
-        prop_assert_eq!(decoded, FeStartup::Startup { params, raw: packet.clone() });
+        prop_assert_eq!(decoded, FeStartup::Startup { minor: 0, params, raw: packet.clone() });
         for end in 0..packet.len() {
             prop_assert_eq!(decode_startup(&packet[..end]), Ok(None));
         }
@@ -239,8 +240,34 @@ proptest! {
         let packet = cancel_request(pid, secret);
         prop_assert_eq!(
             decode_startup(&packet),
-            Ok(Some((FeStartup::CancelRequest { pid, secret: Some(secret) }, packet.len())))
+            Ok(Some((FeStartup::CancelRequest { pid, key: secret.to_be_bytes().to_vec() }, packet.len())))
         );
+    }
+
+    /// Whatever a client asks for, the server gets a protocol 3.0 startup
+    /// with the client's ordinary parameters and none of its `_pq_.`
+    /// options; the client is told of those options, and gets a long key
+    /// exactly when it asked for 3.2 or newer.
+    #[test]
+    fn newer_protocols_reach_the_server_as_3_0(
+        minor in 0u32..6,
+        params in vec((prop_oneof![param_text(), param_text().prop_map(|name| format!("_pq_.{name}"))], param_text()), 0..6),
+    ) {
+        let borrowed: Vec<(&str, &str)> = params.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let mut raw = startup_message(&borrowed);
+        raw[4..8].copy_from_slice(&((3u32 << 16) | minor).to_be_bytes());
+        let plan = serve_protocol(minor, &params, &raw);
+        let Ok(Some((FeStartup::Startup { minor: 0, params: sent, .. }, _))) = decode_startup(&plan.to_server) else {
+            panic!("the server is asked for 3.0");
+        };
+        let (options, plain): (Vec<_>, Vec<_>) = params.into_iter().partition(|(n, _)| n.starts_with("_pq_."));
+        prop_assert_eq!(sent, plain);
+        prop_assert_eq!(plan.negotiate.is_some(), minor > 2 || !options.is_empty());
+        if let Some(negotiate) = plan.negotiate {
+            prop_assert_eq!(be_u32(&negotiate, 5), Some(minor.min(2)));
+            prop_assert_eq!(be_u32(&negotiate, 9), Some(options.len() as u32));
+        }
+        prop_assert_eq!(plan.cancel_key_len, if minor >= 2 { 32 } else { 4 });
     }
 }
 
@@ -248,7 +275,10 @@ proptest! {
 /// BackendKeyData with the 3.0 key, 3.2's longer keys, and liars.
 fn backend_message() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
-        (any::<u32>(), any::<u32>()).prop_map(|(pid, secret)| backend_key_data(pid, secret)),
+        (any::<u32>(), any::<u32>())
+            .prop_map(|(pid, secret)| backend_key_data(pid, &secret.to_be_bytes())),
+        (any::<u32>(), vec(any::<u8>(), 5..=256))
+            .prop_map(|(pid, secret)| backend_key_data(pid, &secret)),
         vec(any::<u8>(), 0..300).prop_map(|body| tagged(BACKEND_KEY_DATA, &body)),
         (any::<u32>(), vec(any::<u8>(), 8..=8)).prop_map(|(length, key)| {
             let mut message = vec![BACKEND_KEY_DATA];
@@ -325,7 +355,7 @@ proptest! {
             && be_u32(&message, 1) == Some(12);
         prop_assert_eq!(decoded.is_some(), exact);
         if let Some((pid, secret)) = decoded {
-            prop_assert_eq!(backend_key_data(pid, secret), message);
+            prop_assert_eq!(backend_key_data(pid, &secret.to_be_bytes()), message);
         }
     }
 

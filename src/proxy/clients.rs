@@ -1,5 +1,6 @@
 //! The registry of live client connections: each gets the proxy's own
-//! BackendKeyData (pid, secret), under which it is found again when a
+//! BackendKeyData (pid, secret; the secret 4 bytes for protocol 3.0 clients,
+//! 32 for 3.2 ones), under which it is found again when a
 //! CancelRequest arrives or when the admin console lists clients.
 //!
 //! Entries are created by a connection task through [`Clients::register`]
@@ -21,7 +22,8 @@ use dashmap::DashMap;
 /// What the admin console shows of one client and what a cancel needs.
 #[derive(Debug, Clone)]
 pub struct ClientEntry {
-    pub secret: u32,
+    /// The proxy's cancel key for this client; set by [`Clients::register`].
+    pub secret: Vec<u8>,
     pub client_addr: SocketAddr,
     pub user: String,
     pub database: String,
@@ -66,7 +68,7 @@ pub struct Clients {
 #[derive(Debug)]
 pub struct Registration {
     pub pid: u32,
-    pub secret: u32,
+    pub secret: Vec<u8>,
     /// The entry's forwarded-cancel count.
     cancels: Arc<AtomicU64>,
     clients: Clients,
@@ -100,8 +102,9 @@ impl Registration {
 }
 
 impl Clients {
-    /// Registers a client under a fresh random (pid, secret).
-    pub fn register(&self, mut entry: ClientEntry) -> Registration {
+    /// Registers a client under a fresh random pid and a random secret of
+    /// `secret_len` bytes.
+    pub fn register(&self, mut entry: ClientEntry, secret_len: usize) -> Registration {
         loop {
             // Positive pids like PostgreSQL's; 0 is never used.
             let pid = rand::random::<u32>() & 0x7FFF_FFFF;
@@ -109,8 +112,8 @@ impl Clients {
                 continue;
             }
             if let dashmap::Entry::Vacant(slot) = self.map.entry(pid) {
-                entry.secret = rand::random::<u32>();
-                let secret = entry.secret;
+                entry.secret = (0..secret_len).map(|_| rand::random::<u8>()).collect();
+                let secret = entry.secret.clone();
                 let cancels = entry.cancels.clone();
                 slot.insert(entry);
                 return Registration {
@@ -125,9 +128,15 @@ impl Clients {
 
     /// The server and server key a CancelRequest with this key targets;
     /// None for unknown keys (dropped silently, like PostgreSQL does).
-    pub fn cancel_target(&self, pid: u32, secret: u32) -> Option<CancelTarget> {
+    pub fn cancel_target(&self, pid: u32, secret: &[u8]) -> Option<CancelTarget> {
         let entry = self.map.get(&pid)?;
-        if entry.secret != secret {
+        // Every byte compared, so the time taken says nothing of the key.
+        let differences = entry
+            .secret
+            .iter()
+            .zip(secret)
+            .fold(0, |acc, (ours, theirs)| acc | (ours ^ theirs));
+        if entry.secret.len() != secret.len() || differences != 0 {
             return None;
         }
         Some(CancelTarget {
@@ -163,7 +172,7 @@ mod tests {
 
     fn entry() -> ClientEntry {
         ClientEntry {
-            secret: 0,
+            secret: Vec::new(),
             client_addr: SocketAddr::from(([127, 0, 0, 1], 1)),
             user: "u".into(),
             database: "d".into(),
@@ -179,29 +188,33 @@ mod tests {
     #[test]
     fn cancel_keys_resolve_only_with_the_secret_and_are_forgotten() {
         let clients = Clients::default();
-        let registration = clients.register(entry());
+        let registration = clients.register(entry(), 32);
+        assert_eq!(registration.secret.len(), 32);
         assert!(clients
-            .cancel_target(registration.pid, registration.secret)
+            .cancel_target(registration.pid, &registration.secret)
             .is_none());
         registration.set_server("127.0.0.1:5432");
         registration.set_server_key(42, 43);
         let target = clients
-            .cancel_target(registration.pid, registration.secret)
+            .cancel_target(registration.pid, &registration.secret)
             .unwrap();
         assert_eq!(
             (target.address.as_str(), target.server_key),
             ("127.0.0.1:5432", (42, 43))
         );
+        let mut wrong = registration.secret.clone();
+        wrong[31] ^= 1;
+        assert!(clients.cancel_target(registration.pid, &wrong).is_none());
         assert!(clients
-            .cancel_target(registration.pid, registration.secret.wrapping_add(1))
+            .cancel_target(registration.pid, &registration.secret[..4])
             .is_none());
         // Forwarded cancels are counted where the connection task sees them.
         assert_eq!(registration.cancels_forwarded(), 0);
         target.mark_forwarded();
         assert_eq!(registration.cancels_forwarded(), 1);
-        let (pid, secret) = (registration.pid, registration.secret);
+        let (pid, secret) = (registration.pid, registration.secret.clone());
         drop(registration);
-        assert!(clients.cancel_target(pid, secret).is_none());
+        assert!(clients.cancel_target(pid, &secret).is_none());
         assert!(clients.is_empty());
     }
 }

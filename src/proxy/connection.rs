@@ -40,8 +40,8 @@ use crate::roles::Epoch;
 use crate::wire::frame::FrameScanner;
 use crate::wire::startup::{
     backend_key_data, backend_message_len, cancel_request, decode_backend_key_data, decode_startup,
-    error_code, error_response, FeStartup, Severity, StartupError, BACKEND_KEY_DATA,
-    READY_FOR_QUERY,
+    error_code, error_response, serve_protocol, FeStartup, Severity, StartupError,
+    BACKEND_KEY_DATA, READY_FOR_QUERY,
 };
 
 /// The dbname of the admin console.
@@ -275,19 +275,12 @@ async fn dispatch<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let (params, raw) = match packet {
-        FeStartup::CancelRequest {
-            pid,
-            secret: Some(secret),
-        } => {
-            forward_cancel(ctx, pid, secret).await;
+    let (minor, params, raw) = match packet {
+        FeStartup::CancelRequest { pid, key } => {
+            forward_cancel(ctx, pid, &key).await;
             return Ok(End::Cancel);
         }
-        FeStartup::CancelRequest { secret: None, .. } => {
-            tracing::debug!("cancel request with a key longer than the proxy's dropped");
-            return Ok(End::Cancel);
-        }
-        FeStartup::Startup { params, raw } => (params, raw),
+        FeStartup::Startup { minor, params, raw } => (minor, params, raw),
         FeStartup::SslRequest | FeStartup::GssEncRequest => {
             return refuse(
                 &mut stream,
@@ -321,24 +314,39 @@ where
     let Some((session, routes)) = ctx.route_for(&database) else {
         return refuse(&mut stream, ConnError::NoSession(database)).await;
     };
-    let registration = ctx.clients.register(ClientEntry {
-        secret: 0,
-        client_addr: peer,
-        user,
-        database,
-        session: session.clone(),
-        tls,
-        connected_at: SystemTime::now(),
-        server_addr: None,
-        server_key: None,
-        cancels: Arc::default(),
-    });
+    let plan = serve_protocol(minor, &params, &raw);
+    if let Some(negotiate) = &plan.negotiate {
+        stream.write_all(negotiate).await?;
+        stream.flush().await?;
+    }
+    let registration = ctx.clients.register(
+        ClientEntry {
+            secret: Vec::new(),
+            client_addr: peer,
+            user,
+            database,
+            session: session.clone(),
+            tls,
+            connected_at: SystemTime::now(),
+            server_addr: None,
+            server_key: None,
+            cancels: Arc::default(),
+        },
+        plan.cancel_key_len,
+    );
     let _client = GaugeGuard::new(
         gauge!(metrics::PROXY_CLIENT_CONNECTIONS, metrics::SESSION => session.clone()),
     );
     let mut routes = routes;
     let mut early = Vec::new();
-    let held = hold_and_connect(ctx, &session, &mut routes, &raw, &mut stream, &mut early);
+    let held = hold_and_connect(
+        ctx,
+        &session,
+        &mut routes,
+        &plan.to_server,
+        &mut stream,
+        &mut early,
+    );
     let connected = match held.await {
         Ok(connected) => connected,
         Err(err) => return refuse(&mut stream, err).await,
@@ -473,7 +481,7 @@ async fn try_server(
 }
 
 /// Forwards a CancelRequest with a known key; unknown keys are dropped.
-async fn forward_cancel(ctx: &Context, pid: u32, secret: u32) {
+async fn forward_cancel(ctx: &Context, pid: u32, secret: &[u8]) {
     let Some(target) = ctx.clients.cancel_target(pid, secret) else {
         tracing::debug!("cancel request with an unknown key dropped");
         return;
@@ -647,7 +655,7 @@ where
                             registration.set_server_key(pid, secret);
                             out.extend_from_slice(&backend_key_data(
                                 registration.pid,
-                                registration.secret,
+                                &registration.secret,
                             ));
                         }
                         None => {
@@ -659,7 +667,7 @@ where
                             );
                             out.extend_from_slice(&backend_key_data(
                                 registration.pid,
-                                registration.secret,
+                                &registration.secret,
                             ));
                         }
                     },

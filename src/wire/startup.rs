@@ -21,12 +21,26 @@ pub const ERROR_RESPONSE: u8 = b'E';
 /// Tag of AuthenticationRequest.
 pub const AUTHENTICATION: u8 = b'R';
 
-/// Size of a CancelRequest packet: length, code, pid, secret
-/// (protocol 3.0; 3.2's longer keys are not offered by the proxy).
+/// Tag of NegotiateProtocolVersion.
+pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
+
+/// Size of a protocol 3.0 CancelRequest packet: length, code, pid, secret.
 pub const CANCEL_REQUEST_LEN: usize = 16;
 
 /// Longest cancel key protocol 3.2 allows.
 pub const MAX_CANCEL_KEY_LEN: usize = 256;
+
+/// The newest protocol 3 minor version the proxy serves to clients: 3.2,
+/// whose only change from 3.0 is the cancel key's length, which the proxy
+/// owns (it hands out its own keys). Servers are always asked for 3.0.
+pub const NEWEST_MINOR: u32 = 2;
+
+/// Length of the keys the proxy hands to protocol 3.2 clients, as long as
+/// PostgreSQL 18's; 3.0 and 3.1 clients get the 4 bytes 3.0 defines.
+pub const LONG_CANCEL_KEY_LEN: usize = 32;
+
+/// Prefix of protocol options in a StartupMessage; the proxy knows none.
+const PROTOCOL_OPTION_PREFIX: &str = "_pq_.";
 
 /// The first packet a client sends, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,13 +49,13 @@ pub enum FeStartup {
     GssEncRequest,
     CancelRequest {
         pid: u32,
-        /// None: a protocol 3.2 key longer than the 4 bytes this proxy
-        /// hands out, so none of its clients' keys.
-        secret: Option<u32>,
+        /// 4 bytes in protocol 3.0, up to [`MAX_CANCEL_KEY_LEN`] in 3.2.
+        key: Vec<u8>,
     },
-    /// A protocol 3 StartupMessage: its parameters and its raw bytes (to
-    /// forward unchanged).
+    /// A protocol 3 StartupMessage: the minor version asked for, its
+    /// parameters and its raw bytes (to forward unchanged when they suit).
     Startup {
+        minor: u32,
         params: Vec<(String, String)>,
         raw: Vec<u8>,
     },
@@ -105,20 +119,19 @@ pub fn decode_startup(buf: &[u8]) -> Result<Option<(FeStartup, usize)>, StartupE
             let pid = be_u32(packet, 8).ok_or(StartupError::Malformed("short CancelRequest"))?;
             // Protocol 3.2: the key runs to the end of the packet.
             let key = packet.get(12..).unwrap_or_default();
-            let secret = match key.len() {
-                4 => be_u32(key, 0),
-                5..=MAX_CANCEL_KEY_LEN => None,
-                _ => {
-                    return Err(StartupError::Malformed(
-                        "CancelRequest key of an invalid length",
-                    ))
-                }
-            };
-            FeStartup::CancelRequest { pid, secret }
+            if !(4..=MAX_CANCEL_KEY_LEN).contains(&key.len()) {
+                return Err(StartupError::Malformed(
+                    "CancelRequest key of an invalid length",
+                ));
+            }
+            FeStartup::CancelRequest {
+                pid,
+                key: key.to_vec(),
+            }
         }
-        // Any 3.x: the server answers a minor version it lacks with
-        // NegotiateProtocolVersion, which the proxy relays.
+        // Any 3.x: see [`serve_protocol`] for what a newer minor gets.
         code if code >> 16 == PROTOCOL_MAJOR_3 => FeStartup::Startup {
+            minor: code & 0xFFFF,
             params: decode_params(packet.get(8..).unwrap_or_default())?,
             raw: packet.to_vec(),
         },
@@ -200,13 +213,71 @@ pub fn decode_backend_key_data(message: &[u8]) -> Option<(u32, u32)> {
     Some((be_u32(message, 5)?, be_u32(message, 9)?))
 }
 
-/// A BackendKeyData message.
-pub fn backend_key_data(pid: u32, secret: u32) -> Vec<u8> {
-    let mut out = Vec::with_capacity(BACKEND_KEY_DATA_LEN);
+/// A BackendKeyData message; `secret` is 4 bytes in protocol 3.0 and at
+/// most [`MAX_CANCEL_KEY_LEN`] in 3.2 (the proxy's own keys, so bounded).
+pub fn backend_key_data(pid: u32, secret: &[u8]) -> Vec<u8> {
+    let length = LENGTH_FIELD_LEN + 4 + secret.len();
+    let mut out = Vec::with_capacity(TAG_LEN + length);
     out.push(BACKEND_KEY_DATA);
-    out.extend_from_slice(&((BACKEND_KEY_DATA_LEN - TAG_LEN) as u32).to_be_bytes());
+    out.extend_from_slice(&(length as u32).to_be_bytes());
     out.extend_from_slice(&pid.to_be_bytes());
-    out.extend_from_slice(&secret.to_be_bytes());
+    out.extend_from_slice(secret);
+    out
+}
+
+/// How the proxy serves a client's StartupMessage over a server that
+/// speaks protocol 3.0, as a PostgreSQL 18 server would answer it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolPlan {
+    /// The startup packet for the server: the client's own when it asked
+    /// for plain 3.0, else a 3.0 one without the `_pq_.` options.
+    pub to_server: Vec<u8>,
+    /// NegotiateProtocolVersion for the client, first: when it asked for a
+    /// minor newer than [`NEWEST_MINOR`] or for protocol options.
+    pub negotiate: Option<Vec<u8>>,
+    /// Length of the cancel key the client gets.
+    pub cancel_key_len: usize,
+}
+
+/// Plans the answer to a StartupMessage of minor version `minor`.
+pub fn serve_protocol(minor: u32, params: &[(String, String)], raw: &[u8]) -> ProtocolPlan {
+    let served = minor.min(NEWEST_MINOR);
+    let (options, plain): (Vec<_>, Vec<_>) = params
+        .iter()
+        .partition(|(name, _)| name.starts_with(PROTOCOL_OPTION_PREFIX));
+    let to_server = if minor == 0 && options.is_empty() {
+        raw.to_vec()
+    } else {
+        let plain: Vec<_> = plain
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect();
+        startup_message(&plain)
+    };
+    let negotiate = (minor > NEWEST_MINOR || !options.is_empty()).then(|| {
+        let names: Vec<&str> = options.iter().map(|(name, _)| name.as_str()).collect();
+        negotiate_protocol_version(served, &names)
+    });
+    ProtocolPlan {
+        to_server,
+        negotiate,
+        cancel_key_len: if served >= 2 { LONG_CANCEL_KEY_LEN } else { 4 },
+    }
+}
+
+/// A NegotiateProtocolVersion: the newest minor served and the protocol
+/// options not recognised (bounded by the startup packet they came in).
+fn negotiate_protocol_version(minor: u32, options: &[&str]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&minor.to_be_bytes());
+    body.extend_from_slice(&(options.len() as u32).to_be_bytes());
+    for option in options {
+        body.extend_from_slice(option.as_bytes());
+        body.push(0);
+    }
+    let mut out = vec![NEGOTIATE_PROTOCOL_VERSION];
+    out.extend_from_slice(&((body.len() + LENGTH_FIELD_LEN) as u32).to_be_bytes());
+    out.extend_from_slice(&body);
     out
 }
 
@@ -301,7 +372,7 @@ mod tests {
         assert_eq!(decode_startup(&packet[..packet.len() - 1]).unwrap(), None);
         let (decoded, used) = decode_startup(&packet).unwrap().unwrap();
         assert_eq!(used, packet.len());
-        let FeStartup::Startup { params, raw } = decoded else {
+        let FeStartup::Startup { params, raw, .. } = decoded else {
             panic!("not a startup message");
         };
         assert_eq!(FeStartup::param(&params, "database"), Some("shop"));
@@ -327,10 +398,10 @@ mod tests {
             decode_startup(&cancel).unwrap().unwrap().0,
             FeStartup::CancelRequest {
                 pid: 7,
-                secret: Some(9)
+                key: 9u32.to_be_bytes().to_vec()
             }
         );
-        // Protocol 3.2: a longer key is parsed, and is none of the proxy's.
+        // Protocol 3.2: a longer key runs to the end of the packet.
         let mut long = 48u32.to_be_bytes().to_vec();
         long.extend_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
         long.extend_from_slice(&7u32.to_be_bytes());
@@ -339,7 +410,7 @@ mod tests {
             decode_startup(&long).unwrap().unwrap().0,
             FeStartup::CancelRequest {
                 pid: 7,
-                secret: None
+                key: vec![1; 36]
             }
         );
         let mut short = 14u32.to_be_bytes().to_vec();
@@ -385,17 +456,17 @@ mod tests {
 
     #[test]
     fn backend_messages() {
-        let key = backend_key_data(1, 2);
+        let key = backend_key_data(1, &2u32.to_be_bytes());
         assert_eq!(backend_message_len(&key).unwrap(), Some((b'K', 13)));
         assert_eq!(decode_backend_key_data(&key), Some((1, 2)));
         // Thirteen bytes whose length field says otherwise are not a key.
         let mut lying = key.clone();
         lying[1..5].copy_from_slice(&0u32.to_be_bytes());
         assert_eq!(decode_backend_key_data(&lying), None);
-        // Protocol 3.2's longer secret is not decoded either.
-        let mut long_key = vec![BACKEND_KEY_DATA];
-        long_key.extend_from_slice(&40u32.to_be_bytes());
-        long_key.extend_from_slice(&[7; 36]);
+        // Protocol 3.2's longer secret is not decoded either (servers are
+        // asked for 3.0), though the proxy writes one for 3.2 clients.
+        let long_key = backend_key_data(7, &[7; 36]);
+        assert_eq!(backend_message_len(&long_key).unwrap(), Some((b'K', 45)));
         assert_eq!(decode_backend_key_data(&long_key), None);
         let error = error_response(Severity::Fatal, "57P01", "bye");
         assert_eq!(
@@ -404,5 +475,58 @@ mod tests {
         );
         assert_eq!(error_code(&error), Some("57P01"));
         assert_eq!(error_code(&key), None);
+    }
+
+    fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn newer_protocols_are_served_as_postgresql_18_serves_them() {
+        let plain = params(&[("user", "a"), ("database", "d")]);
+        let raw_3_0 = startup_message(&[("user", "a"), ("database", "d")]);
+        // 3.0: the client's packet as it came, a 4-byte key.
+        let plan = serve_protocol(0, &plain, &raw_3_0);
+        assert_eq!(
+            (
+                plan.to_server.as_slice(),
+                plan.negotiate,
+                plan.cancel_key_len
+            ),
+            (raw_3_0.as_slice(), None, 4)
+        );
+        // 3.2: served without negotiation, the server asked for 3.0, a long key.
+        let plan = serve_protocol(2, &plain, b"ignored");
+        assert_eq!(
+            (
+                plan.to_server.as_slice(),
+                plan.negotiate,
+                plan.cancel_key_len
+            ),
+            (raw_3_0.as_slice(), None, LONG_CANCEL_KEY_LEN)
+        );
+        // 3.9 with an option: NegotiateProtocolVersion down to 3.2, the
+        // option listed and kept from the server.
+        let with_option = params(&[("user", "a"), ("_pq_.compression", "on"), ("database", "d")]);
+        let plan = serve_protocol(9, &with_option, b"ignored");
+        assert_eq!(plan.to_server, raw_3_0);
+        assert_eq!(plan.cancel_key_len, LONG_CANCEL_KEY_LEN);
+        let mut expected = vec![NEGOTIATE_PROTOCOL_VERSION];
+        expected.extend_from_slice(&29u32.to_be_bytes());
+        expected.extend_from_slice(&2u32.to_be_bytes());
+        expected.extend_from_slice(&1u32.to_be_bytes());
+        expected.extend_from_slice(b"_pq_.compression\0");
+        assert_eq!(plan.negotiate, Some(expected.clone()));
+        assert_eq!(
+            backend_message_len(&expected).unwrap(),
+            Some((b'v', expected.len()))
+        );
+        // 3.0 with an option: negotiated down to 3.0, a 4-byte key.
+        let plan = serve_protocol(0, &with_option, b"ignored");
+        assert_eq!(plan.cancel_key_len, 4);
+        assert_eq!(plan.negotiate.unwrap()[5..9], 0u32.to_be_bytes());
     }
 }
