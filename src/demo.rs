@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +47,25 @@ struct Component {
     name: &'static str,
     child: Child,
     log: PathBuf,
+    /// Length of the log when this process started: what it wrote since.
+    log_start: u64,
+}
+
+/// What a process or its PostgreSQL logs when a port it was given is taken.
+const PORT_TAKEN: &str = "Address already in use";
+
+/// How many times the demo starts again on fresh ports when one of its
+/// ports was taken between choosing it and binding it.
+const START_ATTEMPTS: u32 = 3;
+
+/// Why a start did not reach a synchronized session.
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    /// A process (or the PostgreSQL it started) found its port taken.
+    #[error("{0} found its port taken")]
+    PortTaken(&'static str),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
 }
 
 /// Picks the demo's ports below the kernel's ephemeral range: a port picked
@@ -198,7 +217,10 @@ fn write_configs(options: &DemoOptions) -> anyhow::Result<()> {
              [endpoint_tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n\n\
              [sessions.demo]\npartners = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\
              databases = [\"postgres\", \"demo\"]\npostgres = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n",
-            options.port,
+            match options.port {
+                0 => free_port()?,
+                port => port,
+            },
             free_port()?,
             dir.join("proxy"),
             pki.join("proxy.crt"),
@@ -256,6 +278,7 @@ fn spawn(
         .create(true)
         .append(true)
         .open(&log)?;
+    let log_start = file.metadata()?.len();
     let child = Command::new(std::env::current_exe().context("locating the pgmirror binary")?)
         .arg(subcommand)
         .arg("--config")
@@ -266,7 +289,24 @@ fn spawn(
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {name}"))?;
-    Ok(Component { name, child, log })
+    Ok(Component {
+        name,
+        child,
+        log,
+        log_start,
+    })
+}
+
+/// The first process whose log says, since it started, that a port it
+/// (or its PostgreSQL) was to listen on is taken.
+fn port_taken(components: &[Component]) -> Option<&'static str> {
+    components.iter().find_map(|component| {
+        let log = std::fs::read(&component.log).unwrap_or_default();
+        let since_start = log.get(component.log_start as usize..)?;
+        String::from_utf8_lossy(since_start)
+            .contains(PORT_TAKEN)
+            .then_some(component.name)
+    })
 }
 
 fn log_tail(path: &Path) -> String {
@@ -276,23 +316,31 @@ fn log_tail(path: &Path) -> String {
 }
 
 /// Waits until the principal reports SYNCHRONIZED (or, without a mirror to
-/// wait for under SAFETY OFF, UNSYNCHRONIZED), watching for a process that died.
+/// wait for under SAFETY OFF, UNSYNCHRONIZED), watching for a process that
+/// died or found its port taken.
 async fn wait_synchronized(
     components: &mut [Component],
     endpoint: &Endpoint,
     tls: &EndpointTls,
     shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), SetupError> {
     let deadline = Instant::now() + SETUP_LIMIT;
     loop {
+        if let Some(name) = port_taken(components) {
+            return Err(SetupError::PortTaken(name));
+        }
         for component in components.iter_mut() {
-            if let Some(status) = component.child.try_wait()? {
-                bail!(
+            if let Some(status) = component.child.try_wait().map_err(anyhow::Error::from)? {
+                if let Some(name) = port_taken(std::slice::from_ref(component)) {
+                    return Err(SetupError::PortTaken(name));
+                }
+                return Err(anyhow!(
                     "{} exited ({status}) during setup; its log {}:\n{}",
                     component.name,
                     component.log.display(),
                     log_tail(&component.log)
-                );
+                )
+                .into());
             }
         }
         if let Ok(mut client) = ControlClient::connect(endpoint, tls).await {
@@ -303,11 +351,11 @@ async fn wait_synchronized(
             }
         }
         if Instant::now() > deadline {
-            bail!("the session did not synchronize within {SETUP_LIMIT:?}; see the logs in the demo directory");
+            return Err(anyhow!("the session did not synchronize within {SETUP_LIMIT:?}; see the logs in the demo directory").into());
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-            _ = shutdown.cancelled() => bail!("interrupted during setup"),
+            _ = shutdown.cancelled() => return Err(anyhow!("interrupted during setup").into()),
         }
     }
 }
@@ -330,6 +378,18 @@ async fn stop_all(components: Vec<Component>) {
     }
 }
 
+/// Starts the witness (when configured), both partners and the proxy.
+fn start_components(dir: &Path) -> anyhow::Result<Vec<Component>> {
+    let mut components = Vec::new();
+    if dir.join("witness.toml").exists() {
+        components.push(spawn(dir, "witness", "witness", &dir.join("witness.toml"))?);
+    }
+    components.push(spawn(dir, "alpha", "partner", &dir.join("alpha.toml"))?);
+    components.push(spawn(dir, "beta", "partner", &dir.join("beta.toml"))?);
+    components.push(spawn(dir, "proxy", "proxy", &dir.join("proxy.toml"))?);
+    Ok(components)
+}
+
 /// Runs the demo until `shutdown` is cancelled.
 pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     PgBinaries::locate(None)?;
@@ -341,19 +401,44 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
         ..options
     };
     check_reachable(&options.dir, run_as)?;
-    let moved = prepare_configs(&options)?;
-    if !moved.is_empty() {
-        let list: Vec<String> = moved
-            .iter()
-            .map(|(what, port)| format!("{what} {port}"))
-            .collect();
-        println!(
-            "pgmirror demo: ports of the earlier run are taken now ({}); its configs were \
-             written again with free ports (data kept)",
-            list.join(", ")
-        );
-    }
     let dir = &options.dir;
+    let mut attempt = 1;
+    let mut components = loop {
+        let moved = prepare_configs(&options)?;
+        if !moved.is_empty() {
+            let list: Vec<String> = moved
+                .iter()
+                .map(|(what, port)| format!("{what} {port}"))
+                .collect();
+            println!(
+                "pgmirror demo: ports chosen earlier are taken now ({}); the configs were \
+                 written again with free ports (data kept)",
+                list.join(", ")
+            );
+        }
+        let mut components = start_components(dir)?;
+        let alpha: PartnerConfig = config::load(&dir.join("alpha.toml"))?;
+        let admin_tls = EndpointTls::from_config(&tls_config_for(&dir.join("pki"), "admin"))?;
+        let alpha_endpoint = Endpoint {
+            host: "127.0.0.1".into(),
+            port: alpha.listen.0.port(),
+        };
+        match wait_synchronized(&mut components, &alpha_endpoint, &admin_tls, &shutdown).await {
+            Ok(()) => break components,
+            Err(SetupError::PortTaken(name)) if attempt < START_ATTEMPTS => {
+                println!(
+                    "pgmirror demo: {name} found a port taken since the demo chose it \
+                     (attempt {attempt} of {START_ATTEMPTS}); starting again on free ports"
+                );
+                stop_all(components).await;
+                attempt += 1;
+            }
+            Err(err) => {
+                stop_all(components).await;
+                return Err(err.into());
+            }
+        }
+    };
     let alpha: PartnerConfig = config::load(&dir.join("alpha.toml"))?;
     let beta: PartnerConfig = config::load(&dir.join("beta.toml"))?;
     let witness: Option<WitnessConfig> = if dir.join("witness.toml").exists() {
@@ -361,27 +446,7 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
     } else {
         None
     };
-    let with_witness = witness.is_some();
-
-    let mut components = Vec::new();
-    if with_witness {
-        components.push(spawn(dir, "witness", "witness", &dir.join("witness.toml"))?);
-    }
-    components.push(spawn(dir, "alpha", "partner", &dir.join("alpha.toml"))?);
-    components.push(spawn(dir, "beta", "partner", &dir.join("beta.toml"))?);
-    components.push(spawn(dir, "proxy", "proxy", &dir.join("proxy.toml"))?);
     let proxy: ProxyConfig = config::load(&dir.join("proxy.toml"))?;
-    let admin_tls = EndpointTls::from_config(&tls_config_for(&dir.join("pki"), "admin"))?;
-    let alpha_endpoint = Endpoint {
-        host: "127.0.0.1".into(),
-        port: alpha.listen.0.port(),
-    };
-    if let Err(err) =
-        wait_synchronized(&mut components, &alpha_endpoint, &admin_tls, &shutdown).await
-    {
-        stop_all(components).await;
-        return Err(err);
-    }
     println!(
         "\npgmirror demo: session \"demo\" is mirrored\n\
          \n  psql through the proxy:        psql -h 127.0.0.1 -p {} -U postgres\

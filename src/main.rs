@@ -57,7 +57,7 @@ enum Commands {
         /// Where configs, certificates, data and logs go; reused by a second run.
         #[arg(long, default_value = "pgmirror-demo")]
         dir: PathBuf,
-        /// The proxy's port.
+        /// The proxy's port (0: a free one, chosen and printed by the demo).
         #[arg(long, default_value_t = 6432)]
         port: u16,
         /// full (synchronous) or off (asynchronous).

@@ -252,3 +252,86 @@ async fn the_demo_runs_serves_and_stops_cleanly() {
         "the directory is kept"
     );
 }
+
+/// A port the demo chose and wrote into its configs, taken by someone else
+/// before the process it was meant for bound it: the demo notices, moves to
+/// free ports, says so, and comes up anyway. The mirror's PostgreSQL port
+/// is the one taken: it is bound seconds after the configs are written
+/// (after the base backup), so the test always takes it first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demo_whose_port_is_taken_during_its_start_still_comes_up() {
+    let dir = tempfile::Builder::new()
+        .prefix("pgmirror-demo-")
+        .tempdir()
+        .unwrap();
+    RunAs::detect().unwrap().hand_over(dir.path()).unwrap();
+    let demo_dir = dir.path().join("cluster");
+    let args = [
+        "demo",
+        "--dir",
+        demo_dir.to_str().unwrap(),
+        "--timeout",
+        "3",
+        "--port",
+        "0",
+    ];
+    let mut demo = Pgmirror::spawn("demo", dir.path(), &args);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let taken_port = loop {
+        let written =
+            pgmirror::config::load::<pgmirror::config::PartnerConfig>(&demo_dir.join("beta.toml"));
+        if let Ok(beta) = written {
+            break beta.postgres.port;
+        }
+        assert!(Instant::now() < deadline, "no configs: {}", demo.output());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let _squatter = std::net::TcpListener::bind(("127.0.0.1", taken_port))
+        .expect("the mirror's port is still free just after the configs are written");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let summary = loop {
+        let output = demo.output();
+        if output.contains("is mirrored") {
+            break output;
+        }
+        assert!(!demo.has_exited(), "the demo exited: {output}");
+        assert!(Instant::now() < deadline, "no summary: {output}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(summary.contains("beta found a port taken"), "{summary}");
+    assert!(
+        summary.contains(&format!("beta PostgreSQL {taken_port}")),
+        "{summary}"
+    );
+    let beta: pgmirror::config::PartnerConfig =
+        pgmirror::config::load(&demo_dir.join("beta.toml")).unwrap();
+    assert_ne!(beta.postgres.port, taken_port, "the mirror moved");
+    // The summary's proxy port (chosen by the demo for --port 0) serves.
+    let proxy_port = summary
+        .lines()
+        .find(|line| line.contains("psql through the proxy"))
+        .and_then(|line| line.split(" -p ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the proxy's port in the summary");
+    assert_ne!(proxy_port, "0");
+    let (client, connection) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={proxy_port} user=postgres dbname=postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("psql through the proxy");
+    tokio::spawn(connection);
+    let answer: i32 = client.query_one("SELECT 42", &[]).await.unwrap().get(0);
+    assert_eq!(answer, 42);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(demo.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = demo
+        .wait(Duration::from_secs(90))
+        .expect("the demo stops on SIGTERM");
+    assert!(status.success(), "{status:?}: {}", demo.output());
+    let left = processes_using(&demo_dir);
+    assert!(left.is_empty(), "left behind: {left:#?}");
+}

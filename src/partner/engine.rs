@@ -27,6 +27,10 @@ pub const SETTINGS_FILE: &str = "pgmirror.conf";
 /// How long pg_ctl may wait for a start or stop.
 const PG_CTL_WAIT_SECS: u32 = 120;
 
+/// How long a server started without waiting is watched for opening its
+/// sockets; a server that is merely slow is left to go on after that.
+const LISTEN_WATCH: Duration = Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(
@@ -49,6 +53,8 @@ pub enum EngineError {
         status: std::process::ExitStatus,
         stderr: String,
     },
+    #[error("PostgreSQL exited while starting, before it listened (is its port {port} taken?); its log:\n{log}")]
+    ExitedAtStart { port: u16, log: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -417,12 +423,17 @@ impl Instance {
             // wait for the server to exit.
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
+        let log_before = std::fs::metadata(self.log_file()).map_or(0, |meta| meta.len());
         let status = command.status().map_err(|source| EngineError::Spawn {
             program: "pg_ctl".into(),
             source,
         })?;
         if status.success() {
-            Ok(())
+            if wait {
+                Ok(())
+            } else {
+                self.watch_listening(log_before)
+            }
         } else {
             Err(EngineError::Failed {
                 program: "pg_ctl start".into(),
@@ -430,6 +441,33 @@ impl Instance {
                 stderr: self.log_tail(20),
             })
         }
+    }
+
+    /// After a start without waiting: Ok once the postmaster has opened
+    /// its sockets (its lock file has the status line, written after
+    /// them), an error when it exited first with a FATAL in its log (a
+    /// taken port, for one), and Ok when it is still starting at the end of
+    /// [`LISTEN_WATCH`].
+    fn watch_listening(&self, log_before: u64) -> Result<(), EngineError> {
+        let deadline = Instant::now() + LISTEN_WATCH;
+        while Instant::now() < deadline {
+            let lock_file = std::fs::read_to_string(self.data_dir.join("postmaster.pid"));
+            let running = self.postmaster_pid().is_some();
+            if running && lock_file.is_ok_and(|text| text.lines().count() >= 8) {
+                return Ok(());
+            }
+            let log = std::fs::read(self.log_file()).unwrap_or_default();
+            let since_start = log.get(log_before as usize..).unwrap_or_default();
+            let since_start = String::from_utf8_lossy(since_start);
+            if !running && since_start.contains("FATAL") {
+                return Err(EngineError::ExitedAtStart {
+                    port: self.port,
+                    log: self.log_tail(10),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
     }
 
     pub fn stop(&self, mode: StopMode) -> Result<(), EngineError> {

@@ -137,7 +137,7 @@ pub async fn run(config: PartnerConfig, shutdown: CancellationToken) -> Result<(
     info!(
         session = %agent.config.session,
         name = %agent.config.name,
-        endpoint = %agent.config.listen.0,
+        endpoint = %endpoint.local_addr().unwrap_or(agent.config.listen.0),
         role = %agent.state().role,
         epoch = %agent.state().epoch,
         "partner agent started"

@@ -113,6 +113,8 @@ pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> Result<(),
             address: address.to_string(),
             source,
         })?;
+    // The port actually bound, which differs from the config's for port 0.
+    let address = listener.local_addr().unwrap_or(address);
     tracing::info!(%address, "proxy listening");
     if let Some(metrics) = config.metrics {
         crate::metrics::serve(metrics.0)?;

@@ -208,7 +208,8 @@ pub async fn run(config: WitnessConfig, shutdown: CancellationToken) -> Result<(
                 addr: config.listen.0,
                 source,
             })?;
-    info!(endpoint = %config.listen.0, store = %config.store.display(), "witness started");
+    let endpoint = listener.local_addr().unwrap_or(config.listen.0);
+    info!(%endpoint, store = %config.store.display(), "witness started");
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
