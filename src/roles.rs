@@ -101,12 +101,27 @@ impl fmt::Display for Epoch {
     }
 }
 
-impl fmt::Display for Safety {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Safety {
+    /// The numeric `mirroring_safety_level` column (spec 2).
+    pub fn code(self) -> i32 {
+        match self {
+            Safety::Off => 1,
+            Safety::Full => 2,
+        }
+    }
+
+    /// The `mirroring_safety_level_desc` column.
+    pub fn desc(self) -> &'static str {
+        match self {
             Safety::Full => "FULL",
             Safety::Off => "OFF",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Safety {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.desc())
     }
 }
 
@@ -122,12 +137,57 @@ impl FromStr for Safety {
     }
 }
 
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Role {
+    /// The numeric `mirroring_role` column (spec 2).
+    pub fn code(self) -> i32 {
+        match self {
+            Role::Principal => 1,
+            Role::Mirror => 2,
+        }
+    }
+
+    /// The `mirroring_role_desc` column.
+    pub fn desc(self) -> &'static str {
+        match self {
             Role::Principal => "PRINCIPAL",
             Role::Mirror => "MIRROR",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.desc())
+    }
+}
+
+/// How a partner sees its session's witness (spec 2,
+/// `mirroring_witness_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WitnessState {
+    /// No witness is set, or it was never heard.
+    Unknown,
+    Connected,
+    Disconnected,
+}
+
+impl WitnessState {
+    /// The numeric `mirroring_witness_state` column.
+    pub fn code(self) -> i32 {
+        match self {
+            WitnessState::Unknown => 0,
+            WitnessState::Connected => 1,
+            WitnessState::Disconnected => 2,
+        }
+    }
+
+    /// The `mirroring_witness_state_desc` column.
+    pub fn desc(self) -> &'static str {
+        match self {
+            WitnessState::Unknown => "UNKNOWN",
+            WitnessState::Connected => "CONNECTED",
+            WitnessState::Disconnected => "DISCONNECTED",
+        }
     }
 }
 

@@ -774,27 +774,6 @@ fn partner_option() -> impl Strategy<Value = (PartnerOption, Vec<Sql>)> {
 }
 
 fn admin_statement() -> impl Strategy<Value = (Statement, Vec<Sql>)> {
-    let select =
-        prop::option::of(any::<String>().prop_filter("no NUL", |name| !name.contains('\0')))
-            .prop_map(|database_name| {
-                let mut sql = vec![
-                    Sql::Keyword("SELECT"),
-                    Sql::Text("*".into()),
-                    Sql::Keyword("FROM"),
-                    Sql::Keyword("sys"),
-                    Sql::Text(".".into()),
-                    Sql::Keyword("database_mirroring"),
-                ];
-                if let Some(name) = &database_name {
-                    sql.extend([
-                        Sql::Keyword("WHERE"),
-                        Sql::Keyword("database_name"),
-                        Sql::Text("=".into()),
-                        Sql::Text(quoted(name, '\'')),
-                    ]);
-                }
-                (Statement::SelectMirroring { database_name }, sql)
-            });
     let alter = |written: String| {
         vec![
             Sql::Keyword("ALTER"),
@@ -833,7 +812,7 @@ fn admin_statement() -> impl Strategy<Value = (Statement, Vec<Sql>)> {
         (Statement::ShowSessions, "SESSIONS"),
     ])
     .prop_map(|(statement, what)| (statement, vec![Sql::Keyword("SHOW"), Sql::Keyword(what)]));
-    prop_oneof![select, set_partner, set_witness, show]
+    prop_oneof![set_partner, set_witness, show]
 }
 
 /// Writes `sql` with each keyword's letters in the case the bits of

@@ -1,7 +1,7 @@
-//! The admin console's statement grammar: the reference's `ALTER DATABASE
-//! ... SET PARTNER / SET WITNESS` (spec 50, 54), `SELECT * FROM
-//! sys.database_mirroring`, and PgBouncer-style `SHOW` commands, parsed
-//! into the typed [`Statement`] enum and nothing else (no SQL engine).
+//! The admin console's commands: the reference's `ALTER DATABASE ... SET
+//! PARTNER / SET WITNESS` (spec 50, 54) and PgBouncer-style `SHOW CLIENTS |
+//! SERVERS | SESSIONS`, parsed into the typed [`Statement`] enum. Queries
+//! go to `admin::sql` instead.
 //!
 //! sqlparser's PostgreSQL tokenizer splits the text (so quoting, comments
 //! and case follow SQL rules); the token stream is then matched by hand
@@ -29,10 +29,6 @@ pub enum PartnerOption {
 /// One admin console statement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Statement {
-    /// `SELECT * FROM sys.database_mirroring [WHERE database_name = '...']`
-    SelectMirroring {
-        database_name: Option<String>,
-    },
     SetPartner {
         session: String,
         option: PartnerOption,
@@ -49,7 +45,10 @@ pub enum Statement {
 
 /// The statements the console understands, for syntax errors.
 pub const SUPPORTED: &str = "supported statements: \
-SELECT * FROM sys.database_mirroring [WHERE database_name = '<session>']; \
+SELECT over the views sys.database_mirroring, sys.database_mirroring_witnesses, \
+sys.database_mirroring_endpoints, sys.database_mirroring_history, pgmirror.clients, \
+pgmirror.servers, pgmirror.sessions (PostgreSQL's SQL: WHERE, joins, aggregates, ORDER BY, LIMIT); \
+SHOW <setting>; \
 ALTER DATABASE <session> SET PARTNER { FAILOVER | FORCE_SERVICE_ALLOW_DATA_LOSS | SUSPEND | RESUME | SAFETY { FULL | OFF } | TIMEOUT <seconds> | OFF }; \
 ALTER DATABASE <session> SET WITNESS { = '<host:port>' | OFF }; \
 SHOW CLIENTS; SHOW SERVERS; SHOW SESSIONS";
@@ -120,8 +119,7 @@ impl Tokens {
     }
 }
 
-/// Parses one statement.
-pub fn parse(sql: &str) -> Result<Statement, SyntaxError> {
+fn tokens(sql: &str) -> Result<Tokens, SyntaxError> {
     let dialect = PostgreSqlDialect {};
     let tokens = Tokenizer::new(&dialect, sql)
         .tokenize()
@@ -129,9 +127,29 @@ pub fn parse(sql: &str) -> Result<Statement, SyntaxError> {
         .into_iter()
         .filter(|token| !matches!(token, Token::Whitespace(_)))
         .collect();
-    let mut tokens = Tokens { tokens, at: 0 };
+    Ok(Tokens { tokens, at: 0 })
+}
+
+/// Whether `sql` is one of these commands (ALTER ..., SHOW CLIENTS |
+/// SERVERS | SESSIONS) rather than a query or `SHOW <setting>`.
+pub fn is_command(sql: &str) -> bool {
+    let Ok(mut tokens) = tokens(sql) else {
+        return false;
+    };
+    match tokens.keyword().as_deref() {
+        Some("ALTER") => true,
+        Some("SHOW") => matches!(
+            tokens.keyword().as_deref(),
+            Some("CLIENTS" | "SERVERS" | "SESSIONS")
+        ),
+        _ => false,
+    }
+}
+
+/// Parses one command.
+pub fn parse(sql: &str) -> Result<Statement, SyntaxError> {
+    let mut tokens = tokens(sql)?;
     let statement = match tokens.keyword().as_deref() {
-        Some("SELECT") => select(&mut tokens)?,
         Some("ALTER") => alter(&mut tokens)?,
         Some("SHOW") => match tokens.keyword().as_deref() {
             Some("CLIENTS") => Statement::ShowClients,
@@ -143,33 +161,6 @@ pub fn parse(sql: &str) -> Result<Statement, SyntaxError> {
     };
     tokens.end()?;
     Ok(statement)
-}
-
-fn select(tokens: &mut Tokens) -> Result<Statement, SyntaxError> {
-    if tokens.next() != Some(Token::Mul) {
-        return Err(syntax("only SELECT * is supported"));
-    }
-    tokens.expect("FROM")?;
-    tokens.expect("SYS")?;
-    if tokens.next() != Some(Token::Period) {
-        return Err(syntax("expected sys.database_mirroring"));
-    }
-    tokens.expect("DATABASE_MIRRORING")?;
-    let database_name = match tokens.peek() {
-        Some(Token::Word(_)) => {
-            tokens.expect("WHERE")?;
-            tokens.expect("DATABASE_NAME")?;
-            if tokens.next() != Some(Token::Eq) {
-                return Err(syntax("expected database_name = '<session>'"));
-            }
-            match tokens.next() {
-                Some(Token::SingleQuotedString(name)) => Some(name),
-                _ => return Err(syntax("expected a quoted session name")),
-            }
-        }
-        _ => None,
-    };
-    Ok(Statement::SelectMirroring { database_name })
 }
 
 fn alter(tokens: &mut Tokens) -> Result<Statement, SyntaxError> {
@@ -271,7 +262,7 @@ mod tests {
     }
 
     #[test]
-    fn witness_and_select_and_show_parse() {
+    fn witness_and_show_parse() {
         assert_eq!(
             parse("ALTER DATABASE shop SET WITNESS = 'TCP://w.example:5022'").unwrap(),
             Statement::SetWitness {
@@ -286,18 +277,8 @@ mod tests {
                 witness: None
             }
         );
-        assert_eq!(
-            parse("select * from sys.database_mirroring").unwrap(),
-            Statement::SelectMirroring {
-                database_name: None
-            }
-        );
-        assert_eq!(
-            parse("SELECT * FROM sys.database_mirroring WHERE database_name = 'shop';").unwrap(),
-            Statement::SelectMirroring {
-                database_name: Some("shop".into())
-            }
-        );
+        assert!(is_command("show Clients;") && is_command("alter database x set partner off"));
+        assert!(!is_command("SHOW server_version") && !is_command("SELECT 1"));
         assert_eq!(parse("show clients").unwrap(), Statement::ShowClients);
         assert_eq!(parse("SHOW SERVERS").unwrap(), Statement::ShowServers);
         assert_eq!(parse("SHOW SESSIONS;").unwrap(), Statement::ShowSessions);
@@ -311,8 +292,6 @@ mod tests {
             "ALTER DATABASE shop SET PARTNER TIMEOUT soon",
             "ALTER DATABASE shop SET PARTNER SAFETY MEDIUM",
             "ALTER DATABASE shop SET WITNESS = 'nope'",
-            "SELECT name FROM sys.database_mirroring",
-            "SELECT * FROM sys.database_mirroring extra",
             "SHOW POOLS",
             "'unterminated",
         ] {

@@ -21,7 +21,7 @@ use crate::partner::policy::{
     Decision, Memory, Observation, PeerObservation, PostgresObservation, WitnessObservation,
 };
 use crate::partner::state::{SessionState, StateError, StateStore};
-use crate::roles::{Epoch, MirroringState, Role, Safety};
+use crate::roles::{Epoch, MirroringState, Role, WitnessState};
 use crate::shipper::positions::Positions;
 use crate::shipper::relay::LinkCounters;
 use crate::sync::lock;
@@ -302,17 +302,11 @@ impl Agent {
         status.mirroring_guid = state.system_identifier.map(|id| format!("{id:016x}"));
         status.mirroring_state = Some(mirroring_state.code());
         status.mirroring_state_desc = Some(mirroring_state.desc().into());
-        status.mirroring_role = Some(match state.role {
-            Role::Principal => 1,
-            Role::Mirror => 2,
-        });
-        status.mirroring_role_desc = Some(state.role.to_string());
+        status.mirroring_role = Some(state.role.code());
+        status.mirroring_role_desc = Some(state.role.desc().into());
         status.mirroring_role_sequence = Some(state.epoch.0);
-        status.mirroring_safety_level = Some(match state.safety {
-            Safety::Off => 1,
-            Safety::Full => 2,
-        });
-        status.mirroring_safety_level_desc = Some(state.safety.to_string());
+        status.mirroring_safety_level = Some(state.safety.code());
+        status.mirroring_safety_level_desc = Some(state.safety.desc().into());
         status.mirroring_safety_sequence = Some(state.safety_sequence);
         status.mirroring_partner_name = peer
             .view
@@ -321,22 +315,14 @@ impl Agent {
             .or(state.peer_name.clone());
         status.mirroring_partner_instance = Some(self.config.peer.to_string());
         status.mirroring_connection_timeout = Some(state.timeout_secs);
-        if let Some(witness) = &state.witness {
-            let connected = self.witness_status().connected;
-            status.mirroring_witness_name = Some(witness.to_string());
-            status.mirroring_witness_state = Some(if connected { 1 } else { 2 });
-            status.mirroring_witness_state_desc = Some(
-                if connected {
-                    "CONNECTED"
-                } else {
-                    "DISCONNECTED"
-                }
-                .into(),
-            );
-        } else {
-            status.mirroring_witness_state = Some(0);
-            status.mirroring_witness_state_desc = Some("UNKNOWN".into());
-        }
+        let witness_state = match &state.witness {
+            Some(_) if self.witness_status().connected => WitnessState::Connected,
+            Some(_) => WitnessState::Disconnected,
+            None => WitnessState::Unknown,
+        };
+        status.mirroring_witness_name = state.witness.as_ref().map(ToString::to_string);
+        status.mirroring_witness_state = Some(witness_state.code());
+        status.mirroring_witness_state_desc = Some(witness_state.desc().into());
         status.mirroring_redo_queue_type = Some("UNLIMITED".into());
         status.mirroring_end_of_log_lsn = observed.end_of_log;
         status.mirroring_failover_lsn = state.failover_lsn;

@@ -18,24 +18,32 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use futures::stream;
+use chrono::{DateTime, FixedOffset, Utc};
+use futures::{stream, Sink};
 use pgwire::api::auth::sasl::scram::{gen_salted_password, ScramAuth};
 use pgwire::api::auth::sasl::SASLAuthStartupHandler;
 use pgwire::api::auth::{
     AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
 };
-use pgwire::api::query::SimpleQueryHandler;
-use pgwire::api::results::{DataRowEncoder, FieldFormat, FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::portal::{Format, Portal};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::results::{DataRowEncoder, FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::stmt::QueryParser;
 use pgwire::api::{ClientInfo, PgWireServerHandlers, Type};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::PgWireBackendMessage;
+use rusqlite::types::Value;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::statement::{self, PartnerOption, Statement};
-use crate::admin::view::{self, Cell, ColumnType, RowSet};
+use crate::admin::request::{self, Request};
+use crate::admin::sql::{self, SqlError, TableDef};
+use crate::admin::statement::{PartnerOption, Statement};
+use crate::admin::view::{self, Cell, PartnerRow, RowSet, SessionRow, SqlType, WitnessRow};
+use crate::admin::{functions, settings};
 use crate::config::{AdminConfig, Endpoint, ProxySession};
-use crate::control::{Command, ControlError};
+use crate::control::{Command, ControlClient, ControlError, REQUEST_TIMEOUT};
 use crate::proxy::clients::Clients;
 use crate::proxy::routing::{send_command, Route};
 use crate::roles::Role;
@@ -82,7 +90,11 @@ pub fn start(
         path: path.clone(),
     };
     let login = Arc::new(AdminLogin::new(&state.admin));
-    let handlers = Arc::new(Handlers { state, login });
+    let console = Arc::new(Console {
+        state,
+        catalog: view::catalog(),
+    });
+    let handlers = Arc::new(Handlers { console, login });
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -107,15 +119,17 @@ pub fn start(
 }
 
 struct Handlers {
-    state: Arc<ConsoleState>,
+    console: Arc<Console>,
     login: Arc<AdminLogin>,
 }
 
 impl PgWireServerHandlers for Handlers {
     fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
-        Arc::new(Console {
-            state: self.state.clone(),
-        })
+        self.console.clone()
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        self.console.clone()
     }
 
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
@@ -184,6 +198,11 @@ fn user_error(severity: &str, code: &str, message: impl Into<String>) -> PgWireE
 
 struct Console {
     state: Arc<ConsoleState>,
+    catalog: Vec<TableDef>,
+}
+
+fn sql_error(err: SqlError) -> PgWireError {
+    user_error("ERROR", err.code, err.message)
 }
 
 #[async_trait]
@@ -193,10 +212,143 @@ impl SimpleQueryHandler for Console {
         C: ClientInfo + pgwire::api::ClientPortalStore + Unpin + Send + Sync,
         C::PortalStore: pgwire::api::store::PortalStore,
     {
-        let statement =
-            statement::parse(query).map_err(|err| user_error("ERROR", "42601", err.to_string()))?;
-        Ok(vec![self.execute(statement).await?])
+        let requests = request::parse(query, &self.catalog, false).map_err(sql_error)?;
+        let mut responses = Vec::with_capacity(requests.len());
+        for request in requests {
+            responses.push(
+                self.answer(&request, Vec::new(), &Format::UnifiedText)
+                    .await?,
+            );
+        }
+        Ok(responses)
     }
+}
+
+/// Parses Parse messages into console requests, typed up front so that
+/// Describe answers before Execute.
+struct RequestParser {
+    catalog: Vec<TableDef>,
+}
+
+#[async_trait]
+impl QueryParser for RequestParser {
+    type Statement = Request;
+
+    async fn parse_sql<C>(
+        &self,
+        _client: &C,
+        sql: &str,
+        _types: &[Option<Type>],
+    ) -> PgWireResult<Option<Request>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        let mut requests = request::parse(sql, &self.catalog, true).map_err(sql_error)?;
+        Ok(requests.pop())
+    }
+
+    fn get_parameter_types(&self, request: &Request) -> PgWireResult<Vec<Type>> {
+        Ok(match request {
+            Request::Query(prepared) => prepared.params.iter().map(|ty| pg_type(*ty)).collect(),
+            _ => Vec::new(),
+        })
+    }
+
+    fn get_result_schema(
+        &self,
+        request: &Request,
+        format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
+        Ok(fields(
+            &request.columns(),
+            format.unwrap_or(&Format::UnifiedText),
+        ))
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Console {
+    type Statement = Request;
+    type QueryParser = RequestParser;
+
+    fn query_parser(&self) -> Arc<RequestParser> {
+        Arc::new(RequestParser {
+            catalog: self.catalog.clone(),
+        })
+    }
+
+    async fn do_query<C>(
+        &self,
+        _client: &mut C,
+        portal: &Portal<Request>,
+        _max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo
+            + pgwire::api::ClientPortalStore
+            + Sink<PgWireBackendMessage>
+            + Unpin
+            + Send
+            + Sync,
+        C::PortalStore: pgwire::api::store::PortalStore<Statement = Request>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let request = &portal.statement.statement;
+        let params = bound_parameters(portal)?;
+        self.answer(request, params, &portal.result_column_format)
+            .await
+    }
+}
+
+/// The parameters of a portal as SQLite values: by the type the client
+/// gave, else the one the query's text implies, else text.
+fn bound_parameters(portal: &Portal<Request>) -> PgWireResult<Vec<Value>> {
+    let implied = match &portal.statement.statement {
+        Request::Query(prepared) => prepared.params.clone(),
+        _ => Vec::new(),
+    };
+    (0..portal.parameter_len())
+        .map(|at| {
+            let ty = portal
+                .statement
+                .parameter_types
+                .get(at)
+                .cloned()
+                .flatten()
+                .or_else(|| implied.get(at).map(|ty| pg_type(*ty)))
+                .unwrap_or(Type::TEXT);
+            Ok(match ty {
+                Type::INT2 => portal
+                    .parameter::<i16>(at, &ty)?
+                    .map(i64::from)
+                    .map(Value::Integer),
+                Type::INT4 => portal
+                    .parameter::<i32>(at, &ty)?
+                    .map(i64::from)
+                    .map(Value::Integer),
+                Type::INT8 => portal.parameter::<i64>(at, &ty)?.map(Value::Integer),
+                Type::FLOAT4 => portal
+                    .parameter::<f32>(at, &ty)?
+                    .map(f64::from)
+                    .map(Value::Real),
+                Type::FLOAT8 => portal.parameter::<f64>(at, &ty)?.map(Value::Real),
+                Type::BOOL => portal
+                    .parameter::<bool>(at, &ty)?
+                    .map(|b| Value::Integer(i64::from(b))),
+                Type::TIMESTAMPTZ => portal
+                    .parameter::<DateTime<FixedOffset>>(at, &ty)?
+                    .map(|time| Value::Text(functions::timestamp_text(time.with_timezone(&Utc)))),
+                Type::TIMESTAMP => portal
+                    .parameter::<chrono::NaiveDateTime>(at, &ty)?
+                    .map(|time| Value::Text(functions::timestamp_text(time.and_utc()))),
+                _ => portal
+                    .parameter::<String>(at, &Type::TEXT)?
+                    .map(Value::Text),
+            }
+            .unwrap_or(Value::Null))
+        })
+        .collect()
 }
 
 impl Console {
@@ -208,35 +360,148 @@ impl Console {
             .collect()
     }
 
-    async fn execute(&self, statement: Statement) -> PgWireResult<Response> {
+    /// Answers one request; results in the formats asked for.
+    async fn answer(
+        &self,
+        request: &Request,
+        params: Vec<Value>,
+        format: &Format,
+    ) -> PgWireResult<Response> {
+        let table = match request {
+            Request::Command(command) => match self.command(command.clone()).await? {
+                Some(table) => table,
+                None => return Ok(Response::Execution(Tag::new("ALTER DATABASE"))),
+            },
+            Request::Query(prepared) => {
+                let data = self.view_rows(&prepared.tables).await;
+                sql::execute(
+                    prepared,
+                    &self.catalog,
+                    &data,
+                    params,
+                    &self.state.admin.user,
+                )
+                .map_err(sql_error)?
+            }
+            Request::Show(name) => {
+                let settings = settings::all().into_iter().filter(|(setting, _)| {
+                    name.as_deref()
+                        .is_none_or(|name| setting.eq_ignore_ascii_case(name))
+                });
+                RowSet {
+                    columns: request.columns(),
+                    rows: settings
+                        .map(|(setting, value)| match name {
+                            Some(_) => vec![Cell::Text(value)],
+                            None => vec![Cell::Text(setting.to_string()), Cell::Text(value)],
+                        })
+                        .collect(),
+                }
+            }
+            Request::Ignored(tag) => return Ok(Response::Execution(Tag::new(tag))),
+            Request::TransactionStart => return Ok(Response::TransactionStart(Tag::new("BEGIN"))),
+            Request::TransactionEnd(tag) => return Ok(Response::TransactionEnd(Tag::new(tag))),
+        };
+        encode(table, format)
+    }
+
+    /// The rows of the views a query reads, by qualified name.
+    async fn view_rows(&self, tables: &[String]) -> BTreeMap<String, RowSet> {
+        let routes = self.routes();
+        let partners = PartnerRow::of_routes(&routes);
+        let clients = self.state.clients.snapshot();
+        let mut data = BTreeMap::new();
+        for table in tables {
+            let rows = match table.as_str() {
+                "sys.database_mirroring" => view::DATABASE_MIRRORING.rows(&partners),
+                "sys.database_mirroring_endpoints" => {
+                    view::DATABASE_MIRRORING_ENDPOINTS.rows(&partners)
+                }
+                "sys.database_mirroring_witnesses" => {
+                    view::DATABASE_MIRRORING_WITNESSES.rows(&self.witness_rows(&partners).await)
+                }
+                "pgmirror.clients" => view::CLIENTS.rows(&clients),
+                "pgmirror.servers" => view::SERVERS.rows(&clients),
+                "pgmirror.sessions" => view::SESSIONS.rows(&self.session_rows(&routes, &clients)),
+                _ => continue,
+            };
+            data.insert(table.clone(), rows);
+        }
+        data
+    }
+
+    /// Every witness the partners name, asked for its rows; a witness that
+    /// does not answer in time has none.
+    async fn witness_rows(&self, partners: &[PartnerRow]) -> Vec<WitnessRow> {
+        let mut witnesses: Vec<String> = partners
+            .iter()
+            .filter_map(|partner| partner.status.mirroring_witness_name.clone())
+            .collect();
+        witnesses.sort();
+        witnesses.dedup();
+        let mut rows = Vec::new();
+        for witness in witnesses {
+            let Ok(endpoint) = witness.parse::<Endpoint>() else {
+                continue;
+            };
+            let asked = async {
+                let mut client =
+                    ControlClient::connect(&endpoint, &self.state.endpoint_tls).await?;
+                client.sessions().await
+            };
+            match tokio::time::timeout(REQUEST_TIMEOUT, asked).await {
+                Ok(Ok(sessions)) => rows.extend(sessions.into_iter().map(|row| WitnessRow {
+                    witness: witness.clone(),
+                    row,
+                })),
+                Ok(Err(err)) => tracing::debug!(%witness, "witness rows: {err}"),
+                Err(_) => tracing::debug!(%witness, "witness rows: no answer in time"),
+            }
+        }
+        rows
+    }
+
+    fn session_rows(
+        &self,
+        routes: &[(String, Route)],
+        clients: &[view::ClientRow],
+    ) -> Vec<SessionRow> {
+        routes
+            .iter()
+            .map(|(name, route)| SessionRow {
+                name: name.clone(),
+                route: route.clone(),
+                databases: self
+                    .state
+                    .sessions
+                    .get(name)
+                    .map(|(config, _)| config.databases.clone())
+                    .unwrap_or_default(),
+                clients: clients.iter().filter(|(_, c)| &c.session == name).count(),
+            })
+            .collect()
+    }
+
+    /// Runs a command: the SHOW listings give a table, ALTER DATABASE none.
+    async fn command(&self, statement: Statement) -> PgWireResult<Option<RowSet>> {
         let clients = self.state.clients.snapshot();
         let table = match statement {
-            Statement::SelectMirroring { database_name } => {
-                view::database_mirroring(&self.routes(), database_name.as_deref())
+            Statement::ShowClients => view::CLIENTS.rows(&clients),
+            Statement::ShowServers => view::SERVERS.rows(&clients),
+            Statement::ShowSessions => {
+                view::SESSIONS.rows(&self.session_rows(&self.routes(), &clients))
             }
-            Statement::ShowClients => view::show_clients(&clients),
-            Statement::ShowServers => view::show_servers(&clients),
-            Statement::ShowSessions => view::show_sessions(
-                &self.routes(),
-                |name| {
-                    self.state
-                        .sessions
-                        .get(name)
-                        .map(|(config, _)| config.databases.clone())
-                        .unwrap_or_default()
-                },
-                &clients,
-            ),
             Statement::SetPartner { session, option } => {
-                return self.set_partner(&session, option).await;
+                self.set_partner(&session, option).await?;
+                return Ok(None);
             }
             Statement::SetWitness { session, witness } => {
-                return self
-                    .forward(&session, &[Role::Principal], Command::Witness(witness))
-                    .await;
+                self.forward(&session, &[Role::Principal], Command::Witness(witness))
+                    .await?;
+                return Ok(None);
             }
         };
-        encode(table)
+        Ok(Some(table))
     }
 
     async fn set_partner(&self, session: &str, option: PartnerOption) -> PgWireResult<Response> {
@@ -325,33 +590,49 @@ fn best_with_role(route: &Route, role: Role) -> Option<Endpoint> {
         .map(|(_, endpoint)| endpoint)
 }
 
-fn encode(table: RowSet) -> PgWireResult<Response> {
-    let fields: Vec<FieldInfo> = table
-        .columns
+fn pg_type(ty: SqlType) -> Type {
+    match ty {
+        SqlType::Bool => Type::BOOL,
+        SqlType::Int4 => Type::INT4,
+        SqlType::Int8 => Type::INT8,
+        SqlType::Float8 => Type::FLOAT8,
+        SqlType::Text => Type::TEXT,
+        SqlType::Timestamptz => Type::TIMESTAMPTZ,
+    }
+}
+
+fn fields(columns: &[(String, SqlType)], format: &Format) -> Vec<FieldInfo> {
+    columns
         .iter()
-        .map(|(name, kind)| {
-            let kind = match kind {
-                ColumnType::Int4 => Type::INT4,
-                ColumnType::Int8 => Type::INT8,
-                ColumnType::Float8 => Type::FLOAT8,
-                ColumnType::Text => Type::TEXT,
-                ColumnType::Bool => Type::BOOL,
-            };
-            FieldInfo::new((*name).into(), None, None, kind, FieldFormat::Text)
+        .enumerate()
+        .map(|(at, (name, ty))| {
+            FieldInfo::new(
+                name.clone(),
+                None,
+                None,
+                pg_type(*ty),
+                format.format_for(at),
+            )
         })
-        .collect();
-    let schema = Arc::new(fields);
+        .collect()
+}
+
+fn encode(table: RowSet, format: &Format) -> PgWireResult<Response> {
+    let schema = Arc::new(fields(&table.columns, format));
     let mut rows = Vec::with_capacity(table.rows.len());
     for row in table.rows {
         let mut encoder = DataRowEncoder::new(schema.clone());
         for cell in row {
             match cell {
                 Cell::Null => encoder.encode_field(&None::<String>)?,
+                Cell::Bool(value) => encoder.encode_field(&value)?,
                 Cell::Int4(value) => encoder.encode_field(&value)?,
                 Cell::Int8(value) => encoder.encode_field(&value)?,
                 Cell::Float8(value) => encoder.encode_field(&value)?,
                 Cell::Text(value) => encoder.encode_field(&value)?,
-                Cell::Bool(value) => encoder.encode_field(&value)?,
+                Cell::Timestamptz(text) => {
+                    encoder.encode_field(&functions::parse_timestamp(&text))?
+                }
             }
         }
         rows.push(Ok(encoder.take_row()));
