@@ -377,6 +377,15 @@ pub struct AdminConfig {
     /// From where a login without TLS is accepted (default: loopback).
     #[serde(default)]
     pub plaintext: AdminPlaintext,
+    /// Seconds an ALTER DATABASE statement may take to finish what it
+    /// started (for FAILOVER: a wait for SYNCHRONIZED, the role switch and
+    /// the new principal serving) before it fails with SQLSTATE 57014.
+    #[serde(default = "default_command_timeout")]
+    pub command_timeout: u64,
+}
+
+fn default_command_timeout() -> u64 {
+    60
 }
 
 /// Where the admin console accepts logins that are not over TLS.
@@ -409,6 +418,8 @@ impl fmt::Debug for AdminConfig {
         f.debug_struct("AdminConfig")
             .field("user", &self.user)
             .field("password", &"<redacted>")
+            .field("plaintext", &self.plaintext)
+            .field("command_timeout", &self.command_timeout)
             .finish()
     }
 }
@@ -568,6 +579,9 @@ impl Validate for ProxyConfig {
                 "tcp",
                 "keepalive_interval and keepalive_count must be at least 1 when keepalive_idle is set (keepalive_idle = 0 turns keepalives off)",
             ));
+        }
+        if let Some(admin) = &self.admin {
+            validate_timeout("admin.command_timeout", admin.command_timeout)?;
         }
         validate_timeout("startup_timeout", self.startup_timeout)?;
         validate_timeout("hold_timeout", self.hold_timeout)

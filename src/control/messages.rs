@@ -265,6 +265,20 @@ pub struct MirroringStatus {
     pub peer_connected: bool,
     /// The last problem the agent could not resolve by itself.
     pub last_error: Option<String>,
+    /// Set once SET PARTNER OFF ended the session (the mirroring columns
+    /// are then NULL): the role and role_sequence this partner held then,
+    /// so that the proxy keeps routing to the former principal (I4).
+    #[serde(default)]
+    pub ended_as: Option<EndedAs>,
+}
+
+/// What a partner was when SET PARTNER OFF ended its session (spec 49).
+/// An ended partner never takes part in a role switch again, so this is
+/// the last role it will ever have had in the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndedAs {
+    pub role: Role,
+    pub epoch: Epoch,
 }
 
 impl MirroringStatus {

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PartnerConfig;
-use crate::control::{MirroringStatus, PeerView, RoleRow};
+use crate::control::{EndedAs, MirroringStatus, PeerView, RoleRow};
 use crate::partner::engine::Instance;
 use crate::partner::policy::{
     Decision, Memory, Observation, PeerObservation, PostgresObservation, WitnessObservation,
@@ -296,6 +296,10 @@ impl Agent {
             ..MirroringStatus::default()
         };
         if state.ended {
+            status.ended_as = Some(EndedAs {
+                role: state.role,
+                epoch: state.epoch,
+            });
             return status;
         }
         let mirroring_state = self.current_state(&state);

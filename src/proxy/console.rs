@@ -16,6 +16,7 @@ use std::fmt::Debug;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, FixedOffset, Utc};
@@ -43,9 +44,10 @@ use crate::admin::statement::{PartnerOption, Statement};
 use crate::admin::view::{self, Cell, PartnerRow, RowSet, SessionRow, SqlType, WitnessRow};
 use crate::admin::{functions, settings};
 use crate::config::{AdminConfig, Endpoint, ProxySession};
-use crate::control::{Command, ControlClient, ControlError, REQUEST_TIMEOUT};
+use crate::control::{Command, ControlClient, REQUEST_TIMEOUT};
 use crate::proxy::clients::Clients;
-use crate::proxy::routing::{send_command, Route};
+use crate::proxy::commands::{self, CommandError, Turns};
+use crate::proxy::routing::Route;
 use crate::roles::Role;
 use crate::tls::EndpointTls;
 
@@ -58,6 +60,8 @@ pub struct ConsoleState {
     pub clients: Clients,
     pub endpoint_tls: EndpointTls,
     pub admin: AdminConfig,
+    /// One ALTER DATABASE at a time per session.
+    pub turns: Turns,
 }
 
 /// The private directory holding the console's socket; removed on drop.
@@ -519,75 +523,32 @@ impl Console {
     }
 
     /// Sends `command` to the partner holding the first of `roles` that
-    /// answers (the principal, else the mirror where allowed).
+    /// answers (the principal, else the mirror where allowed) and returns
+    /// once the views show its outcome (`proxy::commands`).
     async fn forward(
         &self,
         session: &str,
         roles: &[Role],
         command: Command,
     ) -> PgWireResult<Response> {
-        let Some((_, route)) = self.state.sessions.get(session) else {
-            return Err(user_error(
-                "ERROR",
-                "3D000",
-                format!("no mirroring session named \"{session}\""),
-            ));
-        };
-        let route = route.borrow().clone();
-        let mut last_problem = None;
-        for role in roles {
-            let target = best_with_role(&route, *role);
-            let Some(endpoint) = target else {
-                last_problem = Some(format!(
-                    "no partner of session \"{session}\" currently reports the {} role",
-                    role_name(*role)
-                ));
-                continue;
-            };
-            match send_command(&endpoint, &self.state.endpoint_tls, command.clone()).await {
-                Ok(message) => {
-                    tracing::info!(%session, %endpoint, ?command, "admin command done: {message}");
-                    return Ok(Response::Execution(Tag::new("ALTER DATABASE")));
-                }
-                Err(ControlError::Refused(reason)) => {
-                    return Err(user_error("ERROR", "55000", reason));
-                }
-                Err(ControlError::Failed(reason)) => {
-                    return Err(user_error("ERROR", "XX000", reason));
-                }
-                Err(ControlError::Unexpected { answer, .. }) => {
-                    last_problem = Some(format!("unexpected answer: {answer}"))
-                }
-                Err(err) => last_problem = Some(format!("{endpoint} did not answer: {err}")),
+        let outcome = match self.state.sessions.get(session) {
+            None => Err(CommandError::NoSession(session.to_string())),
+            Some((_, route)) => {
+                let ctx = commands::Context {
+                    session,
+                    route,
+                    turns: &self.state.turns,
+                    tls: &self.state.endpoint_tls,
+                    limit: Duration::from_secs(self.state.admin.command_timeout),
+                };
+                commands::carry_out(&ctx, roles, command).await
             }
+        };
+        match outcome {
+            Ok(_) => Ok(Response::Execution(Tag::new("ALTER DATABASE"))),
+            Err(err) => Err(user_error("ERROR", err.sqlstate(), err.to_string())),
         }
-        Err(user_error(
-            "ERROR",
-            "08006",
-            last_problem.unwrap_or_else(|| "no partner to send the command to".into()),
-        ))
     }
-}
-
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Principal => "PRINCIPAL",
-        Role::Mirror => "MIRROR",
-    }
-}
-
-/// The endpoint of the partner reporting `role` at the highest epoch.
-fn best_with_role(route: &Route, role: Role) -> Option<Endpoint> {
-    route
-        .partners
-        .iter()
-        .filter_map(|partner| {
-            let status = partner.status.as_ref()?;
-            (status.role() == Some(role))
-                .then(|| (status.mirroring_role_sequence, partner.endpoint.clone()))
-        })
-        .max_by_key(|(epoch, _)| *epoch)
-        .map(|(_, endpoint)| endpoint)
 }
 
 fn pg_type(ty: SqlType) -> Type {

@@ -8,10 +8,12 @@
 //! 57P01) and waits up to [`SHUTDOWN_GRACE`] for connection tasks.
 //! Submodules: `connection` (one client), `routing` (principal discovery),
 //! `clients` (cancel keys and the client registry), `console` (pgwire),
+//! `commands` (console statements carried out until the views show them),
 //! `fence` (the commit fence: a commit whose wait for the mirror was cut
 //! short reaches the client as 40003, invariant I2).
 
 pub mod clients;
+pub mod commands;
 pub mod connection;
 pub mod console;
 pub mod console_door;
@@ -183,6 +185,7 @@ pub async fn serve(
                     clients: clients.clone(),
                     endpoint_tls: endpoint_tls.clone(),
                     admin: admin.clone(),
+                    turns: Default::default(),
                 }),
                 shutdown.clone(),
             )

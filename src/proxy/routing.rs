@@ -35,6 +35,14 @@
 //!    at once.
 //! 6. **Two principals hold.** Two agents claiming PRINCIPAL at the highest
 //!    epoch (which I1 rules out) route nowhere.
+//! 7. **Mirroring off keeps the last principal.** A partner whose session
+//!    SET PARTNER OFF ended reports no role (its mirroring columns are
+//!    NULL, spec 49) but says what it was ([`MirroringStatus::ended_as`]);
+//!    it answers with that role and epoch, so the former principal, now a
+//!    standalone writable PostgreSQL, is routed to by rules 3-6 like any
+//!    principal: only at the highest epoch seen, never the former mirror (a
+//!    standby), never a principal superseded before OFF. An ended partner
+//!    takes part in no role switch again, so no higher epoch can follow.
 //!
 //! The task ends when the shutdown token is cancelled.
 
@@ -126,11 +134,16 @@ pub struct AgentAnswer {
 }
 
 impl From<&MirroringStatus> for AgentAnswer {
+    /// A partner whose session ended answers with the role and epoch it
+    /// ended with (rule 7).
     fn from(status: &MirroringStatus) -> Self {
         AgentAnswer {
             server_name: status.server_name.clone(),
-            role: status.role(),
-            epoch: status.mirroring_role_sequence.map(Epoch),
+            role: status.role().or(status.ended_as.map(|ended| ended.role)),
+            epoch: status
+                .mirroring_role_sequence
+                .map(Epoch)
+                .or(status.ended_as.map(|ended| ended.epoch)),
             state: status.state().map(str::to_string),
             postgres_address: status.postgres_address.clone(),
         }
@@ -729,6 +742,55 @@ mod tests {
         let (memory, decision) = choose(&fresh, &round(vec![Some(unset), None]));
         assert_eq!(decision, Decision::Hold(Hold::NoPrincipal));
         assert!(!memory.epoch_reported);
+    }
+
+    /// The status of a partner that SET PARTNER OFF ended as `role` at
+    /// `epoch`: no mirroring columns, only `ended_as`.
+    fn ended(name: &str, role: Role, epoch: u64) -> Option<AgentAnswer> {
+        let status = MirroringStatus {
+            server_name: name.into(),
+            postgres_address: format!("{name}:5432"),
+            ended_as: Some(crate::control::EndedAs {
+                role,
+                epoch: Epoch(epoch),
+            }),
+            ..MirroringStatus::default()
+        };
+        Some(AgentAnswer::from(&status))
+    }
+
+    #[test]
+    fn mirroring_off_keeps_routing_to_the_last_principal_only() {
+        // OFF on a synchronized pair: a stays routed to, as a standalone
+        // writable server; b, a standby, never is (rule 7).
+        let off = round(vec![
+            ended("a", Role::Principal, 3),
+            ended("b", Role::Mirror, 3),
+        ]);
+        let (memory, decision) = choose(&routed("a", 3), &off);
+        assert_eq!(decision, Decision::Route(principal("a")));
+        assert_eq!(memory, routed("a", 3));
+        // A proxy that starts after OFF finds it too, without a probe.
+        let (memory, decision) = choose(&RouteMemory::default(), &off);
+        assert_eq!(decision, Decision::Route(principal("a")));
+        assert!(memory.epoch_reported);
+        // The former mirror alone is never routed to.
+        let mirror_only = round(vec![None, ended("b", Role::Mirror, 3)]);
+        assert_eq!(
+            choose(&RouteMemory::default(), &mirror_only).1,
+            Decision::Hold(Hold::NoPrincipal)
+        );
+        // I4: a principal superseded before OFF ended it (b was promoted
+        // at 4, a ended still thinking it led at 3) is never routed to.
+        let stale = round(vec![ended("a", Role::Principal, 3), None]);
+        let mut memory = routed("b", 4);
+        for _ in 0..3 {
+            let decision;
+            (memory, decision) = choose(&memory, &stale);
+            assert_ne!(decision, Decision::Route(principal("a")));
+            assert_eq!(memory.highest, Epoch(4));
+        }
+        assert_eq!(memory.principal, None);
     }
 
     #[test]

@@ -378,6 +378,10 @@ impl World {
             ..MirroringStatus::default()
         };
         if state.ended {
+            status.ended_as = Some(pgmirror::control::EndedAs {
+                role: state.role,
+                epoch: state.epoch,
+            });
             return status;
         }
         let shown = if agent.pending_failover {
