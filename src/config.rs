@@ -284,6 +284,9 @@ pub struct PartnerConfig {
     pub timeout: u64,
     /// Prometheus metrics listener.
     pub metrics: Option<ListenAddr>,
+    /// HTTP health endpoints for load balancers (`/primary`, `/replica`,
+    /// `/synchronized`, `/health`, `/status`).
+    pub health: Option<ListenAddr>,
     /// How many diverged copies (data directories pg_rewind could not
     /// rewind, moved aside as `DATA.diverged-<unix ms>`) are kept; older
     /// ones are removed, each with a log line.
@@ -323,6 +326,15 @@ impl Validate for PartnerConfig {
         validate_timeout("timeout", self.timeout)?;
         if self.postgres.port == 0 {
             return Err(Invalid::new("postgres.port", "0 is not a valid port"));
+        }
+        if let Some(health) = self.health {
+            let taken = [("listen", Some(self.listen)), ("metrics", self.metrics)];
+            if let Some((key, _)) = taken.iter().find(|(_, addr)| *addr == Some(health)) {
+                return Err(Invalid::new(
+                    "health",
+                    format!("{} is also the {key} address", health.0),
+                ));
+            }
         }
         self.tls.validate("tls")
     }

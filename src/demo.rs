@@ -121,6 +121,11 @@ fn configured_ports(dir: &Path) -> anyhow::Result<Vec<(String, u16)>> {
                 .metrics
                 .map(|m| (format!("{name} metrics"), m.0.port())),
         );
+        ports.extend(
+            partner
+                .health
+                .map(|h| (format!("{name} health endpoints"), h.0.port())),
+        );
     }
     if dir.join("witness.toml").exists() {
         let witness: WitnessConfig = config::load(&dir.join("witness.toml"))?;
@@ -245,7 +250,8 @@ fn write_configs(options: &DemoOptions) -> anyhow::Result<()> {
             "# The demo's partner {name}; copy and adapt for a real deployment.\n\
              session = \"demo\"\nname = \"{name}\"\ninitial_role = \"{role}\"\n\
              listen = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\n{witness}\
-             state_dir = {:?}\nsafety = \"{}\"\ntimeout = {}\nmetrics = \"127.0.0.1:{}\"\n\n\
+             state_dir = {:?}\nsafety = \"{}\"\ntimeout = {}\nmetrics = \"127.0.0.1:{}\"\n\
+             health = \"127.0.0.1:{}\"\n\n\
              [postgres]\ndata_dir = {:?}\nport = {}\n\n{}",
             endpoints[index],
             endpoints[1 - index],
@@ -255,6 +261,7 @@ fn write_configs(options: &DemoOptions) -> anyhow::Result<()> {
                 Safety::Off => "off",
             },
             options.timeout,
+            free_port()?,
             free_port()?,
             dir.join(name).join("data"),
             pg_ports[index],
@@ -455,24 +462,28 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
          \n  principal (alpha) PostgreSQL:  psql -h 127.0.0.1 -p {} -U postgres\
          \n  mirror (beta) PostgreSQL:      psql -h 127.0.0.1 -p {} -U postgres   (read-only hot standby)\
          \n  alpha agent endpoint:          {}   metrics {}\
-         \n  beta agent endpoint:           {}   metrics {}{}\
+         \n  beta agent endpoint:           {}   metrics {}\
+         \n  alpha health endpoints:        {}   (also /replica, /synchronized, /health, /status)\
+         \n  beta health endpoints:         {}   (also /replica, /synchronized, /health, /status){}\
          \n  configs, certificates, data:   {}\
          \n  logs:                          {}\
          \n\nPress Ctrl-C to stop every process (the directory is kept; a second run reuses it).\n",
         proxy.listen.0.port(),
         proxy.listen.0.port(),
-        metrics_url(proxy.metrics),
+        http_url(proxy.metrics, "metrics"),
         alpha.postgres.port,
         beta.postgres.port,
         alpha.listen.0,
-        metrics_url(alpha.metrics),
+        http_url(alpha.metrics, "metrics"),
         beta.listen.0,
-        metrics_url(beta.metrics),
+        http_url(beta.metrics, "metrics"),
+        http_url(alpha.health, "primary"),
+        http_url(beta.health, "primary"),
         match &witness {
             Some(witness) => format!(
                 "\n  witness endpoint:              {}   metrics {}",
                 witness.listen.0,
-                metrics_url(witness.metrics)
+                http_url(witness.metrics, "metrics")
             ),
             None => String::new(),
         },
@@ -488,8 +499,9 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
     Ok(())
 }
 
-fn metrics_url(addr: Option<config::ListenAddr>) -> String {
-    addr.map(|addr| format!("http://{}/metrics", addr.0))
+/// `http://ADDR/PATH`, or "(off)" when the process serves no such listener.
+fn http_url(addr: Option<config::ListenAddr>, path: &str) -> String {
+    addr.map(|addr| format!("http://{}/{path}", addr.0))
         .unwrap_or_else(|| "(off)".into())
 }
 

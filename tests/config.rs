@@ -28,6 +28,7 @@ fn shipped_examples_load() {
     assert_eq!(alpha.peer.host, "beta.example");
     assert_eq!(beta.peer.host, "alpha.example");
     assert_eq!(alpha.safety, Safety::Full);
+    assert_eq!(alpha.health.map(|addr| addr.0.port()), Some(8008));
     let witness: WitnessConfig = config::load(&example("witness.toml")).unwrap();
     assert!(witness.store.ends_with("witness.sqlite"));
     let proxy: ProxyConfig = config::load(&example("proxy.toml")).unwrap();
@@ -112,6 +113,19 @@ fn out_of_range_values_are_refused_with_the_rule() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("tls.ca: missing"), "{err}");
+    let path = write_variant(
+        dir.path(),
+        "partner-alpha.toml",
+        "health = \"0.0.0.0:8008\"",
+        "health = \"0.0.0.0:9187\"",
+    );
+    let err = config::load::<PartnerConfig>(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.ends_with("health: 0.0.0.0:9187 is also the metrics address"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -20,6 +20,7 @@ use crate::control::{ControlClient, ControlError, PeerView, PromotionKind, Promo
 use crate::partner::agent::Agent;
 use crate::partner::engine::{EngineError, Instance, StopMode};
 use crate::partner::policy::commands::{self, TakeOverAnswer};
+use crate::partner::policy::health::Server;
 use crate::partner::policy::{self, Action, Decision, PostgresObservation, StandbyObservation};
 use crate::partner::relays::with_tool_relay;
 use crate::partner::state::{HandOver, StateError};
@@ -187,7 +188,8 @@ pub async fn observe_postgres(agent: &Agent) -> PostgresObservation {
             "SELECT pg_is_in_recovery(), \
              (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() \
               ELSE pg_current_wal_flush_lsn() END)::text, \
-             pg_last_wal_replay_lsn()::text, r.state, r.sync_state, r.flush_lsn::text \
+             pg_last_wal_replay_lsn()::text, r.state, r.sync_state, r.flush_lsn::text, \
+             coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false) \
              FROM (SELECT 1) AS one LEFT JOIN LATERAL \
              (SELECT state, sync_state, flush_lsn FROM pg_stat_replication \
               WHERE application_name = $1 ORDER BY backend_start DESC LIMIT 1) AS r ON true",
@@ -203,7 +205,13 @@ pub async fn observe_postgres(agent: &Agent) -> PostgresObservation {
     };
     let in_recovery: bool = row.get(0);
     *lock(&agent.observed) = crate::partner::agent::Observed {
-        running: true,
+        server: if in_recovery {
+            Server::Recovery {
+                streaming: row.get(6),
+            }
+        } else {
+            Server::ReadWrite
+        },
         end_of_log: lsn(1),
         replayed: lsn(2).filter(|_| in_recovery),
     };

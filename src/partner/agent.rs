@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::PartnerConfig;
 use crate::control::{EndedAs, MirroringStatus, PeerView, RoleRow};
 use crate::partner::engine::Instance;
+use crate::partner::policy::health::Server;
 use crate::partner::policy::{
     Decision, Memory, Observation, PeerObservation, PostgresObservation, WitnessObservation,
 };
@@ -50,7 +51,9 @@ pub struct WitnessStatus {
 /// What the supervisor last read from the local PostgreSQL.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Observed {
-    pub running: bool,
+    /// Read-write, or a standby and whether it streams (the health
+    /// endpoints' `Server`).
+    pub server: Server,
     /// Principal: flushed end of WAL; mirror: received end of WAL.
     pub end_of_log: Option<Lsn>,
     /// Mirror: replayed end of WAL.

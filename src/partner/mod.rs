@@ -9,14 +9,16 @@
 //! changes PostgreSQL. `agent` is the shared context, `endpoint` the
 //! mirroring endpoint, `relays` the shipper's loopback side, `fence` the
 //! process that kills PostgreSQL when the lease ends, `state` the durable
-//! session state, `engine` the PostgreSQL binaries and `telemetry` the
-//! measures behind the metrics.
+//! session state, `engine` the PostgreSQL binaries, `telemetry` the
+//! measures behind the metrics and `health` the HTTP endpoints a load
+//! balancer asks (`policy::health` decides their answers).
 
 pub mod actions;
 pub mod agent;
 pub mod endpoint;
 pub mod engine;
 pub mod fence;
+pub mod health;
 pub mod operations;
 pub mod peer;
 pub mod policy;
@@ -108,6 +110,17 @@ pub async fn run(config: PartnerConfig, shutdown: CancellationToken) -> Result<(
     if let Some(metrics) = config.metrics {
         crate::metrics::serve(metrics.0)?;
     }
+    let health = match config.health {
+        Some(addr) => Some(
+            TcpListener::bind(addr.0)
+                .await
+                .map_err(|source| AgentError::Bind {
+                    addr: addr.0,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let endpoint = TcpListener::bind(config.listen.0)
         .await
         .map_err(|source| AgentError::Bind {
@@ -156,6 +169,13 @@ pub async fn run(config: PartnerConfig, shutdown: CancellationToken) -> Result<(
     tasks.spawn(quorum::feed_fence(agent.clone(), fence));
     tasks.spawn(quorum::watch_quorum(agent.clone()));
     tasks.spawn(supervisor::supervise(agent.clone()));
+    if let Some(health) = health {
+        info!(
+            addr = %health.local_addr().unwrap_or(agent.config.listen.0),
+            "health endpoints started"
+        );
+        tasks.spawn(health::serve_health(agent.clone(), health));
+    }
     tasks.close();
     shutdown.cancelled().await;
     tasks.wait().await;

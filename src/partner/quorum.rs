@@ -126,7 +126,7 @@ pub async fn feed_fence(agent: Arc<Agent>, mut fence: Fence) {
 
 /// What the fence and the quorum rules need, without asking PostgreSQL
 /// anything: only whether a postmaster runs (they must not wait on SQL).
-fn observe_without_sql(agent: &Agent) -> policy::Observation {
+pub fn observe_without_sql(agent: &Agent) -> policy::Observation {
     let postgres = match agent.engine.postmaster_pid() {
         Some(_) => PostgresObservation::Unreadable,
         None => PostgresObservation::Stopped,

@@ -1,7 +1,8 @@
 //! `Pair`: two `pgmirror partner` agents, each beside its own PostgreSQL, in
 //! one temp dir with generated certificates, optionally with a cuttable
 //! [`Link`] on each agent-to-agent path. Every agent and the witness export
-//! metrics on a port of their own. Dropping it kills the agents and the
+//! metrics on a port of their own; every agent serves its health endpoints
+//! on another. Dropping it kills the agents and the
 //! servers.
 
 use std::path::{Path, PathBuf};
@@ -26,6 +27,8 @@ pub struct Partner {
     pub config: PartnerConfig,
     /// The agent's Prometheus endpoint, `http://127.0.0.1:{metrics_port}/metrics`.
     pub metrics_port: u16,
+    /// The agent's health endpoints, `http://127.0.0.1:{health_port}/primary`.
+    pub health_port: u16,
     config_path: PathBuf,
     dir: PathBuf,
     pub agent: Option<Pgmirror>,
@@ -272,8 +275,10 @@ impl Pair {
                 .map(|port| format!("witness = \"127.0.0.1:{port}\"\n"))
                 .unwrap_or_default();
             let metrics_port = free_port();
+            let health_port = free_port();
             let text = format!(
-                "session = \"{}\"\n{witness_line}metrics = \"127.0.0.1:{metrics_port}\"\nname = \"{name}\"\ninitial_role = \"{role}\"\n\
+                "session = \"{}\"\n{witness_line}metrics = \"127.0.0.1:{metrics_port}\"\n\
+                 health = \"127.0.0.1:{health_port}\"\nname = \"{name}\"\ninitial_role = \"{role}\"\n\
                  listen = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\nstate_dir = {:?}\n\
                  safety = \"{}\"\ntimeout = {}\n\n[postgres]\ndata_dir = {:?}\nport = {}\n\n{tls}\n[warnings]\n{}\n",
                 options.session,
@@ -307,6 +312,7 @@ impl Pair {
                 name: name.to_string(),
                 config,
                 metrics_port,
+                health_port,
                 config_path,
                 dir: partner_dir,
                 agent: None,

@@ -226,3 +226,17 @@ pub async fn heal_all(pair: &mut Pair) {
     }
     apply(pair, Fault::HealPartners).await;
 }
+
+/// Sends `signal` to `partner`'s fence process (`pgmirror fence`, a child
+/// of its agent in a process group of its own, which `Freeze` spares).
+pub fn signal_fence(partner: &Partner, signal: Signal) {
+    let Some(agent) = &partner.agent else {
+        return;
+    };
+    for pid in super::process::descendants(agent.pid()) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if cmdline.split(|byte| *byte == 0).nth(1) == Some(b"fence".as_slice()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+        }
+    }
+}

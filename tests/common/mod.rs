@@ -8,6 +8,7 @@
 pub mod bank;
 pub mod cluster;
 pub mod faults;
+pub mod http;
 pub mod link;
 pub mod pg;
 pub mod probe;

@@ -17,6 +17,7 @@
 //! failover).
 
 pub mod commands;
+pub mod health;
 mod mirror;
 pub(crate) mod principal;
 

@@ -16,7 +16,7 @@ fn witness() -> Endpoint {
     "127.0.0.1:7000".parse().unwrap()
 }
 
-fn principal() -> SessionState {
+pub(super) fn principal() -> SessionState {
     let mut state = SessionState::new(Role::Principal, Safety::Full, 2);
     state.peer_name = Some("beta".into());
     state.witness = Some(witness());
@@ -25,7 +25,7 @@ fn principal() -> SessionState {
     state
 }
 
-fn mirror() -> SessionState {
+pub(super) fn mirror() -> SessionState {
     let mut state = SessionState::new(Role::Mirror, Safety::Full, 2);
     state.peer_name = Some("alpha".into());
     state.witness = Some(witness());
@@ -33,7 +33,7 @@ fn mirror() -> SessionState {
     state
 }
 
-fn row(principal: &str, epoch: u64, synchronized: bool) -> RoleRow {
+pub(super) fn row(principal: &str, epoch: u64, synchronized: bool) -> RoleRow {
     RoleRow {
         session: "shop".into(),
         principal: principal.into(),
@@ -69,7 +69,7 @@ fn standby(sync: bool, flushed: u64) -> Option<StandbyObservation> {
 
 /// alpha, principal at epoch 1, with a fresh lease, its mirror streaming
 /// and synchronized, the witness agreeing.
-fn observed(name: &str) -> Observation {
+pub(super) fn observed(name: &str) -> Observation {
     Observation {
         now: 10 * SECOND,
         name: name.into(),
