@@ -295,6 +295,13 @@ pub struct PartnerConfig {
     /// Warning thresholds (spec 64); none is set by default.
     #[serde(default)]
     pub warnings: WarningsConfig,
+    /// While the session has no witness, the agent keeps a status sample
+    /// this often (seconds) for the history view, in its state directory.
+    #[serde(default = "default_history_sample_secs")]
+    pub history_sample_secs: u64,
+    /// Days the agent keeps its samples.
+    #[serde(default = "default_history_retention_days")]
+    pub history_retention_days: u64,
     pub postgres: PostgresConfig,
     #[serde(default)]
     pub tls: TlsConfig,
@@ -302,6 +309,34 @@ pub struct PartnerConfig {
 
 fn default_keep_diverged() -> usize {
     2
+}
+
+/// The history view's sampling interval (issue 12).
+fn default_history_sample_secs() -> u64 {
+    15
+}
+
+/// How long the history is kept: the reference's monitor keeps a week.
+fn default_history_retention_days() -> u64 {
+    7
+}
+
+/// Both history options are at least 1: a sample every 0 s would write on
+/// every ping, and a retention of 0 days would keep nothing.
+fn validate_history(sample_secs: u64, retention_days: u64) -> Result<(), Invalid> {
+    if sample_secs == 0 {
+        return Err(Invalid::new(
+            "history_sample_secs",
+            "0 is out of range (at least 1 second)",
+        ));
+    }
+    if retention_days == 0 {
+        return Err(Invalid::new(
+            "history_retention_days",
+            "0 is out of range (at least 1 day)",
+        ));
+    }
+    Ok(())
 }
 
 /// The partner's warning thresholds (spec 64). A breach logs a warning once
@@ -336,6 +371,7 @@ impl Validate for PartnerConfig {
                 ));
             }
         }
+        validate_history(self.history_sample_secs, self.history_retention_days)?;
         self.tls.validate("tls")
     }
 }
@@ -349,6 +385,13 @@ pub struct WitnessConfig {
     /// The SQLite file holding the role table.
     pub store: PathBuf,
     pub metrics: Option<ListenAddr>,
+    /// How often (seconds) a status sample of each partner is kept from
+    /// its reports, for the history view.
+    #[serde(default = "default_history_sample_secs")]
+    pub history_sample_secs: u64,
+    /// Days samples and role-table history lines are kept.
+    #[serde(default = "default_history_retention_days")]
+    pub history_retention_days: u64,
     #[serde(default)]
     pub tls: TlsConfig,
 }
@@ -358,6 +401,7 @@ impl Validate for WitnessConfig {
         if self.store.as_os_str().is_empty() {
             return Err(Invalid::new("store", "must name a file"));
         }
+        validate_history(self.history_sample_secs, self.history_retention_days)?;
         self.tls.validate("tls")
     }
 }

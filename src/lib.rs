@@ -9,6 +9,7 @@ pub mod admin;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod history;
 pub mod logging;
 pub mod metrics;
 pub mod partner;

@@ -17,7 +17,7 @@ use pgmirror::config::{self, Endpoint, PartnerConfig, ProxyConfig, WitnessConfig
 use pgmirror::control::codec::ControlCodec;
 use pgmirror::control::{
     read_hello, Command, ControlError, Hello, PeerView, PromotionKind, PromotionRequest, Request,
-    Response, StreamPurpose, WitnessRequest, MAX_CONTROL_FRAME,
+    Response, StatusFigures, StreamPurpose, WitnessRequest, MAX_CONTROL_FRAME,
 };
 use pgmirror::roles::{Epoch, MirroringState, Role, Safety};
 use pgmirror::wire::frame::{
@@ -979,13 +979,15 @@ fn peer_view() -> impl Strategy<Value = PeerView> {
             any::<u64>(),
             prop::option::of(endpoint()),
             any::<Option<u64>>(),
+            // Whole rates: any f64 would bring NaN, which JSON cannot carry.
+            prop::option::of(any::<(Option<u64>, Option<u64>, Option<u32>)>()),
         ),
     )
         .prop_map(
             |(
                 (session, name, principal, epoch, state, safety),
                 (timeout_secs, [suspended, ended], system_identifier, pg_major),
-                (safety_sequence, witness, witness_id),
+                (safety_sequence, witness, witness_id, figures),
             )| PeerView {
                 session,
                 name,
@@ -1005,6 +1007,13 @@ fn peer_view() -> impl Strategy<Value = PeerView> {
                 safety_sequence,
                 witness,
                 witness_id,
+                figures: figures.map(|(send_queue, redo_queue, rate)| StatusFigures {
+                    send_queue_bytes: send_queue,
+                    redo_queue_bytes: redo_queue,
+                    send_rate_bytes_per_sec: rate.map(f64::from),
+                    redo_rate_bytes_per_sec: None,
+                    mirror_commit_overhead_ms: rate.map(f64::from),
+                }),
             },
         )
 }
@@ -1055,6 +1064,8 @@ fn witness_request() -> impl Strategy<Value = WitnessRequest> {
             }
         }),
         Just(WitnessRequest::Sessions),
+        (any::<Option<String>>(), any::<Option<i64>>())
+            .prop_map(|(session, since_ms)| WitnessRequest::History { session, since_ms }),
     ]
 }
 
@@ -1071,6 +1082,7 @@ fn request() -> impl Strategy<Value = Request> {
             }
         }),
         witness_request().prop_map(Request::Witness),
+        any::<Option<i64>>().prop_map(|since_ms| Request::History { since_ms }),
     ]
 }
 

@@ -9,13 +9,14 @@
 //! the caller. No method is cancel-safe: a caller that gives up on one
 //! (every method has a time limit) drops the client.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use crate::config::Endpoint;
 use crate::control::codec::ControlStream;
 use crate::control::messages::{
-    Command, Hello, MirroringStatus, PeerView, PromotionKind, PromotionRequest, Request, Response,
-    RoleRow, WitnessRequest,
+    Command, Hello, HistoryRecord, MirroringStatus, PeerView, PromotionKind, PromotionRequest,
+    Request, Response, RoleRow, WitnessRequest,
 };
 use crate::control::ControlError;
 use crate::roles::Epoch;
@@ -25,6 +26,10 @@ use crate::wire::lsn::Lsn;
 /// How long a control request may take before the caller gives up. A
 /// manual failover waits for the mirror to drain, hence the margin.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Most records a history read returns; past it the oldest are dropped
+/// (a week of 15 s samples of one pair is about 81,000).
+pub const MAX_HISTORY_RECORDS: usize = 100_000;
 
 /// How long [`ControlClient::connect`] waits for TCP, TLS and the hello.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -244,6 +249,69 @@ impl ControlClient {
         match self.call_within(&request, limit).await? {
             Response::Row(Some(row)) => Ok(row),
             other => Err(not_expected("promote", other)),
+        }
+    }
+
+    /// Witness: the history view's lines (role-table changes and partners'
+    /// samples) of `session`, or of every session, at or after `since_ms`,
+    /// oldest first; at most [`MAX_HISTORY_RECORDS`], the newest.
+    pub async fn witness_history(
+        &mut self,
+        session: Option<String>,
+        since_ms: Option<i64>,
+    ) -> Result<Vec<HistoryRecord>, ControlError> {
+        self.history_pages("witness_history", since_ms, |since_ms| {
+            Request::Witness(WitnessRequest::History {
+                session: session.clone(),
+                since_ms,
+            })
+        })
+        .await
+    }
+
+    /// Agent: its own status samples (kept while the session has no
+    /// witness) at or after `since_ms`, as [`ControlClient::witness_history`].
+    pub async fn history(
+        &mut self,
+        since_ms: Option<i64>,
+    ) -> Result<Vec<HistoryRecord>, ControlError> {
+        self.history_pages("history", since_ms, |since_ms| Request::History {
+            since_ms,
+        })
+        .await
+    }
+
+    /// Asks for pages until the last one, keeping the newest
+    /// [`MAX_HISTORY_RECORDS`].
+    async fn history_pages(
+        &mut self,
+        name: &'static str,
+        mut since_ms: Option<i64>,
+        request: impl Fn(Option<i64>) -> Request,
+    ) -> Result<Vec<HistoryRecord>, ControlError> {
+        let mut records = VecDeque::new();
+        loop {
+            let page = match self
+                .call_within(&request(since_ms), REQUEST_TIMEOUT)
+                .await?
+            {
+                Response::History(page) => page,
+                other => return Err(not_expected(name, other)),
+            };
+            records.extend(page.records);
+            let excess = records.len().saturating_sub(MAX_HISTORY_RECORDS);
+            records.drain(..excess);
+            match page.next_ms {
+                None => return Ok(records.into()),
+                // A next page that does not move on would be asked forever.
+                Some(next) if since_ms.is_some_and(|since| next <= since) => {
+                    return Err(ControlError::Unexpected {
+                        request: name,
+                        answer: format!("a page ending at {next}, asked from {since_ms:?}"),
+                    })
+                }
+                Some(next) => since_ms = Some(next),
+            }
         }
     }
 

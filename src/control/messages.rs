@@ -79,6 +79,39 @@ pub struct PeerView {
     /// address it reaches it at.
     #[serde(default)]
     pub witness_id: Option<u64>,
+    /// This partner's queues and rates, sent to the witness (which keeps
+    /// them as history samples); None in pings to the peer, which has no
+    /// use for them.
+    #[serde(default)]
+    pub figures: Option<StatusFigures>,
+}
+
+/// The monitoring figures of a partner's `MirroringStatus` that the
+/// history keeps (spec 63); each is None where the role does not measure it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+pub struct StatusFigures {
+    #[serde(default)]
+    pub send_queue_bytes: Option<u64>,
+    #[serde(default)]
+    pub redo_queue_bytes: Option<u64>,
+    #[serde(default)]
+    pub send_rate_bytes_per_sec: Option<f64>,
+    #[serde(default)]
+    pub redo_rate_bytes_per_sec: Option<f64>,
+    #[serde(default)]
+    pub mirror_commit_overhead_ms: Option<f64>,
+}
+
+impl StatusFigures {
+    pub fn of(status: &MirroringStatus) -> StatusFigures {
+        StatusFigures {
+            send_queue_bytes: status.send_queue_bytes,
+            redo_queue_bytes: status.redo_queue_bytes,
+            send_rate_bytes_per_sec: status.send_rate_bytes_per_sec,
+            redo_rate_bytes_per_sec: status.redo_rate_bytes_per_sec,
+            mirror_commit_overhead_ms: status.mirror_commit_overhead_ms,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -100,6 +133,7 @@ impl PeerView {
             safety_sequence: 1,
             witness: None,
             witness_id: None,
+            figures: None,
         }
     }
 }
@@ -195,6 +229,13 @@ pub enum WitnessRequest {
     },
     /// Every session's row.
     Sessions,
+    /// One page of the history view's lines (`crate::history`): role-table
+    /// changes and partners' samples of `session` (every session when
+    /// None) at or after `since_ms`, oldest first.
+    History {
+        session: Option<String>,
+        since_ms: Option<i64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -211,6 +252,11 @@ pub enum Request {
         kind: PromotionKind,
     },
     Witness(WitnessRequest),
+    /// An agent's own status samples (kept while its session has no
+    /// witness) at or after `since_ms`: one page, oldest first.
+    History {
+        since_ms: Option<i64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -220,10 +266,57 @@ pub enum Response {
     Pong(PeerView),
     Row(Option<RoleRow>),
     Rows(Vec<RoleRow>),
+    History(HistoryPage),
     Done(String),
     /// The command's preconditions do not hold; the reason says what to do.
     Refused(String),
     Failed(String),
+}
+
+/// One line of the history view (`sys.database_mirroring_history`): a
+/// role-table change recorded by the witness or a partner's status sample.
+/// Role, state and safety are their display names (`PRINCIPAL`,
+/// `SYNCHRONIZED`, `FULL`), so a reader of another version never fails on
+/// a name it does not know.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct HistoryRecord {
+    /// Milliseconds since the Unix epoch, on the recorder's clock.
+    pub at_ms: i64,
+    pub session: String,
+    /// The partner's name for a sample, `witness` for a role-table line.
+    pub source: String,
+    /// `sample`, or the role-table event (e.g. `Automatic Failover`).
+    pub kind: String,
+    /// Samples: the partner's role, state and safety as it reported them.
+    pub role: Option<String>,
+    pub state: Option<String>,
+    pub safety: Option<String>,
+    /// mirroring_role_sequence: the partner's (sample) or the row's.
+    pub epoch: Option<u64>,
+    /// Role-table lines: the principal and partner_sync_state they record.
+    pub principal: Option<String>,
+    pub synchronized: Option<bool>,
+    pub send_queue_bytes: Option<u64>,
+    pub redo_queue_bytes: Option<u64>,
+    pub send_rate_bytes_per_sec: Option<f64>,
+    pub redo_rate_bytes_per_sec: Option<f64>,
+    pub mirror_commit_overhead_ms: Option<f64>,
+}
+
+/// Most records in one [`HistoryPage`]. A record with every field set,
+/// names of the 63 bytes configs allow and the longest numbers is under
+/// 600 bytes of JSON, so a page stays well under `MAX_CONTROL_FRAME`
+/// (1 MiB; `history`'s tests check it).
+pub const HISTORY_PAGE_RECORDS: usize = 1000;
+
+/// One answer to a history request: at most `history::PAGE_RECORDS`
+/// records, oldest first. `next_ms` is where the next page starts, None
+/// on the last page; a page ends on a whole millisecond, so paging neither
+/// repeats nor skips a line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct HistoryPage {
+    pub records: Vec<HistoryRecord>,
+    pub next_ms: Option<i64>,
 }
 
 /// One partner's row of `sys.database_mirroring` (spec 2) plus the

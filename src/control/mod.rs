@@ -19,8 +19,8 @@ use std::time::Duration;
 pub use client::{ControlClient, REQUEST_TIMEOUT};
 pub use codec::{read_hello, ControlStream, MAX_CONTROL_FRAME};
 pub use messages::{
-    Command, EndedAs, Hello, MirroringStatus, PeerView, PromotionKind, PromotionRequest, Request,
-    Response, RoleRow, StreamPurpose, WitnessRequest,
+    Command, EndedAs, Hello, HistoryPage, HistoryRecord, MirroringStatus, PeerView, PromotionKind,
+    PromotionRequest, Request, Response, RoleRow, StatusFigures, StreamPurpose, WitnessRequest,
 };
 
 /// Why a control exchange did not give the answer asked for.

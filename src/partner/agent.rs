@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PartnerConfig;
-use crate::control::{EndedAs, MirroringStatus, PeerView, RoleRow};
+use crate::control::{EndedAs, MirroringStatus, PeerView, RoleRow, StatusFigures};
 use crate::partner::engine::Instance;
 use crate::partner::policy::health::Server;
 use crate::partner::policy::{
@@ -265,6 +265,16 @@ impl Agent {
                 .row
                 .filter(|_| state.witness.is_some())
                 .map(|row| row.witness_id),
+            figures: None,
+        }
+    }
+
+    /// What this partner tells the witness: its view with its queues and
+    /// rates, which the witness keeps as history samples.
+    pub fn report_view(&self) -> PeerView {
+        PeerView {
+            figures: Some(StatusFigures::of(&self.status())),
+            ..self.view()
         }
     }
 

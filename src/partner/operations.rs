@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use crate::control::{
     Command, ControlClient, ControlError, PeerView, PromotionKind, Request, Response,
 };
+use crate::history;
 use crate::partner::actions::{
     ask_witness, blocking, carry_out, observe_postgres, promotion_request, received_lsn,
     start_mirror, OpError,
@@ -33,6 +34,7 @@ pub async fn handle(agent: &Arc<Agent>, request: Request) -> Response {
         Request::Status => Response::Status(Box::new(agent.status())),
         Request::Ping(view) => answer_ping(agent, view),
         Request::Command(command) => run_command(agent, command).await,
+        Request::History { since_ms } => history_page(agent, since_ms).await,
         Request::Witness(_) => Response::Refused(
             "this is a partner agent, not a witness: point the witness address at `pgmirror witness`".into(),
         ),
@@ -48,6 +50,19 @@ pub async fn handle(agent: &Arc<Agent>, request: Request) -> Response {
                 Err(err) => Response::Failed(err.to_string()),
             }
         }
+    }
+}
+
+/// A page of the agent's own history samples, read on a blocking thread.
+async fn history_page(agent: &Agent, since_ms: Option<i64>) -> Response {
+    let path = agent.config.state_dir.join(history::AGENT_FILE);
+    let read = tokio::task::spawn_blocking(move || {
+        history::read_page(&path, history::Owner::Agent, None, since_ms)
+    });
+    match read.await {
+        Ok(Ok(page)) => Response::History(page),
+        Ok(Err(err)) => Response::Failed(err.to_string()),
+        Err(err) => Response::Failed(format!("history read: {err}")),
     }
 }
 

@@ -62,7 +62,10 @@ pub async fn ping_witness(agent: Arc<Agent>) {
                 break;
             }
             let sent = agent.clock();
-            match client.report_within(agent.view(), agent.timeout()).await {
+            match client
+                .report_within(agent.report_view(), agent.timeout())
+                .await
+            {
                 Ok(row) => {
                     // A row naming another principal at a later epoch grants
                     // no lease (I1).

@@ -7,7 +7,9 @@
 //! except those heard-times, which restart at the witness's start: a
 //! restarted witness waits a full TIMEOUT before it grants a failover.
 //! With a `metrics` address it exports each row it answers with and the
-//! promotions it grants (`crate::metrics`).
+//! promotions it grants (`crate::metrics`). The status figures the reports
+//! carry go to `crate::history`, off the arbitration's path, and a
+//! `History` request reads them back with the role table's history.
 
 pub mod arbiter;
 pub mod store;
@@ -25,6 +27,7 @@ use crate::config::WitnessConfig;
 use crate::control::{
     read_hello, ControlError, ControlStream, Hello, Request, Response, RoleRow, WitnessRequest,
 };
+use crate::history::{self, History, HistoryError, Owner, Retention, Sample};
 use crate::sync::lock;
 use crate::tls::EndpointTls;
 use arbiter::Change;
@@ -36,6 +39,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum WitnessError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    History(#[from] HistoryError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
@@ -54,15 +59,21 @@ pub struct Witness {
     /// When each (session, partner) was last heard.
     heard: Mutex<HashMap<(String, String), Instant>>,
     started_at: Instant,
+    /// The reports' status samples, in the store's database.
+    samples: History,
 }
 
 impl Witness {
-    pub fn new(store: RoleStore) -> Self {
-        Witness {
+    /// The witness over `store`, keeping samples with `retention` in the
+    /// same database.
+    pub fn new(store: RoleStore, retention: Retention) -> Result<Self, HistoryError> {
+        let samples = History::open(store.path(), Owner::Witness, retention)?;
+        Ok(Witness {
             store: Mutex::new(store),
             heard: Mutex::new(HashMap::new()),
             started_at: Instant::now(),
-        }
+            samples,
+        })
     }
 
     fn silent_for(&self, session: &str, name: &str) -> Duration {
@@ -125,6 +136,9 @@ impl Witness {
                 self.heard(&view.session, &view.name);
                 let outcome =
                     self.decide(&view.session, |row| Ok(arbiter::on_report(row, &view)))?;
+                if outcome.is_ok() {
+                    self.samples.offer(Sample::of(&view, history::now_ms()));
+                }
                 Ok(answer(outcome))
             }
             WitnessRequest::SetSynchronized {
@@ -173,6 +187,17 @@ impl Witness {
                 Ok(answer(outcome))
             }
             WitnessRequest::Sessions => Ok(Response::Rows(lock(&self.store).all()?)),
+            // A page read on a connection of its own: the store's lock,
+            // which every ping takes, is not held meanwhile.
+            WitnessRequest::History { session, since_ms } => {
+                Ok(match self.samples.page(session.as_deref(), since_ms) {
+                    Ok(page) => Response::History(page),
+                    Err(err) => {
+                        warn!("{err}");
+                        Response::Failed(err.to_string())
+                    }
+                })
+            }
         }
     }
 
@@ -194,7 +219,8 @@ pub async fn run(config: WitnessConfig, shutdown: CancellationToken) -> Result<(
     if let Some(parent) = config.store.parent() {
         let _ = std::fs::create_dir_all(parent);
     }
-    let witness = Arc::new(Witness::new(RoleStore::open(&config.store)?));
+    let retention = Retention::new(config.history_sample_secs, config.history_retention_days);
+    let witness = Arc::new(Witness::new(RoleStore::open(&config.store)?, retention)?);
     if let Some(metrics) = config.metrics {
         crate::metrics::serve(metrics.0)?;
         for row in lock(&witness.store).all()? {

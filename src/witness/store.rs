@@ -6,11 +6,11 @@
 //! survives a crash of the witness or its machine.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::control::RoleRow;
+use crate::history::now_ms;
 use crate::roles::{Epoch, Safety};
 use crate::witness::arbiter::Change;
 
@@ -50,13 +50,6 @@ pub struct RoleStore {
     identity: u64,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as i64)
-        .unwrap_or_default()
-}
-
 impl RoleStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let wrap = |source| StoreError {
@@ -83,6 +76,11 @@ impl RoleStore {
             connection,
             identity: identity as u64,
         })
+    }
+
+    /// The SQLite file, which also holds the history's samples.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// `row` as this witness answers with it: naming this witness.

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use pgmirror::config::{PartnerConfig, TlsMode};
-use pgmirror::control::{Command, ControlClient, ControlError, MirroringStatus, RoleRow};
+use pgmirror::control::{
+    Command, ControlClient, ControlError, HistoryRecord, MirroringStatus, RoleRow,
+};
 use pgmirror::partner::engine::{Instance, PgBinaries, RunAs, StopMode};
 use pgmirror::roles::Safety;
 use pgmirror::tls::{generate_pki, tls_config_for, tls_section, EndpointTls};
@@ -110,6 +112,9 @@ pub struct PairOptions {
     pub session: &'static str,
     /// The body of each partner's `[warnings]` section (spec 64).
     pub warnings: &'static str,
+    /// `history_sample_secs` of the witness and the partners, when not the
+    /// default.
+    pub history_sample_secs: Option<u64>,
 }
 
 #[derive(Clone, Default)]
@@ -141,6 +146,12 @@ impl WitnessProcess {
 
     /// As [`WitnessProcess::launch`], listening on `port`.
     pub fn launch_at(dir: &Path, tls: &str, port: u16) -> WitnessProcess {
+        Self::launch_with(dir, tls, port, "")
+    }
+
+    /// As [`WitnessProcess::launch_at`], with `settings` (top-level lines)
+    /// added to the config.
+    pub fn launch_with(dir: &Path, tls: &str, port: u16, settings: &str) -> WitnessProcess {
         let metrics_port = free_port();
         std::fs::create_dir_all(dir).expect("witness dir");
         let config_path = dir.join("witness.toml");
@@ -148,7 +159,7 @@ impl WitnessProcess {
             &config_path,
             format!(
                 "listen = \"127.0.0.1:{port}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n\
-                 store = {:?}\n\n{tls}",
+                 store = {:?}\n{settings}\n{tls}",
                 dir.join("witness.sqlite")
             ),
         )
@@ -202,6 +213,7 @@ impl Default for PairOptions {
             witness: WitnessChoice::None,
             session: "shop",
             warnings: "",
+            history_sample_secs: None,
         }
     }
 }
@@ -245,10 +257,16 @@ impl Pair {
             Some((to_b, to_a)) => [to_b.port(), to_a.port()],
             None => [endpoints[1], endpoints[0]],
         };
+        let history_line = options
+            .history_sample_secs
+            .map(|secs| format!("history_sample_secs = {secs}\n"))
+            .unwrap_or_default();
         let witness = match options.witness {
-            WitnessChoice::Own => Some(WitnessProcess::launch(
+            WitnessChoice::Own => Some(WitnessProcess::launch_with(
                 &dir.path().join("witness"),
                 &tls_section(&pki, "witness", options.tls),
+                free_port(),
+                &history_line,
             )),
             _ => None,
         };
@@ -277,7 +295,7 @@ impl Pair {
             let metrics_port = free_port();
             let health_port = free_port();
             let text = format!(
-                "session = \"{}\"\n{witness_line}metrics = \"127.0.0.1:{metrics_port}\"\n\
+                "session = \"{}\"\n{witness_line}{history_line}metrics = \"127.0.0.1:{metrics_port}\"\n\
                  health = \"127.0.0.1:{health_port}\"\nname = \"{name}\"\ninitial_role = \"{role}\"\n\
                  listen = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\nstate_dir = {:?}\n\
                  safety = \"{}\"\ntimeout = {}\n\n[postgres]\ndata_dir = {:?}\nport = {}\n\n{tls}\n[warnings]\n{}\n",
@@ -436,6 +454,18 @@ impl Pair {
     /// The witness's row for this pair's session.
     pub async fn witness_row(&self) -> Option<RoleRow> {
         self.row_at(&self.witness.as_ref()?.endpoint()).await
+    }
+
+    /// The history view's lines of this pair's session at its witness.
+    pub async fn witness_history(&self) -> Vec<HistoryRecord> {
+        let witness = self.witness.as_ref().expect("a pair with a witness");
+        let mut client = ControlClient::connect(&witness.endpoint(), &self.tls)
+            .await
+            .expect("witness connection");
+        client
+            .witness_history(Some(self.a.config.session.clone()), None)
+            .await
+            .expect("witness history")
     }
 
     /// The row for this pair's session at the witness at `endpoint`.

@@ -363,6 +363,7 @@ impl World {
                 .as_ref()
                 .filter(|_| state.witness.is_some())
                 .map(|row| row.witness_id),
+            figures: None,
         }
     }
 
