@@ -13,7 +13,7 @@ use std::time::SystemTime;
 use crate::admin::functions::system_time_text;
 use crate::admin::sql::TableDef;
 use crate::config::Endpoint;
-use crate::control::{MirroringStatus, RoleRow};
+use crate::control::{HistoryRecord, MirroringStatus, RoleRow};
 use crate::proxy::clients::ClientEntry;
 use crate::proxy::routing::{Discovery, PartnerView, Route};
 
@@ -106,6 +106,12 @@ fn text(value: &str) -> Cell {
     Cell::Text(value.to_string())
 }
 
+fn time_ms(at_ms: i64) -> Cell {
+    chrono::DateTime::from_timestamp_millis(at_ms).map_or(Cell::Null, |time| {
+        Cell::Timestamptz(crate::admin::functions::timestamp_text(time))
+    })
+}
+
 /// One column of a view: everything about it in one place.
 pub struct Column<R> {
     pub name: &'static str,
@@ -166,6 +172,7 @@ pub fn catalog() -> Vec<TableDef> {
         DATABASE_MIRRORING.def(),
         DATABASE_MIRRORING_WITNESSES.def(),
         DATABASE_MIRRORING_ENDPOINTS.def(),
+        DATABASE_MIRRORING_HISTORY.def(),
         CLIENTS.def(),
         SERVERS.def(),
         SESSIONS.def(),
@@ -442,6 +449,30 @@ pub static DATABASE_MIRRORING_WITNESSES: View<WitnessRow> = View {
     ],
 };
 
+/// `sys.database_mirroring_history`: role-table changes and status samples.
+pub static DATABASE_MIRRORING_HISTORY: View<HistoryRecord> = View {
+    schema: "sys",
+    name: "database_mirroring_history",
+    doc: "the witness's role-table changes and the partners' status samples, kept for the configured retention",
+    columns: &[
+        Column { name: "time", ty: Timestamptz, doc: "when it was recorded", value: |r| time_ms(r.at_ms) },
+        Column { name: "database_name", ty: Text, doc: "the mirroring session", value: |r| text(&r.session) },
+        Column { name: "source", ty: Text, doc: "the partner sampled, or witness for a role-table change", value: |r| text(&r.source) },
+        Column { name: "kind", ty: Text, doc: "sample, or the role-table event", value: |r| text(&r.kind) },
+        Column { name: "role", ty: Text, doc: "the partner's role", value: |r| r.role.clone().into() },
+        Column { name: "state", ty: Text, doc: "the partner's mirroring state", value: |r| r.state.clone().into() },
+        Column { name: "safety", ty: Text, doc: "the session's safety level (FULL or OFF)", value: |r| r.safety.clone().into() },
+        Column { name: "role_sequence", ty: Int8, doc: "the epoch", value: |r| r.epoch.into() },
+        Column { name: "principal", ty: Text, doc: "the principal the role table names", value: |r| r.principal.clone().into() },
+        Column { name: "synchronized", ty: Bool, doc: "the role table's partner_sync_state", value: |r| r.synchronized.into() },
+        Column { name: "send_queue_bytes", ty: Int8, doc: "WAL not yet sent", value: |r| r.send_queue_bytes.into() },
+        Column { name: "redo_queue_bytes", ty: Int8, doc: "WAL not yet replayed", value: |r| r.redo_queue_bytes.into() },
+        Column { name: "send_rate_bytes_per_sec", ty: Float8, doc: "WAL sent per second", value: |r| r.send_rate_bytes_per_sec.into() },
+        Column { name: "redo_rate_bytes_per_sec", ty: Float8, doc: "WAL replayed per second", value: |r| r.redo_rate_bytes_per_sec.into() },
+        Column { name: "mirror_commit_overhead_ms", ty: Float8, doc: "time commits waited for the mirror", value: |r| r.mirror_commit_overhead_ms.into() },
+    ],
+};
+
 /// A client connection: the proxy's pid for it and its entry.
 pub type ClientRow = (u32, ClientEntry);
 
@@ -711,6 +742,7 @@ mod tests {
         check(&DATABASE_MIRRORING);
         check(&DATABASE_MIRRORING_ENDPOINTS);
         check(&DATABASE_MIRRORING_WITNESSES);
+        check(&DATABASE_MIRRORING_HISTORY);
         check(&CLIENTS);
         check(&SERVERS);
         check(&SESSIONS);

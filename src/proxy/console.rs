@@ -44,7 +44,7 @@ use crate::admin::statement::{PartnerOption, Statement};
 use crate::admin::view::{self, Cell, PartnerRow, RowSet, SessionRow, SqlType, WitnessRow};
 use crate::admin::{functions, settings};
 use crate::config::{AdminConfig, Endpoint, ProxySession};
-use crate::control::{Command, ControlClient, REQUEST_TIMEOUT};
+use crate::control::{Command, ControlClient, HistoryRecord, REQUEST_TIMEOUT};
 use crate::proxy::clients::Clients;
 use crate::proxy::commands::{self, CommandError, Turns};
 use crate::proxy::routing::Route;
@@ -424,6 +424,9 @@ impl Console {
                 "sys.database_mirroring_witnesses" => {
                     view::DATABASE_MIRRORING_WITNESSES.rows(&self.witness_rows(&partners).await)
                 }
+                "sys.database_mirroring_history" => {
+                    view::DATABASE_MIRRORING_HISTORY.rows(&self.history_rows(&partners).await)
+                }
                 "pgmirror.clients" => view::CLIENTS.rows(&clients),
                 "pgmirror.servers" => view::SERVERS.rows(&clients),
                 "pgmirror.sessions" => view::SESSIONS.rows(&self.session_rows(&routes, &clients)),
@@ -434,35 +437,76 @@ impl Console {
         data
     }
 
-    /// Every witness the partners name, asked for its rows; a witness that
-    /// does not answer in time has none.
-    async fn witness_rows(&self, partners: &[PartnerRow]) -> Vec<WitnessRow> {
-        let mut witnesses: Vec<String> = partners
-            .iter()
-            .filter_map(|partner| partner.status.mirroring_witness_name.clone())
-            .collect();
-        witnesses.sort();
-        witnesses.dedup();
-        let mut rows = Vec::new();
-        for witness in witnesses {
-            let Ok(endpoint) = witness.parse::<Endpoint>() else {
-                continue;
-            };
-            let asked = async {
-                let mut client =
-                    ControlClient::connect(&endpoint, &self.state.endpoint_tls).await?;
-                client.sessions().await
-            };
-            match tokio::time::timeout(REQUEST_TIMEOUT, asked).await {
-                Ok(Ok(sessions)) => rows.extend(sessions.into_iter().map(|row| WitnessRow {
-                    witness: witness.clone(),
-                    row,
-                })),
-                Ok(Err(err)) => tracing::debug!(%witness, "witness rows: {err}"),
-                Err(_) => tracing::debug!(%witness, "witness rows: no answer in time"),
+    /// Asks `endpoint` (a witness or an agent) with `ask`; what does not
+    /// answer within `limit` gives nothing (the view then lacks its rows,
+    /// as a catalog view lacks an unreachable server's).
+    async fn ask<T, F>(&self, endpoint: &Endpoint, limit: Duration, ask: F) -> Option<T>
+    where
+        F: for<'c> FnOnce(
+            &'c mut ControlClient,
+        ) -> futures::future::BoxFuture<
+            'c,
+            Result<T, crate::control::ControlError>,
+        >,
+    {
+        let asked = async {
+            let mut client = ControlClient::connect(endpoint, &self.state.endpoint_tls).await?;
+            ask(&mut client).await
+        };
+        match tokio::time::timeout(limit, asked).await {
+            Ok(Ok(answer)) => Some(answer),
+            Ok(Err(err)) => {
+                tracing::debug!(%endpoint, "console view: {err}");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(%endpoint, "console view: no answer in time");
+                None
             }
         }
+    }
+
+    /// Every witness the partners name, asked for its rows.
+    async fn witness_rows(&self, partners: &[PartnerRow]) -> Vec<WitnessRow> {
+        let mut rows = Vec::new();
+        for (witness, endpoint) in witnesses(partners) {
+            let sessions = self
+                .ask(&endpoint, REQUEST_TIMEOUT, |client| {
+                    Box::pin(client.sessions())
+                })
+                .await;
+            rows.extend(sessions.into_iter().flatten().map(|row| WitnessRow {
+                witness: witness.clone(),
+                row,
+            }));
+        }
         rows
+    }
+
+    /// The history: from every witness the partners name, and from each
+    /// agent of a session without a witness (which keeps its own).
+    async fn history_rows(&self, partners: &[PartnerRow]) -> Vec<HistoryRecord> {
+        let mut records = Vec::new();
+        for (_, endpoint) in witnesses(partners) {
+            let fetched = self
+                .ask(&endpoint, HISTORY_TIMEOUT, |client| {
+                    Box::pin(client.witness_history(None, None))
+                })
+                .await;
+            records.extend(fetched.into_iter().flatten());
+        }
+        for partner in partners {
+            if partner.reachable && partner.status.mirroring_witness_name.is_none() {
+                let fetched = self
+                    .ask(&partner.endpoint, HISTORY_TIMEOUT, |client| {
+                        Box::pin(client.history(None))
+                    })
+                    .await;
+                records.extend(fetched.into_iter().flatten());
+            }
+        }
+        records.sort_by_key(|record| record.at_ms);
+        records
     }
 
     fn session_rows(
@@ -549,6 +593,26 @@ impl Console {
             Err(err) => Err(user_error("ERROR", err.sqlstate(), err.to_string())),
         }
     }
+}
+
+/// How long the console waits for a whole history (it comes in pages).
+const HISTORY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The witnesses the partners name, by name and endpoint.
+fn witnesses(partners: &[PartnerRow]) -> Vec<(String, Endpoint)> {
+    let mut names: Vec<String> = partners
+        .iter()
+        .filter_map(|partner| partner.status.mirroring_witness_name.clone())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let endpoint = name.parse().ok()?;
+            Some((name, endpoint))
+        })
+        .collect()
 }
 
 fn pg_type(ty: SqlType) -> Type {
