@@ -101,6 +101,39 @@ async fn wait_console_state(admin: &tokio_postgres::Client, state: &str) {
     }
 }
 
+/// The SQL statements of the README's five-minute tour: each starts after
+/// `pgmirror=> ` and runs to its `;`, comments left out.
+fn tour_statements() -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let tour = readme
+        .split("### A five-minute tour")
+        .nth(1)
+        .and_then(|rest| rest.split("```").nth(1))
+        .expect("the README's tour block");
+    let mut statements = Vec::new();
+    let mut current: Option<String> = None;
+    for line in tour.lines() {
+        let code = line.split(" --").next().unwrap_or_default();
+        let text = match code.split_once("pgmirror=> ") {
+            Some((_, text)) => {
+                current = Some(String::new());
+                text
+            }
+            None => code,
+        };
+        if let Some(statement) = current.as_mut() {
+            statement.push_str(text.trim());
+            statement.push(' ');
+            if text.trim_end().ends_with(';') {
+                statements.push(statement.trim().to_string());
+                current = None;
+            }
+        }
+    }
+    statements
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_runs_serves_and_stops_cleanly() {
     let dir = tempfile::Builder::new()
@@ -147,7 +180,8 @@ async fn the_demo_runs_serves_and_stops_cleanly() {
         .unwrap();
     drop(client);
 
-    // The admin console, as the summary says.
+    // The admin console, as the summary says: every statement of the
+    // README's tour, taken from the README, through psql.
     let (admin, connection) = tokio_postgres::connect(
         &format!("host=127.0.0.1 port={port} user=admin password=pgmirror dbname=pgmirror"),
         tokio_postgres::NoTls,
@@ -155,35 +189,35 @@ async fn the_demo_runs_serves_and_stops_cleanly() {
     .await
     .expect("admin console login");
     tokio::spawn(connection);
-    for statement in [
-        "ALTER DATABASE demo SET PARTNER SUSPEND",
-        "ALTER DATABASE demo SET PARTNER RESUME",
-    ] {
-        admin
-            .simple_query(statement)
-            .await
-            .unwrap_or_else(|err| panic!("{statement}: {err}"));
-    }
     wait_console_state(&admin, "SYNCHRONIZED").await;
-    // The console's view may be a poll old: while the principal itself
-    // still says SYNCHRONIZING, FAILOVER is refused with 55000 and asks to
-    // wait, as a script would.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match admin
-            .simple_query("ALTER DATABASE demo SET PARTNER FAILOVER")
-            .await
-        {
-            Ok(_) => break,
-            Err(err)
-                if err.code()
-                    == Some(&tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE)
-                    && Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(err) => panic!("FAILOVER in the console: {err}"),
-        }
+    let tour = tour_statements();
+    assert!(tour.len() >= 5, "the README's tour: {tour:#?}");
+    let port_text = port.to_string();
+    for statement in &tour {
+        let (ok, output) = common::proxy::run_client(
+            "psql",
+            &[
+                "-X",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port_text,
+                "-U",
+                "admin",
+                "-d",
+                "pgmirror",
+                "-c",
+                statement,
+            ],
+            &[("PGPASSWORD", "pgmirror")],
+        );
+        println!("pgmirror=> {statement}\n{output}");
+        assert!(
+            ok,
+            "the README's tour statement {statement:?} failed: {output}"
+        );
     }
     let client = common::pg::connect_port(port)
         .await
