@@ -19,6 +19,7 @@ use std::time::Duration;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Label, Unit};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
 
+use crate::admin::view;
 use crate::control::{MirroringStatus, PromotionKind, RoleRow};
 
 /// Label: the mirroring session (the proxy and the witness use it too).
@@ -284,6 +285,24 @@ pub fn drain_seconds(queue: u64, rate: f64) -> f64 {
     }
 }
 
+/// The gauge exporting a column of `sys.database_mirroring`, and the factor
+/// from the column's unit to the metric's.
+fn column_metric(column: &str) -> Option<(&'static str, f64)> {
+    Some(match column {
+        "mirroring_state" => (STATE, 1.0),
+        "mirroring_role_sequence" => (EPOCH, 1.0),
+        "mirroring_safety_level" => (SAFETY_LEVEL, 1.0),
+        "mirroring_witness_state" => (WITNESS_STATE, 1.0),
+        "peer_connected" => (PEER_CONNECTED, 1.0),
+        "send_queue_bytes" => (SEND_QUEUE_BYTES, 1.0),
+        "redo_queue_bytes" => (REDO_QUEUE_BYTES, 1.0),
+        "send_rate_bytes_per_sec" => (SEND_RATE, 1.0),
+        "redo_rate_bytes_per_sec" => (REDO_RATE, 1.0),
+        "mirror_commit_overhead_ms" => (COMMIT_OVERHEAD, 0.001),
+        _ => return None,
+    })
+}
+
 /// Sets one partner's gauges from its status row. Values the partner does
 /// not know in its role (a mirror's send queue) are exported as NaN, so
 /// graphs show a gap rather than a stale value.
@@ -293,31 +312,17 @@ pub fn record_partner(status: &MirroringStatus, derived: &Derived) {
         gauge!(name, labels.clone()).set(value.unwrap_or(f64::NAN));
     };
     set(ROLE, Some(status.mirroring_role.unwrap_or(0).into()));
-    set(STATE, status.mirroring_state.map(f64::from));
-    set(
-        EPOCH,
-        status.mirroring_role_sequence.map(|epoch| epoch as f64),
-    );
-    set(SAFETY_LEVEL, status.mirroring_safety_level.map(f64::from));
-    set(WITNESS_STATE, status.mirroring_witness_state.map(f64::from));
-    set(
-        PEER_CONNECTED,
-        Some(f64::from(u8::from(status.peer_connected))),
-    );
-    set(
-        SEND_QUEUE_BYTES,
-        status.send_queue_bytes.map(|bytes| bytes as f64),
-    );
-    set(
-        REDO_QUEUE_BYTES,
-        status.redo_queue_bytes.map(|bytes| bytes as f64),
-    );
-    set(SEND_RATE, status.send_rate_bytes_per_sec);
-    set(REDO_RATE, status.redo_rate_bytes_per_sec);
-    set(
-        COMMIT_OVERHEAD,
-        status.mirror_commit_overhead_ms.map(|ms| ms / 1000.0),
-    );
+    // The other figures are columns of sys.database_mirroring, read through
+    // the view's one definition of each.
+    let row = view::PartnerRow::reporting(status.clone());
+    for column in view::DATABASE_MIRRORING.columns {
+        if let Some((metric, scale)) = column_metric(column.name) {
+            set(
+                metric,
+                (column.value)(&row).number().map(|value| value * scale),
+            );
+        }
+    }
     set(
         OLDEST_UNSENT,
         derived.oldest_unsent.map(|age| age.as_secs_f64()),

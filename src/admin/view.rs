@@ -112,6 +112,19 @@ fn time_ms(at_ms: i64) -> Cell {
     })
 }
 
+impl Cell {
+    /// The value as a number, for metrics: NULL and text have none.
+    pub fn number(&self) -> Option<f64> {
+        match self {
+            Cell::Bool(value) => Some(f64::from(u8::from(*value))),
+            Cell::Int4(value) => Some(f64::from(*value)),
+            Cell::Int8(value) => Some(*value as f64),
+            Cell::Float8(value) => Some(*value),
+            Cell::Null | Cell::Text(_) | Cell::Timestamptz(_) => None,
+        }
+    }
+}
+
 /// One column of a view: everything about it in one place.
 pub struct Column<R> {
     pub name: &'static str,
@@ -218,6 +231,18 @@ impl PartnerRow {
                 },
                 reachable: false,
             },
+        }
+    }
+
+    /// The row of a partner reporting `status` itself.
+    pub fn reporting(status: MirroringStatus) -> PartnerRow {
+        PartnerRow {
+            endpoint: Endpoint {
+                host: String::new(),
+                port: 0,
+            },
+            status,
+            reachable: true,
         }
     }
 
