@@ -318,12 +318,12 @@ fn prune(connection: &Connection, owner: Owner, before_ms: i64) -> rusqlite::Res
 /// The samples as history records, with the parameters of [`read_page`].
 const SAMPLE_LINES: &str = "SELECT at_ms, session, name, 'sample', role, state, safety, epoch, \
     NULL, NULL, send_queue_bytes, redo_queue_bytes, send_rate_bytes_per_sec, \
-    redo_rate_bytes_per_sec, mirror_commit_overhead_ms FROM samples \
+    redo_rate_bytes_per_sec, mirror_commit_overhead_ms, rowid FROM samples \
     WHERE (?1 IS NULL OR session = ?1) AND at_ms >= ?2";
 
 /// The role-table lines as history records.
 const ROLE_LINES: &str = "SELECT at_ms, session, 'witness', event, NULL, NULL, NULL, epoch, \
-    principal, synchronized, NULL, NULL, NULL, NULL, NULL FROM history \
+    principal, synchronized, NULL, NULL, NULL, NULL, NULL, id FROM history \
     WHERE (?1 IS NULL OR session = ?1) AND at_ms >= ?2";
 
 /// The lines of `session` (all when None) at or after `since_ms`, oldest
@@ -349,7 +349,8 @@ pub fn read_page(
         Owner::Agent => SAMPLE_LINES.to_string(),
     };
     let mut statement = connection
-        .prepare(&format!("{lines} ORDER BY 1, 3, 4 LIMIT ?3"))
+        // Lines of one millisecond in the order they were written.
+        .prepare(&format!("{lines} ORDER BY 1, 3, 16 LIMIT ?3"))
         .map_err(wrap)?;
     let records = statement
         .query_map(
