@@ -22,6 +22,18 @@ pub fn timestamp_text(time: DateTime<Utc>) -> String {
     time.format(TIMESTAMP_FORMAT).to_string()
 }
 
+/// A timestamp as PostgreSQL prints a timestamptz in UTC: microseconds
+/// without trailing zeros, none at all on a whole second.
+pub fn postgres_text(time: DateTime<Utc>) -> String {
+    let micros = time.timestamp_subsec_micros();
+    let fraction = if micros == 0 {
+        String::new()
+    } else {
+        format!(".{micros:06}").trim_end_matches('0').to_string()
+    };
+    format!("{}{fraction}+00", time.format("%Y-%m-%d %H:%M:%S"))
+}
+
 /// A `SystemTime` in the text form SQLite holds.
 pub fn system_time_text(time: SystemTime) -> String {
     timestamp_text(DateTime::<Utc>::from(time))
@@ -399,6 +411,14 @@ mod tests {
         assert_eq!(
             timestamp_text(at("2026-11-26 16:00:00.25+00")),
             "2026-11-26 16:00:00.250000+00"
+        );
+        assert_eq!(
+            postgres_text(at("2026-11-26 16:00:00.25+00")),
+            "2026-11-26 16:00:00.25+00"
+        );
+        assert_eq!(
+            postgres_text(at("2026-11-26 16:00:00+00")),
+            "2026-11-26 16:00:00+00"
         );
         assert!(parse_timestamp("yesterday-ish").is_none());
         assert!(parse_timestamp("2026-11-26 16:00:00+1").is_none());

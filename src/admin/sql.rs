@@ -519,6 +519,8 @@ fn infer(expr: &Expr, scope: &BTreeMap<String, SqlType>) -> Option<Kind> {
             _ => None,
         },
         Expr::Nested(inner) => infer(inner, scope),
+        // sqlparser's own forms of floor() and ceil().
+        Expr::Floor { .. } | Expr::Ceil { .. } => Some(Kind::Sql(Float8)),
         Expr::UnaryOp { op, expr } => match op {
             UnaryOperator::Not => Some(Kind::Sql(Bool)),
             _ => infer(expr, scope),
@@ -940,6 +942,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(result.rows, vec![vec![Cell::Int8(1_795_716_000)]]);
+    }
+
+    #[test]
+    fn grafana_time_group_alias_buckets_by_epoch() {
+        // $__timeGroupAlias(time, 1m) expands to this.
+        let result = run(
+            "SELECT floor(extract(epoch from time)/60)*60 AS \"time\", avg(send_queue_bytes) \
+             FROM sys.database_mirroring_history GROUP BY 1 ORDER BY 1",
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(result.columns[0].1, SqlType::Float8);
+        assert_eq!(
+            result.rows[0],
+            vec![Cell::Float8(1_795_708_800.0), Cell::Float8(200.0)]
+        );
+        assert_eq!(result.rows.len(), 3);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use pgwire::api::auth::{
 };
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use pgwire::api::results::{DataRowEncoder, FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::results::{DataRowEncoder, FieldFormat, FieldInfo, QueryResponse, Response, Tag};
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::{ClientInfo, PgWireServerHandlers, Type};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
@@ -647,7 +647,7 @@ fn encode(table: RowSet, format: &Format) -> PgWireResult<Response> {
     let mut rows = Vec::with_capacity(table.rows.len());
     for row in table.rows {
         let mut encoder = DataRowEncoder::new(schema.clone());
-        for cell in row {
+        for (at, cell) in row.into_iter().enumerate() {
             match cell {
                 Cell::Null => encoder.encode_field(&None::<String>)?,
                 Cell::Bool(value) => encoder.encode_field(&value)?,
@@ -655,9 +655,16 @@ fn encode(table: RowSet, format: &Format) -> PgWireResult<Response> {
                 Cell::Int8(value) => encoder.encode_field(&value)?,
                 Cell::Float8(value) => encoder.encode_field(&value)?,
                 Cell::Text(value) => encoder.encode_field(&value)?,
-                Cell::Timestamptz(text) => {
-                    encoder.encode_field(&functions::parse_timestamp(&text))?
-                }
+                Cell::Timestamptz(text) => match format.format_for(at) {
+                    // As PostgreSQL prints it (no trailing zeros), which
+                    // pgwire's own formatting does not do.
+                    FieldFormat::Text => encoder.encode_field(
+                        &functions::parse_timestamp(&text).map(functions::postgres_text),
+                    )?,
+                    FieldFormat::Binary => {
+                        encoder.encode_field(&functions::parse_timestamp(&text))?
+                    }
+                },
             }
         }
         rows.push(Ok(encoder.take_row()));
