@@ -2,15 +2,16 @@
 //! PostgreSQL 15 with `ssl = on` and a certificate for 127.0.0.1 signed by a
 //! test CA: the data path is encrypted (pg_stat_ssl), verify-full takes
 //! the right CA and refuses another (the client told why, at once), verify-ca
-//! skips only the name, require refuses a server without TLS, and a cancel
-//! reaches the server through it.
+//! skips only the name, require refuses a server without TLS, a cancel
+//! reaches the server through it, and (as the README says) a SCRAM client
+//! with TLS on both sides needs `channel_binding=disable`.
 
 mod common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::proxy::{standalone_config, ProxyHandle};
+use common::proxy::{run_client, standalone_config, ProxyHandle};
 use common::PgInstance;
 use pgmirror::config::{ServerSslMode, ServerTlsConfig, TcpConfig};
 use pgmirror::proxy::server_tls::ServerTls;
@@ -206,6 +207,48 @@ async fn a_cancel_reaches_the_server_over_tls() {
         "{err}"
     );
     assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_through_tls_on_both_sides_needs_channel_binding_disabled() {
+    let pki = tempfile::tempdir().unwrap();
+    pgmirror::tls::generate_pki(pki.path(), &["server", "proxy"]).unwrap();
+    let pg = PgInstance::start_with_tls(
+        &pki.path().join("server.crt"),
+        &pki.path().join("server.key"),
+    );
+    let setup = pg.connect().await;
+    setup
+        .batch_execute(
+            "SET password_encryption = 'scram-sha-256'; CREATE USER alice PASSWORD 'wonder';",
+        )
+        .await
+        .unwrap();
+    pg.require_passwords("scram-sha-256");
+    let sections = format!(
+        "{}[tls]\ncert = {:?}\nkey = {:?}\n",
+        server_tls("require", None),
+        pki.path().join("proxy.crt"),
+        pki.path().join("proxy.key")
+    );
+    let proxy = ProxyHandle::start(&standalone_config(&pg, &sections)).await;
+    let psql = |options: &str| {
+        let conninfo = format!(
+            "{} sslmode=require {options}",
+            proxy.conninfo("alice", "postgres")
+        );
+        run_client(
+            "psql",
+            &["-X", "-At", "-c", "SELECT 1", &conninfo],
+            &[("PGPASSWORD", "wonder")],
+        )
+    };
+    // libpq's default (channel_binding=prefer) picks SCRAM-SHA-256-PLUS,
+    // bound to the proxy's certificate; the server checks its own.
+    let (ok, out) = psql("");
+    assert!(!ok && out.contains("channel binding"), "{out}");
+    let (ok, out) = psql("channel_binding=disable");
+    assert!(ok && out.trim() == "1", "{out}");
 }
 
 /// A certificate for `host` only, signed by the CA of `dir` (made by
