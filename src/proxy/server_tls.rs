@@ -106,10 +106,6 @@ impl ServerTls {
         })
     }
 
-    pub fn mode(&self) -> ServerSslMode {
-        self.mode
-    }
-
     /// Connects to `address` (host:port) and negotiates TLS as the mode
     /// says; the stream is ready for a startup packet or CancelRequest.
     pub async fn connect(&self, address: &str) -> Result<ServerStream, ServerConnectError> {
