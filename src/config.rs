@@ -524,6 +524,92 @@ pub struct ClientTlsConfig {
     pub key: PathBuf,
 }
 
+/// How the proxy secures its connections to the servers (libpq's sslmode,
+/// PgBouncer's `server_tls_sslmode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerSslMode {
+    /// Plain TCP, no SSLRequest.
+    #[default]
+    Disable,
+    /// TLS when the server offers it, plain TCP when it answers 'N'.
+    Prefer,
+    /// TLS or nothing; the server's certificate is not checked.
+    Require,
+    /// TLS with the certificate chain checked against `ca`, not its name.
+    VerifyCa,
+    /// TLS with the chain checked against `ca` and the certificate valid
+    /// for the server's host (an IP address as an IP SAN).
+    VerifyFull,
+}
+
+impl ServerSslMode {
+    /// Whether the server's certificate is checked against `ca`.
+    pub fn verifies(self) -> bool {
+        matches!(self, ServerSslMode::VerifyCa | ServerSslMode::VerifyFull)
+    }
+}
+
+impl fmt::Display for ServerSslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ServerSslMode::Disable => "disable",
+            ServerSslMode::Prefer => "prefer",
+            ServerSslMode::Require => "require",
+            ServerSslMode::VerifyCa => "verify-ca",
+            ServerSslMode::VerifyFull => "verify-full",
+        })
+    }
+}
+
+/// `[server_tls]` of the proxy: TLS to the servers, for the data path,
+/// cancel requests and read-write probes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    #[serde(default)]
+    pub sslmode: ServerSslMode,
+    /// The CA that signs the servers' certificates (verify-ca, verify-full).
+    pub ca: Option<PathBuf>,
+    /// A client certificate and its key, for servers that ask for one.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl ServerTlsConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        let mode = self.sslmode;
+        match (&self.ca, mode.verifies()) {
+            (None, true) => {
+                return Err(Invalid::new(
+                    "server_tls.ca",
+                    format!("missing: sslmode = \"{mode}\" checks the servers' certificates against a CA file"),
+                ))
+            }
+            (Some(_), false) => {
+                // libpq would quietly verify with it under require; here
+                // the mode alone says what is checked.
+                return Err(Invalid::new(
+                    "server_tls.ca",
+                    format!("only used by sslmode = \"verify-ca\" or \"verify-full\"; with \"{mode}\" no certificate is checked"),
+                ));
+            }
+            _ => {}
+        }
+        match (&self.cert, &self.key) {
+            (Some(_), None) | (None, Some(_)) => Err(Invalid::new(
+                "server_tls",
+                "cert and key go together (a client certificate and its private key)",
+            )),
+            (Some(_), Some(_)) if mode == ServerSslMode::Disable => Err(Invalid::new(
+                "server_tls.cert",
+                "a client certificate needs TLS: sslmode = \"disable\" never sends it",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 fn default_proxy_listen() -> ListenAddr {
     ListenAddr(SocketAddr::from(([127, 0, 0, 1], 6432)))
 }
@@ -587,6 +673,9 @@ pub struct ProxyConfig {
     pub default_session: Option<String>,
     pub metrics: Option<ListenAddr>,
     pub tls: Option<ClientTlsConfig>,
+    /// TLS to the servers; plain TCP by default.
+    #[serde(default)]
+    pub server_tls: ServerTlsConfig,
     pub admin: Option<AdminConfig>,
     /// The proxy's certificate for the partner agents' mirroring endpoints
     /// (mutual TLS); absent means plain TCP, with a warning.
@@ -628,6 +717,7 @@ impl Validate for ProxyConfig {
         if let Some(tls) = &self.endpoint_tls {
             tls.validate("endpoint_tls")?;
         }
+        self.server_tls.validate()?;
         if self.tcp.keepalive_idle > 0
             && (self.tcp.keepalive_interval == 0 || self.tcp.keepalive_count == 0)
         {
@@ -702,6 +792,34 @@ partners = ["127.0.0.1:5431", "TCP://[::1]:5441"]
         assert_eq!(
             err,
             r#"p.toml: default_session: "nope" is not one of the [sessions]"#
+        );
+    }
+
+    #[test]
+    fn server_tls_defaults_to_disable_and_checks_its_ca() {
+        let config: ProxyConfig = parse("proxy.toml", PROXY).unwrap();
+        assert_eq!(config.server_tls.sslmode, ServerSslMode::Disable);
+        let with = |section: &str| {
+            let text = format!("{PROXY}[server_tls]\n{section}\n");
+            parse::<ProxyConfig>("p.toml", &text).map_err(|err| err.to_string())
+        };
+        let config = with("sslmode = \"verify-full\"\nca = \"/etc/ca.crt\"").unwrap();
+        assert_eq!(config.server_tls.sslmode, ServerSslMode::VerifyFull);
+        assert_eq!(
+            with("sslmode = \"verify-ca\"").unwrap_err(),
+            r#"p.toml: server_tls.ca: missing: sslmode = "verify-ca" checks the servers' certificates against a CA file"#
+        );
+        assert_eq!(
+            with("sslmode = \"require\"\nca = \"/etc/ca.crt\"").unwrap_err(),
+            r#"p.toml: server_tls.ca: only used by sslmode = "verify-ca" or "verify-full"; with "require" no certificate is checked"#
+        );
+        assert!(with("sslmode = \"require\"\ncert = \"c.crt\"")
+            .unwrap_err()
+            .starts_with("p.toml: server_tls: cert and key go together"));
+        let err = with("sslmode = \"verify\"").unwrap_err();
+        assert!(
+            err.starts_with("p.toml: server_tls.sslmode: unknown variant `verify`"),
+            "{err}"
         );
     }
 }

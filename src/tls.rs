@@ -50,6 +50,15 @@ pub enum TlsError {
     /// catches this first, so it only happens with hand-built configs.
     #[error("tls.{key}: missing: mutual TLS needs cert, key and ca")]
     MissingPath { key: &'static str },
+    /// `[server_tls]` with a verify mode and no `ca`; config validation
+    /// normally catches this first.
+    #[error(
+        "server_tls.ca: missing: sslmode={0} checks the servers' certificates against a CA file"
+    )]
+    MissingServerCa(crate::config::ServerSslMode),
+    /// The crypto provider refused the protocol versions asked for.
+    #[error("TLS configuration: {0}")]
+    Config(#[source] rustls::Error),
     #[error("{}: cannot read: {source}", file.display())]
     Read {
         file: PathBuf,
@@ -256,7 +265,7 @@ fn open(file: &Path) -> Result<BufReader<File>, TlsError> {
         })
 }
 
-fn load_certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn load_certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let mut reader = open(file)?;
     let chain = rustls_pemfile::certs(&mut reader)
         .collect::<Result<Vec<_>, _>>()
@@ -272,7 +281,7 @@ fn load_certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsErr
     Ok(chain)
 }
 
-fn load_private_key(file: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub(crate) fn load_private_key(file: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let mut reader = open(file)?;
     rustls_pemfile::private_key(&mut reader)
         .map_err(|source| TlsError::Pem {
@@ -284,7 +293,7 @@ fn load_private_key(file: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         })
 }
 
-fn load_roots(file: &Path) -> Result<RootCertStore, TlsError> {
+pub(crate) fn load_roots(file: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certificates(file)? {
         roots.add(cert).map_err(|source| TlsError::CaCertificate {

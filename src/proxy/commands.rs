@@ -484,6 +484,7 @@ mod tests {
                     error: None,
                 })
                 .collect(),
+            tls_failure: None,
         }
     }
 

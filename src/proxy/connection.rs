@@ -35,6 +35,7 @@ use crate::proxy::fence::{
     CommitFence, FenceCause, Step, FRONTEND_AWAITS_READY, SQLSTATE_COMPLETION_UNKNOWN,
 };
 use crate::proxy::routing::{Principal, Route};
+use crate::proxy::server_tls::{ServerConnectError, ServerStream, ServerTls, ServerTlsError};
 use crate::proxy::Context;
 use crate::roles::Epoch;
 use crate::wire::frame::FrameScanner;
@@ -86,6 +87,8 @@ pub enum ConnError {
     NoAdmin,
     #[error("no principal of session \"{session}\" is serving after waiting {waited:?} (failover in progress or all partners down); try again later")]
     NoPrincipal { session: String, waited: Duration },
+    #[error(transparent)]
+    ServerTls(#[from] ServerTlsError),
     #[error("server sent a malformed message: {0}")]
     Server(#[from] crate::wire::frame::FrameError),
     #[error("server sent more than {MAX_AUTH_BUFFER} bytes before ReadyForQuery")]
@@ -119,7 +122,9 @@ impl ConnError {
             ConnError::StartupTimeout(_) => Some("08006"),
             ConnError::NoSession(_) | ConnError::NoAdmin => Some("3D000"),
             ConnError::NoPrincipal { .. } => Some("57P03"),
-            ConnError::Server(_) | ConnError::ServerTooChatty => Some("08006"),
+            ConnError::Server(_) | ConnError::ServerTooChatty | ConnError::ServerTls(_) => {
+                Some("08006")
+            }
         }
     }
 
@@ -372,7 +377,7 @@ where
 
 /// A server connection whose startup packet has been sent.
 struct Connected {
-    server: TcpStream,
+    server: ServerStream,
     /// The principal connected to; `principal.address` is the server's.
     principal: Principal,
     epoch: Epoch,
@@ -386,6 +391,10 @@ struct Connected {
 /// after a pause that grows with jitter, so that held clients do not knock
 /// all together; a route change wakes them at once. A client that leaves
 /// meanwhile frees its slot at once; what it sends is kept in `early`.
+/// A server whose TLS is not what `[server_tls]` asks (a certificate that
+/// fails verification, 'N' to a required SSLRequest) refuses the client at
+/// once with the reason: a restart does not change a certificate, and
+/// holding would only hide the cause behind "no principal".
 async fn hold_and_connect<S: AsyncRead + Unpin>(
     ctx: &Context,
     session: &str,
@@ -400,17 +409,23 @@ async fn hold_and_connect<S: AsyncRead + Unpin>(
     let mut pause = HOLD_RETRY_FIRST;
     let mut watching = true;
     loop {
-        let (epoch, principal) = {
+        let (epoch, principal, tls_failure) = {
             let route = routes.borrow_and_update();
-            (route.epoch, route.principal.clone())
-        };
-        if let Some(principal) = principal {
-            if let Ok(Some(connected)) = tokio::time::timeout(
-                CONNECT_TIMEOUT,
-                try_server(&principal, epoch, startup, &ctx.tcp),
+            (
+                route.epoch,
+                route.principal.clone(),
+                route.tls_failure.clone(),
             )
-            .await
-            {
+        };
+        if let Some(failure) = tls_failure {
+            return Err(ConnError::ServerTls(failure));
+        }
+        if let Some(principal) = principal {
+            let attempt = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                try_server(&principal, epoch, startup, &ctx.server_tls),
+            );
+            if let Some(connected) = attempt.await.unwrap_or(Ok(None))? {
                 histogram!(metrics::PROXY_CONNECT_SECONDS, metrics::SESSION => session.to_string())
                     .record(started.elapsed().as_secs_f64());
                 return Ok(connected);
@@ -445,17 +460,32 @@ async fn hold_and_connect<S: AsyncRead + Unpin>(
     }
 }
 
-/// Connects to `principal` and sends the startup packet; None when the
-/// server is unreachable or not accepting connections yet.
+/// Connects to `principal` (over TLS as `[server_tls]` says) and sends the
+/// startup packet; None when the server is unreachable or not accepting
+/// connections yet, an error when its TLS is refused.
 async fn try_server(
     principal: &Principal,
     epoch: Epoch,
     startup: &[u8],
-    tcp: &crate::config::TcpConfig,
+    server_tls: &ServerTls,
+) -> Result<Option<Connected>, ServerTlsError> {
+    match server_tls.connect(&principal.address).await {
+        Ok(server) => Ok(send_startup(server, principal, epoch, startup).await),
+        Err(ServerConnectError::Tls(failure)) => Err(failure),
+        Err(ServerConnectError::Io(_)) => Ok(None),
+    }
+}
+
+/// Sends the startup packet and reads the server's first message; None
+/// when the server goes away or answers "starting up" (57P03).
+async fn send_startup(
+    mut server: ServerStream,
+    principal: &Principal,
+    epoch: Epoch,
+    startup: &[u8],
 ) -> Option<Connected> {
-    let mut server = TcpStream::connect(&principal.address).await.ok()?;
-    crate::proxy::socket::tune(&server, tcp).ok()?;
     server.write_all(startup).await.ok()?;
+    server.flush().await.ok()?;
     let mut pending = Vec::with_capacity(512);
     loop {
         if server.read_buf(&mut pending).await.ok()? == 0 {
@@ -491,14 +521,17 @@ async fn forward_cancel(ctx: &Context, pid: u32, secret: &[u8]) {
     // Before the server can act on it: the commit fence (I2) must know.
     target.mark_forwarded();
     let send = async {
-        let mut server = TcpStream::connect(address).await?;
+        // Over TLS too when `[server_tls]` asks: PostgreSQL takes an
+        // SSLRequest before a CancelRequest.
+        let mut server = ctx.server_tls.connect(address).await?;
         server
             .write_all(&cancel_request(server_pid, server_secret))
             .await?;
+        server.flush().await?;
         // The server closes once it has read the request.
         let mut byte = [0u8; 1];
         let _ = server.read(&mut byte).await;
-        Ok::<_, std::io::Error>(())
+        Ok::<_, ServerConnectError>(())
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, send).await {
         Ok(Ok(())) => {
@@ -588,7 +621,7 @@ where
     } = connected;
     let address = &principal.address;
     let (mut client_read, mut client_write) = tokio::io::split(client);
-    let (mut server_read, mut server_write) = server.into_split();
+    let (mut server_read, mut server_write) = tokio::io::split(server);
     let shutdown = ctx.shutdown.clone();
     let startup_timeout = ctx.startup_timeout;
 
@@ -609,6 +642,7 @@ where
             // (authentication comes first).
             let _ = scanner.feed(&early, |_| {});
             server_write.write_all(&early).await?;
+            server_write.flush().await?;
         }
         loop {
             let n = client_read.read(&mut buf).await?;
@@ -635,6 +669,8 @@ where
                 std::future::pending::<()>().await;
             }
             server_write.write_all(chunk).await?;
+            // A TLS stream may keep the tail of a write (a no-op on TCP).
+            server_write.flush().await?;
             grow_if_full(&mut buf, n);
         }
     };

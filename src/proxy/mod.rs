@@ -10,7 +10,8 @@
 //! `clients` (cancel keys and the client registry), `console` (pgwire),
 //! `commands` (console statements carried out until the views show them),
 //! `fence` (the commit fence: a commit whose wait for the mirror was cut
-//! short reaches the client as 40003, invariant I2).
+//! short reaches the client as 40003, invariant I2), `server_tls` (TLS to
+//! the servers).
 
 pub mod clients;
 pub mod commands;
@@ -20,6 +21,7 @@ pub mod console_door;
 pub mod epochs;
 pub mod fence;
 pub mod routing;
+pub mod server_tls;
 pub mod socket;
 
 use std::collections::BTreeMap;
@@ -37,6 +39,7 @@ use crate::config::{ProxyConfig, TlsConfig, TlsMode};
 use crate::tls::{EndpointTls, TlsError};
 use clients::Clients;
 use routing::{Discoverer, Route};
+use server_tls::ServerTls;
 
 /// How long connection tasks get to finish after shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -89,6 +92,8 @@ pub struct Context {
     routes: BTreeMap<String, watch::Receiver<Route>>,
     pub clients: Clients,
     pub tls: Option<TlsAcceptor>,
+    /// How server connections are opened (`[server_tls]`, `[tcp]`).
+    pub server_tls: ServerTls,
     pub admin_socket: Option<PathBuf>,
     pub admin_plaintext: crate::config::AdminPlaintext,
     pub console_logins: console_door::LoginLimiter,
@@ -139,6 +144,7 @@ pub async fn serve(
             mode: TlsMode::Off,
             ..Default::default()
         }))?;
+    let server_tls = ServerTls::new(&config.server_tls, config.tcp.clone())?;
     if config.state_dir.is_none() {
         tracing::warn!(
             "no state_dir: the highest epoch seen is not kept across restarts, so a restarted \
@@ -166,6 +172,7 @@ pub async fn serve(
             config: session.clone(),
             probe: config.probe.clone(),
             tls: endpoint_tls.clone(),
+            server_tls: server_tls.clone(),
             publish,
             epochs: config
                 .state_dir
@@ -203,6 +210,7 @@ pub async fn serve(
         routes,
         clients,
         tls,
+        server_tls,
         admin_socket: console.as_ref().map(|socket| socket.path.clone()),
         admin_plaintext: config
             .admin
@@ -259,6 +267,10 @@ pub async fn serve(
             match connection::handle(ctx, tcp, peer, admitted).await {
                 Ok(end) => tracing::debug!(%peer, ?end, "connection ended"),
                 Err(err) if err.is_expected() => tracing::debug!(%peer, "connection: {err}"),
+                // A person must fix the certificates or the server's ssl.
+                Err(err @ connection::ConnError::ServerTls(_)) => {
+                    tracing::warn!(%peer, "connection refused: {err}")
+                }
                 Err(err) => tracing::info!(%peer, "connection refused or failed: {err}"),
             }
         });

@@ -54,6 +54,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Endpoint, ProbeConfig, ProxySession};
 use crate::control::{Command, ControlClient, ControlError, MirroringStatus};
 use crate::proxy::epochs::EpochStore;
+use crate::proxy::server_tls::{ServerConnectError, ServerTls, ServerTlsError};
 use crate::roles::{Epoch, Role};
 use crate::tls::EndpointTls;
 
@@ -104,6 +105,11 @@ pub struct Route {
     /// None while no principal serves (failover in progress, all down).
     pub principal: Option<Principal>,
     pub partners: Vec<PartnerView>,
+    /// Set while no principal is routed and the last read-write probe could
+    /// not use a server because of its TLS (`[server_tls]`): held clients
+    /// are refused with it at once, since waiting will not change a
+    /// certificate.
+    pub tls_failure: Option<ServerTlsError>,
 }
 
 impl Route {
@@ -322,6 +328,8 @@ pub struct Discoverer {
     pub config: ProxySession,
     pub probe: ProbeConfig,
     pub tls: EndpointTls,
+    /// How the read-write probes reach the servers.
+    pub server_tls: ServerTls,
     pub publish: watch::Sender<Route>,
     /// Where the highest epoch is kept across restarts (I4).
     pub epochs: Option<EpochStore>,
@@ -376,8 +384,11 @@ impl Discoverer {
                 }
             }
             let (mut next, mut decision) = choose(&memory, &round);
+            let mut tls_failure = None;
             if decision == Decision::Probe {
-                round.read_write = Some(probe_all(&known_postgres, &self.probe).await);
+                let probed = probe_all(&known_postgres, &self.probe, &self.server_tls).await;
+                round.read_write = Some(probed.read_write);
+                tls_failure = probed.tls_failure;
                 (next, decision) = choose(&memory, &round);
             }
             if next.highest > memory.highest {
@@ -397,8 +408,16 @@ impl Discoverer {
             }
             let epoch = memory.highest;
             let principal = memory.principal.clone();
+            let tls_failure = tls_failure.filter(|_| principal.is_none());
             self.publish.send_if_modified(|route| {
-                let changed = route.epoch != epoch || route.principal != principal;
+                if tls_failure.is_some() && route.tls_failure != tls_failure {
+                    if let Some(failure) = &tls_failure {
+                        tracing::warn!(session = %self.session, "read-write probe: {failure}");
+                    }
+                }
+                let changed = route.epoch != epoch
+                    || route.principal != principal
+                    || route.tls_failure != tls_failure;
                 if changed {
                     tracing::info!(
                         session = %self.session,
@@ -411,6 +430,7 @@ impl Discoverer {
                 route.epoch = epoch;
                 route.principal = principal;
                 route.partners = partners;
+                route.tls_failure = tls_failure;
                 changed
             });
             tokio::select! {
@@ -497,38 +517,63 @@ async fn poll(
     Ok(status)
 }
 
-/// Every PostgreSQL in `addresses` that accepts writes, probed at once.
-async fn probe_all(addresses: &[String], probe: &ProbeConfig) -> Vec<String> {
-    let probes = addresses
-        .iter()
-        .map(|address| probe_read_write(address, probe));
-    let read_write = futures::future::join_all(probes).await;
-    addresses
-        .iter()
-        .zip(read_write)
-        .filter(|(_, read_write)| *read_write)
-        .map(|(address, _)| address.clone())
-        .collect()
+/// What one round of read-write probes found.
+struct Probed {
+    /// The addresses whose server accepts writes.
+    read_write: Vec<String>,
+    /// The first server whose TLS the proxy refused (or that refused TLS).
+    tls_failure: Option<ServerTlsError>,
 }
 
-/// `SELECT pg_is_in_recovery()` is false: the server is read-write.
-async fn probe_read_write(address: &str, probe: &ProbeConfig) -> bool {
-    let Ok(endpoint) = address.parse::<Endpoint>() else {
-        return false;
+/// Every PostgreSQL in `addresses` that accepts writes, probed at once.
+async fn probe_all(addresses: &[String], probe: &ProbeConfig, server_tls: &ServerTls) -> Probed {
+    let probes = addresses
+        .iter()
+        .map(|address| probe_read_write(address, probe, server_tls));
+    let outcomes = futures::future::join_all(probes).await;
+    let mut probed = Probed {
+        read_write: Vec::new(),
+        tls_failure: None,
     };
+    for (address, outcome) in addresses.iter().zip(outcomes) {
+        match outcome {
+            Ok(true) => probed.read_write.push(address.clone()),
+            Ok(false) => {}
+            Err(failure) => {
+                probed.tls_failure.get_or_insert(failure);
+            }
+        }
+    }
+    probed
+}
+
+/// `SELECT pg_is_in_recovery()` is false: the server is read-write. The
+/// connection is opened like a client's (`[server_tls]`), and
+/// tokio-postgres runs over it without TLS of its own.
+async fn probe_read_write(
+    address: &str,
+    probe: &ProbeConfig,
+    server_tls: &ServerTls,
+) -> Result<bool, ServerTlsError> {
     let mut config = tokio_postgres::Config::new();
     config
-        .host(&endpoint.host)
-        .port(endpoint.port)
         .user(&probe.user)
         .dbname(&probe.database)
         .application_name("pgmirror-proxy-probe")
-        .connect_timeout(POLL_TIMEOUT);
+        .ssl_mode(tokio_postgres::config::SslMode::Disable);
     if let Some(password) = &probe.password {
         config.password(password);
     }
     let attempt = async {
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await.ok()?;
+        let stream = match server_tls.connect(address).await {
+            Ok(stream) => stream,
+            Err(ServerConnectError::Tls(failure)) => return Err(failure),
+            Err(ServerConnectError::Io(_)) => return Ok(None),
+        };
+        let Ok((client, connection)) = config.connect_raw(stream, tokio_postgres::NoTls).await
+        else {
+            return Ok(None);
+        };
         let connection = tokio::spawn(connection);
         let row = client
             .query_one("SELECT pg_is_in_recovery()", &[])
@@ -536,12 +581,13 @@ async fn probe_read_write(address: &str, probe: &ProbeConfig) -> bool {
             .ok();
         drop(client);
         let _ = connection.await;
-        row.and_then(|row| row.try_get::<_, bool>(0).ok())
+        Ok(row.and_then(|row| row.try_get::<_, bool>(0).ok()))
     };
-    matches!(
-        tokio::time::timeout(POLL_TIMEOUT, attempt).await,
-        Ok(Some(false))
-    )
+    match tokio::time::timeout(POLL_TIMEOUT, attempt).await {
+        Ok(Ok(in_recovery)) => Ok(in_recovery == Some(false)),
+        Ok(Err(failure)) => Err(failure),
+        Err(_) => Ok(false),
+    }
 }
 
 /// Sends one admin command to a partner agent; Ok is the agent's message.
@@ -807,7 +853,7 @@ mod tests {
         let route = Route {
             epoch: Epoch(4),
             principal: Some(principal("b")),
-            partners: Vec::new(),
+            ..Route::default()
         };
         let moved = Principal {
             address: "elsewhere:6432".into(),
@@ -839,7 +885,7 @@ mod tests {
         let route = Route {
             epoch: memory.highest,
             principal: memory.principal,
-            partners: Vec::new(),
+            ..Route::default()
         };
         assert!(!route.supersedes(Epoch(4), &principal("b")));
     }

@@ -281,6 +281,15 @@ fn negotiate_protocol_version(minor: u32, options: &[&str]) -> Vec<u8> {
     out
 }
 
+/// An SSLRequest packet for a server: the proxy's own, before its
+/// startup packet or CancelRequest.
+pub fn ssl_request() -> [u8; 8] {
+    let mut out = [0u8; 8];
+    out[..4].copy_from_slice(&8u32.to_be_bytes());
+    out[4..].copy_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
+    out
+}
+
 /// A CancelRequest packet for a server.
 pub fn cancel_request(pid: u32, secret: u32) -> Vec<u8> {
     let mut out = Vec::with_capacity(CANCEL_REQUEST_LEN);
@@ -417,10 +426,8 @@ mod tests {
         short.extend_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
         short.extend_from_slice(&[0; 6]);
         assert!(decode_startup(&short).is_err());
-        let mut ssl = 8u32.to_be_bytes().to_vec();
-        ssl.extend_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
         assert_eq!(
-            decode_startup(&ssl).unwrap().unwrap().0,
+            decode_startup(&ssl_request()).unwrap().unwrap().0,
             FeStartup::SslRequest
         );
     }

@@ -2,6 +2,7 @@
 //! of 127.0.0.1, run as the `postgres` user when the tests run as root.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -27,6 +28,26 @@ impl PgInstance {
 
     /// Like `start`, with extra postgresql.conf lines.
     pub fn start_with(settings: &[&str]) -> Self {
+        Self::start_with_files(settings, &[])
+    }
+
+    /// `ssl = on` with this certificate and key (copied beside the data
+    /// directory, owned by the server's user, as PostgreSQL demands of a key).
+    pub fn start_with_tls(cert: &Path, key: &Path) -> Self {
+        Self::start_with_files(
+            &[
+                "ssl = on",
+                "ssl_cert_file = '../server.crt'",
+                "ssl_key_file = '../server.key'",
+            ],
+            &[("server.crt", cert), ("server.key", key)],
+        )
+    }
+
+    /// Like `start_with`, with files copied into the instance's directory
+    /// first (mode 0600), which settings name relative to the data
+    /// directory as `'../NAME'`.
+    fn start_with_files(settings: &[&str], files: &[(&str, &Path)]) -> Self {
         let bin = PgBinaries::locate(None).expect("PostgreSQL binaries");
         let run_as = RunAs::detect().expect("an OS user to run PostgreSQL as");
         let dir = tempfile::Builder::new()
@@ -34,6 +55,13 @@ impl PgInstance {
             .tempdir()
             .expect("temp dir");
         run_as.hand_over(dir.path()).expect("chown temp dir");
+        for (name, source) in files {
+            let copy = dir.path().join(name);
+            std::fs::copy(source, &copy).expect("copy a server file");
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod a server file");
+            run_as.hand_over(&copy).expect("chown a server file");
+        }
         let mut engine = Instance {
             bin,
             run_as,
