@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::proxy::auth::AuthError;
 use crate::proxy::clients::{ClientEntry, Registration};
 use crate::proxy::console_door;
 use crate::proxy::fence::{
@@ -102,6 +103,8 @@ pub enum ConnError {
     AdminRefused(String),
     #[error("admin console message refused: {0}")]
     ConsoleMessage(crate::wire::frame::FrameError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 impl ConnError {
@@ -120,12 +123,25 @@ impl ConnError {
             ConnError::NoSession(_) | ConnError::NoAdmin => Some("3D000"),
             ConnError::NoPrincipal { .. } => Some("57P03"),
             ConnError::Server(_) | ConnError::ServerTooChatty => Some("08006"),
+            ConnError::Auth(err) => err.sqlstate(),
+        }
+    }
+
+    /// The ErrorResponse text; PostgreSQL's own words where the proxy
+    /// stands in for the server (a failed password).
+    fn client_message(&self) -> String {
+        match self {
+            ConnError::Auth(err) => err.client_message(),
+            err => format!("pgmirror proxy: {err}"),
         }
     }
 
     /// Expected disconnects are logged at debug level only.
     pub fn is_expected(&self) -> bool {
-        matches!(self, ConnError::Io(_) | ConnError::ClientLeft)
+        matches!(
+            self,
+            ConnError::Io(_) | ConnError::ClientLeft | ConnError::Auth(AuthError::Io(_))
+        )
     }
 }
 
@@ -226,7 +242,7 @@ async fn serve_tls(
 /// Writes a FATAL for user-facing errors, then returns the error.
 async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, err: ConnError) -> Result<End, ConnError> {
     if let Some(code) = err.sqlstate() {
-        let message = error_response(Severity::Fatal, code, &format!("pgmirror proxy: {err}"));
+        let message = error_response(Severity::Fatal, code, &err.client_message());
         let _ = stream.write_all(&message).await;
         let _ = stream.shutdown().await;
     }
@@ -323,8 +339,8 @@ where
         ClientEntry {
             secret: Vec::new(),
             client_addr: peer,
-            user,
-            database,
+            user: user.clone(),
+            database: database.clone(),
             session: session.clone(),
             tls,
             connected_at: SystemTime::now(),
@@ -338,6 +354,23 @@ where
         gauge!(metrics::PROXY_CLIENT_CONNECTIONS, metrics::SESSION => session.clone()),
     );
     let mut routes = routes;
+    // Proxy-side authentication (none for pass-through) comes first, so an
+    // unauthenticated client never costs a server connection.
+    let deadline = Instant::now() + ctx.startup_timeout;
+    let authenticated = ctx.auth.authenticate(
+        &session,
+        &mut stream,
+        &user,
+        &database,
+        tls,
+        &mut routes,
+        ctx.hold_timeout,
+        deadline,
+    );
+    let login = match authenticated.await {
+        Ok(login) => login,
+        Err(err) => return refuse(&mut stream, err.into()).await,
+    };
     let mut early = Vec::new();
     let held = hold_and_connect(
         ctx,
@@ -347,7 +380,7 @@ where
         &mut stream,
         &mut early,
     );
-    let connected = match held.await {
+    let mut connected = match held.await {
         Ok(connected) => connected,
         Err(err) => return refuse(&mut stream, err).await,
     };
@@ -358,6 +391,15 @@ where
     // The hold does not count against authentication: the client gets a
     // full startup_timeout from the moment its server is reached.
     let deadline = Instant::now() + ctx.startup_timeout;
+    if let Some(login) = &login {
+        // The server's requests answered as the client; its
+        // AuthenticationOk (or error) is left for the splice to forward.
+        let server = &mut connected.server;
+        let logged_in = login.log_in(server, &mut connected.pending, &user, deadline);
+        if let Err(err) = logged_in.await {
+            return refuse(&mut stream, err.into()).await;
+        }
+    }
     splice(
         ctx,
         stream,
