@@ -28,12 +28,12 @@ const CACHE_MAX: usize = 10_000;
 /// response from login query").
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
-    #[error("cannot run the auth_query as \"{user}\" on {address}: {source}")]
+    #[error("cannot run the auth_query as \"{user}\" on {address}: {reason}")]
     Postgres {
         user: String,
         address: String,
-        #[source]
-        source: tokio_postgres::Error,
+        /// The server's message, or the connection's error chain.
+        reason: String,
     },
     #[error("the auth_query did not finish within {QUERY_TIMEOUT:?}")]
     Timeout,
@@ -121,10 +121,10 @@ impl AuthQuery {
         dbname: &str,
         user: &str,
     ) -> Result<Option<Secret>, QueryError> {
-        let failed = |source| QueryError::Postgres {
+        let failed = |err: tokio_postgres::Error| QueryError::Postgres {
             user: self.user.clone(),
             address: address.to_string(),
-            source,
+            reason: describe(&err),
         };
         let (host, port) = address.rsplit_once(':').unwrap_or((address, "5432"));
         let mut config = tokio_postgres::Config::new();
@@ -160,4 +160,19 @@ impl AuthQuery {
             Some(Ok(secret)) => Ok(Some(secret)),
         }
     }
+}
+
+/// A tokio-postgres error with what its Display leaves out: the server's
+/// own message ("function ... does not exist") or the IO cause.
+fn describe(err: &tokio_postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
+    }
+    let mut text = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(inner) = cause {
+        text.push_str(&format!(": {inner}"));
+        cause = inner.source();
+    }
+    text
 }
