@@ -798,4 +798,37 @@ partners = ["127.0.0.1:5431", "TCP://[::1]:5441"]
             r#"p.toml: default_session: "nope" is not one of the [sessions]"#
         );
     }
+
+    #[test]
+    fn auth_keys_are_checked_against_the_mode() {
+        let error = |lines: &str| {
+            parse::<ProxyConfig>("p.toml", &format!("{PROXY}{lines}"))
+                .unwrap_err()
+                .to_string()
+        };
+        let config: ProxyConfig = parse("p.toml", PROXY).unwrap();
+        assert_eq!(config.sessions["shop"].auth, AuthMode::Passthrough);
+        assert_eq!(
+            error("auth = \"userlist\"\n"),
+            "p.toml: sessions.shop.auth_file: missing: auth = \"userlist\" needs a file of \
+             verifiers (PgBouncer's userlist.txt format)"
+        );
+        assert_eq!(
+            error("auth_user = \"lookup\"\n"),
+            "p.toml: sessions.shop.auth_user: only used with auth = \"query\" (this session has \
+             auth = \"passthrough\")"
+        );
+        assert!(error("auth = \"query\"\n").contains("sessions.shop.auth_user: missing"));
+        assert!(
+            error("auth = \"query\"\nauth_user = \"a\"\nauth_query = \"SELECT 1\"\n")
+                .contains("must take the user name as $1")
+        );
+        assert!(error("auth = \"ldap\"\n").contains("sessions.shop.auth: unknown variant"));
+        let query: ProxyConfig = parse(
+            "p.toml",
+            &format!("{PROXY}auth = \"query\"\nauth_user = \"lookup\"\n"),
+        )
+        .unwrap();
+        assert_eq!(query.sessions["shop"].auth, AuthMode::Query);
+    }
 }

@@ -142,22 +142,26 @@ async fn userlist_scram_and_md5_users_log_in_and_bad_passwords_are_refused_by_th
     proxy.stop().await;
 }
 
-/// PgBouncer's SECURITY DEFINER lookup function, as the README documents it.
-const LOOKUP_FUNCTION: &str = "
-    CREATE ROLE pgmirror_auth LOGIN PASSWORD 'lookup-only';
-    CREATE SCHEMA pgmirror_auth AUTHORIZATION pgmirror_auth;
-    CREATE FUNCTION pgmirror_auth.user_lookup(in i_username text, out uname text, out phash text)
-    RETURNS record AS $$
-        SELECT usename::text, passwd::text FROM pg_catalog.pg_shadow WHERE usename = i_username;
-    $$ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
-    REVOKE ALL ON FUNCTION pgmirror_auth.user_lookup(text) FROM public, pgmirror_auth;
-    GRANT EXECUTE ON FUNCTION pgmirror_auth.user_lookup(text) TO pgmirror_auth;
-";
+/// The README's SQL for the auth query (PgBouncer's SECURITY DEFINER
+/// lookup function), taken from the README so that the two cannot drift,
+/// with a password for its role.
+fn lookup_function() -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let sql = readme
+        .split("**Proxy authentication.**")
+        .nth(1)
+        .and_then(|rest| rest.split("```sql").nth(1))
+        .and_then(|block| block.split("```").next())
+        .expect("the README's lookup function");
+    assert!(sql.contains("SECURITY DEFINER"), "{sql}");
+    sql.replace("PASSWORD '...'", "PASSWORD 'lookup-only'")
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_query_fetches_verifiers_and_a_missing_function_is_a_clear_error() {
     let (pg, setup) = server_with_users().await;
-    setup.batch_execute(LOOKUP_FUNCTION).await.unwrap();
+    setup.batch_execute(&lookup_function()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     // Only auth_user's password: no verifier of any client is configured.
     let userlist = dir.path().join("userlist.txt");
