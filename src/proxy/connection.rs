@@ -2,7 +2,10 @@
 //! GSSENCRequest negotiation, CancelRequest forwarding, the StartupMessage,
 //! routing to the session's principal (holding the client while none
 //! serves), the authentication exchange relayed with the server's
-//! BackendKeyData swapped for the proxy's, and then the splice.
+//! BackendKeyData swapped for the proxy's, and then the splice. A session
+//! with proxy-side authentication (`auth`) has the client authenticated
+//! before the proxy connects and the server's requests answered by the
+//! proxy; the server's AuthenticationOk onwards is relayed the same way.
 //!
 //! The splice copies bytes both ways without parsing queries; the
 //! server-to-client direction only tracks message boundaries (tag+length)
@@ -29,7 +32,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::proxy::auth::AuthError;
+use crate::proxy::auth::{AuthError, ClientId};
 use crate::proxy::clients::{ClientEntry, Registration};
 use crate::proxy::console_door;
 use crate::proxy::fence::{
@@ -357,16 +360,15 @@ where
     // Proxy-side authentication (none for pass-through) comes first, so an
     // unauthenticated client never costs a server connection.
     let deadline = Instant::now() + ctx.startup_timeout;
-    let authenticated = ctx.auth.authenticate(
-        &session,
-        &mut stream,
-        &user,
-        &database,
+    let who = ClientId {
+        session: &session,
+        user: &user,
+        database: &database,
         tls,
-        &mut routes,
-        ctx.hold_timeout,
-        deadline,
-    );
+    };
+    let authenticated =
+        ctx.auth
+            .authenticate(&who, &mut stream, &mut routes, ctx.hold_timeout, deadline);
     let login = match authenticated.await {
         Ok(login) => login,
         Err(err) => return refuse(&mut stream, err.into()).await,

@@ -131,6 +131,16 @@ impl AuthError {
     }
 }
 
+/// Who a client says it is, from its startup packet and socket.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientId<'a> {
+    pub session: &'a str,
+    pub user: &'a str,
+    pub database: &'a str,
+    /// Whether it came over the proxy's TLS (channel binding possible).
+    pub tls: bool,
+}
+
 /// What a client proved: enough to log in to the server as it.
 pub enum Login {
     Scram {
@@ -195,22 +205,24 @@ impl Auth {
         })
     }
 
-    /// Authenticates a client of `session` as `user` on `client`, when the
-    /// session authenticates in the proxy; None for pass-through. `routes`
-    /// names the principal an auth query runs on (waited for up to
-    /// `hold_timeout`); the exchange with the client runs until `deadline`.
-    #[allow(clippy::too_many_arguments)]
+    /// Authenticates `who` on `client`, when its session authenticates in
+    /// the proxy; None for pass-through. `routes` names the principal an
+    /// auth query runs on (waited for up to `hold_timeout`); the exchange
+    /// with the client runs until `deadline`.
     pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
-        session: &str,
+        who: &ClientId<'_>,
         client: &mut S,
-        user: &str,
-        database: &str,
-        tls: bool,
         routes: &mut watch::Receiver<Route>,
         hold_timeout: Duration,
         deadline: Instant,
     ) -> Result<Option<Login>, AuthError> {
+        let ClientId {
+            session,
+            user,
+            database,
+            tls,
+        } = *who;
         let secret = match self.sessions.get(session) {
             None | Some(Verifiers::Passthrough) => return Ok(None),
             Some(Verifiers::Userlist(list)) => list.get(user).cloned(),
