@@ -422,6 +422,99 @@ pub struct ProxySession {
     /// the agents report are probed too.
     #[serde(default)]
     pub postgres: Vec<Endpoint>,
+    /// Who authenticates this session's clients (see [`AuthMode`]).
+    #[serde(default)]
+    pub auth: AuthMode,
+    /// PgBouncer's userlist.txt format: the verifiers for `auth =
+    /// "userlist"`; for `auth = "query"`, auth_user's password.
+    pub auth_file: Option<PathBuf>,
+    /// `auth = "query"`: the user the auth query runs as.
+    pub auth_user: Option<String>,
+    /// `auth = "query"`: the query, `$1` the client's user name; by
+    /// default [`DEFAULT_AUTH_QUERY`].
+    pub auth_query: Option<String>,
+    /// `auth = "query"`: the database the auth query runs in; by default
+    /// the client's.
+    pub auth_dbname: Option<String>,
+}
+
+/// PgBouncer's recommended form: a SECURITY DEFINER function, so that
+/// auth_user needs no access to pg_authid (README: "Proxy authentication").
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT uname, phash FROM pgmirror_auth.user_lookup($1)";
+
+/// Who authenticates a session's clients.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// The server, through the proxy (the authentication exchange is
+    /// relayed; session mode only).
+    #[default]
+    Passthrough,
+    /// The proxy, against the verifiers of `auth_file`.
+    Userlist,
+    /// The proxy, against verifiers fetched with `auth_query`.
+    Query,
+}
+
+impl ProxySession {
+    fn validate_auth(&self, name: &str) -> Result<(), Invalid> {
+        let key = |field: &str| format!("sessions.{name}.{field}");
+        let set = [
+            ("auth_file", self.auth_file.is_some()),
+            ("auth_user", self.auth_user.is_some()),
+            ("auth_query", self.auth_query.is_some()),
+            ("auth_dbname", self.auth_dbname.is_some()),
+        ];
+        let allowed: &[&str] = match self.auth {
+            AuthMode::Passthrough => &[],
+            AuthMode::Userlist => &["auth_file"],
+            AuthMode::Query => &["auth_file", "auth_user", "auth_query", "auth_dbname"],
+        };
+        if let Some((field, _)) = set
+            .iter()
+            .find(|(field, is_set)| *is_set && !allowed.contains(field))
+        {
+            let used_with = if *field == "auth_file" {
+                "auth = \"userlist\" or \"query\""
+            } else {
+                "auth = \"query\""
+            };
+            return Err(Invalid::new(
+                key(field),
+                format!(
+                    "only used with {used_with} (this session has auth = \"{}\")",
+                    self.auth.name()
+                ),
+            ));
+        }
+        match self.auth {
+            AuthMode::Userlist if self.auth_file.is_none() => Err(Invalid::new(
+                key("auth_file"),
+                "missing: auth = \"userlist\" needs a file of verifiers (PgBouncer's userlist.txt format)",
+            )),
+            AuthMode::Query if self.auth_user.as_deref().is_none_or(str::is_empty) => Err(Invalid::new(
+                key("auth_user"),
+                "missing: auth = \"query\" needs the user the auth query runs as",
+            )),
+            AuthMode::Query if self.auth_query.as_deref().is_some_and(|q| !q.contains("$1")) => {
+                Err(Invalid::new(
+                    key("auth_query"),
+                    "must take the user name as $1",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl AuthMode {
+    fn name(self) -> &'static str {
+        match self {
+            AuthMode::Passthrough => "passthrough",
+            AuthMode::Userlist => "userlist",
+            AuthMode::Query => "query",
+        }
+    }
 }
 
 /// The admin console's login (`dbname=pgmirror`).
@@ -702,6 +795,7 @@ impl Validate for ProxyConfig {
                     "at least one partner endpoint is needed",
                 ));
             }
+            session.validate_auth(name)?;
         }
         if let Some(default) = &self.default_session {
             if !self.sessions.contains_key(default) {
@@ -821,5 +915,38 @@ partners = ["127.0.0.1:5431", "TCP://[::1]:5441"]
             err.starts_with("p.toml: server_tls.sslmode: unknown variant `verify`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn auth_keys_are_checked_against_the_mode() {
+        let error = |lines: &str| {
+            parse::<ProxyConfig>("p.toml", &format!("{PROXY}{lines}"))
+                .unwrap_err()
+                .to_string()
+        };
+        let config: ProxyConfig = parse("p.toml", PROXY).unwrap();
+        assert_eq!(config.sessions["shop"].auth, AuthMode::Passthrough);
+        assert_eq!(
+            error("auth = \"userlist\"\n"),
+            "p.toml: sessions.shop.auth_file: missing: auth = \"userlist\" needs a file of \
+             verifiers (PgBouncer's userlist.txt format)"
+        );
+        assert_eq!(
+            error("auth_user = \"lookup\"\n"),
+            "p.toml: sessions.shop.auth_user: only used with auth = \"query\" (this session has \
+             auth = \"passthrough\")"
+        );
+        assert!(error("auth = \"query\"\n").contains("sessions.shop.auth_user: missing"));
+        assert!(
+            error("auth = \"query\"\nauth_user = \"a\"\nauth_query = \"SELECT 1\"\n")
+                .contains("must take the user name as $1")
+        );
+        assert!(error("auth = \"ldap\"\n").contains("sessions.shop.auth: unknown variant"));
+        let query: ProxyConfig = parse(
+            "p.toml",
+            &format!("{PROXY}auth = \"query\"\nauth_user = \"lookup\"\n"),
+        )
+        .unwrap();
+        assert_eq!(query.sessions["shop"].auth, AuthMode::Query);
     }
 }

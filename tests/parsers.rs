@@ -1,9 +1,10 @@
 //! Property tests of every parser that reads bytes or text from outside the
 //! process (wire frames, startup packets, replication messages, LSNs,
-//! endpoints, admin statements, control frames, notices, configuration
-//! files): they never panic, refuse out-of-range lengths from the header
-//! alone, and give back what an encoder wrote however the bytes arrive.
-//! `fuzz/` runs the same parsers under libFuzzer for longer.
+//! endpoints, admin statements, control frames, notices, authentication
+//! messages, SCRAM exchanges and userlists, configuration files): they
+//! never panic, refuse out-of-range lengths from the header alone, and give
+//! back what an encoder wrote however the bytes arrive. `fuzz/` runs the
+//! same parsers under libFuzzer for longer (not yet the authentication ones).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -1362,5 +1363,59 @@ proptest! {
         {
             prop_assert!(outcome.to_string().starts_with("x.toml: "));
         }
+    }
+}
+
+/// What a client or server may send during proxy-side authentication.
+fn auth_bytes() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        vec(any::<u8>(), 0..80),
+        "(n|y|p=tls-server-end-point|p=x),[a-z=]{0,3},n=[a-z]{0,4},r=[!-~]{0,12}(,[a-z]=[!-~]{0,8}){0,3}"
+            .prop_map(String::into_bytes),
+        "c=[A-Za-z0-9+/=]{0,12},r=[!-~]{0,12},p=[A-Za-z0-9+/=]{0,48}".prop_map(String::into_bytes),
+    ]
+}
+
+proptest! {
+    #![proptest_config(cases())]
+
+    /// Authentication messages, SCRAM exchanges and userlists from anyone
+    /// are errors, never panics; a frontend message's length is refused
+    /// from its header alone past PostgreSQL's limit.
+    #[test]
+    fn authentication_parsers_never_panic(
+        first in auth_bytes(),
+        last in auth_bytes(),
+        tag in any::<u8>(),
+        length in any::<u32>(),
+        text in "[\"a-zA-Z0-9$:=+/ \\n]{0,80}",
+    ) {
+        use pgmirror::proxy::auth::scram::{Binding, ScramServer, ScramVerifier};
+        use pgmirror::wire::auth::{self, MAX_AUTH_TOKEN_LEN};
+
+        let mut header = [tag, 0, 0, 0, 0];
+        header[1..].copy_from_slice(&length.to_be_bytes());
+        if let Ok(body_len) = auth::password_message_body_len(header) {
+            prop_assert!(body_len <= MAX_AUTH_TOKEN_LEN);
+        }
+        let _ = auth::decode_authentication(&tagged(b'R', &first));
+        let _ = auth::decode_sasl_initial_response(&first);
+        let _ = auth::decode_password(&first);
+        let verifier: ScramVerifier = "SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$\
+            WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU="
+            .parse()
+            .unwrap();
+        for binding in [Binding::Unavailable, Binding::EndPoint(vec![1; 32])] {
+            for mechanism in binding.mechanisms() {
+                if let Ok((server, _)) =
+                    ScramServer::start(verifier.clone(), &mechanism, &first, &binding)
+                {
+                    // Nobody knows the key behind random bytes.
+                    prop_assert!(server.finish(&last).is_err());
+                }
+            }
+        }
+        let _ = text.parse::<ScramVerifier>();
+        let _ = pgmirror::proxy::auth::userlist::Userlist::parse(&text);
     }
 }

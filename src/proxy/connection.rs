@@ -2,7 +2,10 @@
 //! GSSENCRequest negotiation, CancelRequest forwarding, the StartupMessage,
 //! routing to the session's principal (holding the client while none
 //! serves), the authentication exchange relayed with the server's
-//! BackendKeyData swapped for the proxy's, and then the splice.
+//! BackendKeyData swapped for the proxy's, and then the splice. A session
+//! with proxy-side authentication (`auth`) has the client authenticated
+//! before the proxy connects and the server's requests answered by the
+//! proxy; the server's AuthenticationOk onwards is relayed the same way.
 //!
 //! The splice copies bytes both ways without parsing queries; the
 //! server-to-client direction only tracks message boundaries (tag+length)
@@ -29,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::proxy::auth::{AuthError, ClientId};
 use crate::proxy::clients::{ClientEntry, Registration};
 use crate::proxy::console_door;
 use crate::proxy::fence::{
@@ -105,6 +109,8 @@ pub enum ConnError {
     AdminRefused(String),
     #[error("admin console message refused: {0}")]
     ConsoleMessage(crate::wire::frame::FrameError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 impl ConnError {
@@ -125,12 +131,25 @@ impl ConnError {
             ConnError::Server(_) | ConnError::ServerTooChatty | ConnError::ServerTls(_) => {
                 Some("08006")
             }
+            ConnError::Auth(err) => err.sqlstate(),
+        }
+    }
+
+    /// The ErrorResponse text; PostgreSQL's own words where the proxy
+    /// stands in for the server (a failed password).
+    fn client_message(&self) -> String {
+        match self {
+            ConnError::Auth(err) => err.client_message(),
+            err => format!("pgmirror proxy: {err}"),
         }
     }
 
     /// Expected disconnects are logged at debug level only.
     pub fn is_expected(&self) -> bool {
-        matches!(self, ConnError::Io(_) | ConnError::ClientLeft)
+        matches!(
+            self,
+            ConnError::Io(_) | ConnError::ClientLeft | ConnError::Auth(AuthError::Io(_))
+        )
     }
 }
 
@@ -231,7 +250,7 @@ async fn serve_tls(
 /// Writes a FATAL for user-facing errors, then returns the error.
 async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, err: ConnError) -> Result<End, ConnError> {
     if let Some(code) = err.sqlstate() {
-        let message = error_response(Severity::Fatal, code, &format!("pgmirror proxy: {err}"));
+        let message = error_response(Severity::Fatal, code, &err.client_message());
         let _ = stream.write_all(&message).await;
         let _ = stream.shutdown().await;
     }
@@ -328,8 +347,8 @@ where
         ClientEntry {
             secret: Vec::new(),
             client_addr: peer,
-            user,
-            database,
+            user: user.clone(),
+            database: database.clone(),
             session: session.clone(),
             tls,
             connected_at: SystemTime::now(),
@@ -343,6 +362,22 @@ where
         gauge!(metrics::PROXY_CLIENT_CONNECTIONS, metrics::SESSION => session.clone()),
     );
     let mut routes = routes;
+    // Proxy-side authentication (none for pass-through) comes first, so an
+    // unauthenticated client never costs a server connection.
+    let deadline = Instant::now() + ctx.startup_timeout;
+    let who = ClientId {
+        session: &session,
+        user: &user,
+        database: &database,
+        tls,
+    };
+    let authenticated =
+        ctx.auth
+            .authenticate(&who, &mut stream, &mut routes, ctx.hold_timeout, deadline);
+    let login = match authenticated.await {
+        Ok(login) => login,
+        Err(err) => return refuse(&mut stream, err.into()).await,
+    };
     let mut early = Vec::new();
     let held = hold_and_connect(
         ctx,
@@ -352,7 +387,7 @@ where
         &mut stream,
         &mut early,
     );
-    let connected = match held.await {
+    let mut connected = match held.await {
         Ok(connected) => connected,
         Err(err) => return refuse(&mut stream, err).await,
     };
@@ -363,6 +398,15 @@ where
     // The hold does not count against authentication: the client gets a
     // full startup_timeout from the moment its server is reached.
     let deadline = Instant::now() + ctx.startup_timeout;
+    if let Some(login) = &login {
+        // The server's requests answered as the client; its
+        // AuthenticationOk (or error) is left for the splice to forward.
+        let server = &mut connected.server;
+        let logged_in = login.log_in(server, &mut connected.pending, &user, deadline);
+        if let Err(err) = logged_in.await {
+            return refuse(&mut stream, err.into()).await;
+        }
+    }
     splice(
         ctx,
         stream,

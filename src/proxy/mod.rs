@@ -11,8 +11,10 @@
 //! `commands` (console statements carried out until the views show them),
 //! `fence` (the commit fence: a commit whose wait for the mirror was cut
 //! short reaches the client as 40003, invariant I2), `server_tls` (TLS to
-//! the servers).
+//! the servers), `auth` (proxy-side authentication: SCRAM and md5 against
+//! a userlist or an auth query).
 
+pub mod auth;
 pub mod clients;
 pub mod commands;
 pub mod connection;
@@ -77,6 +79,8 @@ pub enum ProxyError {
     Console(#[source] std::io::Error),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error("authentication: {0}")]
+    Auth(#[from] auth::AuthSetupError),
 }
 
 /// What every connection task reads; built once by [`serve`].
@@ -97,6 +101,8 @@ pub struct Context {
     pub admin_socket: Option<PathBuf>,
     pub admin_plaintext: crate::config::AdminPlaintext,
     pub console_logins: console_door::LoginLimiter,
+    /// Each session's authentication: pass-through or in the proxy.
+    pub auth: auth::Auth,
     pub shutdown: CancellationToken,
 }
 
@@ -139,6 +145,7 @@ pub async fn serve(
         Some(files) => Some(crate::tls::client_facing_acceptor(&files.cert, &files.key)?),
         None => None,
     };
+    let auth = auth::Auth::from_config(&config)?;
     let endpoint_tls =
         EndpointTls::from_config(&config.endpoint_tls.clone().unwrap_or(TlsConfig {
             mode: TlsMode::Off,
@@ -218,6 +225,7 @@ pub async fn serve(
             .map(|admin| admin.plaintext)
             .unwrap_or_default(),
         console_logins: console_door::LoginLimiter::default(),
+        auth,
         shutdown: shutdown.clone(),
     });
 

@@ -7,8 +7,10 @@
 //! `notice` decodes NoticeResponse fields and recognises the notice of a
 //! cut synchronous-replication wait (the proxy's commit fence);
 //! `startup` decodes a connection's first packet and builds the few
-//! messages the proxy writes itself.
+//! messages the proxy writes itself; `auth` the authentication requests
+//! and answers the proxy exchanges when it authenticates clients itself.
 
+pub mod auth;
 pub mod frame;
 pub mod lsn;
 pub mod notice;
