@@ -1067,4 +1067,47 @@ partners = ["127.0.0.1:5431", "TCP://[::1]:5441"]
         .unwrap();
         assert_eq!(query.sessions["shop"].auth, AuthMode::Query);
     }
+
+    #[test]
+    fn pool_keys_need_session_mode_and_proxy_side_authentication() {
+        let userlist = "auth = \"userlist\"\nauth_file = \"u.txt\"\n";
+        let parsed = |lines: &str| parse::<ProxyConfig>("p.toml", &format!("{PROXY}{lines}"));
+        let error = |lines: &str| parsed(lines).unwrap_err().to_string();
+        assert_eq!(
+            parse::<ProxyConfig>("p.toml", PROXY).unwrap().sessions["shop"].pool(),
+            None
+        );
+        let pooled = parsed(&format!("{userlist}pool_mode = \"session\"\n")).unwrap();
+        assert_eq!(
+            pooled.sessions["shop"].pool(),
+            Some(PoolSettings {
+                size: 20,
+                idle_timeout: Duration::from_secs(600),
+                lifetime: Duration::from_secs(3600),
+                reset_query: "DISCARD ALL".into(),
+            })
+        );
+        assert_eq!(
+            error(&format!("{userlist}pool_mode = \"transaction\"\n")),
+            "p.toml: sessions.shop.pool_mode: \"transaction\" is not implemented yet; the only \
+             pool mode is \"session\""
+        );
+        assert!(error("pool_mode = \"session\"\n").starts_with(
+            "p.toml: sessions.shop.pool_mode: pass-through sessions are never pooled"
+        ));
+        assert_eq!(
+            error(&format!("{userlist}pool_size = 5\n")),
+            "p.toml: sessions.shop.pool_size: only used with pool_mode = \"session\" (this \
+             session is not pooled)"
+        );
+        let session = format!("{userlist}pool_mode = \"session\"\n");
+        assert!(
+            error(&format!("{session}pool_size = 0\n")).contains("pool_size: must be at least 1")
+        );
+        assert!(error(&format!("{session}server_lifetime = 0\n"))
+            .contains("server_lifetime: must be at least 1 second"));
+        assert!(error(&format!("{session}server_reset_query = \" \"\n"))
+            .contains("server_reset_query: must be a non-empty query"));
+        assert!(error("pool_mode = \"statement\"\n").contains("pool_mode: unknown variant"));
+    }
 }

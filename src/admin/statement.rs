@@ -295,7 +295,7 @@ mod tests {
             "ALTER DATABASE shop SET PARTNER TIMEOUT soon",
             "ALTER DATABASE shop SET PARTNER SAFETY MEDIUM",
             "ALTER DATABASE shop SET WITNESS = 'nope'",
-            "SHOW POOLS",
+            "SHOW LISTS",
             "'unterminated",
         ] {
             let err = parse(bad).unwrap_err().to_string();

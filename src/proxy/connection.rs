@@ -35,10 +35,10 @@ use tokio::time::Instant;
 use crate::proxy::auth::{AuthError, ClientId};
 use crate::proxy::clients::{ClientEntry, Registration};
 use crate::proxy::console_door;
-use crate::proxy::pool::{self, IdleServer, PoolFull, PoolKey, Reuse, TERMINATE};
 use crate::proxy::fence::{
     CommitFence, FenceCause, Step, FRONTEND_AWAITS_READY, SQLSTATE_COMPLETION_UNKNOWN,
 };
+use crate::proxy::pool::{self, IdleServer, PoolFull, PoolKey, Reuse, TERMINATE};
 use crate::proxy::routing::{Principal, Route};
 use crate::proxy::server_tls::{ServerConnectError, ServerStream, ServerTls, ServerTlsError};
 use crate::proxy::Context;
@@ -449,7 +449,15 @@ where
             deadline,
             reuse: None,
         };
-        let spliced = splice(ctx, stream, connected, early, &registration, routes, options);
+        let spliced = splice(
+            ctx,
+            stream,
+            connected,
+            early,
+            &registration,
+            routes,
+            options,
+        );
         return spliced.await.map(|(end, _)| end);
     };
     let (principal, epoch) = (connected.principal.clone(), connected.epoch);
@@ -474,7 +482,10 @@ where
         drop(registration);
         let reset_query = ctx.pools.settings(&session).map(|s| s.reset_query.as_str());
         if pool::reset(&mut server, reset_query.unwrap_or_default()).await {
-            let greeting = reuse.into_inner().unwrap_or_else(|p| p.into_inner()).greeting;
+            let greeting = reuse
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .greeting;
             let startup = plan.to_server;
             let idle = IdleServer::new(server, principal, epoch, startup, greeting, born);
             lease.give_back(idle, &route.borrow());

@@ -204,7 +204,11 @@ pub async fn serve(
     );
     for (name, route) in &routes {
         if pools.settings(name).is_some() {
-            tracker.spawn(pools.clone().keep(name.clone(), route.clone(), shutdown.clone()));
+            tracker.spawn(
+                pools
+                    .clone()
+                    .keep(name.clone(), route.clone(), shutdown.clone()),
+            );
         }
     }
     let console = match &config.admin {

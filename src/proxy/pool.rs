@@ -167,7 +167,9 @@ impl Pools {
     fn lock(&self) -> MutexGuard<'_, BTreeMap<PoolKey, Pool>> {
         // A panic while holding the lock leaves counts, never a broken
         // invariant about which server a client reaches.
-        self.pools.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.pools
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     /// Takes a slot in `key`'s pool, with an idle connection whose startup
@@ -208,7 +210,11 @@ impl Pools {
                     let reused = found.map(|at| pool.idle.swap_remove(at));
                     if reused.is_none() && full {
                         // The oldest idle one of other parameters makes room.
-                        let oldest = pool.idle.iter().enumerate().min_by_key(|(_, idle)| idle.born);
+                        let oldest = pool
+                            .idle
+                            .iter()
+                            .enumerate()
+                            .min_by_key(|(_, idle)| idle.born);
                         if let Some(at) = oldest.map(|(at, _)| at) {
                             close(pool.idle.swap_remove(at).server);
                         }
@@ -525,7 +531,10 @@ pub async fn reset(server: &mut ServerStream, query: &str) -> bool {
             }
         }
     };
-    matches!(tokio::time::timeout(RESET_TIMEOUT, run).await, Ok(Some(true)))
+    matches!(
+        tokio::time::timeout(RESET_TIMEOUT, run).await,
+        Ok(Some(true))
+    )
 }
 
 #[cfg(test)]
