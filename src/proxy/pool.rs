@@ -540,6 +540,131 @@ pub async fn reset(server: &mut ServerStream, query: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::routing::Discovery;
+    use tokio::net::{TcpListener, TcpStream};
+
+    fn route(epoch: u64, name: &str) -> Route {
+        Route {
+            epoch: Epoch(epoch),
+            principal: Some(Principal {
+                address: "127.0.0.1:5432".into(),
+                server_name: name.into(),
+                discovery: Discovery::Agent,
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A pool of `app` in session `shop` holding one idle connection made
+    /// for `made_for`; the server's end of it.
+    async fn one_idle(made_for: &Route) -> (Pools, TcpStream) {
+        let settings = PoolSettings {
+            size: 2,
+            idle_timeout: Duration::from_secs(600),
+            lifetime: Duration::from_secs(3600),
+            reset_query: "DISCARD ALL".into(),
+        };
+        let pools = Pools::new(BTreeMap::from([("shop".to_string(), settings)]));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server_end, _) = listener.accept().await.unwrap();
+        let (_publish, routes) = watch::channel(made_for.clone());
+        let lease = pools
+            .checkout(key(), b"startup", &routes, Instant::now())
+            .await
+            .unwrap()
+            .expect("a pooled session");
+        let principal = made_for.principal.clone().unwrap();
+        let idle = IdleServer::new(
+            ServerStream::Plain(client),
+            principal,
+            made_for.epoch,
+            b"startup".to_vec(),
+            Vec::new(),
+            Instant::now(),
+        );
+        lease.give_back(idle, made_for);
+        (pools, server_end)
+    }
+
+    fn key() -> PoolKey {
+        PoolKey {
+            session: "shop".into(),
+            database: "postgres".into(),
+            user: "app".into(),
+        }
+    }
+
+    fn idle_count(pools: &Pools) -> usize {
+        pools.snapshot().iter().map(|row| row.idle).sum()
+    }
+
+    #[tokio::test]
+    async fn idle_connections_serve_only_their_principal_and_epoch() {
+        let at_3 = route(3, "a");
+        let checkout = |pools: &Pools, route: &Route, startup: &'static [u8]| {
+            let (_publish, routes) = watch::channel(route.clone());
+            let pools = pools.clone();
+            async move {
+                let lease = pools
+                    .checkout(key(), startup, &routes, Instant::now())
+                    .await;
+                lease.unwrap().expect("a pooled session").reused.is_some()
+            }
+        };
+        let (pools, _server) = one_idle(&at_3).await;
+        // While no principal is routed (a hold), or for another startup
+        // packet: kept, not given.
+        let held = Route {
+            epoch: Epoch(3),
+            ..Default::default()
+        };
+        assert!(!checkout(&pools, &held, b"startup").await);
+        assert!(!checkout(&pools, &at_3, b"other").await);
+        assert_eq!(idle_count(&pools), 1);
+        assert!(checkout(&pools, &at_3, b"startup").await);
+        // Another principal or a newer epoch: closed, never given (I4).
+        for newer in [route(3, "b"), route(4, "a")] {
+            let (pools, _server) = one_idle(&at_3).await;
+            assert!(!checkout(&pools, &newer, b"startup").await, "{newer:?}");
+            assert_eq!(idle_count(&pools), 0, "{newer:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_epoch_or_principal_closes_idle_connections() {
+        for newer in [route(4, "a"), route(3, "b")] {
+            let (pools, mut server) = one_idle(&route(3, "a")).await;
+            pools.reap("shop", &route(3, "a"));
+            assert_eq!(idle_count(&pools), 1, "the same route keeps it");
+            pools.reap("shop", &newer);
+            assert_eq!(idle_count(&pools), 0, "{newer:?}");
+            // The server hears Terminate, then the close.
+            let mut goodbye = Vec::new();
+            let read = tokio::time::timeout(CLOSE_TIMEOUT * 2, server.read_to_end(&mut goodbye));
+            read.await.unwrap().unwrap();
+            assert_eq!(goodbye, [TERMINATE, 0, 0, 0, 4]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_pool_refuses_after_the_deadline() {
+        let (pools, _server) = one_idle(&route(3, "a")).await;
+        let (_publish, routes) = watch::channel(route(3, "a"));
+        // Slot 1 of 2 (reusing the idle one), then slot 2 (fresh).
+        let _first = pools
+            .checkout(key(), b"startup", &routes, Instant::now())
+            .await;
+        let _second = pools
+            .checkout(key(), b"startup", &routes, Instant::now())
+            .await;
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let third = pools.checkout(key(), b"startup", &routes, deadline).await;
+        assert_eq!(third.err().map(|full| full.max), Some(2));
+        assert_eq!(pools.snapshot()[0].waiting, 0);
+    }
 
     fn ready(status: u8) -> Vec<u8> {
         vec![READY_FOR_QUERY, 0, 0, 0, 5, status]
