@@ -476,20 +476,26 @@ where
         },
     );
     let (end, server) = spliced.await?;
+    let Some(mut server) = server else {
+        return Ok(end);
+    };
     // A cancel forwarded for this client could still reach the server and
-    // hit the next client's query: such a connection is not reused.
-    if let Some(mut server) = server.filter(|_| registration.cancels_forwarded() == 0) {
-        drop(registration);
-        let reset_query = ctx.pools.settings(&session).map(|s| s.reset_query.as_str());
-        if pool::reset(&mut server, reset_query.unwrap_or_default()).await {
-            let greeting = reuse
-                .into_inner()
-                .unwrap_or_else(|p| p.into_inner())
-                .greeting;
-            let startup = plan.to_server;
-            let idle = IdleServer::new(server, principal, epoch, startup, greeting, born);
-            lease.give_back(idle, &route.borrow());
-        }
+    // hit the next client's query: such a connection is not reused. Once
+    // the registration is gone no cancel can find this client; one that
+    // found it just before is counted (before it is sent) by the time the
+    // reset's round trip is over, so the count is read again after it.
+    let cancels = registration.cancel_counter();
+    drop(registration);
+    let quiet = || cancels.load(Ordering::SeqCst) == 0;
+    let reset_query = ctx.pools.settings(&session).map(|s| s.reset_query.as_str());
+    if quiet() && pool::reset(&mut server, reset_query.unwrap_or_default()).await && quiet() {
+        let greeting = reuse
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .greeting;
+        let startup = plan.to_server;
+        let idle = IdleServer::new(server, principal, epoch, startup, greeting, born);
+        lease.give_back(idle, &route.borrow());
     }
     Ok(end)
 }

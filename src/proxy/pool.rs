@@ -141,6 +141,23 @@ impl Route {
     }
 }
 
+/// Counts a client among its pool's waiting ones until dropped (also when
+/// the waiting client's task is dropped).
+struct Waiter<'a> {
+    pools: &'a Pools,
+    key: &'a PoolKey,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let mut pools = self.pools.lock();
+        if let Some(pool) = pools.get_mut(self.key) {
+            pool.waiting = pool.waiting.saturating_sub(1);
+            self.pools.record(self.key, pool);
+        }
+    }
+}
+
 /// A client found no slot in its pool within the hold timeout.
 #[derive(Debug, thiserror::Error)]
 #[error("pool full: {user}@{database} already has {max} server connections (pool_size) and none came free within {waited:?}")]
@@ -188,14 +205,10 @@ impl Pools {
             return Ok(None);
         };
         let started = Instant::now();
-        let mut waiting = false;
         loop {
-            let freed = {
+            let (freed, _waiter) = {
                 let mut pools = self.lock();
                 let pool = pools.entry(key.clone()).or_default();
-                if waiting {
-                    pool.waiting -= 1;
-                }
                 let now = Instant::now();
                 let current = route.borrow().clone();
                 close_all(&mut pool.idle, |idle| {
@@ -233,22 +246,20 @@ impl Pools {
                     }));
                 }
                 pool.waiting += 1;
-                waiting = true;
                 self.record(&key, pool);
-                pool.freed.clone()
+                let waiter = Waiter {
+                    pools: self,
+                    key: &key,
+                };
+                (pool.freed.clone(), waiter)
             };
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                let mut pools = self.lock();
-                if let Some(pool) = pools.get_mut(&key) {
-                    pool.waiting -= 1;
-                    self.record(&key, pool);
-                }
                 return Err(PoolFull {
                     max: settings.size,
                     waited: started.elapsed(),
-                    user: key.user,
-                    database: key.database,
+                    user: key.user.clone(),
+                    database: key.database.clone(),
                 });
             }
             let _ = tokio::time::timeout(left.min(SLOT_RECHECK), freed.notified()).await;
