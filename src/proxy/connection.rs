@@ -6,6 +6,11 @@
 //! with proxy-side authentication (`auth`) has the client authenticated
 //! before the proxy connects and the server's requests answered by the
 //! proxy; the server's AuthenticationOk onwards is relayed the same way.
+//! A pooled session's client (`pool`) first takes a slot of its pool: with
+//! an idle server connection, whose login messages are replayed to it in
+//! place of a fresh login; when it leaves cleanly with its server idle,
+//! its Terminate is not forwarded and the connection is reset and given
+//! back.
 //!
 //! The splice copies bytes both ways without parsing queries; the
 //! server-to-client direction only tracks message boundaries (tag+length)
