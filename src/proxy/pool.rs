@@ -210,7 +210,7 @@ impl Pools {
                 let mut pools = self.lock();
                 let pool = pools.entry(key.clone()).or_default();
                 let now = Instant::now();
-                let current = route.borrow().clone();
+                let current = route.borrow();
                 close_all(&mut pool.idle, |idle| {
                     idle.expired(&settings, now) || current.supersedes(idle.epoch, &idle.principal)
                 });
