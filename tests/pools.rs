@@ -5,7 +5,8 @@
 //! does not (its transaction is rolled back); a full pool makes a client
 //! wait, then refuses it with 53300; pgbench with a connection per
 //! transaction never makes more backends than pool_size; SHOW POOLS shows
-//! the pool; a cancel on a reused connection cancels that client's query.
+//! the pool; a cancel on a reused connection cancels that client's query;
+//! an idle connection past server_idle_timeout is closed.
 
 mod common;
 
@@ -17,8 +18,12 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::SimpleQueryMessage;
 
 /// A server with the SCRAM user `app` (password "wonder") and a proxy in
-/// front of it whose session pools `app`'s connections, `pool_size` each.
-async fn pooled(pool_size: usize) -> (PgInstance, tokio_postgres::Client, ProxyHandle) {
+/// front of it whose session pools `app`'s connections, `pool_size` each,
+/// with `extra` session keys.
+async fn pooled(
+    pool_size: usize,
+    extra: &str,
+) -> (PgInstance, tokio_postgres::Client, ProxyHandle) {
     let (pg, setup) = server_with_users().await;
     setup
         .batch_execute("CREATE TABLE items (n int); GRANT ALL ON items TO app;")
@@ -29,7 +34,7 @@ async fn pooled(pool_size: usize) -> (PgInstance, tokio_postgres::Client, ProxyH
     std::fs::write(&userlist, list).unwrap();
     let config = format!(
         "{}auth = \"userlist\"\nauth_file = {userlist:?}\npool_mode = \"session\"\n\
-         pool_size = {pool_size}\n",
+         pool_size = {pool_size}\n{extra}",
         standalone_config(&pg, "")
     );
     let proxy = ProxyHandle::start(&config).await;
@@ -88,7 +93,7 @@ async fn await_pool(console: &tokio_postgres::Client, active: &str, idle: &str) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_client_leaves_its_backend_reset_for_the_next_and_show_pools_shows_it() {
-    let (_pg, _setup, proxy) = pooled(20).await;
+    let (_pg, _setup, proxy) = pooled(20, "").await;
     let console = proxy.console().await;
 
     let first = app(&proxy).await.expect("first client");
@@ -165,7 +170,7 @@ async fn an_idle_client_leaves_its_backend_reset_for_the_next_and_show_pools_sho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_inside_a_transaction_does_not_return_its_backend() {
-    let (_pg, setup, proxy) = pooled(20).await;
+    let (_pg, setup, proxy) = pooled(20, "").await;
     let console = proxy.console().await;
 
     let first = app(&proxy).await.expect("first client");
@@ -206,7 +211,7 @@ async fn a_client_that_leaves_inside_a_transaction_does_not_return_its_backend()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_pool_makes_clients_wait_then_refuses_them_with_53300() {
-    let (_pg, _setup, proxy) = pooled(1).await;
+    let (_pg, _setup, proxy) = pooled(1, "").await;
     let console = proxy.console().await;
     let first = app(&proxy).await.expect("first client");
     let pid = backend_pid(&first).await;
@@ -262,7 +267,7 @@ async fn a_full_pool_makes_clients_wait_then_refuses_them_with_53300() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_with_a_connection_per_transaction_stays_within_pool_size() {
     const POOL_SIZE: i64 = 4;
-    let (pg, setup, proxy) = pooled(POOL_SIZE as usize).await;
+    let (pg, setup, proxy) = pooled(POOL_SIZE as usize, "").await;
     let (ok, out) = run_client(
         "pgbench",
         &["-i", "-s", "1", &PgInstance::conninfo(pg.port())],
@@ -323,4 +328,30 @@ async fn pgbench_with_a_connection_per_transaction_stays_within_pool_size() {
         (1..=POOL_SIZE).contains(&most),
         "{most} backends for app, pool_size {POOL_SIZE}\n{out}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_past_server_idle_timeout_is_closed() {
+    let (_pg, setup, proxy) = pooled(20, "server_idle_timeout = 1\n").await;
+    let console = proxy.console().await;
+    let client = app(&proxy).await.expect("client");
+    let pid = backend_pid(&client).await;
+    drop(client);
+    await_pool(&console, "0", "1").await;
+    await_pool(&console, "0", "0").await;
+    for _ in 0..50 {
+        let left: i64 = setup
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("backend {pid} outlived its server_idle_timeout");
 }
