@@ -403,7 +403,9 @@ where
         Err(full) => return refuse(&mut stream, full.into()).await,
     };
     let mut early = Vec::new();
-    let (connected, born) = match lease.as_mut().and_then(|lease| lease.reused.take()) {
+    // The hold does not count against authentication: the rest of the
+    // login gets a full startup_timeout from the moment a server is had.
+    let (connected, born, deadline) = match lease.as_mut().and_then(|lease| lease.reused.take()) {
         // Replayed to the client as if the server had just logged it in;
         // the splice swaps the server's BackendKeyData for the proxy's
         // and records it as this client's cancel target.
@@ -414,7 +416,8 @@ where
                 epoch: idle.epoch,
                 pending: idle.greeting,
             };
-            (connected, idle.born)
+            let deadline = Instant::now() + ctx.startup_timeout;
+            (connected, idle.born, deadline)
         }
         None => {
             let held = hold_and_connect(
@@ -429,26 +432,24 @@ where
                 Ok(connected) => connected,
                 Err(err) => return refuse(&mut stream, err).await,
             };
+            let deadline = Instant::now() + ctx.startup_timeout;
             if let Some(login) = &login {
                 // The server's requests answered as the client; its
                 // AuthenticationOk (or error) is left for the splice to
-                // forward. The hold does not count against
-                // authentication: a fresh startup_timeout.
+                // forward.
                 let server = &mut connected.server;
-                let deadline = Instant::now() + ctx.startup_timeout;
                 let logged_in = login.log_in(server, &mut connected.pending, &user, deadline);
                 if let Err(err) = logged_in.await {
                     return refuse(&mut stream, err.into()).await;
                 }
             }
-            (connected, Instant::now())
+            (connected, Instant::now(), deadline)
         }
     };
     let _server = GaugeGuard::new(
         gauge!(metrics::PROXY_SERVER_CONNECTIONS, metrics::SESSION => session.clone()),
     );
     registration.set_server(&connected.principal.address);
-    let deadline = Instant::now() + ctx.startup_timeout;
     let Some(lease) = lease else {
         let options = SpliceOptions {
             deadline,
