@@ -160,7 +160,11 @@ impl Drop for Waiter<'_> {
 
 /// A client found no slot in its pool within the hold timeout.
 #[derive(Debug, thiserror::Error)]
-#[error("pool full: {user}@{database} already has {max} server connections (pool_size) and none came free within {waited:?}")]
+#[error(
+    "pool full: {user}@{database} already has {max} server connections (pool_size) and none \
+     came free within {:.1} s",
+    .waited.as_secs_f64()
+)]
 pub struct PoolFull {
     pub user: String,
     pub database: String,
