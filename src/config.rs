@@ -10,6 +10,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -436,6 +437,48 @@ pub struct ProxySession {
     /// `auth = "query"`: the database the auth query runs in; by default
     /// the client's.
     pub auth_dbname: Option<String>,
+    /// Server connection pooling ([`PoolMode`]); absent: none, every
+    /// client gets a server connection of its own. Needs proxy-side
+    /// authentication (a pooled connection was not logged in with the next
+    /// client's own password).
+    pub pool_mode: Option<PoolMode>,
+    /// Most server connections per pool (session, database, user);
+    /// default [`DEFAULT_POOL_SIZE`].
+    pub pool_size: Option<usize>,
+    /// Seconds an idle pooled connection is kept; default
+    /// [`DEFAULT_SERVER_IDLE_TIMEOUT`].
+    pub server_idle_timeout: Option<u64>,
+    /// Seconds after its login a pooled connection is no longer reused;
+    /// default [`DEFAULT_SERVER_LIFETIME`].
+    pub server_lifetime: Option<u64>,
+    /// Run on a server connection before it goes back to the pool; default
+    /// [`DEFAULT_SERVER_RESET_QUERY`].
+    pub server_reset_query: Option<String>,
+}
+
+/// How server connections are shared (`pool_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A client keeps its server connection until it leaves; then the
+    /// connection is reset and serves the next client.
+    Session,
+    /// Recognised only to be refused with a clear error: not implemented.
+    Transaction,
+}
+
+pub const DEFAULT_POOL_SIZE: usize = 20;
+pub const DEFAULT_SERVER_IDLE_TIMEOUT: u64 = 600;
+pub const DEFAULT_SERVER_LIFETIME: u64 = 3600;
+pub const DEFAULT_SERVER_RESET_QUERY: &str = "DISCARD ALL";
+
+/// A pooled session's pool settings, defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub size: usize,
+    pub idle_timeout: Duration,
+    pub lifetime: Duration,
+    pub reset_query: String,
 }
 
 /// PgBouncer's recommended form: a SECURITY DEFINER function, so that
@@ -504,6 +547,80 @@ impl ProxySession {
             }
             _ => Ok(()),
         }
+    }
+}
+
+impl ProxySession {
+    /// The pool settings of a pooled session; None when it is not pooled.
+    pub fn pool(&self) -> Option<PoolSettings> {
+        self.pool_mode?;
+        Some(PoolSettings {
+            size: self.pool_size.unwrap_or(DEFAULT_POOL_SIZE),
+            idle_timeout: Duration::from_secs(
+                self.server_idle_timeout
+                    .unwrap_or(DEFAULT_SERVER_IDLE_TIMEOUT),
+            ),
+            lifetime: Duration::from_secs(self.server_lifetime.unwrap_or(DEFAULT_SERVER_LIFETIME)),
+            reset_query: self
+                .server_reset_query
+                .clone()
+                .unwrap_or_else(|| DEFAULT_SERVER_RESET_QUERY.to_string()),
+        })
+    }
+
+    fn validate_pool(&self, name: &str) -> Result<(), Invalid> {
+        let key = |field: &str| format!("sessions.{name}.{field}");
+        let set = [
+            ("pool_size", self.pool_size.is_some()),
+            ("server_idle_timeout", self.server_idle_timeout.is_some()),
+            ("server_lifetime", self.server_lifetime.is_some()),
+            ("server_reset_query", self.server_reset_query.is_some()),
+        ];
+        let Some(mode) = self.pool_mode else {
+            return match set.iter().find(|(_, is_set)| *is_set) {
+                Some((field, _)) => Err(Invalid::new(
+                    key(field),
+                    "only used with pool_mode = \"session\" (this session is not pooled)",
+                )),
+                None => Ok(()),
+            };
+        };
+        if mode == PoolMode::Transaction {
+            return Err(Invalid::new(
+                key("pool_mode"),
+                "\"transaction\" is not implemented yet; the only pool mode is \"session\"",
+            ));
+        }
+        if self.auth == AuthMode::Passthrough {
+            return Err(Invalid::new(
+                key("pool_mode"),
+                "pass-through sessions are never pooled: a server connection is logged in with \
+                 its client's own password, so it cannot serve another client; set auth = \
+                 \"userlist\" or \"query\" to pool",
+            ));
+        }
+        if self.pool_size == Some(0) {
+            return Err(Invalid::new(key("pool_size"), "must be at least 1"));
+        }
+        for (field, secs) in [
+            ("server_idle_timeout", self.server_idle_timeout),
+            ("server_lifetime", self.server_lifetime),
+        ] {
+            if secs == Some(0) {
+                return Err(Invalid::new(key(field), "must be at least 1 second"));
+            }
+        }
+        if self
+            .server_reset_query
+            .as_deref()
+            .is_some_and(|query| query.trim().is_empty() || query.contains('\0'))
+        {
+            return Err(Invalid::new(
+                key("server_reset_query"),
+                "must be a non-empty query without NUL bytes (the default is DISCARD ALL)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -796,6 +913,7 @@ impl Validate for ProxyConfig {
                 ));
             }
             session.validate_auth(name)?;
+            session.validate_pool(name)?;
         }
         if let Some(default) = &self.default_session {
             if !self.sessions.contains_key(default) {
@@ -948,5 +1066,48 @@ partners = ["127.0.0.1:5431", "TCP://[::1]:5441"]
         )
         .unwrap();
         assert_eq!(query.sessions["shop"].auth, AuthMode::Query);
+    }
+
+    #[test]
+    fn pool_keys_need_session_mode_and_proxy_side_authentication() {
+        let userlist = "auth = \"userlist\"\nauth_file = \"u.txt\"\n";
+        let parsed = |lines: &str| parse::<ProxyConfig>("p.toml", &format!("{PROXY}{lines}"));
+        let error = |lines: &str| parsed(lines).unwrap_err().to_string();
+        assert_eq!(
+            parse::<ProxyConfig>("p.toml", PROXY).unwrap().sessions["shop"].pool(),
+            None
+        );
+        let pooled = parsed(&format!("{userlist}pool_mode = \"session\"\n")).unwrap();
+        assert_eq!(
+            pooled.sessions["shop"].pool(),
+            Some(PoolSettings {
+                size: 20,
+                idle_timeout: Duration::from_secs(600),
+                lifetime: Duration::from_secs(3600),
+                reset_query: "DISCARD ALL".into(),
+            })
+        );
+        assert_eq!(
+            error(&format!("{userlist}pool_mode = \"transaction\"\n")),
+            "p.toml: sessions.shop.pool_mode: \"transaction\" is not implemented yet; the only \
+             pool mode is \"session\""
+        );
+        assert!(error("pool_mode = \"session\"\n").starts_with(
+            "p.toml: sessions.shop.pool_mode: pass-through sessions are never pooled"
+        ));
+        assert_eq!(
+            error(&format!("{userlist}pool_size = 5\n")),
+            "p.toml: sessions.shop.pool_size: only used with pool_mode = \"session\" (this \
+             session is not pooled)"
+        );
+        let session = format!("{userlist}pool_mode = \"session\"\n");
+        assert!(
+            error(&format!("{session}pool_size = 0\n")).contains("pool_size: must be at least 1")
+        );
+        assert!(error(&format!("{session}server_lifetime = 0\n"))
+            .contains("server_lifetime: must be at least 1 second"));
+        assert!(error(&format!("{session}server_reset_query = \" \"\n"))
+            .contains("server_reset_query: must be a non-empty query"));
+        assert!(error("pool_mode = \"statement\"\n").contains("pool_mode: unknown variant"));
     }
 }

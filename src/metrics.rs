@@ -102,6 +102,15 @@ pub const PROXY_CANCEL_REQUESTS: &str = "pgmirror_proxy_cancel_requests_total";
 /// Proxy: responses replaced by 40003 because a commit's wait for the
 /// mirror was cut short (invariant I2), by cause.
 pub const PROXY_COMMITS_FENCED: &str = "pgmirror_proxy_commits_fenced_total";
+/// Proxy: pooled server connections leased to clients, per pool (labels
+/// session, database, user).
+pub const PROXY_POOL_ACTIVE: &str = "pgmirror_proxy_pool_active_connections";
+/// Proxy: pooled server connections idle, waiting for a client, per pool.
+pub const PROXY_POOL_IDLE: &str = "pgmirror_proxy_pool_idle_connections";
+/// Proxy: clients waiting for a slot of a full pool, per pool.
+pub const PROXY_POOL_WAITING: &str = "pgmirror_proxy_pool_waiting_clients";
+/// Proxy: clients given an idle pooled connection instead of a new one.
+pub const PROXY_POOL_REUSES: &str = "pgmirror_proxy_pool_reuses_total";
 
 /// Histogram buckets of [`PROXY_CONNECT_SECONDS`], in seconds.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -165,6 +174,10 @@ pub const ALL: &[Metric] = &[
     metric(PROXY_CONNECT_SECONDS, Kind::Histogram, Some(Unit::Seconds), "Time the proxy took to connect to the principal."),
     metric(PROXY_HELD_CONNECTIONS, Kind::Gauge, None, "Client connections held while no principal serves."),
     metric(PROXY_CANCEL_REQUESTS, Kind::Counter, None, "CancelRequests the proxy forwarded."),
+    metric(PROXY_POOL_ACTIVE, Kind::Gauge, None, "Pooled server connections leased to clients, per pool."),
+    metric(PROXY_POOL_IDLE, Kind::Gauge, None, "Pooled server connections idle in their pool."),
+    metric(PROXY_POOL_WAITING, Kind::Gauge, None, "Clients waiting for a slot of a full pool."),
+    metric(PROXY_POOL_REUSES, Kind::Counter, None, "Clients given an idle pooled server connection."),
     metric(PROXY_COMMITS_FENCED, Kind::Counter, None, "Commits whose wait for the mirror was cut short, turned into 40003 for the client, by cause."),
 ];
 

@@ -7,46 +7,14 @@
 
 mod common;
 
-use common::proxy::{run_client, standalone_config, tls_section, ProxyHandle};
-use common::PgInstance;
+use common::proxy::{
+    run_client, server_with_users, standalone_config, tls_section, verifier_of, ProxyHandle,
+};
 use tokio_postgres::error::SqlState;
 
 /// The server's log line for a failed password, which must never appear
 /// when the proxy refused the client itself.
 const SERVER_REFUSAL: &str = "password authentication failed";
-
-/// A server whose `app` has a SCRAM verifier ("wonder") and `old` an md5
-/// one ("legacy"); pg_hba asks `old` for md5 and everyone else but the
-/// setup superuser for SCRAM.
-async fn server_with_users() -> (PgInstance, tokio_postgres::Client) {
-    let pg = PgInstance::start_with(&["password_encryption = 'scram-sha-256'"]);
-    let setup = pg.connect().await;
-    setup
-        .batch_execute(
-            "CREATE USER app PASSWORD 'wonder';
-             SET password_encryption = 'md5'; CREATE USER old PASSWORD 'legacy';
-             RESET password_encryption;",
-        )
-        .await
-        .expect("create users");
-    let hba = "local all all trust\nhost all postgres 127.0.0.1/32 trust\n\
-               host all old 127.0.0.1/32 md5\nhost all all 127.0.0.1/32 scram-sha-256\n";
-    std::fs::write(pg.engine.data_dir.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
-    pg.engine.reload().expect("reload PostgreSQL");
-    (pg, setup)
-}
-
-/// `pg_authid.rolpassword` of `user`, as an administrator copies it.
-async fn verifier_of(setup: &tokio_postgres::Client, user: &str) -> String {
-    setup
-        .query_one(
-            "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
-            &[&user],
-        )
-        .await
-        .expect("read pg_authid")
-        .get(0)
-}
 
 /// Logs in through the proxy with tokio-postgres and returns current_user.
 async fn login(

@@ -28,7 +28,7 @@ pub enum Request {
 impl Request {
     /// The result columns it returns.
     pub fn columns(&self) -> Vec<(String, SqlType)> {
-        use crate::admin::view::{CLIENTS, SERVERS, SESSIONS};
+        use crate::admin::view::{CLIENTS, POOLS, SERVERS, SESSIONS};
         let of = |columns: Vec<(&str, SqlType)>| {
             columns
                 .into_iter()
@@ -42,6 +42,7 @@ impl Request {
             Request::Command(Statement::ShowClients) => of(CLIENTS.def().columns),
             Request::Command(Statement::ShowServers) => of(SERVERS.def().columns),
             Request::Command(Statement::ShowSessions) => of(SESSIONS.def().columns),
+            Request::Command(Statement::ShowPools) => of(POOLS.def().columns),
             _ => Vec::new(),
         }
     }

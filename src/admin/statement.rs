@@ -1,6 +1,6 @@
 //! The admin console's commands: the reference's `ALTER DATABASE ... SET
 //! PARTNER / SET WITNESS` (spec 50, 54) and PgBouncer-style `SHOW CLIENTS |
-//! SERVERS | SESSIONS`, parsed into the typed [`Statement`] enum. Queries
+//! SERVERS | SESSIONS | POOLS`, parsed into the typed [`Statement`] enum. Queries
 //! go to `admin::sql` instead.
 //!
 //! sqlparser's PostgreSQL tokenizer splits the text (so quoting, comments
@@ -41,17 +41,18 @@ pub enum Statement {
     ShowClients,
     ShowServers,
     ShowSessions,
+    ShowPools,
 }
 
 /// The statements the console understands, for syntax errors.
 pub const SUPPORTED: &str = "supported statements: \
 SELECT over the views sys.database_mirroring, sys.database_mirroring_witnesses, \
 sys.database_mirroring_endpoints, sys.database_mirroring_history, pgmirror.clients, \
-pgmirror.servers, pgmirror.sessions (PostgreSQL's SQL: WHERE, joins, aggregates, ORDER BY, LIMIT); \
+pgmirror.servers, pgmirror.sessions, pgmirror.pools (PostgreSQL's SQL: WHERE, joins, aggregates, ORDER BY, LIMIT); \
 SHOW <setting>; \
 ALTER DATABASE <session> SET PARTNER { FAILOVER | FORCE_SERVICE_ALLOW_DATA_LOSS | SUSPEND | RESUME | SAFETY { FULL | OFF } | TIMEOUT <seconds> | OFF }; \
 ALTER DATABASE <session> SET WITNESS { = '<host:port>' | OFF }; \
-SHOW CLIENTS; SHOW SERVERS; SHOW SESSIONS";
+SHOW CLIENTS; SHOW SERVERS; SHOW SESSIONS; SHOW POOLS";
 
 /// Why a statement was not understood.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -131,7 +132,7 @@ fn tokens(sql: &str) -> Result<Tokens, SyntaxError> {
 }
 
 /// Whether `sql` is one of these commands (ALTER ..., SHOW CLIENTS |
-/// SERVERS | SESSIONS) rather than a query or `SHOW <setting>`.
+/// SERVERS | SESSIONS | POOLS) rather than a query or `SHOW <setting>`.
 pub fn is_command(sql: &str) -> bool {
     let Ok(mut tokens) = tokens(sql) else {
         return false;
@@ -140,7 +141,7 @@ pub fn is_command(sql: &str) -> bool {
         Some("ALTER") => true,
         Some("SHOW") => matches!(
             tokens.keyword().as_deref(),
-            Some("CLIENTS" | "SERVERS" | "SESSIONS")
+            Some("CLIENTS" | "SERVERS" | "SESSIONS" | "POOLS")
         ),
         _ => false,
     }
@@ -155,7 +156,8 @@ pub fn parse(sql: &str) -> Result<Statement, SyntaxError> {
             Some("CLIENTS") => Statement::ShowClients,
             Some("SERVERS") => Statement::ShowServers,
             Some("SESSIONS") => Statement::ShowSessions,
-            _ => return Err(syntax("SHOW needs CLIENTS, SERVERS or SESSIONS")),
+            Some("POOLS") => Statement::ShowPools,
+            _ => return Err(syntax("SHOW needs CLIENTS, SERVERS, SESSIONS or POOLS")),
         },
         _ => return Err(syntax("unsupported statement")),
     };
@@ -282,6 +284,7 @@ mod tests {
         assert_eq!(parse("show clients").unwrap(), Statement::ShowClients);
         assert_eq!(parse("SHOW SERVERS").unwrap(), Statement::ShowServers);
         assert_eq!(parse("SHOW SESSIONS;").unwrap(), Statement::ShowSessions);
+        assert_eq!(parse("show pools").unwrap(), Statement::ShowPools);
     }
 
     #[test]
@@ -292,7 +295,7 @@ mod tests {
             "ALTER DATABASE shop SET PARTNER TIMEOUT soon",
             "ALTER DATABASE shop SET PARTNER SAFETY MEDIUM",
             "ALTER DATABASE shop SET WITNESS = 'nope'",
-            "SHOW POOLS",
+            "SHOW LISTS",
             "'unterminated",
         ] {
             let err = parse(bad).unwrap_err().to_string();

@@ -5,8 +5,8 @@
 //! (spec 2 columns, the monitoring figures of spec 63 and each partner's
 //! addresses), `sys.database_mirroring_witnesses` (spec 3),
 //! `sys.database_mirroring_endpoints`, `sys.database_mirroring_history`,
-//! and `pgmirror.clients`, `pgmirror.servers`, `pgmirror.sessions` (the
-//! `SHOW` listings as tables). Pure, no IO.
+//! and `pgmirror.clients`, `pgmirror.servers`, `pgmirror.sessions`,
+//! `pgmirror.pools` (the `SHOW` listings as tables). Pure, no IO.
 
 use std::time::SystemTime;
 
@@ -15,6 +15,7 @@ use crate::admin::sql::TableDef;
 use crate::config::Endpoint;
 use crate::control::{HistoryRecord, MirroringStatus, RoleRow};
 use crate::proxy::clients::ClientEntry;
+use crate::proxy::pool::PoolRow;
 use crate::proxy::routing::{Discovery, PartnerView, Route};
 
 /// A column's PostgreSQL type.
@@ -189,6 +190,7 @@ pub fn catalog() -> Vec<TableDef> {
         CLIENTS.def(),
         SERVERS.def(),
         SESSIONS.def(),
+        POOLS.def(),
     ]
 }
 
@@ -639,6 +641,62 @@ pub struct SessionRow {
     pub clients: usize,
 }
 
+fn count(n: usize) -> Cell {
+    Cell::Int8(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+/// `pgmirror.pools` and `SHOW POOLS`: one row per server connection pool
+/// (session, database, user) of the pooled sessions.
+pub static POOLS: View<PoolRow> = View {
+    schema: "pgmirror",
+    name: "pools",
+    doc: "one row per server connection pool (pool_mode = \"session\")",
+    columns: &[
+        Column {
+            name: "session",
+            ty: Text,
+            doc: "the mirroring session",
+            value: |p| text(&p.key.session),
+        },
+        Column {
+            name: "database",
+            ty: Text,
+            doc: "the database",
+            value: |p| text(&p.key.database),
+        },
+        Column {
+            name: "user",
+            ty: Text,
+            doc: "the user",
+            value: |p| text(&p.key.user),
+        },
+        Column {
+            name: "active",
+            ty: Int8,
+            doc: "server connections in use by a client (or being opened for one)",
+            value: |p| count(p.active),
+        },
+        Column {
+            name: "idle",
+            ty: Int8,
+            doc: "server connections reset and waiting for a client",
+            value: |p| count(p.idle),
+        },
+        Column {
+            name: "waiting",
+            ty: Int8,
+            doc: "clients waiting for a slot of the full pool",
+            value: |p| count(p.waiting),
+        },
+        Column {
+            name: "max",
+            ty: Int8,
+            doc: "pool_size: most server connections of the pool",
+            value: |p| count(p.max),
+        },
+    ],
+};
+
 /// `pgmirror.sessions` and `SHOW SESSIONS`: one row per configured session.
 pub static SESSIONS: View<SessionRow> = View {
     schema: "pgmirror",
@@ -771,5 +829,6 @@ mod tests {
         check(&CLIENTS);
         check(&SERVERS);
         check(&SESSIONS);
+        check(&POOLS);
     }
 }

@@ -86,6 +86,12 @@ impl Registration {
         self.cancels.load(Ordering::SeqCst)
     }
 
+    /// The entry's forwarded-cancel count, readable after the entry is
+    /// gone (a cancel is counted before it is sent).
+    pub fn cancel_counter(&self) -> Arc<AtomicU64> {
+        self.cancels.clone()
+    }
+
     /// Records the server a client is now spliced to.
     pub fn set_server(&self, address: &str) {
         if let Some(mut entry) = self.clients.map.get_mut(&self.pid) {

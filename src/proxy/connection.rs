@@ -6,6 +6,11 @@
 //! with proxy-side authentication (`auth`) has the client authenticated
 //! before the proxy connects and the server's requests answered by the
 //! proxy; the server's AuthenticationOk onwards is relayed the same way.
+//! A pooled session's client (`pool`) first takes a slot of its pool: with
+//! an idle server connection, whose login messages are replayed to it in
+//! place of a fresh login; when it leaves cleanly with its server idle,
+//! its Terminate is not forwarded and the connection is reset and given
+//! back.
 //!
 //! The splice copies bytes both ways without parsing queries; the
 //! server-to-client direction only tracks message boundaries (tag+length)
@@ -25,7 +30,7 @@ use ::metrics::{counter, gauge, histogram};
 use crate::metrics::{self, GaugeGuard};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -38,6 +43,7 @@ use crate::proxy::console_door;
 use crate::proxy::fence::{
     CommitFence, FenceCause, Step, FRONTEND_AWAITS_READY, SQLSTATE_COMPLETION_UNKNOWN,
 };
+use crate::proxy::pool::{self, IdleServer, PoolFull, PoolKey, Reuse, TERMINATE};
 use crate::proxy::routing::{Principal, Route};
 use crate::proxy::server_tls::{ServerConnectError, ServerStream, ServerTls, ServerTlsError};
 use crate::proxy::Context;
@@ -111,6 +117,8 @@ pub enum ConnError {
     ConsoleMessage(crate::wire::frame::FrameError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    PoolFull(#[from] PoolFull),
 }
 
 impl ConnError {
@@ -119,7 +127,7 @@ impl ConnError {
     fn sqlstate(&self) -> Option<&'static str> {
         match self {
             ConnError::Io(_) | ConnError::ClientLeft => None,
-            ConnError::TooManyClients(_) => Some("53300"),
+            ConnError::TooManyClients(_) | ConnError::PoolFull(_) => Some("53300"),
             ConnError::ClientTooChatty => Some("08P01"),
             ConnError::ShuttingDown => Some("57P01"),
             ConnError::AdminRefused(_) => Some("28000"),
@@ -378,45 +386,136 @@ where
         Ok(login) => login,
         Err(err) => return refuse(&mut stream, err.into()).await,
     };
+    // A pooled session's client takes a slot of its pool first (waiting,
+    // up to the hold timeout, while the pool is full), perhaps with an
+    // idle server connection of its principal and epoch (I4).
+    let key = PoolKey {
+        session: session.clone(),
+        database: database.clone(),
+        user: user.clone(),
+    };
+    let hold_deadline = Instant::now() + ctx.hold_timeout;
+    let checkout = ctx
+        .pools
+        .checkout(key, &plan.to_server, &routes, hold_deadline);
+    let mut lease = match checkout.await {
+        Ok(lease) => lease,
+        Err(full) => return refuse(&mut stream, full.into()).await,
+    };
     let mut early = Vec::new();
-    let held = hold_and_connect(
-        ctx,
-        &session,
-        &mut routes,
-        &plan.to_server,
-        &mut stream,
-        &mut early,
-    );
-    let mut connected = match held.await {
-        Ok(connected) => connected,
-        Err(err) => return refuse(&mut stream, err).await,
+    // The hold does not count against authentication: the rest of the
+    // login gets a full startup_timeout from the moment a server is had.
+    let (connected, born, deadline) = match lease.as_mut().and_then(|lease| lease.reused.take()) {
+        // Replayed to the client as if the server had just logged it in;
+        // the splice swaps the server's BackendKeyData for the proxy's
+        // and records it as this client's cancel target.
+        Some(idle) => {
+            let connected = Connected {
+                server: idle.server,
+                principal: idle.principal,
+                epoch: idle.epoch,
+                pending: idle.greeting,
+            };
+            let deadline = Instant::now() + ctx.startup_timeout;
+            (connected, idle.born, deadline)
+        }
+        None => {
+            let held = hold_and_connect(
+                ctx,
+                &session,
+                &mut routes,
+                &plan.to_server,
+                &mut stream,
+                &mut early,
+            );
+            let mut connected = match held.await {
+                Ok(connected) => connected,
+                Err(err) => return refuse(&mut stream, err).await,
+            };
+            let deadline = Instant::now() + ctx.startup_timeout;
+            if let Some(login) = &login {
+                // The server's requests answered as the client; its
+                // AuthenticationOk (or error) is left for the splice to
+                // forward.
+                let server = &mut connected.server;
+                let logged_in = login.log_in(server, &mut connected.pending, &user, deadline);
+                if let Err(err) = logged_in.await {
+                    return refuse(&mut stream, err.into()).await;
+                }
+            }
+            (connected, Instant::now(), deadline)
+        }
     };
     let _server = GaugeGuard::new(
         gauge!(metrics::PROXY_SERVER_CONNECTIONS, metrics::SESSION => session.clone()),
     );
     registration.set_server(&connected.principal.address);
-    // The hold does not count against authentication: the client gets a
-    // full startup_timeout from the moment its server is reached.
-    let deadline = Instant::now() + ctx.startup_timeout;
-    if let Some(login) = &login {
-        // The server's requests answered as the client; its
-        // AuthenticationOk (or error) is left for the splice to forward.
-        let server = &mut connected.server;
-        let logged_in = login.log_in(server, &mut connected.pending, &user, deadline);
-        if let Err(err) = logged_in.await {
-            return refuse(&mut stream, err.into()).await;
-        }
-    }
-    splice(
+    let Some(lease) = lease else {
+        let options = SpliceOptions {
+            deadline,
+            reuse: None,
+        };
+        let spliced = splice(
+            ctx,
+            stream,
+            connected,
+            early,
+            &registration,
+            routes,
+            options,
+        );
+        return spliced.await.map(|(end, _)| end);
+    };
+    let (principal, epoch) = (connected.principal.clone(), connected.epoch);
+    let reuse = Mutex::new(Reuse::default());
+    let route = routes.clone();
+    let spliced = splice(
         ctx,
         stream,
         connected,
         early,
         &registration,
         routes,
-        deadline,
-    )
-    .await
+        SpliceOptions {
+            deadline,
+            reuse: Some(&reuse),
+        },
+    );
+    let (end, server) = spliced.await?;
+    let Some(mut server) = server else {
+        return Ok(end);
+    };
+    // A cancel forwarded for this client could still reach the server and
+    // hit the next client's query: such a connection is not reused. Once
+    // the registration is gone no cancel can find this client; one that
+    // found it just before is counted (before it is sent) by the time the
+    // reset's round trip is over, so the count is read again after it.
+    let cancels = registration.cancel_counter();
+    drop(registration);
+    let quiet = || cancels.load(Ordering::SeqCst) == 0;
+    let reset_query = ctx.pools.settings(&session).map(|s| s.reset_query.as_str());
+    if quiet() && pool::reset(&mut server, reset_query.unwrap_or_default()).await && quiet() {
+        let greeting = reuse
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .greeting;
+        let startup = plan.to_server;
+        let idle = IdleServer::new(server, principal, epoch, startup, greeting, born);
+        lease.give_back(idle, &route.borrow());
+    }
+    Ok(end)
+}
+
+/// The splice's deadline for the rest of the login, and for a pooled
+/// client where to record whether its server connection may be reused.
+struct SpliceOptions<'a> {
+    deadline: Instant,
+    reuse: Option<&'a Mutex<Reuse>>,
+}
+
+/// Locks a splice's [`Reuse`]; a panic elsewhere only spoils reuse.
+fn tracked(reuse: Option<&Mutex<Reuse>>) -> Option<std::sync::MutexGuard<'_, Reuse>> {
+    reuse.map(|reuse| reuse.lock().unwrap_or_else(|poison| poison.into_inner()))
 }
 
 /// A server connection whose startup packet has been sent.
@@ -645,6 +744,9 @@ async fn fenced<W: AsyncWrite + Unpin>(cause: FenceCause, at_boundary: bool, cli
 }
 
 /// Relays the authentication exchange, then splices until one side ends.
+/// A pooled client's Terminate is not forwarded, and its server connection
+/// is given back when the client ended cleanly with the server idle
+/// ([`Reuse::is_idle`]); otherwise the server connection is closed.
 async fn splice<S>(
     ctx: &Context,
     client: S,
@@ -652,8 +754,8 @@ async fn splice<S>(
     early: Vec<u8>,
     registration: &Registration,
     mut routes: tokio::sync::watch::Receiver<Route>,
-    deadline: Instant,
-) -> Result<End, ConnError>
+    options: SpliceOptions<'_>,
+) -> Result<(End, Option<ServerStream>), ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -668,6 +770,7 @@ where
     let (mut server_read, mut server_write) = tokio::io::split(server);
     let shutdown = ctx.shutdown.clone();
     let startup_timeout = ctx.startup_timeout;
+    let SpliceOptions { deadline, reuse } = options;
 
     let bytes_to_server = counter!(metrics::PROXY_BYTES, "direction" => "client_to_server");
     let bytes_to_client = counter!(metrics::PROXY_BYTES, "direction" => "server_to_client");
@@ -683,8 +786,16 @@ where
         let mut scanner = FrameScanner::backend();
         if !early.is_empty() {
             // Sent during the hold; the fence's flag needs no update yet
-            // (authentication comes first).
-            let _ = scanner.feed(&early, |_| {});
+            // (authentication comes first). A Terminate among them goes
+            // to the server, which then ends.
+            {
+                let mut reuse = tracked(reuse);
+                let _ = scanner.feed(&early, |message| {
+                    if let (Some(reuse), Some(tag)) = (reuse.as_mut(), message.tag) {
+                        reuse.client_message(tag);
+                    }
+                });
+            }
             server_write.write_all(&early).await?;
             server_write.flush().await?;
         }
@@ -692,14 +803,47 @@ where
             let n = client_read.read(&mut buf).await?;
             bytes_to_server.increment(n as u64);
             let Some(chunk) = buf.get(..n).filter(|chunk| !chunk.is_empty()) else {
-                let _ = server_write.shutdown().await;
+                // A pooled server connection stays open for its next
+                // client (or is closed by the caller).
+                if reuse.is_none() {
+                    let _ = server_write.shutdown().await;
+                }
                 return Ok::<End, ConnError>(End::ClientClosed);
             };
             let mut last_tag = None;
-            if scanner
-                .feed(chunk, |message| last_tag = message.tag)
-                .is_err()
-            {
+            // Where a pooled client's Terminate starts, if it sent one;
+            // None inside when it began in an earlier chunk.
+            let mut terminate = None;
+            let fed = {
+                let mut tracking = tracked(reuse);
+                let fed = scanner.feed(chunk, |message| {
+                    last_tag = message.tag;
+                    match (tracking.as_mut(), message.tag) {
+                        (Some(_), Some(TERMINATE)) => {
+                            terminate.get_or_insert(pool::terminate_start(message.end));
+                        }
+                        (Some(reuse), Some(tag)) => reuse.client_message(tag),
+                        _ => {}
+                    }
+                });
+                if let Some(reuse) = tracking.as_mut() {
+                    if fed.is_err() || terminate == Some(None) {
+                        reuse.spoil();
+                    }
+                }
+                fed
+            };
+            if let Some(Some(start)) = terminate {
+                // The client is leaving: what came before its Terminate
+                // goes on, the Terminate itself does not.
+                let before = chunk.get(..start).unwrap_or_default();
+                if !before.is_empty() && !client_routes.borrow().supersedes(epoch, &principal) {
+                    server_write.write_all(before).await?;
+                    server_write.flush().await?;
+                }
+                return Ok(End::ClientClosed);
+            }
+            if fed.is_err() {
                 // Not protocol 3 any more: never hold (the fence's other
                 // rules do not depend on this flag).
                 awaiting_ready.store(false, Ordering::Relaxed);
@@ -729,6 +873,9 @@ where
                 let Some(message) = pending.get(..len) else {
                     break;
                 };
+                if let Some(reuse) = tracked(reuse).as_mut() {
+                    reuse.greeting.extend_from_slice(message);
+                }
                 match tag {
                     BACKEND_KEY_DATA => match decode_backend_key_data(message) {
                         Some((pid, secret)) => {
@@ -784,6 +931,9 @@ where
         // The hot path: bytes as they come, boundaries tracked, commits
         // fenced. Bytes after the authentication's ReadyForQuery go first.
         let mut fence = CommitFence::new(FrameScanner::backend(), registration.cancels_forwarded());
+        if let Some(reuse) = tracked(reuse).as_mut() {
+            reuse.server_bytes(&pending);
+        }
         let early = forward(
             &mut fence,
             &pending,
@@ -810,6 +960,10 @@ where
                         }
                         break End::ServerClosed;
                     };
+                    // Before any await: a chunk read is always seen.
+                    if let Some(reuse) = tracked(reuse).as_mut() {
+                        reuse.server_bytes(chunk);
+                    }
                     let fed = forward(&mut fence, chunk, &awaiting_ready, registration, &mut client_write)
                         .await?;
                     if let Some(end) = fed {
@@ -855,5 +1009,7 @@ where
     };
     // TLS: close_notify, so that the client can tell an end from a cut.
     let _ = tokio::time::timeout(CLOSE_GRACE, client_write.shutdown()).await;
-    end
+    let end = end?;
+    let idle = end == End::ClientClosed && tracked(reuse).is_some_and(|reuse| reuse.is_idle());
+    Ok((end, idle.then(|| server_read.unsplit(server_write))))
 }

@@ -58,6 +58,7 @@ const SCRAM_ITERATIONS: usize = 4096;
 pub struct ConsoleState {
     pub sessions: BTreeMap<String, (ProxySession, watch::Receiver<Route>)>,
     pub clients: Clients,
+    pub pools: crate::proxy::pool::Pools,
     pub endpoint_tls: EndpointTls,
     pub admin: AdminConfig,
     /// One ALTER DATABASE at a time per session.
@@ -430,6 +431,7 @@ impl Console {
                 "pgmirror.clients" => view::CLIENTS.rows(&clients),
                 "pgmirror.servers" => view::SERVERS.rows(&clients),
                 "pgmirror.sessions" => view::SESSIONS.rows(&self.session_rows(&routes, &clients)),
+                "pgmirror.pools" => view::POOLS.rows(&self.state.pools.snapshot()),
                 _ => continue,
             };
             data.insert(table.clone(), rows);
@@ -539,6 +541,7 @@ impl Console {
             Statement::ShowSessions => {
                 view::SESSIONS.rows(&self.session_rows(&self.routes(), &clients))
             }
+            Statement::ShowPools => view::POOLS.rows(&self.state.pools.snapshot()),
             Statement::SetPartner { session, option } => {
                 self.set_partner(&session, option).await?;
                 return Ok(None);

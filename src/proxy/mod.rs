@@ -12,7 +12,8 @@
 //! `fence` (the commit fence: a commit whose wait for the mirror was cut
 //! short reaches the client as 40003, invariant I2), `server_tls` (TLS to
 //! the servers), `auth` (proxy-side authentication: SCRAM and md5 against
-//! a userlist or an auth query).
+//! a userlist or an auth query), `pool` (server connection pools of
+//! sessions with proxy-side authentication, session mode).
 
 pub mod auth;
 pub mod clients;
@@ -22,6 +23,7 @@ pub mod console;
 pub mod console_door;
 pub mod epochs;
 pub mod fence;
+pub mod pool;
 pub mod routing;
 pub mod server_tls;
 pub mod socket;
@@ -103,6 +105,8 @@ pub struct Context {
     pub console_logins: console_door::LoginLimiter,
     /// Each session's authentication: pass-through or in the proxy.
     pub auth: auth::Auth,
+    /// The server connection pools of pooled sessions.
+    pub pools: pool::Pools,
     pub shutdown: CancellationToken,
 }
 
@@ -191,12 +195,29 @@ pub async fn serve(
         routes.insert(name.clone(), receive);
     }
     let clients = Clients::default();
+    let pools = pool::Pools::new(
+        config
+            .sessions
+            .iter()
+            .filter_map(|(name, session)| Some((name.clone(), session.pool()?)))
+            .collect(),
+    );
+    for (name, route) in &routes {
+        if pools.settings(name).is_some() {
+            tracker.spawn(
+                pools
+                    .clone()
+                    .keep(name.clone(), route.clone(), shutdown.clone()),
+            );
+        }
+    }
     let console = match &config.admin {
         Some(admin) => Some(
             console::start(
                 Arc::new(console::ConsoleState {
                     sessions: console_sessions,
                     clients: clients.clone(),
+                    pools: pools.clone(),
                     endpoint_tls: endpoint_tls.clone(),
                     admin: admin.clone(),
                     turns: Default::default(),
@@ -226,6 +247,7 @@ pub async fn serve(
             .unwrap_or_default(),
         console_logins: console_door::LoginLimiter::default(),
         auth,
+        pools,
         shutdown: shutdown.clone(),
     });
 

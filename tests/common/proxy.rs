@@ -1,7 +1,9 @@
 //! `ProxyHandle`: a pgmirror proxy served in-process on a port-0 listener,
 //! from TOML sessions the test writes, stopped (its shutdown token
 //! cancelled) when the handle drops. Plus the clients tests use through it:
-//! tokio-postgres connections, psql and pgbench runs.
+//! tokio-postgres connections, psql and pgbench runs; and a server with
+//! password users whose verifiers a userlist copies (proxy-side
+//! authentication).
 
 use std::process::Command;
 use std::time::Duration;
@@ -163,4 +165,37 @@ pub fn trusting_client(dir: &std::path::Path) -> rustls::ClientConfig {
     .expect("TLS versions")
     .with_root_certificates(roots)
     .with_no_client_auth()
+}
+
+/// A server whose `app` has a SCRAM verifier ("wonder") and `old` an md5
+/// one ("legacy"); pg_hba asks `old` for md5 and everyone else but the
+/// setup superuser for SCRAM.
+pub async fn server_with_users() -> (super::PgInstance, tokio_postgres::Client) {
+    let pg = super::PgInstance::start_with(&["password_encryption = 'scram-sha-256'"]);
+    let setup = pg.connect().await;
+    setup
+        .batch_execute(
+            "CREATE USER app PASSWORD 'wonder';
+             SET password_encryption = 'md5'; CREATE USER old PASSWORD 'legacy';
+             RESET password_encryption;",
+        )
+        .await
+        .expect("create users");
+    let hba = "local all all trust\nhost all postgres 127.0.0.1/32 trust\n\
+               host all old 127.0.0.1/32 md5\nhost all all 127.0.0.1/32 scram-sha-256\n";
+    std::fs::write(pg.engine.data_dir.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
+    pg.engine.reload().expect("reload PostgreSQL");
+    (pg, setup)
+}
+
+/// `pg_authid.rolpassword` of `user`, as an administrator copies it.
+pub async fn verifier_of(setup: &tokio_postgres::Client, user: &str) -> String {
+    setup
+        .query_one(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+            &[&user],
+        )
+        .await
+        .expect("read pg_authid")
+        .get(0)
 }
