@@ -339,6 +339,23 @@ impl Instance {
     /// pg_rewind syncs the directory to disk before it returns, so a copy
     /// recorded as rewound is one that survives a crash.
     pub fn rewind(&self, conninfo: &str) -> Result<String, EngineError> {
+        // A newly promoted source records its new timeline in its control
+        // file only at its first checkpoint after promotion; before that,
+        // pg_rewind reads both copies on one timeline, says "no rewind
+        // required" and leaves this copy diverged (its standby then stops
+        // on "record with incorrect prev-link"). So checkpoint it first.
+        let mut checkpoint = self.run_as.command(self.bin.path("psql"));
+        checkpoint.args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            conninfo,
+            "-c",
+            "CHECKPOINT",
+        ]);
+        run(checkpoint)?;
         let mut command = self.run_as.command(self.bin.path("pg_rewind"));
         command
             .arg("-D")
