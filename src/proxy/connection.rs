@@ -450,24 +450,9 @@ where
         gauge!(metrics::PROXY_SERVER_CONNECTIONS, metrics::SESSION => session.clone()),
     );
     registration.set_server(&connected.principal.address);
-    let Some(lease) = lease else {
-        let options = SpliceOptions {
-            deadline,
-            reuse: None,
-        };
-        let spliced = splice(
-            ctx,
-            stream,
-            connected,
-            early,
-            &registration,
-            routes,
-            options,
-        );
-        return spliced.await.map(|(end, _)| end);
-    };
+    // Only a pooled client's splice tracks whether its server can be reused.
+    let reuse = lease.as_ref().map(|_| Mutex::new(Reuse::default()));
     let (principal, epoch) = (connected.principal.clone(), connected.epoch);
-    let reuse = Mutex::new(Reuse::default());
     let route = routes.clone();
     let spliced = splice(
         ctx,
@@ -478,11 +463,11 @@ where
         routes,
         SpliceOptions {
             deadline,
-            reuse: Some(&reuse),
+            reuse: reuse.as_ref(),
         },
     );
     let (end, server) = spliced.await?;
-    let Some(mut server) = server else {
+    let (Some(lease), Some(reuse), Some(mut server)) = (lease, reuse, server) else {
         return Ok(end);
     };
     // A cancel forwarded for this client could still reach the server and
