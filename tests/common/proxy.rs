@@ -44,11 +44,21 @@ impl ProxyHandle {
     /// A proxy in front of a real mirrored pair (session `shop` for the
     /// dbname `postgres`), with `extra` config lines at the top.
     pub async fn in_front_of(pair: &super::cluster::Pair, extra: &str) -> ProxyHandle {
+        ProxyHandle::in_front_of_with(pair, extra, "").await
+    }
+
+    /// As [`ProxyHandle::in_front_of`], with `session` lines (auth,
+    /// pool_mode, ...) added to the session `shop`.
+    pub async fn in_front_of_with(
+        pair: &super::cluster::Pair,
+        extra: &str,
+        session: &str,
+    ) -> ProxyHandle {
         use super::cluster::ListenEndpoint;
         let pki = &pair.pki;
         let text = format!(
             "hold_timeout = 60\n{extra}\n[endpoint_tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n\n\
-             [sessions.shop]\npartners = [\"{}\", \"{}\"]\ndatabases = [\"postgres\"]\n",
+             [sessions.shop]\npartners = [\"{}\", \"{}\"]\ndatabases = [\"postgres\"]\n{session}",
             pki.join("tester.crt"),
             pki.join("tester.key"),
             pki.join("ca.crt"),
@@ -79,7 +89,17 @@ impl ProxyHandle {
         &self,
         extra: &str,
     ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let conninfo = format!("{} {extra}", self.conninfo("postgres", "postgres"));
+        self.connect_as("postgres", extra).await
+    }
+
+    /// A tokio-postgres client through the proxy, logged in as `user`
+    /// (`extra`: more conninfo, such as its password).
+    pub async fn connect_as(
+        &self,
+        user: &str,
+        extra: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let conninfo = format!("{} {extra}", self.conninfo(user, "postgres"));
         let (client, connection) =
             tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
         tokio::spawn(connection);
