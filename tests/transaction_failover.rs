@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{PairOptions, Partner, SLOW};
 use common::pooled_pair::{
-    check_all, create_tenant_schemas, hits_in_own_schema, Failover, PooledPair, TenantClient,
+    check_all, create_tenant_schemas, describe, hits_in_own_schema, Failover, PooledPair,
+    TenantClient,
 };
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
@@ -110,6 +111,18 @@ async fn open_transaction(client: &Client, id: i32, simple: bool) {
     }
 }
 
+/// Table `ledger (id)` on alpha, the first principal, for `app`.
+async fn create_ledger(pooled: &PooledPair) {
+    pooled
+        .pair
+        .a
+        .sql()
+        .await
+        .batch_execute("CREATE TABLE ledger (id int); GRANT INSERT, SELECT ON ledger TO app")
+        .await
+        .expect("create ledger");
+}
+
 /// The ids in `ledger` on `partner`.
 async fn ledger(partner: &Partner) -> BTreeSet<i32> {
     partner
@@ -126,14 +139,7 @@ async fn ledger(partner: &Partner) -> BTreeSet<i32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_open_across_a_failover_gets_40001_and_its_connection_goes_on() {
     let mut pooled = PooledPair::start(options(), 4, "").await;
-    pooled
-        .pair
-        .a
-        .sql()
-        .await
-        .batch_execute("CREATE TABLE ledger (id int); GRANT INSERT, SELECT ON ledger TO app")
-        .await
-        .unwrap();
+    create_ledger(&pooled).await;
     let simple = pooled.app("").await.expect("client (simple protocol)");
     let extended = pooled.app("").await.expect("client (extended protocol)");
     let mut committed = BTreeSet::new();
@@ -162,7 +168,8 @@ async fn a_transaction_open_across_a_failover_gets_40001_and_its_connection_goes
             assert_eq!(
                 err.code(),
                 Some(&SqlState::T_R_SERIALIZATION_FAILURE),
-                "{how:?}, {what}: {err}"
+                "{how:?}, {what}: {}",
+                describe(&err)
             );
         }
         // ...ROLLBACK succeeds, and the connection runs a new transaction
@@ -172,7 +179,7 @@ async fn a_transaction_open_across_a_failover_gets_40001_and_its_connection_goes
                 .batch_execute("ROLLBACK")
                 .await
                 .unwrap_or_else(|err| {
-                    panic!("{how:?}: ROLLBACK after 40001: {err}");
+                    panic!("{how:?}: ROLLBACK after 40001: {}", describe(&err));
                 });
             let id = base + offset;
             let transaction = format!(
@@ -182,7 +189,7 @@ async fn a_transaction_open_across_a_failover_gets_40001_and_its_connection_goes
             let messages = client
                 .simple_query(&transaction)
                 .await
-                .unwrap_or_else(|err| panic!("{how:?}: the next transaction: {err}"));
+                .unwrap_or_else(|err| panic!("{how:?}: the next transaction: {}", describe(&err)));
             let served = messages.iter().find_map(|message| match message {
                 tokio_postgres::SimpleQueryMessage::Row(row) => Some((
                     row.get(0).map(str::to_string),
@@ -268,14 +275,7 @@ async fn commits_in_flight_at_a_failover(fault: Fault) {
         "",
     )
     .await;
-    pooled
-        .pair
-        .a
-        .sql()
-        .await
-        .batch_execute("CREATE TABLE ledger (id int); GRANT INSERT, SELECT ON ledger TO app")
-        .await
-        .unwrap();
+    create_ledger(&pooled).await;
     let explicit = pooled.app("").await.expect("client");
     let autocommit = pooled.app("").await.expect("client");
     explicit
@@ -339,7 +339,8 @@ async fn commits_in_flight_at_a_failover(fault: Fault) {
                 Some(code) if code == &SqlState::T_R_STATEMENT_COMPLETION_UNKNOWN => {
                     println!("{what}: 40003 as it should: {err}")
                 }
-                code => println!("{what}: NOTE: an error, but not 40003: {err} ({code:?})"),
+                Some(_) => println!("{what}: NOTE: an error, but not 40003: {}", describe(&err)),
+                None => println!("{what}: its connection ended: {}", describe(&err)),
             },
         }
     }

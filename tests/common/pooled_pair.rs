@@ -196,11 +196,11 @@ impl TenantClient {
         let client = pooled
             .app(&format!("application_name=client{index}"))
             .await
-            .map_err(|err| format!("client {index}: login: {err}"))?;
+            .map_err(|err| format!("client {index}: login: {}", describe(&err)))?;
         client
             .batch_execute(&format!("SET search_path = c{index}"))
             .await
-            .map_err(|err| format!("client {index}: SET search_path: {err}"))?;
+            .map_err(|err| format!("client {index}: SET search_path: {}", describe(&err)))?;
         Ok(TenantClient { index, client })
     }
 
@@ -221,8 +221,7 @@ impl TenantClient {
     pub async fn check(&self, round: i32) -> Result<Served, String> {
         let index = self.index;
         let fail = |what: &str, err: tokio_postgres::Error| {
-            let code = err.code().map(|code| code.code().to_string());
-            format!("client {index}: {what}: {err} (SQLSTATE {code:?})")
+            format!("client {index}: {what}: {}", describe(&err))
         };
         let row = self
             .client
@@ -271,4 +270,16 @@ pub async fn check_all(
             .unwrap_or_else(|_| Err(format!("client {}: no answer in {limit:?}", client.index)))
     });
     futures::future::join_all(checks).await
+}
+
+/// An error as a reader needs it: SQLSTATE and message of a server's error,
+/// else what ended the connection.
+pub fn describe(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => match std::error::Error::source(err) {
+            Some(source) => format!("{err}: {source}"),
+            None => err.to_string(),
+        },
+    }
 }
