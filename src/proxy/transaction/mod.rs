@@ -603,6 +603,8 @@ impl Session<'_> {
         let mut routes = self.routes.clone();
         let mut watching = true;
         let mut server_buf = vec![0u8; 8 * 1024];
+        let bytes_to_server = counter!(metrics::PROXY_BYTES, "direction" => "client_to_server");
+        let bytes_to_client = counter!(metrics::PROXY_BYTES, "direction" => "server_to_client");
         relay.take_client(input, &mut state, &mut self.statements)?;
         let end = loop {
             if let Some(end) = relay.pass_through_fence(self.registration)? {
@@ -617,9 +619,11 @@ impl Session<'_> {
             }
             tokio::select! {
                 read = client_read.read_buf(input), if relay.to_server.len() < QUEUE_MAX => {
-                    if read? == 0 {
+                    let n = read?;
+                    if n == 0 {
                         break Some(Ending::ClientLeft);
                     }
+                    bytes_to_server.increment(n as u64);
                     if relay.take_client(input, &mut state, &mut self.statements)? {
                         break Some(Ending::ClientLeft);
                     }
@@ -629,6 +633,7 @@ impl Session<'_> {
                     if n == 0 {
                         break Some(relay.server_lost());
                     }
+                    bytes_to_client.increment(n as u64);
                     relay.take_server(&server_buf[..n], &mut state)?;
                 }
                 written = server_write.write(&relay.to_server), if !relay.to_server.is_empty() => {
