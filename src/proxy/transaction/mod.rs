@@ -904,11 +904,27 @@ impl Relay {
             QUERY => {
                 let text = decode_query(message).ok_or_else(malformed)?;
                 let found = sql::inspect(text);
-                match found.refused {
-                    Some(what) => self
+                let dropped = sql::deallocated(text)
+                    .and_then(|name| Some(name.clone()).zip(statements.get(&name).cloned()));
+                match (found.refused, dropped) {
+                    (Some(what), _) => self
                         .to_server
                         .extend_from_slice(&extended::encode_query(&sql::refusal_sql(what))),
-                    None => self.to_server.extend_from_slice(message),
+                    // A driver evicting a statement: the server's copy goes
+                    // (prepared first if this connection lacks it, so that
+                    // the client gets DEALLOCATE as PostgreSQL answers it);
+                    // clients sharing it prepare it again when they use it.
+                    (None, Some((name, statement))) => {
+                        self.ensure(&statement, state);
+                        state.prepared.remove(&statement.server_name);
+                        statements.remove(&name);
+                        self.to_server
+                            .extend_from_slice(&extended::encode_query(&format!(
+                                "DEALLOCATE {}",
+                                statement.server_name
+                            )));
+                    }
+                    (None, None) => self.to_server.extend_from_slice(message),
                 }
                 self.touched.note(&found);
                 self.replies.client(Kind::Simple);
