@@ -136,86 +136,100 @@ async fn ledger(partner: &Partner) -> BTreeSet<i32> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_transaction_open_across_a_failover_gets_40001_and_its_connection_goes_on() {
+/// What one client, whose transaction was open across the failover to the
+/// server on `port`, sees next: 40001 for its next statement (`next`, run
+/// by the caller), then a ROLLBACK that succeeds and a new transaction (row
+/// `id`) on the new principal. Returns what went wrong.
+async fn goes_on_after_40001(
+    client: &Client,
+    next: Result<(), tokio_postgres::Error>,
+    id: i32,
+    port: u16,
+) -> Result<(), String> {
+    match next {
+        Ok(()) => return Err("a statement of a transaction begun before the failover ran".into()),
+        Err(err) if err.code() != Some(&SqlState::T_R_SERIALIZATION_FAILURE) => {
+            return Err(format!("not 40001 but {}", describe(&err)))
+        }
+        Err(_) => {}
+    }
+    client
+        .batch_execute("ROLLBACK")
+        .await
+        .map_err(|err| format!("ROLLBACK after 40001: {}", describe(&err)))?;
+    let messages = client
+        .simple_query(&format!(
+            "BEGIN; INSERT INTO ledger VALUES ({id}); \
+             SELECT inet_server_port(), pg_is_in_recovery(); COMMIT"
+        ))
+        .await
+        .map_err(|err| format!("the next transaction: {}", describe(&err)))?;
+    let served = messages.iter().find_map(|message| match message {
+        tokio_postgres::SimpleQueryMessage::Row(row) => Some((row.get(0), row.get(1))),
+        _ => None,
+    });
+    let expected = port.to_string();
+    match served {
+        Some((Some(ran_on), Some("f"))) if ran_on == expected => Ok(()),
+        other => Err(format!(
+            "the next transaction ran on {other:?}, not the principal on {port}"
+        )),
+    }
+}
+
+/// Two clients (simple and extended protocol) with a transaction open
+/// across a failover `how`.
+async fn transactions_across(how: Failover) {
     let mut pooled = PooledPair::start(options(), 4, "").await;
     create_ledger(&pooled).await;
     let simple = pooled.app("").await.expect("client (simple protocol)");
     let extended = pooled.app("").await.expect("client (extended protocol)");
-    let mut committed = BTreeSet::new();
-    for (round, how) in [(0, Failover::Manual), (1, Failover::Kill9)] {
-        let base = round * 100;
-        open_transaction(&simple, base + 1, true).await;
-        open_transaction(&extended, base + 2, false).await;
-        let port = pooled.fail_over(how).await;
+    open_transaction(&simple, 1, true).await;
+    open_transaction(&extended, 2, false).await;
+    let port = pooled.fail_over(how).await;
 
-        // The next statement, whatever it is, fails with 40001...
-        let next = simple
-            .simple_query(&format!("INSERT INTO ledger VALUES ({})", base + 11))
-            .await;
-        let next_extended = extended
-            .execute("INSERT INTO ledger VALUES ($1)", &[&(base + 12)])
-            .await;
-        for (what, outcome) in [
-            ("simple protocol", next.map(|_| ())),
-            ("extended protocol", next_extended.map(|_| ())),
-        ] {
-            let err = outcome.err().unwrap_or_else(|| {
-                panic!(
-                    "{how:?}, {what}: a statement in a transaction begun before the failover ran"
-                )
-            });
-            assert_eq!(
-                err.code(),
-                Some(&SqlState::T_R_SERIALIZATION_FAILURE),
-                "{how:?}, {what}: {}",
-                describe(&err)
-            );
+    let next_simple = simple
+        .simple_query("INSERT INTO ledger VALUES (11)")
+        .await
+        .map(|_| ());
+    let next_extended = extended
+        .execute("INSERT INTO ledger VALUES (12)", &[])
+        .await
+        .map(|_| ());
+    let mut failures = Vec::new();
+    let mut committed = BTreeSet::new();
+    for (what, client, next, id) in [
+        ("simple protocol", &simple, next_simple, 3),
+        ("extended protocol", &extended, next_extended, 4),
+    ] {
+        match goes_on_after_40001(client, next, id, port).await {
+            Ok(()) => {
+                committed.insert(id);
+            }
+            Err(failure) => failures.push(format!("{what}: {failure}")),
         }
-        // ...ROLLBACK succeeds, and the connection runs a new transaction
-        // on the new principal.
-        for (offset, client) in [(3, &simple), (4, &extended)] {
-            client
-                .batch_execute("ROLLBACK")
-                .await
-                .unwrap_or_else(|err| {
-                    panic!("{how:?}: ROLLBACK after 40001: {}", describe(&err));
-                });
-            let id = base + offset;
-            let transaction = format!(
-                "BEGIN; INSERT INTO ledger VALUES ({id}); \
-                 SELECT inet_server_port(), pg_is_in_recovery(); COMMIT"
-            );
-            let messages = client
-                .simple_query(&transaction)
-                .await
-                .unwrap_or_else(|err| panic!("{how:?}: the next transaction: {}", describe(&err)));
-            let served = messages.iter().find_map(|message| match message {
-                tokio_postgres::SimpleQueryMessage::Row(row) => Some((
-                    row.get(0).map(str::to_string),
-                    row.get(1).map(str::to_string),
-                )),
-                _ => None,
-            });
-            let expected = (Some(port.to_string()), Some("f".to_string()));
-            assert_eq!(
-                served,
-                Some(expected),
-                "{how:?}: where the next transaction ran"
-            );
-            committed.insert(id);
-        }
-        let principal = if pooled.pair.a.pg_port() == port {
-            &pooled.pair.a
-        } else {
-            &pooled.pair.b
-        };
-        assert_eq!(
-            ledger(principal).await,
-            committed,
-            "{how:?}: only the transactions after the failover committed"
-        );
     }
+    assert!(failures.is_empty(), "{how:?}:\n{}", failures.join("\n"));
+    let principal = if pooled.pair.a.pg_port() == port {
+        &pooled.pair.a
+    } else {
+        &pooled.pair.b
+    };
+    assert_eq!(
+        ledger(principal).await,
+        committed,
+        "{how:?}: only the transactions after the failover committed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_open_across_a_manual_failover_gets_40001_and_its_connection_goes_on() {
+    transactions_across(Failover::Manual).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_open_across_a_kill9_failover_gets_40001_and_its_connection_goes_on() {
+    transactions_across(Failover::Kill9).await;
 }
 
 // ---------------------------------------------------------------------
@@ -337,7 +351,7 @@ async fn commits_in_flight_at_a_failover(fault: Fault) {
             // unknown is 40003 (others are noted for the reader).
             Ok(Err(err)) => match err.code() {
                 Some(code) if code == &SqlState::T_R_STATEMENT_COMPLETION_UNKNOWN => {
-                    println!("{what}: 40003 as it should: {err}")
+                    println!("{what}: 40003 as it should: {}", describe(&err))
                 }
                 Some(_) => println!("{what}: NOTE: an error, but not 40003: {}", describe(&err)),
                 None => println!("{what}: its connection ended: {}", describe(&err)),
