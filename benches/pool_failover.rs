@@ -18,7 +18,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::cluster::PairOptions;
-use common::pooled_pair::{check_all, create_tenant_schemas, Failover, PooledPair, TenantClient};
+use common::pooled_pair::{
+    check_all, create_tenant_schemas, not_on_principal, Failover, PooledPair, TenantClient,
+};
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -64,14 +66,7 @@ async fn main() {
         let switched = started.elapsed();
         let outcomes = check_all(&clients, run as i32, Duration::from_secs(120)).await;
         let took = started.elapsed().as_secs_f64();
-        let bad: Vec<String> = outcomes
-            .into_iter()
-            .filter_map(|outcome| match outcome {
-                Ok(served) if served.port == i32::from(port) && !served.in_recovery => None,
-                Ok(served) => Some(format!("ran on {served:?}")),
-                Err(err) => Some(err),
-            })
-            .collect();
+        let bad = not_on_principal(outcomes, port);
         println!(
             "run {run}: FAILOVER returned after {switched:?}; {} of {count} clients saw an error; \
              all ran on the new principal {took:.2} s after the FAILOVER{}",

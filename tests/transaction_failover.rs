@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{PairOptions, Partner, SLOW};
 use common::pooled_pair::{
-    check_all, create_tenant_schemas, describe, hits_in_own_schema, Failover, PooledPair,
-    TenantClient,
+    check_all, create_tenant_schemas, describe, hits_in_own_schema, not_on_principal, Failover,
+    PooledPair, TenantClient,
 };
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
@@ -53,14 +53,7 @@ async fn everyone_runs_on(clients: &[TenantClient], round: i32, port: u16) {
         clients.len(),
         started.elapsed()
     );
-    let failed: Vec<String> = outcomes
-        .iter()
-        .filter_map(|outcome| match outcome {
-            Ok(served) if served.port == i32::from(port) && !served.in_recovery => None,
-            Ok(served) => Some(format!("ran on {served:?}, not the principal on {port}")),
-            Err(err) => Some(err.clone()),
-        })
-        .collect();
+    let failed = not_on_principal(outcomes, port);
     assert!(
         failed.is_empty(),
         "round {round}: {} of {} clients failed; the first: {:#?}",

@@ -272,6 +272,19 @@ pub async fn check_all(
     futures::future::join_all(checks).await
 }
 
+/// What went wrong for each client that did not run on the writable
+/// server on `port` with its own settings.
+pub fn not_on_principal(outcomes: Vec<Result<Served, String>>, port: u16) -> Vec<String> {
+    outcomes
+        .into_iter()
+        .filter_map(|outcome| match outcome {
+            Ok(served) if served.port == i32::from(port) && !served.in_recovery => None,
+            Ok(served) => Some(format!("ran on {served:?}, not the principal on {port}")),
+            Err(err) => Some(err),
+        })
+        .collect()
+}
+
 /// An error as a reader needs it: SQLSTATE and message of a server's error,
 /// else what ended the connection.
 pub fn describe(err: &tokio_postgres::Error) -> String {
