@@ -380,9 +380,14 @@ where
         database: &database,
         tls,
     };
-    let authenticated =
-        ctx.auth
-            .authenticate(&who, &mut stream, &mut routes, ctx.hold_timeout, deadline);
+    let authenticated = ctx.auth.authenticate(
+        &who,
+        &mut stream,
+        &mut routes,
+        &ctx.server_tls,
+        ctx.hold_timeout,
+        deadline,
+    );
     let login = match authenticated.await {
         Ok(login) => login,
         Err(err) => return refuse(&mut stream, err.into()).await,
