@@ -410,7 +410,9 @@ where
             routes,
             params: &params,
         };
-        return transaction::serve(client, stream).await;
+        // Its own allocation, sized for it: an idle transaction-mode
+        // client does not carry the splice's state.
+        return Box::pin(transaction::serve(client, stream)).await;
     }
     // A pooled session's client takes a slot of its pool first (waiting,
     // up to the hold timeout, while the pool is full), perhaps with an

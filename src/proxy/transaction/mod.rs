@@ -191,7 +191,7 @@ where
     let mut input = Vec::with_capacity(CLIENT_BUFFER_MIN);
     // The login: a server connection gets the client's parameters, and
     // what it then reports is the client's ParameterStatus.
-    let attached = match session.attach(&mut client_read, &mut input).await {
+    let attached = match Box::pin(session.attach(&mut client_read, &mut input)).await {
         Ok(attached) => attached,
         Err(refusal) => return refusal.tell(&mut client_write).await,
     };
@@ -203,7 +203,7 @@ where
     greeting.extend_from_slice(&extended::ready_for_query(IDLE));
     client_write.write_all(&greeting).await?;
     client_write.flush().await?;
-    session.release(attached, Touched::default()).await;
+    Box::pin(session.release(attached, Touched::default())).await;
 
     let mut aborted: Option<Aborted> = None;
     loop {
@@ -244,13 +244,15 @@ where
         if input.first() == Some(&TERMINATE) {
             return Ok(End::ClientClosed);
         }
-        let attached = match session.attach(&mut client_read, &mut input).await {
+        // The sub-futures are boxed: while the client is idle, its task
+        // holds only what the wait for its next message needs.
+        let attached = match Box::pin(session.attach(&mut client_read, &mut input)).await {
             Ok(attached) => attached,
             Err(refusal) => return refusal.tell(&mut client_write).await,
         };
-        let turn = session.run(attached, &mut client_read, &mut client_write, &mut input);
+        let turn = Box::pin(session.run(attached, &mut client_read, &mut client_write, &mut input));
         match turn.await? {
-            Turn::Done(attached, touched) => session.release(*attached, touched).await,
+            Turn::Done(attached, touched) => Box::pin(session.release(*attached, touched)).await,
             Turn::Aborted(reason) => aborted = Some(Aborted::new(reason)),
             Turn::End(end) => return Ok(end),
         }
