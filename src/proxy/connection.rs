@@ -734,7 +734,11 @@ async fn forward<W: AsyncWrite + Unpin>(
 
 /// Tells the client its commit's outcome is unknown (40003), when a message
 /// can be inserted, and closes its side.
-async fn fenced<W: AsyncWrite + Unpin>(cause: FenceCause, at_boundary: bool, client: &mut W) {
+pub(crate) async fn fenced<W: AsyncWrite + Unpin>(
+    cause: FenceCause,
+    at_boundary: bool,
+    client: &mut W,
+) {
     counter!(metrics::PROXY_COMMITS_FENCED, metrics::CAUSE => cause.label()).increment(1);
     tracing::warn!(
         cause = cause.label(),

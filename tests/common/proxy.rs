@@ -79,7 +79,17 @@ impl ProxyHandle {
         &self,
         extra: &str,
     ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let conninfo = format!("{} {extra}", self.conninfo("postgres", "postgres"));
+        self.connect_as("postgres", extra).await
+    }
+
+    /// A tokio-postgres client through the proxy, logged in as `user`
+    /// (`extra`: more conninfo, such as its password).
+    pub async fn connect_as(
+        &self,
+        user: &str,
+        extra: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let conninfo = format!("{} {extra}", self.conninfo(user, "postgres"));
         let (client, connection) =
             tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
         tokio::spawn(connection);

@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use crate::metrics;
 use crate::proxy::auth::Login;
 use crate::proxy::clients::Registration;
-use crate::proxy::connection::{hold_and_connect, ConnError, End};
+use crate::proxy::connection::{fenced, hold_and_connect, ConnError, End};
 use crate::proxy::fence::{
     CommitFence, FenceCause, Step, FRONTEND_AWAITS_READY, SQLSTATE_COMPLETION_UNKNOWN,
 };
@@ -713,22 +713,8 @@ impl Session<'_> {
                 let _ = client_write.shutdown().await;
                 Turn::End(End::Shutdown)
             }
-            Ending::Fenced(cause) => {
-                counter!(metrics::PROXY_COMMITS_FENCED, metrics::CAUSE => cause.label())
-                    .increment(1);
-                tracing::warn!(
-                    cause = cause.label(),
-                    "commit not confirmed by the mirror: client told 40003 and disconnected (I2)"
-                );
-                if relay.fence.abandon() {
-                    let error = error_response(
-                        Severity::Fatal,
-                        SQLSTATE_COMPLETION_UNKNOWN,
-                        &cause.client_message(),
-                    );
-                    let _ = client_write.write_all(&error).await;
-                }
-                let _ = client_write.shutdown().await;
+            Ending::Fenced { cause, at_boundary } => {
+                fenced(cause, at_boundary, client_write).await;
                 Turn::End(End::CommitFenced(cause))
             }
         })
@@ -747,7 +733,11 @@ enum Ending {
         message: String,
     },
     Shutdown,
-    Fenced(FenceCause),
+    /// The commit fence replaced the rest of a response (I2).
+    Fenced {
+        cause: FenceCause,
+        at_boundary: bool,
+    },
 }
 
 /// One transaction's relay state.
@@ -813,7 +803,11 @@ impl Relay {
     /// The server closed the connection.
     fn server_lost(&mut self) -> Ending {
         if let Some(cause) = self.fence.server_closed() {
-            return Ending::Fenced(cause);
+            // Rule 4: the client may get a message after what it has.
+            return Ending::Fenced {
+                cause,
+                at_boundary: true,
+            };
         }
         if self.in_flight() {
             Ending::Fatal {
@@ -855,10 +849,10 @@ impl Relay {
         match step {
             Step::PassChunk => self.to_client.extend_from_slice(&self.raw),
             Step::Output => self.to_client.extend_from_slice(self.fence.output()),
-            Step::Fence { cause, .. } => {
+            Step::Fence { cause, at_boundary } => {
                 self.to_client.extend_from_slice(self.fence.output());
                 self.raw.clear();
-                return Ok(Some(Ending::Fenced(cause)));
+                return Ok(Some(Ending::Fenced { cause, at_boundary }));
             }
         }
         self.raw.clear();
@@ -1134,7 +1128,11 @@ impl Relay {
             }
             _ => {}
         }
-        if self.replies.disposition(tag) == Disposition::Forward {
+        // An error nobody asked for is the server ending the connection (a
+        // demoted principal's FATAL 57P01): the client's connection is not
+        // the server's, and hears of it only as its transaction's end.
+        let unsolicited = tag == ERROR_RESPONSE && self.replies.is_settled();
+        if !unsolicited && self.replies.disposition(tag) == Disposition::Forward {
             self.raw.extend_from_slice(message);
         }
         self.ended(tag, state, statements);
