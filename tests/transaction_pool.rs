@@ -124,7 +124,7 @@ async fn value(client: &Client, sql: &str) -> String {
     let answer = client
         .simple_query(sql)
         .await
-        .unwrap_or_else(|err| panic!("{sql}: {err}"));
+        .unwrap_or_else(|err| panic!("{sql}: {err:?}"));
     rows(answer)
         .into_iter()
         .next()
@@ -732,7 +732,7 @@ async fn a_cancel_stops_its_own_clients_query_and_no_other() {
         (sleeper, outcome.map(|_| ()))
     });
     let other_sleep = tokio::spawn(async move { other.simple_query("SELECT pg_sleep(3)").await });
-    let mut running = 0;
+    let mut running = 0i64;
     for _ in 0..50 {
         running = pooled
             .setup
