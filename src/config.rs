@@ -463,7 +463,8 @@ pub enum PoolMode {
     /// A client keeps its server connection until it leaves; then the
     /// connection is reset and serves the next client.
     Session,
-    /// Recognised only to be refused with a clear error: not implemented.
+    /// A client holds a server connection only for a transaction; its
+    /// parameters and prepared statements are carried by the proxy.
     Transaction,
 }
 
@@ -475,6 +476,7 @@ pub const DEFAULT_SERVER_RESET_QUERY: &str = "DISCARD ALL";
 /// A pooled session's pool settings, defaults filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolSettings {
+    pub mode: PoolMode,
     pub size: usize,
     pub idle_timeout: Duration,
     pub lifetime: Duration,
@@ -553,8 +555,8 @@ impl ProxySession {
 impl ProxySession {
     /// The pool settings of a pooled session; None when it is not pooled.
     pub fn pool(&self) -> Option<PoolSettings> {
-        self.pool_mode?;
         Some(PoolSettings {
+            mode: self.pool_mode?,
             size: self.pool_size.unwrap_or(DEFAULT_POOL_SIZE),
             idle_timeout: Duration::from_secs(
                 self.server_idle_timeout
@@ -580,15 +582,16 @@ impl ProxySession {
             return match set.iter().find(|(_, is_set)| *is_set) {
                 Some((field, _)) => Err(Invalid::new(
                     key(field),
-                    "only used with pool_mode = \"session\" (this session is not pooled)",
+                    "only used with pool_mode = \"session\" or \"transaction\" (this session is not pooled)",
                 )),
                 None => Ok(()),
             };
         };
-        if mode == PoolMode::Transaction {
+        if mode == PoolMode::Transaction && self.server_reset_query.is_some() {
             return Err(Invalid::new(
-                key("pool_mode"),
-                "\"transaction\" is not implemented yet; the only pool mode is \"session\"",
+                key("server_reset_query"),
+                "only used with pool_mode = \"session\": in transaction mode a connection is not \
+                 reset between clients, each client's parameters are applied to it instead",
             ));
         }
         if self.auth == AuthMode::Passthrough {
@@ -1081,24 +1084,32 @@ partners = ["127.0.0.1:5431", "TCP://[::1]:5441"]
         assert_eq!(
             pooled.sessions["shop"].pool(),
             Some(PoolSettings {
+                mode: PoolMode::Session,
                 size: 20,
                 idle_timeout: Duration::from_secs(600),
                 lifetime: Duration::from_secs(3600),
                 reset_query: "DISCARD ALL".into(),
             })
         );
+        let transaction = parsed(&format!("{userlist}pool_mode = \"transaction\"\n")).unwrap();
         assert_eq!(
-            error(&format!("{userlist}pool_mode = \"transaction\"\n")),
-            "p.toml: sessions.shop.pool_mode: \"transaction\" is not implemented yet; the only \
-             pool mode is \"session\""
+            transaction.sessions["shop"].pool().map(|pool| pool.mode),
+            Some(PoolMode::Transaction)
         );
+        assert!(error(&format!(
+            "{userlist}pool_mode = \"transaction\"\nserver_reset_query = \"DISCARD ALL\"\n"
+        ))
+        .contains("server_reset_query: only used with pool_mode = \"session\""));
+        assert!(error("pool_mode = \"transaction\"\n").starts_with(
+            "p.toml: sessions.shop.pool_mode: pass-through sessions are never pooled"
+        ));
         assert!(error("pool_mode = \"session\"\n").starts_with(
             "p.toml: sessions.shop.pool_mode: pass-through sessions are never pooled"
         ));
         assert_eq!(
             error(&format!("{userlist}pool_size = 5\n")),
-            "p.toml: sessions.shop.pool_size: only used with pool_mode = \"session\" (this \
-             session is not pooled)"
+            "p.toml: sessions.shop.pool_size: only used with pool_mode = \"session\" or \
+             \"transaction\" (this session is not pooled)"
         );
         let session = format!("{userlist}pool_mode = \"session\"\n");
         assert!(

@@ -21,6 +21,7 @@ use tracing::info;
 use crate::config::{self, Endpoint, PartnerConfig, ProxyConfig, WitnessConfig};
 use crate::control::ControlClient;
 use crate::partner::engine::{PgBinaries, RunAs};
+use crate::proxy::auth::scram::ScramVerifier;
 use crate::roles::Safety;
 use crate::tls::{generate_pki, tls_config_for, tls_section, EndpointTls};
 
@@ -31,6 +32,12 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 
 /// The admin console's password in the demo (printed in the summary).
 pub const DEMO_ADMIN_PASSWORD: &str = "pgmirror";
+/// The password of the demo's `postgres` user through the proxy, which
+/// authenticates clients itself (transaction pooling needs it); the
+/// servers themselves trust local connections.
+pub const DEMO_PASSWORD: &str = "pgmirror";
+/// PostgreSQL's default SCRAM iteration count.
+const SCRAM_ITERATIONS: u32 = 4096;
 
 /// What `pgmirror demo` was asked for.
 #[derive(Debug, Clone)]
@@ -212,6 +219,13 @@ fn write_configs(options: &DemoOptions) -> anyhow::Result<()> {
         )?;
     }
     let pg_ports = [free_port()?, free_port()?];
+    let salt: [u8; 16] = rand::random();
+    let verifier = ScramVerifier::from_password(DEMO_PASSWORD, &salt, SCRAM_ITERATIONS);
+    let userlist = dir.join("userlist.txt");
+    std::fs::write(
+        &userlist,
+        format!("\"postgres\" \"{}\"\n", verifier.to_text()),
+    )?;
     std::fs::write(
         dir.join("proxy.toml"),
         format!(
@@ -221,7 +235,9 @@ fn write_configs(options: &DemoOptions) -> anyhow::Result<()> {
              [admin]\nuser = \"admin\"\npassword = \"{DEMO_ADMIN_PASSWORD}\"\n\n\
              [endpoint_tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n\n\
              [sessions.demo]\npartners = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\
-             databases = [\"postgres\", \"demo\"]\npostgres = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n",
+             databases = [\"postgres\", \"demo\"]\npostgres = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\
+             # Transaction pooling: idle clients keep their connections across a failover.\n\
+             auth = \"userlist\"\nauth_file = {:?}\npool_mode = \"transaction\"\npool_size = 20\n",
             match options.port {
                 0 => free_port()?,
                 port => port,
@@ -235,6 +251,7 @@ fn write_configs(options: &DemoOptions) -> anyhow::Result<()> {
             endpoints[1],
             pg_ports[0],
             pg_ports[1],
+            userlist,
         ),
     )?;
     for (index, (name, role)) in [("alpha", "principal"), ("beta", "mirror")]
@@ -456,7 +473,7 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
     let proxy: ProxyConfig = config::load(&dir.join("proxy.toml"))?;
     println!(
         "\npgmirror demo: session \"demo\" is mirrored\n\
-         \n  psql through the proxy:        psql -h 127.0.0.1 -p {} -U postgres\
+         \n  psql through the proxy:        psql -h 127.0.0.1 -p {} -U postgres   (password {DEMO_PASSWORD}; transaction pooling: stays connected across a failover)\
          \n  admin console:                 psql -h 127.0.0.1 -p {} -U admin pgmirror   (password {DEMO_ADMIN_PASSWORD})\
          \n  proxy metrics:                 {}\
          \n  principal (alpha) PostgreSQL:  psql -h 127.0.0.1 -p {} -U postgres\

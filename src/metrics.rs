@@ -111,6 +111,12 @@ pub const PROXY_POOL_IDLE: &str = "pgmirror_proxy_pool_idle_connections";
 pub const PROXY_POOL_WAITING: &str = "pgmirror_proxy_pool_waiting_clients";
 /// Proxy: clients given an idle pooled connection instead of a new one.
 pub const PROXY_POOL_REUSES: &str = "pgmirror_proxy_pool_reuses_total";
+/// Proxy: transaction-mode clients whose next transaction ran on a new
+/// principal after a failover, without reconnecting.
+pub const PROXY_POOL_REATTACHMENTS: &str = "pgmirror_proxy_pool_reattachments_total";
+/// Proxy: transaction-mode transactions a failover or a lost server
+/// connection ended while open (the client got 40001).
+pub const PROXY_TRANSACTIONS_ABORTED: &str = "pgmirror_proxy_transactions_aborted_total";
 
 /// Histogram buckets of [`PROXY_CONNECT_SECONDS`], in seconds.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -178,6 +184,8 @@ pub const ALL: &[Metric] = &[
     metric(PROXY_POOL_IDLE, Kind::Gauge, None, "Pooled server connections idle in their pool."),
     metric(PROXY_POOL_WAITING, Kind::Gauge, None, "Clients waiting for a slot of a full pool."),
     metric(PROXY_POOL_REUSES, Kind::Counter, None, "Clients given an idle pooled server connection."),
+    metric(PROXY_POOL_REATTACHMENTS, Kind::Counter, None, "Transaction-mode clients moved to the new principal after a failover without reconnecting."),
+    metric(PROXY_TRANSACTIONS_ABORTED, Kind::Counter, None, "Transaction-mode transactions ended by a failover or a lost server connection while open (40001 to the client)."),
     metric(PROXY_COMMITS_FENCED, Kind::Counter, None, "Commits whose wait for the mirror was cut short, turned into 40003 for the client, by cause."),
 ];
 

@@ -101,6 +101,23 @@ async fn wait_console_state(admin: &tokio_postgres::Client, state: &str) {
     }
 }
 
+/// A client of the demo's proxy, as the summary says (user postgres,
+/// password pgmirror), named `application`.
+async fn through_proxy(port: u16, application: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={port} user=postgres password={} dbname=postgres \
+             application_name={application}",
+            pgmirror::demo::DEMO_PASSWORD
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect through the demo's proxy");
+    tokio::spawn(connection);
+    client
+}
+
 /// The SQL statements of the README's five-minute tour: each starts after
 /// `pgmirror=> ` and runs to its `;`, comments left out.
 fn tour_statements() -> Vec<String> {
@@ -171,14 +188,16 @@ async fn the_demo_runs_serves_and_stops_cleanly() {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|port| port.parse().ok())
         .expect("the proxy's port in the summary");
-    let client = common::pg::connect_port(port)
-        .await
-        .expect("connect through the demo's proxy");
+    // Transaction pooling: this client stays connected, idle, across the
+    // tour's failover, with its own parameters.
+    let client = through_proxy(port, "tour").await;
     client
-        .batch_execute("CREATE TABLE hello (id int); INSERT INTO hello VALUES (1)")
+        .batch_execute(
+            "CREATE SCHEMA tour; CREATE TABLE tour.hello (id int); \
+             INSERT INTO tour.hello VALUES (1); SET search_path = tour, public",
+        )
         .await
         .unwrap();
-    drop(client);
 
     // The admin console, as the summary says: every statement of the
     // README's tour, taken from the README, through psql.
@@ -219,13 +238,25 @@ async fn the_demo_runs_serves_and_stops_cleanly() {
             "the README's tour statement {statement:?} failed: {output}"
         );
     }
-    let client = common::pg::connect_port(port)
+    // The idle client was not disconnected: its next statement ran on the
+    // new principal (beta), with its search_path and application_name.
+    let row = client
+        .query_one(
+            "INSERT INTO hello VALUES (2) RETURNING current_setting('search_path'), \
+             current_setting('application_name'), inet_server_port()",
+            &[],
+        )
         .await
-        .expect("reconnect through the proxy");
-    client
-        .batch_execute("INSERT INTO hello VALUES (2)")
-        .await
-        .expect("write on the new principal");
+        .expect("the idle client writes on the new principal without reconnecting");
+    let (search_path, application, server_port): (String, String, i32) =
+        (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        (search_path.as_str(), application.as_str()),
+        ("tour, public", "tour")
+    );
+    let beta: pgmirror::config::PartnerConfig =
+        pgmirror::config::load(&demo_dir.join("beta.toml")).unwrap();
+    assert_eq!(server_port, i32::from(beta.postgres.port), "ran on beta");
     let roles: Vec<(String, String)> = admin
         .simple_query("SELECT * FROM sys.database_mirroring")
         .await
@@ -348,13 +379,7 @@ async fn a_demo_whose_port_is_taken_during_its_start_still_comes_up() {
         .and_then(|rest| rest.split_whitespace().next())
         .expect("the proxy's port in the summary");
     assert_ne!(proxy_port, "0");
-    let (client, connection) = tokio_postgres::connect(
-        &format!("host=127.0.0.1 port={proxy_port} user=postgres dbname=postgres"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .expect("psql through the proxy");
-    tokio::spawn(connection);
+    let client = through_proxy(proxy_port.parse().unwrap(), "port-taken").await;
     let answer: i32 = client.query_one("SELECT 42", &[]).await.unwrap().get(0);
     assert_eq!(answer, 42);
     nix::sys::signal::kill(

@@ -46,16 +46,6 @@ pub struct CancelTarget {
     pub address: String,
     /// The server's own (pid, secret).
     pub server_key: (u32, u32),
-    cancels: Arc<AtomicU64>,
-}
-
-impl CancelTarget {
-    /// Counts the cancel as forwarded; called before the request is sent,
-    /// so the client's connection task knows of it before the server can
-    /// act on it.
-    pub fn mark_forwarded(&self) {
-        self.cancels.fetch_add(1, Ordering::SeqCst);
-    }
 }
 
 /// Shared registry; cheap to clone.
@@ -105,6 +95,15 @@ impl Registration {
             entry.server_key = Some((pid, secret));
         }
     }
+
+    /// The client no longer runs on a server connection (transaction
+    /// mode): a cancel finds nothing. A cancel that found the key before
+    /// has been counted by the time this returns.
+    pub fn clear_server_key(&self) {
+        if let Some(mut entry) = self.clients.map.get_mut(&self.pid) {
+            entry.server_key = None;
+        }
+    }
 }
 
 impl Clients {
@@ -134,6 +133,8 @@ impl Clients {
 
     /// The server and server key a CancelRequest with this key targets;
     /// None for unknown keys (dropped silently, like PostgreSQL does).
+    /// The cancel is counted as forwarded before the entry is let go, so
+    /// that [`Registration::clear_server_key`] cannot come between.
     pub fn cancel_target(&self, pid: u32, secret: &[u8]) -> Option<CancelTarget> {
         let entry = self.map.get(&pid)?;
         // Every byte compared, so the time taken says nothing of the key.
@@ -145,11 +146,12 @@ impl Clients {
         if entry.secret.len() != secret.len() || differences != 0 {
             return None;
         }
-        Some(CancelTarget {
+        let target = CancelTarget {
             address: entry.server_addr.clone()?,
             server_key: entry.server_key?,
-            cancels: entry.cancels.clone(),
-        })
+        };
+        entry.cancels.fetch_add(1, Ordering::SeqCst);
+        Some(target)
     }
 
     /// A snapshot of every client, for SHOW CLIENTS / SHOW SERVERS.
@@ -201,9 +203,13 @@ mod tests {
             .is_none());
         registration.set_server("127.0.0.1:5432");
         registration.set_server_key(42, 43);
+        assert_eq!(registration.cancels_forwarded(), 0);
         let target = clients
             .cancel_target(registration.pid, &registration.secret)
             .unwrap();
+        // A cancel found is counted at once, where the connection task sees
+        // it; wrong keys below are not.
+        assert_eq!(registration.cancels_forwarded(), 1);
         assert_eq!(
             (target.address.as_str(), target.server_key),
             ("127.0.0.1:5432", (42, 43))
@@ -214,10 +220,11 @@ mod tests {
         assert!(clients
             .cancel_target(registration.pid, &registration.secret[..4])
             .is_none());
-        // Forwarded cancels are counted where the connection task sees them.
-        assert_eq!(registration.cancels_forwarded(), 0);
-        target.mark_forwarded();
         assert_eq!(registration.cancels_forwarded(), 1);
+        registration.clear_server_key();
+        assert!(clients
+            .cancel_target(registration.pid, &registration.secret)
+            .is_none());
         let (pid, secret) = (registration.pid, registration.secret.clone());
         drop(registration);
         assert!(clients.cancel_target(pid, &secret).is_none());

@@ -37,6 +37,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::config::PoolMode;
 use crate::proxy::auth::{AuthError, ClientId};
 use crate::proxy::clients::{ClientEntry, Registration};
 use crate::proxy::console_door;
@@ -46,7 +47,7 @@ use crate::proxy::fence::{
 use crate::proxy::pool::{self, IdleServer, PoolFull, PoolKey, Reuse, TERMINATE};
 use crate::proxy::routing::{Principal, Route};
 use crate::proxy::server_tls::{ServerConnectError, ServerStream, ServerTls, ServerTlsError};
-use crate::proxy::Context;
+use crate::proxy::{transaction, Context};
 use crate::roles::Epoch;
 use crate::wire::frame::FrameScanner;
 use crate::wire::startup::{
@@ -124,7 +125,7 @@ pub enum ConnError {
 impl ConnError {
     /// The SQLSTATE of errors the client should be told about; None for
     /// plain disconnects.
-    fn sqlstate(&self) -> Option<&'static str> {
+    pub(crate) fn sqlstate(&self) -> Option<&'static str> {
         match self {
             ConnError::Io(_) | ConnError::ClientLeft => None,
             ConnError::TooManyClients(_) | ConnError::PoolFull(_) => Some("53300"),
@@ -145,7 +146,7 @@ impl ConnError {
 
     /// The ErrorResponse text; PostgreSQL's own words where the proxy
     /// stands in for the server (a failed password).
-    fn client_message(&self) -> String {
+    pub(crate) fn client_message(&self) -> String {
         match self {
             ConnError::Auth(err) => err.client_message(),
             err => format!("pgmirror proxy: {err}"),
@@ -386,14 +387,29 @@ where
         Ok(login) => login,
         Err(err) => return refuse(&mut stream, err.into()).await,
     };
-    // A pooled session's client takes a slot of its pool first (waiting,
-    // up to the hold timeout, while the pool is full), perhaps with an
-    // idle server connection of its principal and epoch (I4).
     let key = PoolKey {
         session: session.clone(),
         database: database.clone(),
         user: user.clone(),
     };
+    let transaction_mode = ctx
+        .pools
+        .settings(&session)
+        .is_some_and(|settings| settings.mode == PoolMode::Transaction);
+    if let (true, Some(login)) = (transaction_mode, login.as_ref()) {
+        let client = transaction::Client {
+            ctx,
+            registration: &registration,
+            login: login.clone(),
+            key,
+            routes,
+            params: &params,
+        };
+        return transaction::serve(client, stream).await;
+    }
+    // A pooled session's client takes a slot of its pool first (waiting,
+    // up to the hold timeout, while the pool is full), perhaps with an
+    // idle server connection of its principal and epoch (I4).
     let hold_deadline = Instant::now() + ctx.hold_timeout;
     let checkout = ctx
         .pools
@@ -504,13 +520,13 @@ fn tracked(reuse: Option<&Mutex<Reuse>>) -> Option<std::sync::MutexGuard<'_, Reu
 }
 
 /// A server connection whose startup packet has been sent.
-struct Connected {
-    server: ServerStream,
+pub(crate) struct Connected {
+    pub server: ServerStream,
     /// The principal connected to; `principal.address` is the server's.
-    principal: Principal,
-    epoch: Epoch,
+    pub principal: Principal,
+    pub epoch: Epoch,
     /// Server bytes already read (its first message, at least).
-    pending: Vec<u8>,
+    pub pending: Vec<u8>,
 }
 
 /// Waits (up to the hold timeout) for the session's principal to serve,
@@ -523,7 +539,7 @@ struct Connected {
 /// fails verification, 'N' to a required SSLRequest) refuses the client at
 /// once with the reason: a restart does not change a certificate, and
 /// holding would only hide the cause behind "no principal".
-async fn hold_and_connect<S: AsyncRead + Unpin>(
+pub(crate) async fn hold_and_connect<S: AsyncRead + Unpin>(
     ctx: &Context,
     session: &str,
     routes: &mut tokio::sync::watch::Receiver<Route>,
@@ -646,8 +662,8 @@ async fn forward_cancel(ctx: &Context, pid: u32, secret: &[u8]) {
     };
     let address = &target.address;
     let (server_pid, server_secret) = target.server_key;
-    // Before the server can act on it: the commit fence (I2) must know.
-    target.mark_forwarded();
+    // The cancel was counted when it was found, before the server can act
+    // on it: the commit fence (I2) must know.
     let send = async {
         // Over TLS too when `[server_tls]` asks: PostgreSQL takes an
         // SSLRequest before a CancelRequest.

@@ -1,8 +1,9 @@
-//! Server connection pools, session mode (`pool_mode = "session"`): for a
-//! session with proxy-side authentication, a server connection whose client
-//! left cleanly while it was idle is reset (`server_reset_query`) and kept
-//! for the next client of the same (session, database, user) whose startup
-//! packet is the same. Transaction mode is not implemented.
+//! Server connection pools. In session mode (`pool_mode = "session"`), for
+//! a session with proxy-side authentication, a server connection whose
+//! client left cleanly while it was idle is reset (`server_reset_query`)
+//! and kept for the next client of the same (session, database, user)
+//! whose startup packet is the same. In transaction mode
+//! (`proxy::transaction`) a client holds a slot only for a transaction.
 //!
 //! [`Pools`] is built once by `proxy::serve` and shared by the connection
 //! tasks (through the `Context`), the console (`SHOW POOLS`) and one
@@ -32,6 +33,7 @@ use crate::metrics;
 use crate::proxy::fence::FRONTEND_AWAITS_READY;
 use crate::proxy::routing::{Principal, Route};
 use crate::proxy::server_tls::ServerStream;
+use crate::proxy::transaction::ServerState;
 use crate::roles::Epoch;
 use crate::wire::frame::{FrameScanner, TAGGED_HEADER_LEN};
 use crate::wire::startup::{backend_message_len, READY_FOR_QUERY};
@@ -77,6 +79,8 @@ pub struct IdleServer {
     pub greeting: Vec<u8>,
     /// When it logged in, for `server_lifetime`.
     pub born: Instant,
+    /// What transaction mode carries from client to client.
+    pub state: ServerState,
     idle_since: Instant,
 }
 
@@ -423,6 +427,7 @@ impl IdleServer {
             startup,
             greeting,
             born,
+            state: ServerState::default(),
             idle_since: Instant::now(),
         }
     }
@@ -574,6 +579,7 @@ mod tests {
     /// for `made_for`; the server's end of it.
     async fn one_idle(made_for: &Route) -> (Pools, TcpStream) {
         let settings = PoolSettings {
+            mode: crate::config::PoolMode::Session,
             size: 2,
             idle_timeout: Duration::from_secs(600),
             lifetime: Duration::from_secs(3600),

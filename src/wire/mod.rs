@@ -8,9 +8,11 @@
 //! cut synchronous-replication wait (the proxy's commit fence);
 //! `startup` decodes a connection's first packet and builds the few
 //! messages the proxy writes itself; `auth` the authentication requests
-//! and answers the proxy exchanges when it authenticates clients itself.
+//! and answers the proxy exchanges when it authenticates clients itself;
+//! `extended` the query messages a transaction-mode proxy rewrites.
 
 pub mod auth;
+pub mod extended;
 pub mod frame;
 pub mod lsn;
 pub mod notice;

@@ -142,6 +142,7 @@ pub struct ClientId<'a> {
 }
 
 /// What a client proved: enough to log in to the server as it.
+#[derive(Clone)]
 pub enum Login {
     Scram {
         client_key: ClientKey,

@@ -95,6 +95,36 @@ impl FromStr for ScramVerifier {
 }
 
 impl ScramVerifier {
+    /// The verifier of `password`, as PostgreSQL's `scram_build_secret`
+    /// makes it (the demo writes its userlist with one).
+    pub fn from_password(password: &str, salt: &[u8], iterations: u32) -> ScramVerifier {
+        let mut salted = [0; KEY_LEN];
+        ring::pbkdf2::derive(
+            ring::pbkdf2::PBKDF2_HMAC_SHA256,
+            std::num::NonZeroU32::new(iterations.max(1)).unwrap_or(std::num::NonZeroU32::MIN),
+            salt,
+            password.as_bytes(),
+            &mut salted,
+        );
+        ScramVerifier {
+            iterations,
+            salt: salt.to_vec(),
+            stored_key: sha256(&hmac_sha256(&salted, b"Client Key")),
+            server_key: hmac_sha256(&salted, b"Server Key"),
+        }
+    }
+
+    /// As `pg_authid.rolpassword` and a userlist hold it.
+    pub fn to_text(&self) -> String {
+        format!(
+            "SCRAM-SHA-256${}:{}${}:{}",
+            self.iterations,
+            BASE64.encode(&self.salt),
+            BASE64.encode(self.stored_key),
+            BASE64.encode(self.server_key)
+        )
+    }
+
     /// A verifier no proof matches, for users that do not exist: its salt
     /// is derived from the user name with the proxy's secret `mock_key`,
     /// so the same user always gets the same salt (as PostgreSQL's
@@ -426,22 +456,8 @@ mod tests {
     use super::*;
     use ring::pbkdf2;
 
-    /// The verifier of `password`, as PostgreSQL's `scram_build_secret`.
     fn verifier_of(password: &str, salt: &[u8], iterations: u32) -> ScramVerifier {
-        let mut salted = [0; KEY_LEN];
-        pbkdf2::derive(
-            pbkdf2::PBKDF2_HMAC_SHA256,
-            std::num::NonZeroU32::new(iterations).unwrap(),
-            salt,
-            password.as_bytes(),
-            &mut salted,
-        );
-        ScramVerifier {
-            iterations,
-            salt: salt.to_vec(),
-            stored_key: sha256(&hmac_sha256(&salted, b"Client Key")),
-            server_key: hmac_sha256(&salted, b"Server Key"),
-        }
+        ScramVerifier::from_password(password, salt, iterations)
     }
 
     /// RFC 7677 section 3: user "user", password "pencil".
@@ -474,14 +490,10 @@ mod tests {
     #[test]
     fn verifier_text_round_trips() {
         let verifier = rfc_verifier();
-        let text = format!(
-            "SCRAM-SHA-256${}:{}${}:{}",
-            verifier.iterations,
-            BASE64.encode(&verifier.salt),
-            BASE64.encode(verifier.stored_key),
-            BASE64.encode(verifier.server_key)
+        assert_eq!(
+            verifier.to_text().parse::<ScramVerifier>().unwrap(),
+            verifier
         );
-        assert_eq!(text.parse::<ScramVerifier>().unwrap(), verifier);
         assert!("md5abc".parse::<ScramVerifier>().is_err());
         assert!("SCRAM-SHA-256$0:AA==$AA==:AA=="
             .parse::<ScramVerifier>()

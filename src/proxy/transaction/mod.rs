@@ -1,0 +1,1099 @@
+//! Transaction mode (`pool_mode = "transaction"`): a client holds a server
+//! connection of its pool only while it runs a transaction. It takes one
+//! when it sends a statement and gives it back at the ReadyForQuery that
+//! says the server is idle outside a transaction with nothing outstanding.
+//! The proxy logs the client in itself (proxy-side authentication is
+//! required) and carries what a session would keep: its parameters (the
+//! startup packet's and its top-level SET/RESET, `settings`), applied to
+//! whichever connection runs its next transaction, and its named prepared
+//! statements (`statements`), prepared on each connection under a name of
+//! the proxy's (`replies` keeps the replies in step). What needs a session
+//! of its own is refused at the top level (`sql`).
+//!
+//! A failover is invisible to a client outside a transaction: the pool
+//! drops the former principal's connections (I4) and its next statement
+//! runs on a connection to the new one. A client inside a transaction,
+//! with nothing in flight, keeps its connection and is told its
+//! transaction is gone (`aborted`: 40001). A statement in flight at a
+//! failover, or when the server connection is lost, may have committed on
+//! the former principal without the mirror: the client gets 40003 and its
+//! connection ends (I2), as the commit fence, which sees every reply too,
+//! does for a commit whose wait for the mirror was cut short.
+
+pub mod aborted;
+pub mod replies;
+pub mod settings;
+pub mod sql;
+pub mod statements;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ::metrics::counter;
+use futures::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::metrics;
+use crate::proxy::auth::Login;
+use crate::proxy::clients::Registration;
+use crate::proxy::connection::{hold_and_connect, ConnError, End};
+use crate::proxy::fence::{
+    CommitFence, FenceCause, Step, FRONTEND_AWAITS_READY, SQLSTATE_COMPLETION_UNKNOWN,
+};
+use crate::proxy::pool::{IdleServer, Lease, PoolKey};
+use crate::proxy::routing::{Principal, Route};
+use crate::proxy::server_tls::ServerStream;
+use crate::proxy::Context;
+use crate::roles::Epoch;
+use crate::wire::extended::{
+    self, decode_bind, decode_parameter_status, decode_parse, decode_query, decode_target, BIND,
+    CLOSE, CLOSE_COMPLETE, DESCRIBE, EXECUTE, FUNCTION_CALL, PARAMETER_STATUS, PARSE,
+    PARSE_COMPLETE, QUERY, SYNC, TARGET_STATEMENT, TERMINATE,
+};
+use crate::wire::frame::FrameScanner;
+use crate::wire::startup::{
+    backend_key_data, backend_message_len, decode_backend_key_data, error_response,
+    startup_message, Severity, BACKEND_KEY_DATA, ERROR_RESPONSE, READY_FOR_QUERY,
+};
+
+use aborted::{Aborted, Next};
+use replies::{Disposition, Kind, Replies};
+use settings::{ClientSettings, ServerSettings};
+use statements::{ClientStatements, ServerStatements, Statement};
+
+/// ReadyForQuery's status outside a transaction block.
+const IDLE: u8 = b'I';
+/// Server messages larger than this are streamed to the client as they
+/// come instead of being read whole (rows, COPY data).
+const WHOLE_MESSAGE_MAX: usize = 64 * 1024;
+/// Bytes queued for one side before the proxy stops reading the other.
+const QUEUE_MAX: usize = 256 * 1024;
+/// How long the proxy's own queries on a server connection may take.
+const OWN_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest reply to the proxy's own queries and logins.
+const OWN_REPLY_MAX: usize = 256 * 1024;
+/// Read buffer of an idle client: small, so that idle clients cost little.
+const CLIENT_BUFFER_MIN: usize = 1024;
+
+/// What a pooled server connection carries from one transaction-mode
+/// client to the next (empty in session mode).
+#[derive(Debug, Default)]
+pub struct ServerState {
+    pub prepared: ServerStatements,
+    pub settings: ServerSettings,
+    /// The parameters the server reported (ParameterStatus), as now.
+    pub reported: BTreeMap<String, String>,
+    /// The server's BackendKeyData, for forwarding cancels.
+    pub key: Option<(u32, u32)>,
+}
+
+/// A transaction-mode client after proxy-side authentication.
+pub struct Client<'a> {
+    pub ctx: &'a Context,
+    pub registration: &'a Registration,
+    pub login: Login,
+    pub key: PoolKey,
+    pub routes: watch::Receiver<Route>,
+    /// The startup packet's parameters.
+    pub params: &'a [(String, String)],
+}
+
+/// A server connection held for one transaction.
+struct Attached {
+    lease: Lease,
+    server: ServerStream,
+    principal: Principal,
+    epoch: Epoch,
+    born: Instant,
+    state: ServerState,
+    /// The client's forwarded-cancel count when it got the connection.
+    cancels: u64,
+}
+
+/// What a transaction's run on its server connection ended in.
+enum Turn {
+    /// The server is idle: back to the pool (or closed).
+    Done(Box<Attached>, Touched),
+    /// A failover ended the open transaction; the client stays.
+    Aborted(String),
+    /// The client's connection ends.
+    End(End),
+}
+
+/// What a transaction did to session state that the proxy must learn.
+#[derive(Debug, Default)]
+struct Touched {
+    names: BTreeMap<String, bool>,
+    reset_all: bool,
+    deallocate_all: bool,
+}
+
+impl Touched {
+    fn note(&mut self, found: &sql::Inspection) {
+        if found.reset_all {
+            self.reset_all = true;
+            self.names.clear();
+        }
+        self.deallocate_all |= found.deallocate_all;
+        for (name, set) in &found.touched {
+            self.names.insert(name.clone(), *set);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.names.is_empty() && !self.reset_all && !self.deallocate_all
+    }
+}
+
+/// The per-client state that outlives its server connections.
+struct Session<'a> {
+    ctx: &'a Context,
+    registration: &'a Registration,
+    login: Login,
+    key: PoolKey,
+    /// The startup packet every connection of the pool logs in with.
+    startup: Vec<u8>,
+    routes: watch::Receiver<Route>,
+    settings: ClientSettings,
+    statements: ClientStatements,
+    /// The principal and epoch of its last server connection.
+    last: Option<(String, Epoch)>,
+}
+
+/// Serves a transaction-mode client until it leaves.
+pub async fn serve<S>(client: Client<'_>, stream: S) -> Result<End, ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let Client {
+        ctx,
+        registration,
+        login,
+        key,
+        routes,
+        params,
+    } = client;
+    let startup = startup_message(&[("user", &key.user), ("database", &key.database)]);
+    let mut session = Session {
+        ctx,
+        registration,
+        login,
+        key,
+        startup,
+        routes,
+        settings: ClientSettings::from_startup(params),
+        statements: ClientStatements::new(),
+        last: None,
+    };
+    let (mut client_read, mut client_write) = tokio::io::split(stream);
+    let mut input = Vec::with_capacity(CLIENT_BUFFER_MIN);
+    // The login: a server connection gets the client's parameters, and
+    // what it then reports is the client's ParameterStatus.
+    let attached = match session.attach(&mut client_read, &mut input).await {
+        Ok(attached) => attached,
+        Err(refusal) => return refusal.tell(&mut client_write).await,
+    };
+    let mut greeting = extended::authentication_ok();
+    for (name, value) in &attached.state.reported {
+        greeting.extend_from_slice(&extended::parameter_status(name, value));
+    }
+    greeting.extend_from_slice(&backend_key_data(registration.pid, &registration.secret));
+    greeting.extend_from_slice(&extended::ready_for_query(IDLE));
+    client_write.write_all(&greeting).await?;
+    client_write.flush().await?;
+    session.release(attached, Touched::default()).await;
+
+    let mut aborted: Option<Aborted> = None;
+    loop {
+        // Idle: no server connection until a whole message has come.
+        let mut out = Vec::new();
+        while !has_whole_message(&input)? {
+            let read = tokio::select! {
+                read = client_read.read_buf(&mut input) => read?,
+                _ = ctx.shutdown.cancelled() => {
+                    let bye = error_response(Severity::Fatal, "57P01", "terminating connection: the pgmirror proxy is shutting down");
+                    let _ = client_write.write_all(&bye).await;
+                    return Ok(End::Shutdown);
+                }
+            };
+            if read == 0 {
+                return Ok(End::ClientClosed);
+            }
+        }
+        if let Some(failed) = aborted.as_mut() {
+            let mut at = 0;
+            while let Some((_, len)) = whole_message(&input[at..])? {
+                let message = &input[at..at + len];
+                at += len;
+                match failed.message(message, &mut session.statements, &mut out) {
+                    Next::Stay => {}
+                    Next::Done => {
+                        aborted = None;
+                        break;
+                    }
+                    Next::Leave => return Ok(End::ClientClosed),
+                }
+            }
+            input.drain(..at);
+            client_write.write_all(&out).await?;
+            client_write.flush().await?;
+            continue;
+        }
+        if input.first() == Some(&TERMINATE) {
+            return Ok(End::ClientClosed);
+        }
+        let attached = match session.attach(&mut client_read, &mut input).await {
+            Ok(attached) => attached,
+            Err(refusal) => return refusal.tell(&mut client_write).await,
+        };
+        let turn = session.run(attached, &mut client_read, &mut client_write, &mut input);
+        match turn.await? {
+            Turn::Done(attached, touched) => session.release(*attached, touched).await,
+            Turn::Aborted(reason) => aborted = Some(Aborted::new(reason)),
+            Turn::End(end) => return Ok(end),
+        }
+        if input.capacity() > CLIENT_BUFFER_MIN && input.len() < CLIENT_BUFFER_MIN {
+            input.shrink_to(CLIENT_BUFFER_MIN);
+        }
+    }
+}
+
+/// The length of the first whole message in `input`, if there is one.
+fn whole_message(input: &[u8]) -> Result<Option<(u8, usize)>, ConnError> {
+    Ok(backend_message_len(input)?.filter(|(_, len)| input.len() >= *len))
+}
+
+fn has_whole_message(input: &[u8]) -> Result<bool, ConnError> {
+    Ok(whole_message(input)?.is_some())
+}
+
+/// Why a client could not get a server connection.
+enum Refusal {
+    /// Told to the client as a FATAL of the proxy's.
+    Proxy(ConnError),
+    /// The server's own ErrorResponse (its login or the client's
+    /// parameters failed), forwarded.
+    Server(Vec<u8>),
+}
+
+impl From<ConnError> for Refusal {
+    fn from(err: ConnError) -> Self {
+        Refusal::Proxy(err)
+    }
+}
+
+impl Refusal {
+    async fn tell<W: AsyncWrite + Unpin>(self, client: &mut W) -> Result<End, ConnError> {
+        match self {
+            Refusal::Proxy(err) => {
+                if let Some(code) = err.sqlstate() {
+                    let message = error_response(Severity::Fatal, code, &err.client_message());
+                    let _ = client.write_all(&message).await;
+                    let _ = client.shutdown().await;
+                }
+                Err(err)
+            }
+            Refusal::Server(error) => {
+                let _ = client.write_all(&error).await;
+                let _ = client.shutdown().await;
+                Ok(End::ServerClosed)
+            }
+        }
+    }
+}
+
+/// What the proxy's own simple query returned.
+#[derive(Debug, Default)]
+struct OwnReply {
+    statuses: Vec<(String, String)>,
+    /// The first row's values.
+    row: Vec<Option<String>>,
+    error: Option<Vec<u8>>,
+}
+
+/// Runs `sql` on an idle server connection and reads to its ReadyForQuery.
+async fn own_query(server: &mut ServerStream, sql: &str) -> Result<OwnReply, ConnError> {
+    let run = async {
+        server.write_all(&extended::encode_query(sql)).await?;
+        server.flush().await?;
+        let mut reply = OwnReply::default();
+        let mut input = Vec::with_capacity(512);
+        loop {
+            while let Some((tag, len)) = whole_message(&input)? {
+                let message = &input[..len];
+                match tag {
+                    PARAMETER_STATUS => {
+                        if let Some((name, value)) = decode_parameter_status(message) {
+                            reply.statuses.push((name.to_string(), value.to_string()));
+                        }
+                    }
+                    b'D' if reply.row.is_empty() => reply.row = data_row(message),
+                    ERROR_RESPONSE => reply.error = Some(message.to_vec()),
+                    READY_FOR_QUERY => return Ok(reply),
+                    _ => {}
+                }
+                input.drain(..len);
+            }
+            if input.len() > OWN_REPLY_MAX || server.read_buf(&mut input).await? == 0 {
+                return Err(ConnError::Unexpected("server connection lost"));
+            }
+        }
+    };
+    tokio::time::timeout(OWN_QUERY_TIMEOUT, run)
+        .await
+        .map_err(|_| ConnError::Unexpected("no answer from the server in time"))?
+}
+
+/// A DataRow's text values.
+fn data_row(message: &[u8]) -> Vec<Option<String>> {
+    let mut values = Vec::new();
+    let mut rest = message.get(7..).unwrap_or_default();
+    while rest.len() >= 4 {
+        let len = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+        rest = &rest[4..];
+        match usize::try_from(len) {
+            Ok(len) if len <= rest.len() => {
+                values.push(Some(String::from_utf8_lossy(&rest[..len]).into_owned()));
+                rest = &rest[len..];
+            }
+            Ok(_) => break,
+            Err(_) => values.push(None),
+        }
+    }
+    values
+}
+
+/// Whether a pooled connection is still open: a server that went away
+/// (its PostgreSQL killed, or it ended the backend) has closed it or sent
+/// a FATAL, which a read that does not wait finds.
+fn alive(server: &mut ServerStream) -> bool {
+    let mut byte = [0u8; 1];
+    server.read(&mut byte).now_or_never().is_none()
+}
+
+impl Session<'_> {
+    /// Takes a connection of the pool (waiting for a slot, and for a
+    /// principal while none serves, up to the hold timeout) and gives it
+    /// this client's parameters.
+    async fn attach<R: AsyncRead + Unpin>(
+        &mut self,
+        client: &mut R,
+        early: &mut Vec<u8>,
+    ) -> Result<Attached, Refusal> {
+        let ctx = self.ctx;
+        let hold_deadline = Instant::now() + ctx.hold_timeout;
+        let checkout =
+            ctx.pools
+                .checkout(self.key.clone(), &self.startup, &self.routes, hold_deadline);
+        let mut lease = checkout
+            .await
+            .map_err(ConnError::from)?
+            .ok_or(ConnError::Unexpected("transaction mode without a pool"))?;
+        let reused = lease
+            .reused
+            .take()
+            .and_then(|mut idle| alive(&mut idle.server).then_some(idle));
+        let mut attached = match reused {
+            Some(mut idle) => Attached {
+                state: std::mem::take(&mut idle.state),
+                server: idle.server,
+                principal: idle.principal,
+                epoch: idle.epoch,
+                born: idle.born,
+                lease,
+                cancels: 0,
+            },
+            _ => self.connect(lease, client, early).await?,
+        };
+        if let Some(sql) = settings::prelude(&self.settings, &attached.state.settings) {
+            let reply = own_query(&mut attached.server, &sql).await?;
+            attached.state.reported.extend(reply.statuses);
+            if let Some(error) = reply.error {
+                return Err(Refusal::Server(error));
+            }
+            attached.state.settings = settings::applied(&self.settings);
+        }
+        let address = &attached.principal.address;
+        self.registration.set_server(address);
+        if let Some((pid, secret)) = attached.state.key {
+            self.registration.set_server_key(pid, secret);
+        }
+        attached.cancels = self.registration.cancels_forwarded();
+        let here = (attached.principal.server_name.clone(), attached.epoch);
+        if self.last.as_ref().is_some_and(|last| *last != here) {
+            counter!(metrics::PROXY_POOL_REATTACHMENTS, metrics::SESSION => self.key.session.clone())
+                .increment(1);
+        }
+        self.last = Some(here);
+        Ok(attached)
+    }
+
+    /// Opens and logs in a new server connection for `lease`.
+    async fn connect<R: AsyncRead + Unpin>(
+        &mut self,
+        lease: Lease,
+        client: &mut R,
+        early: &mut Vec<u8>,
+    ) -> Result<Attached, Refusal> {
+        let ctx = self.ctx;
+        let session = &self.key.session;
+        let connected =
+            hold_and_connect(ctx, session, &mut self.routes, &self.startup, client, early);
+        let mut connected = connected.await?;
+        let deadline = Instant::now() + ctx.startup_timeout;
+        let server = &mut connected.server;
+        let pending = &mut connected.pending;
+        let logged_in = self.login.log_in(server, pending, &self.key.user, deadline);
+        logged_in.await.map_err(ConnError::from)?;
+        let mut state = ServerState::default();
+        // AuthenticationOk to ReadyForQuery: what it reports and its key.
+        loop {
+            while let Some((tag, len)) = whole_message(pending)? {
+                let message = &pending[..len];
+                match tag {
+                    ERROR_RESPONSE => return Err(Refusal::Server(message.to_vec())),
+                    PARAMETER_STATUS => {
+                        if let Some((name, value)) = decode_parameter_status(message) {
+                            state.reported.insert(name.to_string(), value.to_string());
+                        }
+                    }
+                    BACKEND_KEY_DATA => state.key = decode_backend_key_data(message),
+                    READY_FOR_QUERY => {
+                        return Ok(Attached {
+                            lease,
+                            server: connected.server,
+                            principal: connected.principal,
+                            epoch: connected.epoch,
+                            born: Instant::now(),
+                            state,
+                            cancels: 0,
+                        })
+                    }
+                    _ => {}
+                }
+                pending.drain(..len);
+            }
+            if pending.len() > OWN_REPLY_MAX {
+                return Err(ConnError::ServerTooChatty.into());
+            }
+            let read = tokio::time::timeout_at(deadline, server.read_buf(pending))
+                .await
+                .map_err(|_| ConnError::StartupTimeout(ctx.startup_timeout))?
+                .map_err(ConnError::from)?;
+            if read == 0 {
+                return Err(ConnError::Unexpected("server closed during its login").into());
+            }
+        }
+    }
+
+    /// Gives a connection whose transaction ended back to the pool, after
+    /// learning what the transaction did to the client's parameters. One
+    /// for which a cancel was forwarded is closed instead: the cancel could
+    /// still arrive and hit the next client's query.
+    async fn release(&mut self, mut attached: Attached, touched: Touched) {
+        self.registration.clear_server_key();
+        if !touched.is_empty() {
+            let mut sql = String::new();
+            if touched.reset_all {
+                // Also undoes the client's startup parameters here; the
+                // next transaction re-applies them.
+                sql.push_str("RESET ALL;");
+            }
+            if touched.deallocate_all {
+                sql.push_str("DEALLOCATE ALL;");
+            }
+            let names: Vec<String> = touched.names.keys().cloned().collect();
+            if !names.is_empty() {
+                sql.push_str(&settings::read_back(&names));
+            }
+            match own_query(&mut attached.server, &sql).await {
+                Ok(reply) if reply.error.is_none() => {
+                    if touched.reset_all {
+                        self.settings.reset_all();
+                        attached.state.settings.clear();
+                    }
+                    if touched.deallocate_all {
+                        attached.state.prepared.clear();
+                    }
+                    attached.state.reported.extend(reply.statuses);
+                    for (name, value) in names.iter().zip(reply.row) {
+                        let set = touched.names.get(name).copied().unwrap_or(true);
+                        match value {
+                            Some(value) => {
+                                attached.state.settings.insert(name.clone(), value.clone());
+                                self.settings.record(name, set.then_some(value));
+                            }
+                            None => {
+                                attached.state.settings.remove(name);
+                                self.settings.record(name, None);
+                            }
+                        }
+                    }
+                }
+                // The connection's state is unknown: it is closed.
+                _ => return,
+            }
+        }
+        if self.registration.cancels_forwarded() != attached.cancels {
+            return;
+        }
+        let Attached {
+            lease,
+            server,
+            principal,
+            epoch,
+            born,
+            state,
+            ..
+        } = attached;
+        let mut idle = IdleServer::new(
+            server,
+            principal,
+            epoch,
+            self.startup.clone(),
+            Vec::new(),
+            born,
+        );
+        idle.state = state;
+        lease.give_back(idle, &self.routes.borrow());
+    }
+
+    /// Relays one transaction between the client and its server connection
+    /// until the server is idle again, the client leaves, or a failover or
+    /// a lost server connection ends it.
+    async fn run<R, W>(
+        &mut self,
+        attached: Attached,
+        client_read: &mut R,
+        client_write: &mut W,
+        input: &mut Vec<u8>,
+    ) -> Result<Turn, ConnError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let Attached {
+            lease,
+            server,
+            principal,
+            epoch,
+            born,
+            mut state,
+            cancels,
+        } = attached;
+        let (mut server_read, mut server_write) = tokio::io::split(server);
+        let mut relay = Relay {
+            replies: Replies::default(),
+            fence: CommitFence::new(
+                FrameScanner::backend(),
+                self.registration.cancels_forwarded(),
+            ),
+            to_server: Vec::new(),
+            raw: Vec::new(),
+            to_client: Vec::new(),
+            server_input: Vec::new(),
+            streaming: None,
+            status: IDLE,
+            ready: false,
+            awaiting_ready: false,
+            touched: Touched::default(),
+        };
+        let mut routes = self.routes.clone();
+        let mut watching = true;
+        let mut server_buf = vec![0u8; 8 * 1024];
+        let bytes_to_server = counter!(metrics::PROXY_BYTES, "direction" => "client_to_server");
+        let bytes_to_client = counter!(metrics::PROXY_BYTES, "direction" => "server_to_client");
+        relay.take_client(input, &mut state, &mut self.statements)?;
+        let end = loop {
+            if let Some(end) = relay.pass_through_fence(self.registration)? {
+                break Some(end);
+            }
+            if relay.released() {
+                break None;
+            }
+            if routes.borrow().supersedes(epoch, &principal) {
+                // I4: not one more byte to a superseded principal.
+                break Some(relay.failover(&principal));
+            }
+            tokio::select! {
+                read = client_read.read_buf(input), if relay.to_server.len() < QUEUE_MAX => {
+                    let n = read?;
+                    if n == 0 {
+                        break Some(Ending::ClientLeft);
+                    }
+                    bytes_to_server.increment(n as u64);
+                    if relay.take_client(input, &mut state, &mut self.statements)? {
+                        break Some(Ending::ClientLeft);
+                    }
+                }
+                read = server_read.read(&mut server_buf), if relay.to_client.len() < QUEUE_MAX => {
+                    let n = read?;
+                    if n == 0 {
+                        break Some(relay.server_lost());
+                    }
+                    bytes_to_client.increment(n as u64);
+                    relay.take_server(&server_buf[..n], &mut state)?;
+                }
+                written = server_write.write(&relay.to_server), if !relay.to_server.is_empty() => {
+                    let n = written?;
+                    relay.to_server.drain(..n);
+                    if relay.to_server.is_empty() {
+                        server_write.flush().await?;
+                    }
+                }
+                written = client_write.write(&relay.to_client), if !relay.to_client.is_empty() => {
+                    let n = written?;
+                    relay.to_client.drain(..n);
+                    if relay.to_client.is_empty() {
+                        client_write.flush().await?;
+                    }
+                }
+                changed = routes.changed(), if watching => {
+                    if changed.is_err() {
+                        watching = false;
+                    }
+                }
+                _ = self.ctx.shutdown.cancelled() => break Some(Ending::Shutdown),
+            }
+        };
+        // What the client is owed goes out first, whatever comes next.
+        client_write.write_all(&relay.to_client).await?;
+        client_write.flush().await?;
+        let server = server_read.unsplit(server_write);
+        let attached = Attached {
+            lease,
+            server,
+            principal,
+            epoch,
+            born,
+            state,
+            cancels,
+        };
+        let Some(ending) = end else {
+            return Ok(Turn::Done(Box::new(attached), relay.touched));
+        };
+        // The server connection is closed (dropped) in every case below:
+        // its transaction, if any, is rolled back with it.
+        drop(attached);
+        Ok(match ending {
+            Ending::ClientLeft => Turn::End(End::ClientClosed),
+            Ending::Abort(reason) => Turn::Aborted(reason),
+            Ending::Fatal { end, code, message } => {
+                if relay.fence.abandon() {
+                    let _ = client_write
+                        .write_all(&error_response(Severity::Fatal, code, &message))
+                        .await;
+                }
+                let _ = client_write.shutdown().await;
+                Turn::End(end)
+            }
+            Ending::Shutdown => {
+                if relay.fence.abandon() {
+                    let _ = client_write
+                        .write_all(&error_response(
+                            Severity::Fatal,
+                            "57P01",
+                            "terminating connection: the pgmirror proxy is shutting down",
+                        ))
+                        .await;
+                }
+                let _ = client_write.shutdown().await;
+                Turn::End(End::Shutdown)
+            }
+            Ending::Fenced(cause) => {
+                counter!(metrics::PROXY_COMMITS_FENCED, metrics::CAUSE => cause.label())
+                    .increment(1);
+                tracing::warn!(
+                    cause = cause.label(),
+                    "commit not confirmed by the mirror: client told 40003 and disconnected (I2)"
+                );
+                if relay.fence.abandon() {
+                    let error = error_response(
+                        Severity::Fatal,
+                        SQLSTATE_COMPLETION_UNKNOWN,
+                        &cause.client_message(),
+                    );
+                    let _ = client_write.write_all(&error).await;
+                }
+                let _ = client_write.shutdown().await;
+                Turn::End(End::CommitFenced(cause))
+            }
+        })
+    }
+}
+
+/// Why a transaction's relay stopped before the server was idle.
+enum Ending {
+    ClientLeft,
+    /// Nothing was in flight: the transaction is gone, the client stays.
+    Abort(String),
+    /// A statement was in flight: the client's connection ends.
+    Fatal {
+        end: End,
+        code: &'static str,
+        message: String,
+    },
+    Shutdown,
+    Fenced(FenceCause),
+}
+
+/// One transaction's relay state.
+struct Relay {
+    replies: Replies,
+    fence: CommitFence,
+    to_server: Vec<u8>,
+    /// Server messages (and the proxy's answers) not yet through the fence.
+    raw: Vec<u8>,
+    /// What the fence let through, to write to the client.
+    to_client: Vec<u8>,
+    /// Server bytes short of a whole message.
+    server_input: Vec<u8>,
+    /// A large message being streamed: its tag, bytes left, forwarded?
+    streaming: Option<(u8, usize, bool)>,
+    /// The last ReadyForQuery's status.
+    status: u8,
+    /// The last thing that happened was a ReadyForQuery saying idle with
+    /// nothing outstanding.
+    ready: bool,
+    /// The client's last message awaits a ReadyForQuery (the fence's rule 3).
+    awaiting_ready: bool,
+    touched: Touched,
+}
+
+impl Relay {
+    /// Whether the transaction is over: the server said idle, nothing is
+    /// outstanding, nothing waits to go either way.
+    fn released(&self) -> bool {
+        self.ready
+            && self.to_server.is_empty()
+            && self.raw.is_empty()
+            && self.server_input.is_empty()
+            && self.streaming.is_none()
+    }
+
+    /// A failover superseded the server's principal.
+    fn failover(&self, principal: &Principal) -> Ending {
+        let address = &principal.address;
+        if self.in_flight() {
+            Ending::Fatal {
+                end: End::Failover,
+                code: SQLSTATE_COMPLETION_UNKNOWN,
+                message: format!(
+                    "pgmirror proxy: a failover happened while a statement was in flight on \
+                     {address}, which is no longer the principal: its outcome is unknown (a commit \
+                     may have happened there without reaching the mirror). Reconnect and check \
+                     whether the transaction's effects are present before retrying it"
+                ),
+            }
+        } else {
+            counter!(metrics::PROXY_TRANSACTIONS_ABORTED).increment(1);
+            Ending::Abort(format!(
+                "pgmirror proxy: the transaction was rolled back because a failover happened while \
+                 it was open ({address} is no longer the principal); nothing it did was committed. \
+                 Roll back and run it again"
+            ))
+        }
+    }
+
+    /// The server closed the connection.
+    fn server_lost(&mut self) -> Ending {
+        if let Some(cause) = self.fence.server_closed() {
+            return Ending::Fenced(cause);
+        }
+        if self.in_flight() {
+            Ending::Fatal {
+                end: End::ServerClosed,
+                code: SQLSTATE_COMPLETION_UNKNOWN,
+                message: "pgmirror proxy: the server connection was lost while a statement was in \
+                          flight: its outcome is unknown. Reconnect and check whether the \
+                          transaction's effects are present before retrying it"
+                    .into(),
+            }
+        } else {
+            counter!(metrics::PROXY_TRANSACTIONS_ABORTED).increment(1);
+            Ending::Abort(
+                "pgmirror proxy: the transaction was rolled back because its server connection \
+                 was lost while it was open; nothing it did was committed. Roll back and run it \
+                 again"
+                    .into(),
+            )
+        }
+    }
+
+    /// Something sent has not been answered.
+    fn in_flight(&self) -> bool {
+        !self.replies.is_settled() || !self.to_server.is_empty()
+    }
+
+    /// Runs what is ready for the client through the commit fence (I2).
+    fn pass_through_fence(
+        &mut self,
+        registration: &Registration,
+    ) -> Result<Option<Ending>, ConnError> {
+        if self.raw.is_empty() {
+            return Ok(None);
+        }
+        let awaiting = self.awaiting_ready;
+        let step = self
+            .fence
+            .feed(&self.raw, awaiting, registration.cancels_forwarded())?;
+        match step {
+            Step::PassChunk => self.to_client.extend_from_slice(&self.raw),
+            Step::Output => self.to_client.extend_from_slice(self.fence.output()),
+            Step::Fence { cause, .. } => {
+                self.to_client.extend_from_slice(self.fence.output());
+                self.raw.clear();
+                return Ok(Some(Ending::Fenced(cause)));
+            }
+        }
+        self.raw.clear();
+        Ok(None)
+    }
+
+    /// Translates the client's whole messages in `input` for the server;
+    /// true when the client sent Terminate.
+    fn take_client(
+        &mut self,
+        input: &mut Vec<u8>,
+        state: &mut ServerState,
+        statements: &mut ClientStatements,
+    ) -> Result<bool, ConnError> {
+        let mut at = 0;
+        let mut leaving = false;
+        while let Some((tag, len)) = whole_message(&input[at..])? {
+            let message = &input[at..at + len];
+            at += len;
+            if tag == TERMINATE {
+                leaving = true;
+                break;
+            }
+            self.ready = false;
+            self.awaiting_ready = FRONTEND_AWAITS_READY.contains(&tag);
+            self.translate(tag, message, state, statements)?;
+        }
+        input.drain(..at);
+        self.replies.answers_due(&mut self.raw);
+        Ok(leaving)
+    }
+
+    /// Prepares `statement` on this connection first if it is not there.
+    fn ensure(&mut self, statement: &Statement, state: &mut ServerState) {
+        if state.prepared.insert(statement.server_name.clone()) {
+            self.to_server.extend_from_slice(&extended::encode_parse(
+                &statement.server_name,
+                &statement.query,
+                &statement.types,
+            ));
+            self.replies.proxy(Kind::Parse {
+                prepared: Some(statement.server_name.clone()),
+            });
+        }
+    }
+
+    fn translate(
+        &mut self,
+        tag: u8,
+        message: &[u8],
+        state: &mut ServerState,
+        statements: &mut ClientStatements,
+    ) -> Result<(), ConnError> {
+        let malformed = || ConnError::Unexpected("malformed message from the client");
+        match tag {
+            QUERY => {
+                let text = decode_query(message).ok_or_else(malformed)?;
+                let found = sql::inspect(text);
+                match found.refused {
+                    Some(what) => self
+                        .to_server
+                        .extend_from_slice(&extended::encode_query(&sql::refusal_sql(what))),
+                    None => self.to_server.extend_from_slice(message),
+                }
+                self.touched.note(&found);
+                self.replies.client(Kind::Simple);
+            }
+            PARSE => {
+                let parse = decode_parse(message).ok_or_else(malformed)?;
+                let found = sql::inspect(parse.query);
+                self.touched.note(&found);
+                let refused = found.refused.map(sql::refusal_sql);
+                let query = refused.as_deref().unwrap_or(parse.query);
+                if parse.statement.is_empty() {
+                    self.to_server.extend_from_slice(&extended::encode_parse(
+                        "",
+                        query,
+                        parse.types,
+                    ));
+                    self.replies.client(Kind::Parse { prepared: None });
+                    statements.insert(String::new(), Statement::unnamed(query, parse.types));
+                } else if let Some(existing) = statements.get(parse.statement).cloned() {
+                    // PostgreSQL refuses a name in use (42P05): so does the
+                    // server, for the name the statement has there.
+                    self.ensure(&existing, state);
+                    self.to_server.extend_from_slice(&extended::encode_parse(
+                        &existing.server_name,
+                        query,
+                        parse.types,
+                    ));
+                    self.replies.client(Kind::Parse { prepared: None });
+                } else {
+                    let statement = Statement::new(query, parse.types);
+                    if state.prepared.insert(statement.server_name.clone()) {
+                        self.to_server.extend_from_slice(&extended::encode_parse(
+                            &statement.server_name,
+                            query,
+                            parse.types,
+                        ));
+                        self.replies.client(Kind::Parse {
+                            prepared: Some(statement.server_name.clone()),
+                        });
+                    } else {
+                        self.replies.answer(extended::empty(PARSE_COMPLETE));
+                    }
+                    statements.insert(parse.statement.to_string(), statement);
+                }
+            }
+            BIND => {
+                let (portal, name, rest) = decode_bind(message).ok_or_else(malformed)?;
+                match statements.get(name).filter(|_| !name.is_empty()).cloned() {
+                    Some(statement) => {
+                        self.ensure(&statement, state);
+                        self.to_server.extend_from_slice(&extended::encode_bind(
+                            portal,
+                            &statement.server_name,
+                            rest,
+                        ));
+                    }
+                    // Unnamed, or unknown (the server says it does not exist).
+                    None => self.to_server.extend_from_slice(message),
+                }
+                self.replies.client(Kind::Bind);
+            }
+            DESCRIBE => {
+                let (target, name) = decode_target(message).ok_or_else(malformed)?;
+                let known = statements.get(name).filter(|_| !name.is_empty()).cloned();
+                match known.filter(|_| target == TARGET_STATEMENT) {
+                    Some(statement) => {
+                        self.ensure(&statement, state);
+                        self.to_server.extend_from_slice(&extended::encode_target(
+                            DESCRIBE,
+                            TARGET_STATEMENT,
+                            &statement.server_name,
+                        ));
+                    }
+                    None => self.to_server.extend_from_slice(message),
+                }
+                self.replies.client(if target == TARGET_STATEMENT {
+                    Kind::DescribeStatement
+                } else {
+                    Kind::DescribePortal
+                });
+            }
+            CLOSE => {
+                let (target, name) = decode_target(message).ok_or_else(malformed)?;
+                if target == TARGET_STATEMENT && !name.is_empty() {
+                    // Other clients may share it on the server: it stays
+                    // there, and only this client forgets it.
+                    statements.remove(name);
+                    self.replies.answer(extended::empty(CLOSE_COMPLETE));
+                } else {
+                    self.to_server.extend_from_slice(message);
+                    self.replies.client(Kind::Close);
+                }
+            }
+            EXECUTE => {
+                self.to_server.extend_from_slice(message);
+                self.replies.client(Kind::Execute);
+            }
+            SYNC => {
+                self.to_server.extend_from_slice(message);
+                self.replies.client(Kind::Sync);
+            }
+            FUNCTION_CALL => {
+                self.to_server.extend_from_slice(message);
+                self.replies.client(Kind::Simple);
+            }
+            // Flush, COPY data, and anything else, which the server judges.
+            _ => self.to_server.extend_from_slice(message),
+        }
+        Ok(())
+    }
+
+    /// Takes server bytes: whole messages are looked at, large ones
+    /// streamed; what the client gets goes to `raw`.
+    fn take_server(&mut self, mut chunk: &[u8], state: &mut ServerState) -> Result<(), ConnError> {
+        if let Some((tag, left, forward)) = self.streaming {
+            let n = left.min(chunk.len());
+            if forward {
+                self.raw.extend_from_slice(&chunk[..n]);
+            }
+            chunk = &chunk[n..];
+            if n < left {
+                self.streaming = Some((tag, left - n, forward));
+                return Ok(());
+            }
+            self.streaming = None;
+            self.ended(tag, state);
+        }
+        // The common case reads from the chunk itself; only a message
+        // split across reads is copied.
+        let buffered;
+        let input: &[u8] = if self.server_input.is_empty() {
+            chunk
+        } else {
+            self.server_input.extend_from_slice(chunk);
+            buffered = std::mem::take(&mut self.server_input);
+            &buffered
+        };
+        let mut at = 0;
+        while let Some((tag, len)) = backend_message_len(&input[at..])? {
+            let available = input.len() - at;
+            if available >= len {
+                self.whole(&input[at..at + len], state);
+                at += len;
+                continue;
+            }
+            if len > WHOLE_MESSAGE_MAX {
+                let forward = self.replies.disposition(tag) == Disposition::Forward;
+                if forward {
+                    self.raw.extend_from_slice(&input[at..]);
+                }
+                self.streaming = Some((tag, len - available, forward));
+                at = input.len();
+            }
+            break;
+        }
+        self.server_input.extend_from_slice(&input[at..]);
+        Ok(())
+    }
+
+    /// One whole server message.
+    fn whole(&mut self, message: &[u8], state: &mut ServerState) {
+        let tag = message[0];
+        match tag {
+            READY_FOR_QUERY => self.status = message.get(5).copied().unwrap_or(IDLE),
+            PARAMETER_STATUS => {
+                if let Some((name, value)) = decode_parameter_status(message) {
+                    state.reported.insert(name.to_string(), value.to_string());
+                }
+            }
+            _ => {}
+        }
+        if self.replies.disposition(tag) == Disposition::Forward {
+            self.raw.extend_from_slice(message);
+        }
+        self.ended(tag, state);
+        if tag == READY_FOR_QUERY {
+            self.ready = self.status == IDLE && self.replies.is_settled();
+        }
+    }
+
+    /// A server message ended.
+    fn ended(&mut self, tag: u8, state: &mut ServerState) {
+        if let Some(failed) = self.replies.ended(tag) {
+            state.prepared.remove(&failed);
+        }
+        self.replies.answers_due(&mut self.raw);
+    }
+}

@@ -1,0 +1,248 @@
+//! Which server reply answers which client message, in transaction mode,
+//! where the proxy sends the server messages the client did not (a Parse
+//! that prepares the client's statement on this server connection) and
+//! answers some client messages itself (a Parse of a statement the
+//! connection already has, a Close of a statement other clients share).
+//! Replies come in the order of the messages, so a queue of what is
+//! expected says what to do with each server message: forward it, swallow
+//! it (the answer to the proxy's own message), and when to insert the
+//! proxy's own answers. An ErrorResponse in the extended protocol makes the
+//! server skip everything up to the next Sync, so the expectations up to
+//! it are dropped too, the proxy's own answers among them, as PostgreSQL
+//! would not have answered them either. Pure.
+
+use std::collections::VecDeque;
+
+use crate::wire::extended::{
+    BIND_COMPLETE, CLOSE_COMPLETE, COMMAND_COMPLETE, EMPTY_QUERY, NO_DATA, PARSE_COMPLETE,
+    PORTAL_SUSPENDED, ROW_DESCRIPTION,
+};
+use crate::wire::startup::{ERROR_RESPONSE, READY_FOR_QUERY};
+
+/// What a message sent to the server is answered with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// ParseComplete; `prepared` names the server statement the Parse
+    /// creates, forgotten again if it fails.
+    Parse {
+        prepared: Option<String>,
+    },
+    Bind,
+    Close,
+    /// ParameterDescription, then RowDescription or NoData.
+    DescribeStatement,
+    DescribePortal,
+    /// Rows, then CommandComplete, EmptyQueryResponse or PortalSuspended.
+    Execute,
+    Sync,
+    /// Query or FunctionCall: everything up to ReadyForQuery.
+    Simple,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Expect {
+    /// A reply the client gets.
+    Client(Kind),
+    /// A reply to the proxy's own message, swallowed.
+    Proxy(Kind),
+    /// The proxy's own answer to a client message, inserted in its turn.
+    Answer(Vec<u8>),
+}
+
+/// What to do with one server message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    Forward,
+    Swallow,
+}
+
+/// The replies outstanding on one server connection.
+#[derive(Debug, Default)]
+pub struct Replies {
+    queue: VecDeque<Expect>,
+}
+
+impl Replies {
+    /// The client's message was forwarded.
+    pub fn client(&mut self, kind: Kind) {
+        self.queue.push_back(Expect::Client(kind));
+    }
+
+    /// The proxy sent a message of its own.
+    pub fn proxy(&mut self, kind: Kind) {
+        self.queue.push_back(Expect::Proxy(kind));
+    }
+
+    /// The proxy answers a client message itself with `reply`.
+    pub fn answer(&mut self, reply: Vec<u8>) {
+        self.queue.push_back(Expect::Answer(reply));
+    }
+
+    /// Nothing outstanding: every message sent has been answered.
+    pub fn is_settled(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Moves the proxy's answers that are next in turn to `out`.
+    pub fn answers_due(&mut self, out: &mut Vec<u8>) {
+        while let Some(Expect::Answer(_)) = self.queue.front() {
+            if let Some(Expect::Answer(reply)) = self.queue.pop_front() {
+                out.extend_from_slice(&reply);
+            }
+        }
+    }
+
+    /// Whether the message tagged `tag` (seen at its start) goes to the
+    /// client. Asynchronous messages (notices, parameter status,
+    /// notifications) and anything unexpected are forwarded.
+    pub fn disposition(&self, tag: u8) -> Disposition {
+        match self.queue.front() {
+            Some(Expect::Proxy(kind)) if tag != ERROR_RESPONSE && answers(kind, tag).is_some() => {
+                Disposition::Swallow
+            }
+            _ => Disposition::Forward,
+        }
+    }
+
+    /// The message tagged `tag` has ended; returns the server statement a
+    /// failed Parse would have created (to be forgotten).
+    pub fn ended(&mut self, tag: u8) -> Option<String> {
+        let kind = match self.queue.front()? {
+            Expect::Client(kind) | Expect::Proxy(kind) => kind.clone(),
+            Expect::Answer(_) => return None,
+        };
+        if tag == ERROR_RESPONSE && kind != Kind::Simple {
+            self.queue.pop_front();
+            // The server skips to the next Sync: nothing else is answered.
+            while let Some(next) = self.queue.front() {
+                if matches!(next, Expect::Client(Kind::Sync) | Expect::Proxy(Kind::Sync)) {
+                    break;
+                }
+                self.queue.pop_front();
+            }
+            return match kind {
+                Kind::Parse { prepared } => prepared,
+                _ => None,
+            };
+        }
+        if answers(&kind, tag) == Some(true) {
+            self.queue.pop_front();
+        }
+        None
+    }
+}
+
+/// Whether `tag` belongs to the reply to `kind`: Some(true) when it ends
+/// it, Some(false) when more follows, None when it is not part of it.
+fn answers(kind: &Kind, tag: u8) -> Option<bool> {
+    let ends = match kind {
+        Kind::Parse { .. } => tag == PARSE_COMPLETE,
+        Kind::Bind => tag == BIND_COMPLETE,
+        Kind::Close => tag == CLOSE_COMPLETE,
+        Kind::DescribeStatement | Kind::DescribePortal => {
+            matches!(tag, ROW_DESCRIPTION | NO_DATA)
+        }
+        Kind::Execute => matches!(tag, COMMAND_COMPLETE | EMPTY_QUERY | PORTAL_SUSPENDED),
+        Kind::Sync | Kind::Simple => tag == READY_FOR_QUERY,
+    };
+    if ends {
+        return Some(true);
+    }
+    let part = match kind {
+        Kind::DescribeStatement => tag == crate::wire::extended::PARAMETER_DESCRIPTION,
+        Kind::Execute | Kind::Simple => true,
+        _ => false,
+    };
+    part.then_some(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::extended::{empty, PARAMETER_DESCRIPTION};
+
+    /// Feeds server tags; returns (forwarded tags, answers inserted).
+    fn run(replies: &mut Replies, tags: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let (mut forwarded, mut out) = (Vec::new(), Vec::new());
+        replies.answers_due(&mut out);
+        for &tag in tags {
+            if replies.disposition(tag) == Disposition::Forward {
+                forwarded.push(tag);
+            }
+            replies.ended(tag);
+            replies.answers_due(&mut out);
+        }
+        (forwarded, out.iter().step_by(5).copied().collect())
+    }
+
+    #[test]
+    fn a_prepare_the_proxy_added_is_swallowed() {
+        let mut replies = Replies::default();
+        replies.proxy(Kind::Parse {
+            prepared: Some("pgmirror_1".into()),
+        });
+        replies.client(Kind::Bind);
+        replies.client(Kind::Execute);
+        replies.client(Kind::Sync);
+        let (forwarded, _) = run(&mut replies, b"12DDCZ");
+        assert_eq!(forwarded, b"2DDCZ");
+        assert!(replies.is_settled());
+    }
+
+    #[test]
+    fn the_proxys_answers_come_in_their_turn() {
+        let mut replies = Replies::default();
+        replies.client(Kind::Bind);
+        replies.answer(empty(PARSE_COMPLETE));
+        replies.client(Kind::DescribeStatement);
+        replies.client(Kind::Sync);
+        let mut out = Vec::new();
+        replies.answers_due(&mut out);
+        assert!(out.is_empty(), "answered before the Bind's reply");
+        assert_eq!(replies.disposition(BIND_COMPLETE), Disposition::Forward);
+        replies.ended(BIND_COMPLETE);
+        replies.answers_due(&mut out);
+        assert_eq!(out, empty(PARSE_COMPLETE));
+        let (forwarded, _) = run(&mut replies, &[PARAMETER_DESCRIPTION, NO_DATA, b'Z']);
+        assert_eq!(forwarded, [PARAMETER_DESCRIPTION, NO_DATA, b'Z']);
+        assert!(replies.is_settled());
+    }
+
+    #[test]
+    fn an_error_drops_everything_up_to_sync() {
+        let mut replies = Replies::default();
+        replies.client(Kind::Parse {
+            prepared: Some("pgmirror_2".into()),
+        });
+        replies.answer(empty(CLOSE_COMPLETE));
+        replies.client(Kind::Bind);
+        replies.client(Kind::Sync);
+        assert_eq!(replies.ended(ERROR_RESPONSE), Some("pgmirror_2".into()));
+        let (forwarded, answers) = run(&mut replies, b"Z");
+        assert_eq!(forwarded, b"Z");
+        assert!(answers.is_empty(), "a skipped message was answered");
+        assert!(replies.is_settled());
+    }
+
+    #[test]
+    fn errors_inside_a_simple_query_do_not_skip() {
+        let mut replies = Replies::default();
+        replies.client(Kind::Simple);
+        replies.client(Kind::Simple);
+        let (forwarded, _) = run(&mut replies, b"TDCEZCZ");
+        assert_eq!(forwarded, b"TDCEZCZ");
+        assert!(replies.is_settled());
+    }
+
+    #[test]
+    fn notices_and_status_pass_without_ending_anything() {
+        let mut replies = Replies::default();
+        replies.proxy(Kind::Parse { prepared: None });
+        assert_eq!(replies.disposition(b'N'), Disposition::Forward);
+        replies.ended(b'N');
+        assert!(!replies.is_settled());
+        assert_eq!(replies.disposition(PARSE_COMPLETE), Disposition::Swallow);
+        replies.ended(PARSE_COMPLETE);
+        assert!(replies.is_settled());
+    }
+}

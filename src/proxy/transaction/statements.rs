@@ -1,0 +1,72 @@
+//! Named prepared statements in transaction mode. A client's statement
+//! lives in the proxy under the client's name; on the server it is
+//! prepared under a name derived from its text and parameter types
+//! (`pgmirror_` and 32 hex digits of their SHA-256), so that clients that
+//! prepare the same statement share it on each server connection and
+//! different statements never share a name, whatever the clients called
+//! them. A server connection remembers which of these it has. Pure.
+
+use std::collections::{HashMap, HashSet};
+
+/// One statement a client prepared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statement {
+    pub query: String,
+    /// Parse's parameter type count and OIDs, as the client sent them.
+    pub types: Vec<u8>,
+    /// Its name on the servers.
+    pub server_name: String,
+}
+
+impl Statement {
+    pub fn new(query: &str, types: &[u8]) -> Statement {
+        let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+        hash.update(query.as_bytes());
+        hash.update(&[0]);
+        hash.update(types);
+        let digest = hash.finish();
+        let hex: String = digest
+            .as_ref()
+            .iter()
+            .take(16)
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        Statement {
+            query: query.to_string(),
+            types: types.to_vec(),
+            server_name: format!("pgmirror_{hex}"),
+        }
+    }
+
+    /// The unnamed statement, which is never renamed.
+    pub fn unnamed(query: &str, types: &[u8]) -> Statement {
+        Statement {
+            query: query.to_string(),
+            types: types.to_vec(),
+            server_name: String::new(),
+        }
+    }
+}
+
+/// A client's statements, by the client's names ("" is the unnamed one,
+/// kept only so that a transaction a failover ended can be told apart
+/// from a ROLLBACK prepared unnamed).
+pub type ClientStatements = HashMap<String, Statement>;
+
+/// The server statements one server connection has prepared.
+pub type ServerStatements = HashSet<String>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_text_and_types_only() {
+        let a = Statement::new("SELECT $1", &[0, 1, 0, 0, 0, 23]);
+        let b = Statement::new("SELECT $1", &[0, 1, 0, 0, 0, 25]);
+        let c = Statement::new("SELECT $1", &[0, 1, 0, 0, 0, 23]);
+        assert_ne!(a.server_name, b.server_name);
+        assert_eq!(a.server_name, c.server_name);
+        assert_eq!(a.server_name.len(), "pgmirror_".len() + 32);
+    }
+}
