@@ -385,7 +385,9 @@ Promise.all([...Array(clients).keys()].map(work))
 /// the most backends `app` had, and the largest active + idle of its pool.
 async fn pgbench_through(pooled: &Pooled, args: &[&str]) -> (String, i64, i64) {
     let console = pooled.proxy.console().await;
-    let mut argv: Vec<String> = ["-n", "-c", "8", "-j", "2", "-T", "3"]
+    // A thread per client: pgbench's PQprepare blocks its thread, which
+    // could then wait for a connection its other clients hold (README).
+    let mut argv: Vec<String> = ["-n", "-c", "8", "-j", "8", "-T", "3"]
         .into_iter()
         .chain(args.iter().copied())
         .map(String::from)
