@@ -40,9 +40,14 @@ async fn pooled(pool_size: usize) -> Pooled {
     for i in 0..SCHEMAS {
         schemas.push_str(&format!(
             "CREATE SCHEMA t{i}; CREATE TABLE t{i}.marker AS SELECT 't{i}'::text AS v; \
-             GRANT USAGE ON SCHEMA t{i} TO app; GRANT SELECT ON t{i}.marker TO app;"
+             GRANT USAGE ON SCHEMA t{i} TO app, old; GRANT SELECT ON t{i}.marker TO app, old;"
         ));
     }
+    // A name whose column type depends on the search_path.
+    schemas.push_str(
+        "CREATE TABLE t0.typed AS SELECT 1 AS v; CREATE TABLE t1.typed AS SELECT 'one'::text AS v; \
+         GRANT SELECT ON t0.typed, t1.typed TO app, old;",
+    );
     setup.batch_execute(&schemas).await.expect("create schemas");
     let userlist = pg.dir().join("userlist.txt");
     let list = format!(
@@ -554,6 +559,12 @@ impl Raw {
         }
     }
 
+    /// Sends a simple Query; the answer up to ReadyForQuery.
+    async fn simple(&mut self, sql: &str) -> Vec<String> {
+        self.send(&[frame(b'Q', &cstr(sql))]).await;
+        self.until_ready().await
+    }
+
     /// Sends `messages` and a Sync; the answer up to ReadyForQuery.
     async fn sync(&mut self, messages: &[Vec<u8>]) -> Vec<String> {
         self.send(messages).await;
@@ -717,6 +728,291 @@ async fn two_clients_with_the_same_statement_name_get_their_own_results() {
         [&["ParseComplete".to_string()][..], &one_row("42")].concat()
     );
     assert_eq!(pooled.backends_of("old").await, 1);
+}
+
+/// Records a difference between `got` and `expected` for `step`.
+fn compare<E: AsRef<str>>(
+    differences: &mut Vec<String>,
+    step: &str,
+    got: Vec<String>,
+    expected: &[E],
+) {
+    let expected: Vec<&str> = expected.iter().map(AsRef::as_ref).collect();
+    if got != expected {
+        differences.push(format!("{step}: got {got:?}, expected {expected:?}"));
+    }
+}
+
+/// A conversation of two raw clients on `port` about named statements
+/// whose every answer PostgreSQL defines; the steps whose answers differ.
+/// `label` keeps the table it creates apart from another run's.
+async fn statement_semantics(
+    port: u16,
+    verifier: &Md5Verifier,
+    setup: &Client,
+    label: &str,
+) -> Vec<String> {
+    let mut one = Raw::login(port, verifier).await;
+    let mut two = Raw::login(port, verifier).await;
+    let mut differences = Vec::new();
+    let ready = ["Complete(SET)", "Ready(I)"];
+    let got = one.simple("SET search_path = t0").await;
+    compare(&mut differences, "SET search_path = t0", got, &ready);
+    let got = two.simple("SET search_path = t1").await;
+    compare(&mut differences, "SET search_path = t1", got, &ready);
+    // One text, two result types: each client's statement is its own.
+    let typed = |statement: &str| {
+        [
+            parse(statement, "SELECT v FROM typed"),
+            describe_statement(statement),
+            bind_execute(statement),
+        ]
+    };
+    let got = one.sync(&typed("a")).await;
+    let int_row = [
+        "ParseComplete",
+        "ParameterDescription(0)",
+        "RowDescription(23)",
+    ];
+    let expected = then(&int_row, one_row("1"));
+    compare(&mut differences, "typed in t0", got, &expected);
+    let got = two.sync(&typed("b")).await;
+    let text_row = [
+        "ParseComplete",
+        "ParameterDescription(0)",
+        "RowDescription(25)",
+    ];
+    let expected = then(&text_row, one_row("one"));
+    compare(&mut differences, "typed in t1 (same text)", got, &expected);
+    let got = one.sync(&[bind_execute("a")]).await;
+    compare(&mut differences, "typed in t0 again", got, &one_row("1"));
+
+    let got = one.sync(&[parse("a", "SELECT 7")]).await;
+    compare(
+        &mut differences,
+        "Parse of a name in use",
+        got,
+        &["Error(42P05)", "Ready(I)"],
+    );
+
+    let got = one.sync(&[parse("d", "SELECT 4")]).await;
+    compare(
+        &mut differences,
+        "Parse d",
+        got,
+        &["ParseComplete", "Ready(I)"],
+    );
+    let got = one.simple("DEALLOCATE d").await;
+    compare(
+        &mut differences,
+        "SQL DEALLOCATE d",
+        got,
+        &["Complete(DEALLOCATE)", "Ready(I)"],
+    );
+    let got = one.sync(&[bind_execute("d")]).await;
+    compare(
+        &mut differences,
+        "Bind after DEALLOCATE",
+        got,
+        &["Error(26000)", "Ready(I)"],
+    );
+
+    // A Parse the server refused leaves no statement.
+    let table = format!("later_{label}");
+    let select_later = format!("SELECT n FROM {table}");
+    let got = one.sync(&[parse("f", &select_later)]).await;
+    compare(
+        &mut differences,
+        "Parse of a missing table",
+        got,
+        &["Error(42P01)", "Ready(I)"],
+    );
+    let got = one.sync(&[bind_execute("f")]).await;
+    compare(
+        &mut differences,
+        "Bind after a failed Parse",
+        got,
+        &["Error(26000)", "Ready(I)"],
+    );
+    setup
+        .batch_execute(&format!(
+            "CREATE TABLE t0.{table} AS SELECT 5 AS n; GRANT SELECT ON t0.{table} TO old"
+        ))
+        .await
+        .unwrap();
+    let got = one
+        .sync(&[parse("f", &select_later), bind_execute("f")])
+        .await;
+    let expected = then(&["ParseComplete"], one_row("5"));
+    compare(
+        &mut differences,
+        "Parse once the table exists",
+        got,
+        &expected,
+    );
+
+    // A Parse in a failed transaction is not run.
+    let got = one.simple("BEGIN").await;
+    compare(
+        &mut differences,
+        "BEGIN",
+        got,
+        &["Complete(BEGIN)", "Ready(T)"],
+    );
+    let got = one.simple("SELECT 1/0").await;
+    compare(
+        &mut differences,
+        "SELECT 1/0",
+        got,
+        &["Error(22012)", "Ready(E)"],
+    );
+    let got = one.sync(&[parse("h", "SELECT 6")]).await;
+    compare(
+        &mut differences,
+        "Parse in a failed transaction",
+        got,
+        &["Error(25P02)", "Ready(E)"],
+    );
+    let got = one.simple("ROLLBACK").await;
+    compare(
+        &mut differences,
+        "ROLLBACK",
+        got,
+        &["Complete(ROLLBACK)", "Ready(I)"],
+    );
+    let got = one.sync(&[parse("h", "SELECT 6"), bind_execute("h")]).await;
+    let expected = then(&["ParseComplete"], one_row("6"));
+    compare(&mut differences, "Parse after the ROLLBACK", got, &expected);
+
+    // DISCARD ALL drops this client's statements, not the other's.
+    let got = one.simple("DISCARD ALL").await;
+    compare(
+        &mut differences,
+        "DISCARD ALL",
+        got,
+        &["Complete(DISCARD ALL)", "Ready(I)"],
+    );
+    let got = one.sync(&[bind_execute("a")]).await;
+    compare(
+        &mut differences,
+        "Bind after DISCARD ALL",
+        got,
+        &["Error(26000)", "Ready(I)"],
+    );
+    let got = two.sync(&[bind_execute("b")]).await;
+    compare(
+        &mut differences,
+        "the other client's after DISCARD ALL",
+        got,
+        &one_row("one"),
+    );
+    differences
+}
+
+/// `first`, then `rest`.
+fn then(first: &[&str], rest: Vec<String>) -> Vec<String> {
+    first.iter().map(|s| s.to_string()).chain(rest).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_statements_answer_as_postgresql_does() {
+    let pooled = pooled(1).await;
+    let verifier: Md5Verifier = verifier_of(&pooled.setup, "old").await.parse().unwrap();
+    let direct = statement_semantics(pooled.pg.port(), &verifier, &pooled.setup, "direct").await;
+    assert!(direct.is_empty(), "PostgreSQL itself differs: {direct:#?}");
+    let through = statement_semantics(pooled.proxy.port, &verifier, &pooled.setup, "proxy").await;
+    assert!(
+        through.is_empty(),
+        "through transaction pooling: {through:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_queries_of_several_clients_share_two_connections() {
+    const CLIENTS: usize = 4;
+    const IN_FLIGHT: i32 = 10;
+    let pooled = pooled(2).await;
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        clients.push(pooled.app(&format!("options='-c search_path=t{i}'")).await);
+    }
+    // tokio-postgres sends the messages of concurrent queries on one
+    // client without waiting for the answers: several Syncs in flight.
+    let work = clients.iter().enumerate().map(|(i, client)| async move {
+        let statement = client
+            .prepare("SELECT v, $1::int FROM marker")
+            .await
+            .expect("prepare");
+        let prepared = futures::future::join_all((0..IN_FLIGHT).map(|k| {
+            let statement = &statement;
+            async move { client.query_one(statement, &[&k]).await }
+        }));
+        let unprepared = futures::future::join_all(
+            (0..IN_FLIGHT)
+                .map(|k| async move { client.query_one("SELECT $1::int + 100", &[&k]).await }),
+        );
+        let (prepared, unprepared) = futures::join!(prepared, unprepared);
+        for (k, (row, sum)) in prepared.into_iter().zip(unprepared).enumerate() {
+            let row = row.unwrap_or_else(|err| panic!("client {i} query {k}: {err:?}"));
+            let sum = sum.unwrap_or_else(|err| panic!("client {i} sum {k}: {err:?}"));
+            let got = (
+                row.get::<_, String>(0),
+                row.get::<_, i32>(1),
+                sum.get::<_, i32>(0),
+            );
+            assert_eq!(
+                got,
+                (format!("t{i}"), k as i32, k as i32 + 100),
+                "client {i}"
+            );
+        }
+    });
+    futures::future::join_all(work).await;
+    assert!(pooled.backends_of("app").await <= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_that_dies_while_idle_goes_unnoticed_by_its_client() {
+    let pooled = pooled(2).await;
+    let client = pooled.app("application_name=survivor").await;
+    client
+        .batch_execute("SET search_path = t3, public")
+        .await
+        .unwrap();
+    let statement = client
+        .prepare("SELECT v, current_setting('application_name') FROM marker")
+        .await
+        .unwrap();
+    let state = |row: tokio_postgres::Row| (row.get::<_, String>(0), row.get::<_, String>(1));
+    let expected = ("t3".to_string(), "survivor".to_string());
+    assert_eq!(
+        state(client.query_one(&statement, &[]).await.unwrap()),
+        expected
+    );
+    pooled
+        .setup
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app'",
+        )
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if pooled.backends_of("app").await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        pooled.backends_of("app").await,
+        0,
+        "the backends outlived pg_terminate_backend"
+    );
+    let row = client
+        .query_one(&statement, &[])
+        .await
+        .expect("the first statement after the pooled connection died");
+    assert_eq!(state(row), expected);
+    assert_eq!(value(&client, "SHOW search_path").await, "t3, public");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
