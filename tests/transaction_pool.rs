@@ -163,6 +163,26 @@ const DRIVER_POOL: usize = 2;
 /// for server-side preparation (5).
 const ROUNDS: usize = 12;
 
+/// Runs a driver's program with `args`, then the client count and rounds,
+/// against a pool of `DRIVER_POOL`; returns its output once it checked
+/// that the server never had more backends than that for `app`.
+async fn run_driver(
+    pooled: &Pooled,
+    program: &'static str,
+    args: Vec<String>,
+    env: Vec<(&'static str, String)>,
+) -> String {
+    let mut args = args;
+    args.extend([DRIVER_CLIENTS.to_string(), ROUNDS.to_string()]);
+    let out = run_script(program, args, env).await;
+    let backends = pooled.backends_of("app").await;
+    assert!(
+        backends <= DRIVER_POOL as i64,
+        "{backends} backends for app"
+    );
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg_threads_keep_their_prepared_statements_and_search_path() {
     let pooled = pooled(DRIVER_POOL).await;
@@ -201,15 +221,10 @@ print("psycopg threads done:", clients)
         "{} password=wonder",
         pooled.proxy.conninfo("app", "postgres")
     );
-    let out = run_script(
+    let out = run_driver(
+        &pooled,
         "python3",
-        vec![
-            "-c".into(),
-            script.into(),
-            conninfo,
-            DRIVER_CLIENTS.to_string(),
-            ROUNDS.to_string(),
-        ],
+        vec!["-c".into(), script.into(), conninfo],
         vec![],
     )
     .await;
@@ -218,7 +233,6 @@ print("psycopg threads done:", clients)
         out.contains(&format!("psycopg threads done: {DRIVER_CLIENTS}")),
         "{out}"
     );
-    assert!(pooled.backends_of("app").await <= DRIVER_POOL as i64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,16 +324,11 @@ public class PooledPrepared {
         "jdbc:postgresql://127.0.0.1:{}/postgres?prepareThreshold=5",
         pooled.proxy.port
     );
-    let out = run_script(
+    let source = source.to_str().unwrap().to_string();
+    let out = run_driver(
+        &pooled,
         "java",
-        vec![
-            "-cp".into(),
-            jar.into(),
-            source.to_str().unwrap().into(),
-            url,
-            DRIVER_CLIENTS.to_string(),
-            ROUNDS.to_string(),
-        ],
+        vec!["-cp".into(), jar.into(), source, url],
         vec![],
     )
     .await;
@@ -329,7 +338,6 @@ public class PooledPrepared {
             "pgjdbc client {id}:\n{out}"
         );
     }
-    assert!(pooled.backends_of("app").await <= DRIVER_POOL as i64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,15 +373,10 @@ Promise.all([...Array(clients).keys()].map(work))
     .then(() => console.log(`node clients done: ${clients}`))
     .catch(err => { console.log(`node failed: ${err.stack}`); process.exit(1); });
 "#;
-    let out = run_script(
+    let out = run_driver(
+        &pooled,
         "node",
-        vec![
-            "-e".into(),
-            script.into(),
-            pooled.proxy.port.to_string(),
-            DRIVER_CLIENTS.to_string(),
-            ROUNDS.to_string(),
-        ],
+        vec!["-e".into(), script.into(), pooled.proxy.port.to_string()],
         // Debian's nodejs looks there by itself; other builds do not.
         vec![("NODE_PATH", "/usr/share/nodejs:/usr/lib/nodejs".into())],
     )
@@ -382,7 +385,6 @@ Promise.all([...Array(clients).keys()].map(work))
         out.contains(&format!("node clients done: {DRIVER_CLIENTS}")),
         "node-postgres:\n{out}"
     );
-    assert!(pooled.backends_of("app").await <= DRIVER_POOL as i64);
 }
 
 /// Runs pgbench through the proxy with `args` for three seconds while
