@@ -62,7 +62,9 @@ async fn pooled(pool_size: usize) -> Pooled {
     let config = format!(
         "{}auth = \"userlist\"\nauth_file = {userlist:?}\npool_mode = \"transaction\"\n\
          pool_size = {pool_size}\n",
-        standalone_config(&pg, "")
+        // Drivers that compute SCRAM proofs in script (node-postgres) can
+        // take longer than the harness's 2 s to log in on a loaded machine.
+        standalone_config(&pg, "").replace("startup_timeout = 2\n", "startup_timeout = 20\n")
     );
     let proxy = ProxyHandle::start(&config).await;
     Pooled { proxy, setup, pg }
