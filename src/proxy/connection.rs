@@ -380,9 +380,14 @@ where
         database: &database,
         tls,
     };
-    let authenticated =
-        ctx.auth
-            .authenticate(&who, &mut stream, &mut routes, ctx.hold_timeout, deadline);
+    let authenticated = ctx.auth.authenticate(
+        &who,
+        &mut stream,
+        &mut routes,
+        &ctx.server_tls,
+        ctx.hold_timeout,
+        deadline,
+    );
     let login = match authenticated.await {
         Ok(login) => login,
         Err(err) => return refuse(&mut stream, err.into()).await,
@@ -405,7 +410,9 @@ where
             routes,
             params: &params,
         };
-        return transaction::serve(client, stream).await;
+        // Its own allocation, sized for it: an idle transaction-mode
+        // client does not carry the splice's state.
+        return Box::pin(transaction::serve(client, stream)).await;
     }
     // A pooled session's client takes a slot of its pool first (waiting,
     // up to the hold timeout, while the pool is full), perhaps with an

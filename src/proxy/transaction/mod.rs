@@ -65,6 +65,8 @@ use statements::{ClientStatements, ServerStatements, Statement};
 
 /// ReadyForQuery's status outside a transaction block.
 const IDLE: u8 = b'I';
+/// ReadyForQuery's status in a failed transaction block.
+const TRANSACTION_FAILED: u8 = b'E';
 /// Server messages larger than this are streamed to the client as they
 /// come instead of being read whole (rows, COPY data).
 const WHOLE_MESSAGE_MAX: usize = 64 * 1024;
@@ -191,7 +193,7 @@ where
     let mut input = Vec::with_capacity(CLIENT_BUFFER_MIN);
     // The login: a server connection gets the client's parameters, and
     // what it then reports is the client's ParameterStatus.
-    let attached = match session.attach(&mut client_read, &mut input).await {
+    let attached = match Box::pin(session.attach(&mut client_read, &mut input)).await {
         Ok(attached) => attached,
         Err(refusal) => return refusal.tell(&mut client_write).await,
     };
@@ -203,7 +205,7 @@ where
     greeting.extend_from_slice(&extended::ready_for_query(IDLE));
     client_write.write_all(&greeting).await?;
     client_write.flush().await?;
-    session.release(attached, Touched::default()).await;
+    Box::pin(session.release(attached, Touched::default())).await;
 
     let mut aborted: Option<Aborted> = None;
     loop {
@@ -244,13 +246,15 @@ where
         if input.first() == Some(&TERMINATE) {
             return Ok(End::ClientClosed);
         }
-        let attached = match session.attach(&mut client_read, &mut input).await {
+        // The sub-futures are boxed: while the client is idle, its task
+        // holds only what the wait for its next message needs.
+        let attached = match Box::pin(session.attach(&mut client_read, &mut input)).await {
             Ok(attached) => attached,
             Err(refusal) => return refusal.tell(&mut client_write).await,
         };
-        let turn = session.run(attached, &mut client_read, &mut client_write, &mut input);
+        let turn = Box::pin(session.run(attached, &mut client_read, &mut client_write, &mut input));
         match turn.await? {
-            Turn::Done(attached, touched) => session.release(*attached, touched).await,
+            Turn::Done(attached, touched) => Box::pin(session.release(*attached, touched)).await,
             Turn::Aborted(reason) => aborted = Some(Aborted::new(reason)),
             Turn::End(end) => return Ok(end),
         }
@@ -516,6 +520,7 @@ impl Session<'_> {
                     }
                     if touched.deallocate_all {
                         attached.state.prepared.clear();
+                        self.statements.clear();
                     }
                     attached.state.reported.extend(reply.statuses);
                     for (name, value) in names.iter().zip(reply.row) {
@@ -599,6 +604,12 @@ impl Session<'_> {
             ready: false,
             awaiting_ready: false,
             touched: Touched::default(),
+            search_path: self
+                .settings
+                .effective()
+                .get("search_path")
+                .map(|path| path.to_string())
+                .unwrap_or_default(),
         };
         let mut routes = self.routes.clone();
         let mut watching = true;
@@ -634,7 +645,7 @@ impl Session<'_> {
                         break Some(relay.server_lost());
                     }
                     bytes_to_client.increment(n as u64);
-                    relay.take_server(&server_buf[..n], &mut state)?;
+                    relay.take_server(&server_buf[..n], &mut state, &mut self.statements)?;
                 }
                 written = server_write.write(&relay.to_server), if !relay.to_server.is_empty() => {
                     let n = written?;
@@ -760,6 +771,8 @@ struct Relay {
     /// The client's last message awaits a ReadyForQuery (the fence's rule 3).
     awaiting_ready: bool,
     touched: Touched,
+    /// The client's search_path, part of its statements' server names.
+    search_path: String,
 }
 
 impl Relay {
@@ -888,6 +901,7 @@ impl Relay {
             ));
             self.replies.proxy(Kind::Parse {
                 prepared: Some(statement.server_name.clone()),
+                client: None,
             });
         }
     }
@@ -904,11 +918,27 @@ impl Relay {
             QUERY => {
                 let text = decode_query(message).ok_or_else(malformed)?;
                 let found = sql::inspect(text);
-                match found.refused {
-                    Some(what) => self
+                let dropped = sql::deallocated(text)
+                    .and_then(|name| Some(name.clone()).zip(statements.get(&name).cloned()));
+                match (found.refused, dropped) {
+                    (Some(what), _) => self
                         .to_server
                         .extend_from_slice(&extended::encode_query(&sql::refusal_sql(what))),
-                    None => self.to_server.extend_from_slice(message),
+                    // A driver evicting a statement: the server's copy goes
+                    // (prepared first if this connection lacks it, so that
+                    // the client gets DEALLOCATE as PostgreSQL answers it);
+                    // clients sharing it prepare it again when they use it.
+                    (None, Some((name, statement))) => {
+                        self.ensure(&statement, state);
+                        state.prepared.remove(&statement.server_name);
+                        statements.remove(&name);
+                        self.to_server
+                            .extend_from_slice(&extended::encode_query(&format!(
+                                "DEALLOCATE {}",
+                                statement.server_name
+                            )));
+                    }
+                    (None, None) => self.to_server.extend_from_slice(message),
                 }
                 self.touched.note(&found);
                 self.replies.client(Kind::Simple);
@@ -925,7 +955,10 @@ impl Relay {
                         query,
                         parse.types,
                     ));
-                    self.replies.client(Kind::Parse { prepared: None });
+                    self.replies.client(Kind::Parse {
+                        prepared: None,
+                        client: Some(String::new()),
+                    });
                     statements.insert(String::new(), Statement::unnamed(query, parse.types));
                 } else if let Some(existing) = statements.get(parse.statement).cloned() {
                     // PostgreSQL refuses a name in use (42P05): so does the
@@ -936,17 +969,24 @@ impl Relay {
                         query,
                         parse.types,
                     ));
-                    self.replies.client(Kind::Parse { prepared: None });
+                    self.replies.client(Kind::Parse {
+                        prepared: None,
+                        client: None,
+                    });
                 } else {
-                    let statement = Statement::new(query, parse.types);
-                    if state.prepared.insert(statement.server_name.clone()) {
+                    let statement = Statement::new(query, parse.types, &self.search_path);
+                    let fresh = state.prepared.insert(statement.server_name.clone());
+                    // In a failed transaction the server refuses any Parse
+                    // (25P02): it must hear this one too.
+                    if fresh || self.status == TRANSACTION_FAILED {
                         self.to_server.extend_from_slice(&extended::encode_parse(
                             &statement.server_name,
                             query,
                             parse.types,
                         ));
                         self.replies.client(Kind::Parse {
-                            prepared: Some(statement.server_name.clone()),
+                            prepared: fresh.then(|| statement.server_name.clone()),
+                            client: Some(parse.statement.to_string()),
                         });
                     } else {
                         self.replies.answer(extended::empty(PARSE_COMPLETE));
@@ -1022,7 +1062,12 @@ impl Relay {
 
     /// Takes server bytes: whole messages are looked at, large ones
     /// streamed; what the client gets goes to `raw`.
-    fn take_server(&mut self, mut chunk: &[u8], state: &mut ServerState) -> Result<(), ConnError> {
+    fn take_server(
+        &mut self,
+        mut chunk: &[u8],
+        state: &mut ServerState,
+        statements: &mut ClientStatements,
+    ) -> Result<(), ConnError> {
         if let Some((tag, left, forward)) = self.streaming {
             let n = left.min(chunk.len());
             if forward {
@@ -1034,7 +1079,7 @@ impl Relay {
                 return Ok(());
             }
             self.streaming = None;
-            self.ended(tag, state);
+            self.ended(tag, state, statements);
         }
         // The common case reads from the chunk itself; only a message
         // split across reads is copied.
@@ -1050,7 +1095,7 @@ impl Relay {
         while let Some((tag, len)) = backend_message_len(&input[at..])? {
             let available = input.len() - at;
             if available >= len {
-                self.whole(&input[at..at + len], state);
+                self.whole(&input[at..at + len], state, statements);
                 at += len;
                 continue;
             }
@@ -1069,7 +1114,12 @@ impl Relay {
     }
 
     /// One whole server message.
-    fn whole(&mut self, message: &[u8], state: &mut ServerState) {
+    fn whole(
+        &mut self,
+        message: &[u8],
+        state: &mut ServerState,
+        statements: &mut ClientStatements,
+    ) {
         let tag = message[0];
         match tag {
             READY_FOR_QUERY => self.status = message.get(5).copied().unwrap_or(IDLE),
@@ -1083,16 +1133,21 @@ impl Relay {
         if self.replies.disposition(tag) == Disposition::Forward {
             self.raw.extend_from_slice(message);
         }
-        self.ended(tag, state);
+        self.ended(tag, state, statements);
         if tag == READY_FOR_QUERY {
             self.ready = self.status == IDLE && self.replies.is_settled();
         }
     }
 
     /// A server message ended.
-    fn ended(&mut self, tag: u8, state: &mut ServerState) {
-        if let Some(failed) = self.replies.ended(tag) {
-            state.prepared.remove(&failed);
+    fn ended(&mut self, tag: u8, state: &mut ServerState, statements: &mut ClientStatements) {
+        if let Some(Kind::Parse { prepared, client }) = self.replies.ended(tag) {
+            if let Some(name) = prepared {
+                state.prepared.remove(&name);
+            }
+            if let Some(name) = client {
+                statements.remove(&name);
+            }
         }
         self.replies.answers_due(&mut self.raw);
     }

@@ -23,9 +23,11 @@ use crate::wire::startup::{ERROR_RESPONSE, READY_FOR_QUERY};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     /// ParseComplete; `prepared` names the server statement the Parse
-    /// creates, forgotten again if it fails.
+    /// creates and `client` the client's name for it, both forgotten again
+    /// if it fails (PostgreSQL keeps nothing of a failed Parse).
     Parse {
         prepared: Option<String>,
+        client: Option<String>,
     },
     Bind,
     Close,
@@ -104,9 +106,9 @@ impl Replies {
         }
     }
 
-    /// The message tagged `tag` has ended; returns the server statement a
-    /// failed Parse would have created (to be forgotten).
-    pub fn ended(&mut self, tag: u8) -> Option<String> {
+    /// The message tagged `tag` has ended; returns what a failed message
+    /// was (a Parse's statements are to be forgotten).
+    pub fn ended(&mut self, tag: u8) -> Option<Kind> {
         let kind = match self.queue.front()? {
             Expect::Client(kind) | Expect::Proxy(kind) => kind.clone(),
             Expect::Answer(_) => return None,
@@ -120,10 +122,7 @@ impl Replies {
                 }
                 self.queue.pop_front();
             }
-            return match kind {
-                Kind::Parse { prepared } => prepared,
-                _ => None,
-            };
+            return Some(kind);
         }
         if answers(&kind, tag) == Some(true) {
             self.queue.pop_front();
@@ -180,6 +179,7 @@ mod tests {
         let mut replies = Replies::default();
         replies.proxy(Kind::Parse {
             prepared: Some("pgmirror_1".into()),
+            client: None,
         });
         replies.client(Kind::Bind);
         replies.client(Kind::Execute);
@@ -213,11 +213,18 @@ mod tests {
         let mut replies = Replies::default();
         replies.client(Kind::Parse {
             prepared: Some("pgmirror_2".into()),
+            client: Some("s2".into()),
         });
         replies.answer(empty(CLOSE_COMPLETE));
         replies.client(Kind::Bind);
         replies.client(Kind::Sync);
-        assert_eq!(replies.ended(ERROR_RESPONSE), Some("pgmirror_2".into()));
+        assert_eq!(
+            replies.ended(ERROR_RESPONSE),
+            Some(Kind::Parse {
+                prepared: Some("pgmirror_2".into()),
+                client: Some("s2".into())
+            })
+        );
         let (forwarded, answers) = run(&mut replies, b"Z");
         assert_eq!(forwarded, b"Z");
         assert!(answers.is_empty(), "a skipped message was answered");
@@ -237,7 +244,10 @@ mod tests {
     #[test]
     fn notices_and_status_pass_without_ending_anything() {
         let mut replies = Replies::default();
-        replies.proxy(Kind::Parse { prepared: None });
+        replies.proxy(Kind::Parse {
+            prepared: None,
+            client: None,
+        });
         assert_eq!(replies.disposition(b'N'), Disposition::Forward);
         replies.ended(b'N');
         assert!(!replies.is_settled());

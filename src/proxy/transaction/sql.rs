@@ -324,6 +324,28 @@ pub fn refusal_message(what: &str) -> String {
     )
 }
 
+/// The statement name of `sql` when it is one `DEALLOCATE [PREPARE] name`
+/// (not ALL), as a driver evicting a statement from its cache sends it.
+pub fn deallocated(sql: &str) -> Option<String> {
+    let all = statements(sql);
+    let [tokens] = all.as_slice() else {
+        return None;
+    };
+    let rest = match tokens.as_slice() {
+        [first, rest @ ..] if first.is("deallocate") => rest,
+        _ => return None,
+    };
+    let rest = match rest {
+        [first, rest @ ..] if first.is("prepare") => rest,
+        rest => rest,
+    };
+    match rest {
+        [Token::Word(name)] if name != "all" => Some(name.clone()),
+        [Token::Quoted(name)] => Some(name.clone()),
+        _ => None,
+    }
+}
+
 /// Whether `sql` is just a transaction end (ROLLBACK, ABORT, COMMIT, END),
 /// which the proxy may answer itself for a transaction a failover ended.
 pub fn is_transaction_end(sql: &str) -> bool {
@@ -420,6 +442,18 @@ mod tests {
             assert_eq!(inspect(sql).refused, None, "{sql} refused");
         }
         assert!(refusal_sql("LISTEN").contains("pool_mode = \"transaction\""));
+    }
+
+    #[test]
+    fn a_lone_deallocate_names_its_statement() {
+        assert_eq!(deallocated("DEALLOCATE _pg3_1"), Some("_pg3_1".into()));
+        assert_eq!(
+            deallocated("deallocate prepare \"S_1\";"),
+            Some("S_1".into())
+        );
+        assert_eq!(deallocated("DEALLOCATE ALL"), None);
+        assert_eq!(deallocated("DEALLOCATE a; SELECT 1"), None);
+        assert_eq!(deallocated("SELECT 1"), None);
     }
 
     #[test]
