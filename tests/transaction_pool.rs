@@ -937,8 +937,6 @@ fn then(first: &[&str], rest: Vec<String>) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "implementation bugs (5b569ea): one text shared across search_paths, SQL DEALLOCATE, \
-            a refused Parse and DISCARD ALL leave the client's statement in place"]
 async fn named_statements_answer_as_postgresql_does() {
     let pooled = pooled(1).await;
     let verifier: Md5Verifier = verifier_of(&pooled.setup, "old").await.parse().unwrap();
