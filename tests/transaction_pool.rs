@@ -161,7 +161,8 @@ async fn run_script(
     .expect("client program")
 }
 
-/// Clients of the driver tests, three per server connection.
+/// Clients of the driver tests, three per server connection; fewer than
+/// SCHEMAS - 2, as the psycopg threads also visit t6 and t7.
 const DRIVER_CLIENTS: usize = 6;
 const DRIVER_POOL: usize = 2;
 /// Executions of each statement per client: past every driver's threshold
@@ -209,6 +210,15 @@ def work(i):
                 # Prepared at once; a text of this thread's own.
                 row = conn.execute(f"SELECT %s::int + {i * 1000}", (r,), prepare=True).fetchone()
                 assert row == (r + i * 1000,), f"own round {r}: {row}"
+                # Pipeline mode: many Syncs in flight, SETs among them.
+                other = 7 - i % 2
+                with conn.pipeline():
+                    sums = [conn.execute("SELECT %s::int + %s", (i, k)) for k in range(5)]
+                    conn.execute(f"SET search_path = t{other}, public")
+                    marker = conn.execute("SELECT v FROM marker")
+                    conn.execute(f"SET search_path = t{i}, public")
+                got = [cur.fetchone()[0] for cur in sums] + [marker.fetchone()[0]]
+                assert got == [i + k for k in range(5)] + [f"t{other}"], f"pipeline round {r}: {got}"
                 with conn.transaction():
                     row = conn.execute("SHOW search_path").fetchone()
                     assert row == (f"t{i}, public",), f"search_path round {r}: {row}"
@@ -1035,6 +1045,46 @@ async fn a_pooled_connection_that_dies_while_idle_goes_unnoticed_by_its_client()
         .expect("the first statement after the pooled connection died");
     assert_eq!(state(row), expected);
     assert_eq!(value(&client, "SHOW search_path").await, "t3, public");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_used_on_another_connection_is_prepared_there_even_if_its_bind_fails() {
+    let pooled = pooled(2).await;
+    let verifier: Md5Verifier = verifier_of(&pooled.setup, "old").await.parse().unwrap();
+    let mut client = Raw::login(pooled.proxy.port, &verifier).await;
+    let mut holder = Raw::login(pooled.proxy.port, &verifier).await;
+    assert_eq!(
+        client.sync(&[parse("s1", "SELECT 1")]).await,
+        ["ParseComplete", "Ready(I)"]
+    );
+    // The only connection so far is held: the client's next batch runs on
+    // a new one, where s1 is not prepared yet.
+    assert_eq!(
+        holder.simple("BEGIN").await,
+        ["Complete(BEGIN)", "Ready(T)"]
+    );
+    let one_parameter = [
+        cstr(""),
+        cstr("s1"),
+        vec![0, 0, 0, 1, 0, 0, 0, 1, b'7', 0, 0],
+    ]
+    .concat();
+    let execute = frame(b'E', &[cstr(""), vec![0; 4]].concat());
+    assert_eq!(
+        client.sync(&[frame(b'B', &one_parameter), execute]).await,
+        ["Error(08P01)", "Ready(I)"],
+        "a Bind with a parameter too many"
+    );
+    assert_eq!(
+        client.sync(&[describe_statement("s1")]).await,
+        ["ParameterDescription(0)", "RowDescription(23)", "Ready(I)"]
+    );
+    assert_eq!(client.sync(&[bind_execute("s1")]).await, one_row("1"));
+    assert_eq!(
+        holder.simple("COMMIT").await,
+        ["Complete(COMMIT)", "Ready(I)"]
+    );
+    assert_eq!(client.sync(&[bind_execute("s1")]).await, one_row("1"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
