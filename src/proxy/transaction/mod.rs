@@ -49,8 +49,8 @@ use crate::proxy::Context;
 use crate::roles::Epoch;
 use crate::wire::extended::{
     self, decode_bind, decode_parameter_status, decode_parse, decode_query, decode_target, BIND,
-    CLOSE, CLOSE_COMPLETE, DESCRIBE, EXECUTE, FUNCTION_CALL, PARAMETER_STATUS, PARSE,
-    PARSE_COMPLETE, QUERY, SYNC, TARGET_STATEMENT, TERMINATE,
+    CLOSE, CLOSE_COMPLETE, COPY_DONE, COPY_FAIL, DESCRIBE, EXECUTE, FUNCTION_CALL,
+    PARAMETER_STATUS, PARSE, PARSE_COMPLETE, QUERY, SYNC, TARGET_STATEMENT, TERMINATE,
 };
 use crate::wire::frame::FrameScanner;
 use crate::wire::startup::{
@@ -1053,6 +1053,10 @@ impl Relay {
             FUNCTION_CALL => {
                 self.to_server.extend_from_slice(message);
                 self.replies.client(Kind::Simple);
+            }
+            COPY_DONE | COPY_FAIL => {
+                self.to_server.extend_from_slice(message);
+                self.replies.copy_end();
             }
             // Flush, COPY data, and anything else, which the server judges.
             _ => self.to_server.extend_from_slice(message),
