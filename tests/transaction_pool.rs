@@ -9,8 +9,7 @@
 //! connections, a client that leaves mid-transaction or mid-query, a wait
 //! for a busy pool up to hold_timeout, a pooled connection that dies while
 //! idle, session features refused with 0A000, and the config that refuses
-//! transaction mode with pass-through authentication. Tests marked ignore
-//! name the implementation bug they show.
+//! transaction mode with pass-through authentication.
 mod common;
 
 use std::time::Duration;
@@ -1366,9 +1365,6 @@ async fn refused_session_features_name_pool_mode_and_leave_the_connection_usable
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "gap in 5b569ea: only CREATE TEMP/TEMPORARY is refused; SELECT ... INTO TEMP and \
-            CREATE TABLE pg_temp.name make a temporary table on the pooled connection, which the \
-            next client of that connection sees"]
 async fn other_spellings_of_temporary_tables_are_refused_too() {
     let pooled = pooled(1).await;
     let client = pooled.app("").await;
@@ -1458,10 +1454,6 @@ async fn a_client_waits_for_a_busy_pool_up_to_hold_timeout_then_gets_53300() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "implementation bug (5b569ea): after an extended-protocol COPY FROM STDIN sent with a \
-            Sync before the data (as tokio-postgres and libpq's pipeline do), the next Close + \
-            Sync is answered ReadyForQuery first and CloseComplete with the following reply; \
-            tokio-postgres then drops the connection (UnexpectedMessage)"]
 async fn copy_in_and_out_through_the_pool() {
     use futures::{SinkExt, StreamExt};
     let pooled = pooled(2).await;
