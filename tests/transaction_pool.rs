@@ -391,8 +391,15 @@ Promise.all([...Array(clients).keys()].map(work))
         &pooled,
         "node",
         vec!["-e".into(), script.into(), pooled.proxy.port.to_string()],
-        // Debian's nodejs looks there by itself; other builds do not.
-        vec![("NODE_PATH", "/usr/share/nodejs:/usr/lib/nodejs".into())],
+        // Where .ci/run installs it from npm, then Debian's places (which
+        // Debian's nodejs looks in by itself; other builds do not).
+        vec![(
+            "NODE_PATH",
+            format!(
+                "{}/.cache/pgmirror-node/node_modules:/usr/share/nodejs:/usr/lib/nodejs",
+                std::env::var("HOME").unwrap_or_else(|_| "/root".into())
+            ),
+        )],
     )
     .await;
     assert!(
