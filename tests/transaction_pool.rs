@@ -1444,8 +1444,12 @@ async fn a_client_waits_for_a_busy_pool_up_to_hold_timeout_then_gets_53300() {
         .unwrap();
     assert_eq!(answer, "waited");
 
-    // No connection comes free within hold_timeout (5 s): 53300.
-    waiter.batch_execute("SELECT 1").await.unwrap();
+    // No connection comes free within hold_timeout (5 s): 53300, an ERROR
+    // that leaves the client its connection and session.
+    waiter
+        .batch_execute("SET application_name = 'patient'")
+        .await
+        .unwrap();
     holder.batch_execute("BEGIN").await.unwrap();
     let started = std::time::Instant::now();
     let err = waiter
@@ -1457,7 +1461,19 @@ async fn a_client_waits_for_a_busy_pool_up_to_hold_timeout_then_gets_53300() {
         started.elapsed() >= Duration::from_secs(4),
         "it did not wait"
     );
+    let db = err.as_db_error().expect("a server-style error");
+    assert_eq!(db.severity(), "ERROR", "{db}");
+    let statement = waiter.prepare("SELECT $1::int").await;
+    assert!(
+        statement.is_err(),
+        "the extended protocol waits too, and is refused the same way"
+    );
     holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        value(&waiter, "SHOW application_name").await,
+        "patient",
+        "the refused client lost its session"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

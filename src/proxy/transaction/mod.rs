@@ -208,6 +208,7 @@ where
     Box::pin(session.release(attached, Touched::default())).await;
 
     let mut aborted: Option<Aborted> = None;
+    let mut skipping = false;
     loop {
         // Idle: no server connection until a whole message has come.
         let mut out = Vec::new();
@@ -223,6 +224,25 @@ where
             if read == 0 {
                 return Ok(End::ClientClosed);
             }
+        }
+        if skipping {
+            // After a refused statement: up to its Sync (or the Query
+            // itself), as PostgreSQL skips after an error.
+            while let Some((tag, len)) = whole_message(&input)? {
+                input.drain(..len);
+                if tag == TERMINATE {
+                    return Ok(End::ClientClosed);
+                }
+                if FRONTEND_AWAITS_READY.contains(&tag) {
+                    skipping = false;
+                    client_write
+                        .write_all(&extended::ready_for_query(IDLE))
+                        .await?;
+                    client_write.flush().await?;
+                    break;
+                }
+            }
+            continue;
         }
         if let Some(failed) = aborted.as_mut() {
             let mut at = 0;
@@ -250,6 +270,16 @@ where
         // holds only what the wait for its next message needs.
         let attached = match Box::pin(session.attach(&mut client_read, &mut input)).await {
             Ok(attached) => attached,
+            // No server connection in time: the statement did not run and
+            // the client keeps its session (parameters, statements), as
+            // after any error outside a transaction.
+            Err(Refusal::Proxy(err @ (ConnError::PoolFull(_) | ConnError::NoPrincipal { .. }))) => {
+                let code = err.sqlstate().unwrap_or("53300");
+                let error = error_response(Severity::Error, code, &err.client_message());
+                client_write.write_all(&error).await?;
+                skipping = true;
+                continue;
+            }
             Err(refusal) => return refusal.tell(&mut client_write).await,
         };
         let turn = Box::pin(session.run(attached, &mut client_read, &mut client_write, &mut input));
