@@ -609,16 +609,10 @@ impl Session<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let Attached {
-            lease,
-            server,
-            principal,
-            epoch,
-            born,
-            mut state,
-            cancels,
-        } = attached;
-        let (mut server_read, mut server_write) = tokio::io::split(server);
+        let mut attached = attached;
+        let (mut server_read, mut server_write) = tokio::io::split(attached.server);
+        let (epoch, principal) = (attached.epoch, attached.principal.clone());
+        let state = &mut attached.state;
         let mut relay = Relay {
             replies: Replies::default(),
             fence: CommitFence::new(
@@ -646,7 +640,7 @@ impl Session<'_> {
         let mut server_buf = vec![0u8; 8 * 1024];
         let bytes_to_server = counter!(metrics::PROXY_BYTES, "direction" => "client_to_server");
         let bytes_to_client = counter!(metrics::PROXY_BYTES, "direction" => "server_to_client");
-        relay.take_client(input, &mut state, &mut self.statements)?;
+        relay.take_client(input, state, &mut self.statements)?;
         let end = loop {
             if let Some(end) = relay.pass_through_fence(self.registration)? {
                 break Some(end);
@@ -665,7 +659,7 @@ impl Session<'_> {
                         break Some(Ending::ClientLeft);
                     }
                     bytes_to_server.increment(n as u64);
-                    if relay.take_client(input, &mut state, &mut self.statements)? {
+                    if relay.take_client(input, state, &mut self.statements)? {
                         break Some(Ending::ClientLeft);
                     }
                 }
@@ -675,7 +669,7 @@ impl Session<'_> {
                         break Some(relay.server_lost());
                     }
                     bytes_to_client.increment(n as u64);
-                    relay.take_server(&server_buf[..n], &mut state, &mut self.statements)?;
+                    relay.take_server(&server_buf[..n], state, &mut self.statements)?;
                 }
                 written = server_write.write(&relay.to_server), if !relay.to_server.is_empty() => {
                     let n = written?;
@@ -702,16 +696,7 @@ impl Session<'_> {
         // What the client is owed goes out first, whatever comes next.
         client_write.write_all(&relay.to_client).await?;
         client_write.flush().await?;
-        let server = server_read.unsplit(server_write);
-        let attached = Attached {
-            lease,
-            server,
-            principal,
-            epoch,
-            born,
-            state,
-            cancels,
-        };
+        attached.server = server_read.unsplit(server_write);
         let Some(ending) = end else {
             return Ok(Turn::Done(Box::new(attached), relay.touched));
         };
