@@ -11,6 +11,7 @@ pub mod faults;
 pub mod http;
 pub mod link;
 pub mod pg;
+pub mod pooled_pair;
 pub mod probe;
 pub mod process;
 pub mod proxy;

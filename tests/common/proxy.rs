@@ -44,11 +44,21 @@ impl ProxyHandle {
     /// A proxy in front of a real mirrored pair (session `shop` for the
     /// dbname `postgres`), with `extra` config lines at the top.
     pub async fn in_front_of(pair: &super::cluster::Pair, extra: &str) -> ProxyHandle {
+        ProxyHandle::in_front_of_with(pair, extra, "").await
+    }
+
+    /// As [`ProxyHandle::in_front_of`], with `session` lines (auth,
+    /// pool_mode, ...) added to the session `shop`.
+    pub async fn in_front_of_with(
+        pair: &super::cluster::Pair,
+        extra: &str,
+        session: &str,
+    ) -> ProxyHandle {
         use super::cluster::ListenEndpoint;
         let pki = &pair.pki;
         let text = format!(
             "hold_timeout = 60\n{extra}\n[endpoint_tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n\n\
-             [sessions.shop]\npartners = [\"{}\", \"{}\"]\ndatabases = [\"postgres\"]\n",
+             [sessions.shop]\npartners = [\"{}\", \"{}\"]\ndatabases = [\"postgres\"]\n{session}",
             pki.join("tester.crt"),
             pki.join("tester.key"),
             pki.join("ca.crt"),
