@@ -664,7 +664,9 @@ impl Session<'_> {
                     }
                 }
                 read = server_read.read(&mut server_buf), if relay.to_client.len() < QUEUE_MAX => {
-                    let n = read?;
+                    // A reset (its PostgreSQL killed) is the server lost,
+                    // like a close: the client's connection is not.
+                    let n = read.unwrap_or(0);
                     if n == 0 {
                         break Some(relay.server_lost());
                     }
@@ -672,10 +674,12 @@ impl Session<'_> {
                     relay.take_server(&server_buf[..n], state, &mut self.statements)?;
                 }
                 written = server_write.write(&relay.to_server), if !relay.to_server.is_empty() => {
-                    let n = written?;
+                    let Ok(n) = written else {
+                        break Some(relay.server_lost());
+                    };
                     relay.to_server.drain(..n);
-                    if relay.to_server.is_empty() {
-                        server_write.flush().await?;
+                    if relay.to_server.is_empty() && server_write.flush().await.is_err() {
+                        break Some(relay.server_lost());
                     }
                 }
                 written = client_write.write(&relay.to_client), if !relay.to_client.is_empty() => {
