@@ -301,6 +301,38 @@ impl Figures {
     }
 }
 
+/// pgmirror's runs of one round, with the link's byte counts over its
+/// synchronous -c8 run alone (the -c1 runs ship smaller messages).
+struct ShipperFigures {
+    figures: Figures,
+    wal: u64,
+    /// Link bytes before compression, both ways.
+    raw: u64,
+    /// Link bytes after compression, both ways.
+    compressed: u64,
+}
+
+impl ShipperFigures {
+    async fn measure(pair: &Pair) -> ShipperFigures {
+        let port = pair.a.pg_port();
+        let wal_start = wal_lsn(port).await;
+        let before = pair.status(&pair.a).await;
+        let c8 = tpcb(port, 8, Commit::Synchronous);
+        let wal = wal_lsn(port).await.bytes_since(wal_start);
+        pair.wait_for(&pair.a, "caught up", Duration::from_secs(120), |status| {
+            status.send_queue_bytes == Some(0)
+        })
+        .await;
+        let after = pair.status(&pair.a).await;
+        ShipperFigures {
+            figures: Figures::after(port, c8),
+            wal,
+            raw: after.link_bytes_raw - before.link_bytes_raw,
+            compressed: after.link_bytes_compressed - before.link_bytes_compressed,
+        }
+    }
+}
+
 /// One figure of all three setups, per round and summarised.
 struct Series {
     label: &'static str,
@@ -401,22 +433,23 @@ async fn main() {
     let mut ratios = Vec::new();
     let mut link_ratios = Vec::new();
     for round in 1..=rounds() {
-        let baseline = Figures::measure(direct.primary.port());
-        let relays = Figures::measure(relayed.primary.port());
-        // Link bytes per WAL byte over the synchronous -c8 run alone, as
-        // issue 3 measured it (the -c1 runs ship smaller messages).
-        let wal_start = wal_lsn(port).await;
-        let before = pair.status(&pair.a).await;
-        let c8 = tpcb(port, 8, Commit::Synchronous);
-        let wal = wal_lsn(port).await.bytes_since(wal_start);
-        pair.wait_for(&pair.a, "caught up", Duration::from_secs(120), |status| {
-            status.send_queue_bytes == Some(0)
-        })
-        .await;
-        let after = pair.status(&pair.a).await;
-        let compressed = after.link_bytes_compressed - before.link_bytes_compressed;
-        let raw = after.link_bytes_raw - before.link_bytes_raw;
-        let shipper = Figures::after(port, c8);
+        // Each round starts with another setup, so that none always runs
+        // first (after the previous round's load) or last.
+        let (mut baseline, mut relays, mut shipper) = (None, None, None);
+        for setup in 0..3 {
+            match (round + setup) % 3 {
+                0 => baseline = Some(Figures::measure(direct.primary.port())),
+                1 => relays = Some(Figures::measure(relayed.primary.port())),
+                _ => shipper = Some(ShipperFigures::measure(&pair).await),
+            }
+        }
+        let (baseline, relays, shipper) = (baseline.unwrap(), relays.unwrap(), shipper.unwrap());
+        let ShipperFigures {
+            figures: shipper,
+            wal,
+            raw,
+            compressed,
+        } = shipper;
         let all = [&baseline, &relays, &shipper];
 
         println!("round {round}:");
