@@ -27,6 +27,7 @@ pub mod pool;
 pub mod routing;
 pub mod server_tls;
 pub mod socket;
+mod splice;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
