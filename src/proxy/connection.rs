@@ -179,7 +179,10 @@ pub async fn handle(
             .await
             .map_err(|_| ConnError::StartupTimeout(ctx.startup_timeout))??;
         if peeked == 1 && first[0] == TLS_HANDSHAKE_RECORD {
-            return serve_tls(&ctx, acceptor, tcp, peer, admitted, deadline, true).await;
+            // Boxed: a TLS connection's future is several times a plain
+            // one's, and every task would otherwise be that large.
+            let tls = serve_tls(&ctx, acceptor, tcp, peer, admitted, deadline, true);
+            return Box::pin(tls).await;
         }
     }
     let mut negotiated_ssl = false;
@@ -194,7 +197,8 @@ pub async fn handle(
                 negotiated_ssl = true;
                 if let Some(acceptor) = ctx.tls.clone() {
                     tcp.write_all(b"S").await?;
-                    return serve_tls(&ctx, acceptor, tcp, peer, admitted, deadline, false).await;
+                    let tls = serve_tls(&ctx, acceptor, tcp, peer, admitted, deadline, false);
+                    return Box::pin(tls).await;
                 }
                 tcp.write_all(b"N").await?;
             }
