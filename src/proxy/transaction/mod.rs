@@ -38,13 +38,14 @@ use tokio::time::Instant;
 use crate::metrics;
 use crate::proxy::auth::Login;
 use crate::proxy::clients::Registration;
-use crate::proxy::connection::{fenced, hold_and_connect, ConnError, End};
+use crate::proxy::connection::{hold_and_connect, ConnError, End};
 use crate::proxy::fence::{
     CommitFence, FenceCause, Step, FRONTEND_AWAITS_READY, SQLSTATE_COMPLETION_UNKNOWN,
 };
 use crate::proxy::pool::{IdleServer, Lease, PoolKey};
 use crate::proxy::routing::{Principal, Route};
 use crate::proxy::server_tls::ServerStream;
+use crate::proxy::splice::fenced;
 use crate::proxy::Context;
 use crate::roles::Epoch;
 use crate::wire::extended::{
