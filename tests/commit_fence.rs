@@ -8,7 +8,7 @@
 //!   protocol, explicit and implicit transactions, pipelining,
 //!   `client_min_messages = error`), a cancelled or terminated commit never
 //!   reaches the client as a success, while normal commits see nothing
-//!   unusual.
+//!   unusual; the same for transaction pooling.
 //!
 //! psycopg and pgjdbc are not installed on the test machines; tokio-postgres
 //! covers the extended protocol (autocommit commits at Sync) here.
@@ -764,4 +764,74 @@ async fn commits_that_complete_normally_see_nothing_unusual() {
         assert!(row_exists(&setup.admin, id).await, "row {id}");
     }
     setup.proxy.stop().await;
+}
+
+/// Transaction mode (`pool_mode = "transaction"`): a commit's replies run
+/// through the fence too, whichever pooled connection runs it. A SCRAM
+/// user `app` (password `wonder`) in a userlist; two server connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_commit_in_transaction_mode_ends_in_40003() {
+    let (pg, admin) = waiting_server().await;
+    admin
+        .batch_execute(
+            "SET password_encryption = 'scram-sha-256'; CREATE USER app PASSWORD 'wonder'; \
+             GRANT ALL ON t TO app",
+        )
+        .await
+        .unwrap();
+    pg.require_passwords("scram-sha-256");
+    let userlist = pg.dir().join("userlist.txt");
+    let verifier = common::proxy::verifier_of(&admin, "app").await;
+    std::fs::write(&userlist, format!("\"app\" \"{verifier}\"\n")).unwrap();
+    let config = format!(
+        "{}auth = \"userlist\"\nauth_file = {userlist:?}\npool_mode = \"transaction\"\n\
+         pool_size = 2\n",
+        standalone_config(&pg, "")
+    );
+    let proxy = ProxyHandle::start(&config).await;
+    let mut failures = Failures::default();
+    for (id, cancel_through_proxy, explicit) in [
+        (701, true, false),
+        (702, false, false),
+        (703, true, true),
+        (704, false, true),
+    ] {
+        let what = format!(
+            "transaction mode, explicit COMMIT {explicit}, cancel through the proxy \
+             {cancel_through_proxy}"
+        );
+        let client = proxy
+            .connect_as("app", "password=wonder")
+            .await
+            .expect("app through the proxy");
+        let insert = format!("INSERT INTO t VALUES ({id})");
+        let waiting = if explicit {
+            client.batch_execute("BEGIN").await.unwrap();
+            client.batch_execute(&insert).await.unwrap();
+            "COMMIT".to_string()
+        } else {
+            insert
+        };
+        let token = client.cancel_token();
+        let cut = async {
+            wait_for_sync_rep_of(&admin, &waiting).await;
+            if cancel_through_proxy {
+                token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+            } else {
+                admin
+                    .execute(
+                        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity \
+                         WHERE query = $1 AND usename = 'app'",
+                        &[&waiting],
+                    )
+                    .await
+                    .unwrap();
+            }
+        };
+        let (outcome, ()) = tokio::join!(client.simple_query(&waiting), cut);
+        failures.not_success(outcome, false, &what);
+        assert!(row_exists(&admin, id).await, "{what}: committed locally");
+        failures.ended(&client, &what).await;
+    }
+    failures.assert_none();
 }

@@ -8,7 +8,8 @@
 mod common;
 
 use common::proxy::{
-    run_client, server_with_users, standalone_config, tls_section, verifier_of, ProxyHandle,
+    lookup_function, run_client, server_with_users, standalone_config, tls_section, verifier_of,
+    ProxyHandle,
 };
 use tokio_postgres::error::SqlState;
 
@@ -108,22 +109,6 @@ async fn userlist_scram_and_md5_users_log_in_and_bad_passwords_are_refused_by_th
         "the server did not refuse:\n{log}"
     );
     proxy.stop().await;
-}
-
-/// The README's SQL for the auth query (PgBouncer's SECURITY DEFINER
-/// lookup function), taken from the README so that the two cannot drift,
-/// with a password for its role.
-fn lookup_function() -> String {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let sql = readme
-        .split("**Proxy authentication.**")
-        .nth(1)
-        .and_then(|rest| rest.split("```sql").nth(1))
-        .and_then(|block| block.split("```").next())
-        .expect("the README's lookup function");
-    assert!(sql.contains("SECURITY DEFINER"), "{sql}");
-    sql.replace("PASSWORD '...'", "PASSWORD 'lookup-only'")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,15 +3,16 @@
 //! test CA: the data path is encrypted (pg_stat_ssl), verify-full takes
 //! the right CA and refuses another (the client told why, at once), verify-ca
 //! skips only the name, require refuses a server without TLS, a cancel
-//! reaches the server through it, and (as the README says) a SCRAM client
-//! with TLS on both sides needs `channel_binding=disable`.
+//! reaches the server through it, the auth query goes over it too, and (as
+//! the README says) a SCRAM client with TLS on both sides needs
+//! `channel_binding=disable`.
 
 mod common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::proxy::{run_client, standalone_config, ProxyHandle};
+use common::proxy::{lookup_function, run_client, standalone_config, ProxyHandle};
 use common::PgInstance;
 use pgmirror::config::{ServerSslMode, ServerTlsConfig, TcpConfig};
 use pgmirror::proxy::server_tls::ServerTls;
@@ -249,6 +250,45 @@ async fn scram_through_tls_on_both_sides_needs_channel_binding_disabled() {
     assert!(!ok && out.contains("channel binding"), "{out}");
     let (ok, out) = psql("channel_binding=disable");
     assert!(ok && out.trim() == "1", "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_auth_query_goes_over_tls_too() {
+    let pki = pki();
+    let pg = PgInstance::start_with_tls(
+        &pki.path().join("server.crt"),
+        &pki.path().join("server.key"),
+    );
+    let setup = pg.connect().await;
+    setup
+        .batch_execute(&format!(
+            "SET password_encryption = 'scram-sha-256'; CREATE USER app PASSWORD 'wonder'; {}",
+            lookup_function()
+        ))
+        .await
+        .unwrap();
+    // Over TCP, TLS or nothing: a plain auth query would be rejected (the
+    // proxy's read-write probe logs in as postgres).
+    let hba = "local all all trust\nhostssl all postgres 127.0.0.1/32 trust\n\
+               hostssl all all 127.0.0.1/32 scram-sha-256\n\
+               hostnossl all all 127.0.0.1/32 reject\n";
+    std::fs::write(pg.engine.data_dir.join("pg_hba.conf"), hba).unwrap();
+    pg.engine.reload().unwrap();
+    let userlist = pki.path().join("userlist.txt");
+    std::fs::write(&userlist, "\"pgmirror_auth\" \"lookup-only\"\n").unwrap();
+    let config = format!(
+        "{}auth = \"query\"\nauth_user = \"pgmirror_auth\"\nauth_file = {userlist:?}\n",
+        standalone_config(&pg, &server_tls("require", None))
+    );
+    let proxy = ProxyHandle::start(&config).await;
+    let (client, connection) = tokio_postgres::connect(
+        &format!("{} password=wonder", proxy.conninfo("app", "postgres")),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("the auth query ran over TLS and app logged in");
+    tokio::spawn(connection);
+    assert!(session_uses_tls(&client).await);
 }
 
 /// A certificate for `host` only, signed by the CA of `dir` (made by

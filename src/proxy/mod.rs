@@ -27,6 +27,7 @@ pub mod pool;
 pub mod routing;
 pub mod server_tls;
 pub mod socket;
+mod splice;
 pub mod transaction;
 
 use std::collections::BTreeMap;

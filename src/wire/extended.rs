@@ -16,6 +16,8 @@ pub const SYNC: u8 = b'S';
 pub const FLUSH: u8 = b'H';
 pub const FUNCTION_CALL: u8 = b'F';
 pub const TERMINATE: u8 = b'X';
+pub const COPY_DONE: u8 = b'c';
+pub const COPY_FAIL: u8 = b'f';
 
 pub const PARSE_COMPLETE: u8 = b'1';
 pub const BIND_COMPLETE: u8 = b'2';

@@ -219,3 +219,19 @@ pub async fn verifier_of(setup: &tokio_postgres::Client, user: &str) -> String {
         .expect("read pg_authid")
         .get(0)
 }
+
+/// The README's SQL for the auth query (PgBouncer's SECURITY DEFINER
+/// lookup function), taken from the README so that the two cannot drift,
+/// with the password `lookup-only` for its role.
+pub fn lookup_function() -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let sql = readme
+        .split("**Proxy authentication.**")
+        .nth(1)
+        .and_then(|rest| rest.split("```sql").nth(1))
+        .and_then(|block| block.split("```").next())
+        .expect("the README's lookup function");
+    assert!(sql.contains("SECURITY DEFINER"), "{sql}");
+    sql.replace("PASSWORD '...'", "PASSWORD 'lookup-only'")
+}

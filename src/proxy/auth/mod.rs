@@ -33,6 +33,7 @@ use x509_certificate::SignatureAlgorithm;
 
 use crate::config::{AuthMode, ProxyConfig, DEFAULT_AUTH_QUERY};
 use crate::proxy::routing::Route;
+use crate::proxy::server_tls::ServerTls;
 use crate::wire::auth::AuthWireError;
 use md5::Md5Verifier;
 use query::{AuthQuery, QueryError};
@@ -215,6 +216,7 @@ impl Auth {
         who: &ClientId<'_>,
         client: &mut S,
         routes: &mut watch::Receiver<Route>,
+        server_tls: &ServerTls,
         hold_timeout: Duration,
         deadline: Instant,
     ) -> Result<Option<Login>, AuthError> {
@@ -229,7 +231,7 @@ impl Auth {
             Some(Verifiers::Userlist(list)) => list.get(user).cloned(),
             Some(Verifiers::Query(query)) => {
                 let address = principal_address(routes, hold_timeout).await?;
-                query.lookup(&address, database, user).await?
+                query.lookup(&address, server_tls, database, user).await?
             }
         };
         let binding = match (&self.end_point, tls) {

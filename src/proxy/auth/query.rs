@@ -4,8 +4,8 @@
 //! [`CACHE_TTL`] per (database, user), found or not, so that a storm of
 //! logins costs the server one query per user.
 //!
-//! Each lookup opens its own short connection (tokio-postgres, no TLS)
-//! under [`QUERY_TIMEOUT`]; dropping the future drops it, so it is
+//! Each lookup opens its own short connection (tokio-postgres over a
+//! stream made as `[server_tls]` says) under [`QUERY_TIMEOUT`]; dropping the future drops it, so it is
 //! cancel-safe. Failures are never cached.
 
 use std::collections::HashMap;
@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::userlist::{Plaintext, Secret};
+use crate::proxy::server_tls::ServerTls;
 
 /// How long a looked-up verifier (or its absence) is reused.
 pub const CACHE_TTL: Duration = Duration::from_secs(30);
@@ -80,6 +81,7 @@ impl AuthQuery {
     pub async fn lookup(
         &self,
         address: &str,
+        server_tls: &ServerTls,
         database: &str,
         user: &str,
     ) -> Result<Option<Secret>, QueryError> {
@@ -90,9 +92,10 @@ impl AuthQuery {
                 return Ok(secret);
             }
         }
-        let secret = tokio::time::timeout(QUERY_TIMEOUT, self.run(address, dbname, user))
-            .await
-            .map_err(|_| QueryError::Timeout)??;
+        let secret =
+            tokio::time::timeout(QUERY_TIMEOUT, self.run(address, server_tls, dbname, user))
+                .await
+                .map_err(|_| QueryError::Timeout)??;
         let mut cache = self
             .cache
             .lock()
@@ -115,9 +118,12 @@ impl AuthQuery {
         cache.get(key).cloned()
     }
 
+    /// Runs the query over a connection made as `[server_tls]` says, like
+    /// every other connection of the proxy to a server.
     async fn run(
         &self,
         address: &str,
+        server_tls: &ServerTls,
         dbname: &str,
         user: &str,
     ) -> Result<Option<Secret>, QueryError> {
@@ -134,12 +140,21 @@ impl AuthQuery {
             .user(&self.user)
             .dbname(dbname)
             .application_name("pgmirror auth_query")
+            .ssl_mode(tokio_postgres::config::SslMode::Disable)
             .connect_timeout(QUERY_TIMEOUT);
         if let Some(password) = &self.password {
             config.password(&password.0);
         }
+        let stream = server_tls
+            .connect(address)
+            .await
+            .map_err(|err| QueryError::Postgres {
+                user: self.user.clone(),
+                address: address.to_string(),
+                reason: err.to_string(),
+            })?;
         let (client, connection) = config
-            .connect(tokio_postgres::NoTls)
+            .connect_raw(stream, tokio_postgres::NoTls)
             .await
             .map_err(failed)?;
         let connection = tokio::spawn(connection);

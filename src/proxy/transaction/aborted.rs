@@ -99,7 +99,8 @@ impl Aborted {
             }
             PARSE => match decode_parse(message) {
                 Some(parse) if is_transaction_end(parse.query) => {
-                    let statement = Statement::new(parse.query, parse.types);
+                    // No search_path: a transaction end names nothing.
+                    let statement = Statement::new(parse.query, parse.types, "");
                     statements.insert(parse.statement.to_string(), statement);
                     out.extend_from_slice(&extended::empty(PARSE_COMPLETE));
                     true

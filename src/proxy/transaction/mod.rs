@@ -45,12 +45,13 @@ use crate::proxy::fence::{
 use crate::proxy::pool::{IdleServer, Lease, PoolKey};
 use crate::proxy::routing::{Principal, Route};
 use crate::proxy::server_tls::ServerStream;
+use crate::proxy::splice::fenced;
 use crate::proxy::Context;
 use crate::roles::Epoch;
 use crate::wire::extended::{
     self, decode_bind, decode_parameter_status, decode_parse, decode_query, decode_target, BIND,
-    CLOSE, CLOSE_COMPLETE, DESCRIBE, EXECUTE, FUNCTION_CALL, PARAMETER_STATUS, PARSE,
-    PARSE_COMPLETE, QUERY, SYNC, TARGET_STATEMENT, TERMINATE,
+    CLOSE, CLOSE_COMPLETE, COPY_DONE, COPY_FAIL, DESCRIBE, EXECUTE, FUNCTION_CALL,
+    PARAMETER_STATUS, PARSE, PARSE_COMPLETE, QUERY, SYNC, TARGET_STATEMENT, TERMINATE,
 };
 use crate::wire::frame::FrameScanner;
 use crate::wire::startup::{
@@ -65,6 +66,8 @@ use statements::{ClientStatements, ServerStatements, Statement};
 
 /// ReadyForQuery's status outside a transaction block.
 const IDLE: u8 = b'I';
+/// ReadyForQuery's status in a failed transaction block.
+const TRANSACTION_FAILED: u8 = b'E';
 /// Server messages larger than this are streamed to the client as they
 /// come instead of being read whole (rows, COPY data).
 const WHOLE_MESSAGE_MAX: usize = 64 * 1024;
@@ -191,7 +194,7 @@ where
     let mut input = Vec::with_capacity(CLIENT_BUFFER_MIN);
     // The login: a server connection gets the client's parameters, and
     // what it then reports is the client's ParameterStatus.
-    let attached = match session.attach(&mut client_read, &mut input).await {
+    let attached = match Box::pin(session.attach(&mut client_read, &mut input)).await {
         Ok(attached) => attached,
         Err(refusal) => return refusal.tell(&mut client_write).await,
     };
@@ -203,9 +206,10 @@ where
     greeting.extend_from_slice(&extended::ready_for_query(IDLE));
     client_write.write_all(&greeting).await?;
     client_write.flush().await?;
-    session.release(attached, Touched::default()).await;
+    Box::pin(session.release(attached, Touched::default())).await;
 
     let mut aborted: Option<Aborted> = None;
+    let mut skipping = false;
     loop {
         // Idle: no server connection until a whole message has come.
         let mut out = Vec::new();
@@ -221,6 +225,25 @@ where
             if read == 0 {
                 return Ok(End::ClientClosed);
             }
+        }
+        if skipping {
+            // After a refused statement: up to its Sync (or the Query
+            // itself), as PostgreSQL skips after an error.
+            while let Some((tag, len)) = whole_message(&input)? {
+                input.drain(..len);
+                if tag == TERMINATE {
+                    return Ok(End::ClientClosed);
+                }
+                if FRONTEND_AWAITS_READY.contains(&tag) {
+                    skipping = false;
+                    client_write
+                        .write_all(&extended::ready_for_query(IDLE))
+                        .await?;
+                    client_write.flush().await?;
+                    break;
+                }
+            }
+            continue;
         }
         if let Some(failed) = aborted.as_mut() {
             let mut at = 0;
@@ -244,13 +267,25 @@ where
         if input.first() == Some(&TERMINATE) {
             return Ok(End::ClientClosed);
         }
-        let attached = match session.attach(&mut client_read, &mut input).await {
+        // The sub-futures are boxed: while the client is idle, its task
+        // holds only what the wait for its next message needs.
+        let attached = match Box::pin(session.attach(&mut client_read, &mut input)).await {
             Ok(attached) => attached,
+            // No server connection in time: the statement did not run and
+            // the client keeps its session (parameters, statements), as
+            // after any error outside a transaction.
+            Err(Refusal::Proxy(err @ (ConnError::PoolFull(_) | ConnError::NoPrincipal { .. }))) => {
+                let code = err.sqlstate().unwrap_or("53300");
+                let error = error_response(Severity::Error, code, &err.client_message());
+                client_write.write_all(&error).await?;
+                skipping = true;
+                continue;
+            }
             Err(refusal) => return refusal.tell(&mut client_write).await,
         };
-        let turn = session.run(attached, &mut client_read, &mut client_write, &mut input);
+        let turn = Box::pin(session.run(attached, &mut client_read, &mut client_write, &mut input));
         match turn.await? {
-            Turn::Done(attached, touched) => session.release(*attached, touched).await,
+            Turn::Done(attached, touched) => Box::pin(session.release(*attached, touched)).await,
             Turn::Aborted(reason) => aborted = Some(Aborted::new(reason)),
             Turn::End(end) => return Ok(end),
         }
@@ -516,6 +551,7 @@ impl Session<'_> {
                     }
                     if touched.deallocate_all {
                         attached.state.prepared.clear();
+                        self.statements.clear();
                     }
                     attached.state.reported.extend(reply.statuses);
                     for (name, value) in names.iter().zip(reply.row) {
@@ -574,16 +610,10 @@ impl Session<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let Attached {
-            lease,
-            server,
-            principal,
-            epoch,
-            born,
-            mut state,
-            cancels,
-        } = attached;
-        let (mut server_read, mut server_write) = tokio::io::split(server);
+        let mut attached = attached;
+        let (mut server_read, mut server_write) = tokio::io::split(attached.server);
+        let (epoch, principal) = (attached.epoch, attached.principal.clone());
+        let state = &mut attached.state;
         let mut relay = Relay {
             replies: Replies::default(),
             fence: CommitFence::new(
@@ -599,13 +629,19 @@ impl Session<'_> {
             ready: false,
             awaiting_ready: false,
             touched: Touched::default(),
+            search_path: self
+                .settings
+                .effective()
+                .get("search_path")
+                .map(|path| path.to_string())
+                .unwrap_or_default(),
         };
         let mut routes = self.routes.clone();
         let mut watching = true;
         let mut server_buf = vec![0u8; 8 * 1024];
         let bytes_to_server = counter!(metrics::PROXY_BYTES, "direction" => "client_to_server");
         let bytes_to_client = counter!(metrics::PROXY_BYTES, "direction" => "server_to_client");
-        relay.take_client(input, &mut state, &mut self.statements)?;
+        relay.take_client(input, state, &mut self.statements)?;
         let end = loop {
             if let Some(end) = relay.pass_through_fence(self.registration)? {
                 break Some(end);
@@ -624,23 +660,27 @@ impl Session<'_> {
                         break Some(Ending::ClientLeft);
                     }
                     bytes_to_server.increment(n as u64);
-                    if relay.take_client(input, &mut state, &mut self.statements)? {
+                    if relay.take_client(input, state, &mut self.statements)? {
                         break Some(Ending::ClientLeft);
                     }
                 }
                 read = server_read.read(&mut server_buf), if relay.to_client.len() < QUEUE_MAX => {
-                    let n = read?;
+                    // A reset (its PostgreSQL killed) is the server lost,
+                    // like a close: the client's connection is not.
+                    let n = read.unwrap_or(0);
                     if n == 0 {
                         break Some(relay.server_lost());
                     }
                     bytes_to_client.increment(n as u64);
-                    relay.take_server(&server_buf[..n], &mut state)?;
+                    relay.take_server(&server_buf[..n], state, &mut self.statements)?;
                 }
                 written = server_write.write(&relay.to_server), if !relay.to_server.is_empty() => {
-                    let n = written?;
+                    let Ok(n) = written else {
+                        break Some(relay.server_lost());
+                    };
                     relay.to_server.drain(..n);
-                    if relay.to_server.is_empty() {
-                        server_write.flush().await?;
+                    if relay.to_server.is_empty() && server_write.flush().await.is_err() {
+                        break Some(relay.server_lost());
                     }
                 }
                 written = client_write.write(&relay.to_client), if !relay.to_client.is_empty() => {
@@ -661,16 +701,7 @@ impl Session<'_> {
         // What the client is owed goes out first, whatever comes next.
         client_write.write_all(&relay.to_client).await?;
         client_write.flush().await?;
-        let server = server_read.unsplit(server_write);
-        let attached = Attached {
-            lease,
-            server,
-            principal,
-            epoch,
-            born,
-            state,
-            cancels,
-        };
+        attached.server = server_read.unsplit(server_write);
         let Some(ending) = end else {
             return Ok(Turn::Done(Box::new(attached), relay.touched));
         };
@@ -702,22 +733,8 @@ impl Session<'_> {
                 let _ = client_write.shutdown().await;
                 Turn::End(End::Shutdown)
             }
-            Ending::Fenced(cause) => {
-                counter!(metrics::PROXY_COMMITS_FENCED, metrics::CAUSE => cause.label())
-                    .increment(1);
-                tracing::warn!(
-                    cause = cause.label(),
-                    "commit not confirmed by the mirror: client told 40003 and disconnected (I2)"
-                );
-                if relay.fence.abandon() {
-                    let error = error_response(
-                        Severity::Fatal,
-                        SQLSTATE_COMPLETION_UNKNOWN,
-                        &cause.client_message(),
-                    );
-                    let _ = client_write.write_all(&error).await;
-                }
-                let _ = client_write.shutdown().await;
+            Ending::Fenced { cause, at_boundary } => {
+                fenced(cause, at_boundary, client_write).await;
                 Turn::End(End::CommitFenced(cause))
             }
         })
@@ -736,7 +753,11 @@ enum Ending {
         message: String,
     },
     Shutdown,
-    Fenced(FenceCause),
+    /// The commit fence replaced the rest of a response (I2).
+    Fenced {
+        cause: FenceCause,
+        at_boundary: bool,
+    },
 }
 
 /// One transaction's relay state.
@@ -760,6 +781,8 @@ struct Relay {
     /// The client's last message awaits a ReadyForQuery (the fence's rule 3).
     awaiting_ready: bool,
     touched: Touched,
+    /// The client's search_path, part of its statements' server names.
+    search_path: String,
 }
 
 impl Relay {
@@ -800,7 +823,11 @@ impl Relay {
     /// The server closed the connection.
     fn server_lost(&mut self) -> Ending {
         if let Some(cause) = self.fence.server_closed() {
-            return Ending::Fenced(cause);
+            // Rule 4: the client may get a message after what it has.
+            return Ending::Fenced {
+                cause,
+                at_boundary: true,
+            };
         }
         if self.in_flight() {
             Ending::Fatal {
@@ -842,10 +869,10 @@ impl Relay {
         match step {
             Step::PassChunk => self.to_client.extend_from_slice(&self.raw),
             Step::Output => self.to_client.extend_from_slice(self.fence.output()),
-            Step::Fence { cause, .. } => {
+            Step::Fence { cause, at_boundary } => {
                 self.to_client.extend_from_slice(self.fence.output());
                 self.raw.clear();
-                return Ok(Some(Ending::Fenced(cause)));
+                return Ok(Some(Ending::Fenced { cause, at_boundary }));
             }
         }
         self.raw.clear();
@@ -888,6 +915,7 @@ impl Relay {
             ));
             self.replies.proxy(Kind::Parse {
                 prepared: Some(statement.server_name.clone()),
+                client: None,
             });
         }
     }
@@ -941,7 +969,10 @@ impl Relay {
                         query,
                         parse.types,
                     ));
-                    self.replies.client(Kind::Parse { prepared: None });
+                    self.replies.client(Kind::Parse {
+                        prepared: None,
+                        client: Some(String::new()),
+                    });
                     statements.insert(String::new(), Statement::unnamed(query, parse.types));
                 } else if let Some(existing) = statements.get(parse.statement).cloned() {
                     // PostgreSQL refuses a name in use (42P05): so does the
@@ -952,17 +983,24 @@ impl Relay {
                         query,
                         parse.types,
                     ));
-                    self.replies.client(Kind::Parse { prepared: None });
+                    self.replies.client(Kind::Parse {
+                        prepared: None,
+                        client: None,
+                    });
                 } else {
-                    let statement = Statement::new(query, parse.types);
-                    if state.prepared.insert(statement.server_name.clone()) {
+                    let statement = Statement::new(query, parse.types, &self.search_path);
+                    let fresh = state.prepared.insert(statement.server_name.clone());
+                    // In a failed transaction the server refuses any Parse
+                    // (25P02): it must hear this one too.
+                    if fresh || self.status == TRANSACTION_FAILED {
                         self.to_server.extend_from_slice(&extended::encode_parse(
                             &statement.server_name,
                             query,
                             parse.types,
                         ));
                         self.replies.client(Kind::Parse {
-                            prepared: Some(statement.server_name.clone()),
+                            prepared: fresh.then(|| statement.server_name.clone()),
+                            client: Some(parse.statement.to_string()),
                         });
                     } else {
                         self.replies.answer(extended::empty(PARSE_COMPLETE));
@@ -1030,6 +1068,10 @@ impl Relay {
                 self.to_server.extend_from_slice(message);
                 self.replies.client(Kind::Simple);
             }
+            COPY_DONE | COPY_FAIL => {
+                self.to_server.extend_from_slice(message);
+                self.replies.copy_end();
+            }
             // Flush, COPY data, and anything else, which the server judges.
             _ => self.to_server.extend_from_slice(message),
         }
@@ -1038,7 +1080,12 @@ impl Relay {
 
     /// Takes server bytes: whole messages are looked at, large ones
     /// streamed; what the client gets goes to `raw`.
-    fn take_server(&mut self, mut chunk: &[u8], state: &mut ServerState) -> Result<(), ConnError> {
+    fn take_server(
+        &mut self,
+        mut chunk: &[u8],
+        state: &mut ServerState,
+        statements: &mut ClientStatements,
+    ) -> Result<(), ConnError> {
         if let Some((tag, left, forward)) = self.streaming {
             let n = left.min(chunk.len());
             if forward {
@@ -1050,7 +1097,7 @@ impl Relay {
                 return Ok(());
             }
             self.streaming = None;
-            self.ended(tag, state);
+            self.ended(tag, state, statements);
         }
         // The common case reads from the chunk itself; only a message
         // split across reads is copied.
@@ -1066,7 +1113,7 @@ impl Relay {
         while let Some((tag, len)) = backend_message_len(&input[at..])? {
             let available = input.len() - at;
             if available >= len {
-                self.whole(&input[at..at + len], state);
+                self.whole(&input[at..at + len], state, statements);
                 at += len;
                 continue;
             }
@@ -1085,7 +1132,12 @@ impl Relay {
     }
 
     /// One whole server message.
-    fn whole(&mut self, message: &[u8], state: &mut ServerState) {
+    fn whole(
+        &mut self,
+        message: &[u8],
+        state: &mut ServerState,
+        statements: &mut ClientStatements,
+    ) {
         let tag = message[0];
         match tag {
             READY_FOR_QUERY => self.status = message.get(5).copied().unwrap_or(IDLE),
@@ -1096,19 +1148,28 @@ impl Relay {
             }
             _ => {}
         }
-        if self.replies.disposition(tag) == Disposition::Forward {
+        // An error nobody asked for is the server ending the connection (a
+        // demoted principal's FATAL 57P01): the client's connection is not
+        // the server's, and hears of it only as its transaction's end.
+        let unsolicited = tag == ERROR_RESPONSE && self.replies.is_settled();
+        if !unsolicited && self.replies.disposition(tag) == Disposition::Forward {
             self.raw.extend_from_slice(message);
         }
-        self.ended(tag, state);
+        self.ended(tag, state, statements);
         if tag == READY_FOR_QUERY {
             self.ready = self.status == IDLE && self.replies.is_settled();
         }
     }
 
     /// A server message ended.
-    fn ended(&mut self, tag: u8, state: &mut ServerState) {
-        if let Some(failed) = self.replies.ended(tag) {
-            state.prepared.remove(&failed);
+    fn ended(&mut self, tag: u8, state: &mut ServerState, statements: &mut ClientStatements) {
+        if let Some(Kind::Parse { prepared, client }) = self.replies.ended(tag) {
+            if let Some(name) = prepared {
+                state.prepared.remove(&name);
+            }
+            if let Some(name) = client {
+                statements.remove(&name);
+            }
         }
         self.replies.answers_due(&mut self.raw);
     }

@@ -13,6 +13,7 @@
 
 use std::collections::VecDeque;
 
+use crate::proxy::fence::COPY_IN_RESPONSE;
 use crate::wire::extended::{
     BIND_COMPLETE, CLOSE_COMPLETE, COMMAND_COMPLETE, EMPTY_QUERY, NO_DATA, PARSE_COMPLETE,
     PORTAL_SUSPENDED, ROW_DESCRIPTION,
@@ -23,9 +24,11 @@ use crate::wire::startup::{ERROR_RESPONSE, READY_FOR_QUERY};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     /// ParseComplete; `prepared` names the server statement the Parse
-    /// creates, forgotten again if it fails.
+    /// creates and `client` the client's name for it, both forgotten again
+    /// if it fails (PostgreSQL keeps nothing of a failed Parse).
     Parse {
         prepared: Option<String>,
+        client: Option<String>,
     },
     Bind,
     Close,
@@ -47,6 +50,9 @@ enum Expect {
     Proxy(Kind),
     /// The proxy's own answer to a client message, inserted in its turn.
     Answer(Vec<u8>),
+    /// The client's CopyDone or CopyFail: the Syncs before it, back to a
+    /// COPY FROM STDIN's Execute, are ignored by the server.
+    CopyEnd,
 }
 
 /// What to do with one server message.
@@ -60,12 +66,46 @@ pub enum Disposition {
 #[derive(Debug, Default)]
 pub struct Replies {
     queue: VecDeque<Expect>,
+    /// In COPY FROM STDIN with no CopyDone yet: the client's Syncs are
+    /// ignored by the server (PostgreSQL ignores Sync in copy-in mode).
+    copying_in: bool,
 }
 
 impl Replies {
     /// The client's message was forwarded.
     pub fn client(&mut self, kind: Kind) {
+        if kind == Kind::Sync && self.copying_in {
+            return;
+        }
         self.queue.push_back(Expect::Client(kind));
+    }
+
+    /// The client sent CopyDone or CopyFail.
+    pub fn copy_end(&mut self) {
+        if self.copying_in {
+            self.copying_in = false;
+        } else {
+            self.queue.push_back(Expect::CopyEnd);
+        }
+    }
+
+    /// The server sent CopyInResponse: the Syncs the client sent since the
+    /// COPY, up to its CopyDone, will never be answered.
+    fn copy_in_started(&mut self) {
+        let mut at = 1;
+        while at < self.queue.len() {
+            match self.queue[at] {
+                Expect::CopyEnd => {
+                    self.queue.remove(at);
+                    return;
+                }
+                Expect::Client(Kind::Sync) => {
+                    self.queue.remove(at);
+                }
+                _ => at += 1,
+            }
+        }
+        self.copying_in = true;
     }
 
     /// The proxy sent a message of its own.
@@ -83,9 +123,10 @@ impl Replies {
         self.queue.is_empty()
     }
 
-    /// Moves the proxy's answers that are next in turn to `out`.
+    /// Moves the proxy's answers that are next in turn to `out` (and drops
+    /// CopyDone marks of statements that were no COPY).
     pub fn answers_due(&mut self, out: &mut Vec<u8>) {
-        while let Some(Expect::Answer(_)) = self.queue.front() {
+        while let Some(Expect::Answer(_) | Expect::CopyEnd) = self.queue.front() {
             if let Some(Expect::Answer(reply)) = self.queue.pop_front() {
                 out.extend_from_slice(&reply);
             }
@@ -104,13 +145,16 @@ impl Replies {
         }
     }
 
-    /// The message tagged `tag` has ended; returns the server statement a
-    /// failed Parse would have created (to be forgotten).
-    pub fn ended(&mut self, tag: u8) -> Option<String> {
+    /// The message tagged `tag` has ended; returns what a failed message
+    /// was (a Parse's statements are to be forgotten).
+    pub fn ended(&mut self, tag: u8) -> Option<Kind> {
         let kind = match self.queue.front()? {
             Expect::Client(kind) | Expect::Proxy(kind) => kind.clone(),
-            Expect::Answer(_) => return None,
+            Expect::Answer(_) | Expect::CopyEnd => return None,
         };
+        if tag == COPY_IN_RESPONSE {
+            self.copy_in_started();
+        }
         if tag == ERROR_RESPONSE && kind != Kind::Simple {
             self.queue.pop_front();
             // The server skips to the next Sync: nothing else is answered.
@@ -120,10 +164,7 @@ impl Replies {
                 }
                 self.queue.pop_front();
             }
-            return match kind {
-                Kind::Parse { prepared } => prepared,
-                _ => None,
-            };
+            return Some(kind);
         }
         if answers(&kind, tag) == Some(true) {
             self.queue.pop_front();
@@ -180,6 +221,7 @@ mod tests {
         let mut replies = Replies::default();
         replies.proxy(Kind::Parse {
             prepared: Some("pgmirror_1".into()),
+            client: None,
         });
         replies.client(Kind::Bind);
         replies.client(Kind::Execute);
@@ -213,11 +255,18 @@ mod tests {
         let mut replies = Replies::default();
         replies.client(Kind::Parse {
             prepared: Some("pgmirror_2".into()),
+            client: Some("s2".into()),
         });
         replies.answer(empty(CLOSE_COMPLETE));
         replies.client(Kind::Bind);
         replies.client(Kind::Sync);
-        assert_eq!(replies.ended(ERROR_RESPONSE), Some("pgmirror_2".into()));
+        assert_eq!(
+            replies.ended(ERROR_RESPONSE),
+            Some(Kind::Parse {
+                prepared: Some("pgmirror_2".into()),
+                client: Some("s2".into())
+            })
+        );
         let (forwarded, answers) = run(&mut replies, b"Z");
         assert_eq!(forwarded, b"Z");
         assert!(answers.is_empty(), "a skipped message was answered");
@@ -235,9 +284,39 @@ mod tests {
     }
 
     #[test]
+    fn syncs_sent_during_copy_in_are_not_answered() {
+        // tokio-postgres: Bind, Execute, Sync, data, CopyDone, Sync.
+        let mut replies = Replies::default();
+        replies.client(Kind::Bind);
+        replies.client(Kind::Execute);
+        replies.client(Kind::Sync);
+        replies.copy_end();
+        replies.client(Kind::Sync);
+        let (forwarded, _) = run(&mut replies, b"2GCZ");
+        assert_eq!(forwarded, b"2GCZ");
+        assert!(replies.is_settled(), "{replies:?}");
+        // The COPY's response before the client's CopyDone.
+        replies.client(Kind::Simple);
+        run(&mut replies, b"G");
+        replies.client(Kind::Sync);
+        replies.copy_end();
+        run(&mut replies, b"CZ");
+        assert!(replies.is_settled(), "{replies:?}");
+        // A CopyDone mark of a statement that was no COPY goes unnoticed.
+        replies.client(Kind::Execute);
+        replies.copy_end();
+        replies.client(Kind::Sync);
+        run(&mut replies, b"CZ");
+        assert!(replies.is_settled(), "{replies:?}");
+    }
+
+    #[test]
     fn notices_and_status_pass_without_ending_anything() {
         let mut replies = Replies::default();
-        replies.proxy(Kind::Parse { prepared: None });
+        replies.proxy(Kind::Parse {
+            prepared: None,
+            client: None,
+        });
         assert_eq!(replies.disposition(b'N'), Disposition::Forward);
         replies.ended(b'N');
         assert!(!replies.is_settled());

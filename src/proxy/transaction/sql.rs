@@ -238,6 +238,15 @@ fn statement(tokens: &[Token], found: &mut Inspection) {
         found.refused = Some("session advisory locks (use the pg_advisory_xact_lock forms)");
         return;
     }
+    // SELECT ... INTO TEMP, and anything made in pg_temp by name.
+    let temporary = tokens.windows(2).any(|pair| {
+        (pair[0].is("into") && (pair[1].is("temp") || pair[1].is("temporary")))
+            || (pair[0].is("pg_temp") && pair[1] == Token::Punct('.'))
+    });
+    if temporary {
+        found.refused = Some("temporary tables");
+        return;
+    }
     match word(0) {
         "set" => {
             let rest = match word(1) {
@@ -428,6 +437,9 @@ mod tests {
             "CREATE TEMP TABLE t (n int)",
             "create global temporary table t (n int)",
             "CREATE OR REPLACE TEMP VIEW v AS SELECT 1",
+            "SELECT 1 AS n INTO TEMP scratch",
+            "SELECT 1 AS n INTO TEMPORARY TABLE scratch",
+            "CREATE TABLE pg_temp.scratch (n int)",
             "PREPARE p AS SELECT 1",
         ] {
             assert!(inspect(sql).refused.is_some(), "{sql} not refused");
@@ -436,6 +448,8 @@ mod tests {
             "SELECT pg_advisory_xact_lock(1)",
             "DECLARE c CURSOR FOR SELECT 1",
             "CREATE TABLE temp (n int)",
+            "SELECT 1 AS n INTO scratch",
+            "SELECT * FROM pg_temp_1",
             "UNLISTEN *",
             "NOTIFY orders",
         ] {

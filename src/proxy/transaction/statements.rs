@@ -1,8 +1,9 @@
 //! Named prepared statements in transaction mode. A client's statement
 //! lives in the proxy under the client's name; on the server it is
 //! prepared under a name derived from its text and parameter types
-//! (`pgmirror_` and 32 hex digits of their SHA-256), so that clients that
-//! prepare the same statement share it on each server connection and
+//! (`pgmirror_` and 32 hex digits of their SHA-256, with the client's
+//! search_path, which decides what the text's names mean), so that clients
+//! that prepare the same statement share it on each server connection and
 //! different statements never share a name, whatever the clients called
 //! them. A server connection remembers which of these it has. Pure.
 
@@ -19,9 +20,11 @@ pub struct Statement {
 }
 
 impl Statement {
-    pub fn new(query: &str, types: &[u8]) -> Statement {
+    pub fn new(query: &str, types: &[u8], search_path: &str) -> Statement {
         let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
         hash.update(query.as_bytes());
+        hash.update(&[0]);
+        hash.update(search_path.as_bytes());
         hash.update(&[0]);
         hash.update(types);
         let digest = hash.finish();
@@ -61,12 +64,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_follow_text_and_types_only() {
-        let a = Statement::new("SELECT $1", &[0, 1, 0, 0, 0, 23]);
-        let b = Statement::new("SELECT $1", &[0, 1, 0, 0, 0, 25]);
-        let c = Statement::new("SELECT $1", &[0, 1, 0, 0, 0, 23]);
+    fn names_follow_text_types_and_search_path() {
+        let a = Statement::new("SELECT $1", &[0, 1, 0, 0, 0, 23], "");
+        let b = Statement::new("SELECT $1", &[0, 1, 0, 0, 0, 25], "");
+        let c = Statement::new("SELECT $1", &[0, 1, 0, 0, 0, 23], "");
+        let d = Statement::new("SELECT $1", &[0, 1, 0, 0, 0, 23], "app");
         assert_ne!(a.server_name, b.server_name);
         assert_eq!(a.server_name, c.server_name);
+        assert_ne!(a.server_name, d.server_name, "another search_path");
         assert_eq!(a.server_name.len(), "pgmirror_".len() + 32);
     }
 }
