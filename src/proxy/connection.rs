@@ -367,14 +367,17 @@ where
         database: &database,
         tls,
     };
-    let authenticated = ctx.auth.authenticate(
+    // The login's and the splice's futures are boxed: the task of every
+    // connection (a transaction-mode client's too) is then sized for
+    // what it waits on now, not for the largest of them.
+    let authenticated = Box::pin(ctx.auth.authenticate(
         &who,
         &mut stream,
         &mut routes,
         &ctx.server_tls,
         ctx.hold_timeout,
         deadline,
-    );
+    ));
     let login = match authenticated.await {
         Ok(login) => login,
         Err(err) => return refuse(&mut stream, err.into()).await,
@@ -430,14 +433,14 @@ where
             (connected, idle.born, deadline)
         }
         None => {
-            let held = hold_and_connect(
+            let held = Box::pin(hold_and_connect(
                 ctx,
                 &session,
                 &mut routes,
                 &plan.to_server,
                 &mut stream,
                 &mut early,
-            );
+            ));
             let mut connected = match held.await {
                 Ok(connected) => connected,
                 Err(err) => return refuse(&mut stream, err).await,
@@ -464,7 +467,7 @@ where
     let reuse = lease.as_ref().map(|_| Mutex::new(Reuse::default()));
     let (principal, epoch) = (connected.principal.clone(), connected.epoch);
     let route = routes.clone();
-    let spliced = splice::splice(
+    let spliced = Box::pin(splice::splice(
         ctx,
         stream,
         connected,
@@ -475,7 +478,7 @@ where
             deadline,
             reuse: reuse.as_ref(),
         },
-    );
+    ));
     let (end, server) = spliced.await?;
     let (Some(lease), Some(reuse), Some(mut server)) = (lease, reuse, server) else {
         return Ok(end);

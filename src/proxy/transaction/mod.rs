@@ -77,8 +77,6 @@ const QUEUE_MAX: usize = 256 * 1024;
 const OWN_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest reply to the proxy's own queries and logins.
 const OWN_REPLY_MAX: usize = 256 * 1024;
-/// Read buffer of an idle client: small, so that idle clients cost little.
-const CLIENT_BUFFER_MIN: usize = 1024;
 
 /// What a pooled server connection carries from one transaction-mode
 /// client to the next (empty in session mode).
@@ -191,7 +189,8 @@ where
         last: None,
     };
     let (mut client_read, mut client_write) = tokio::io::split(stream);
-    let mut input = Vec::with_capacity(CLIENT_BUFFER_MIN);
+    // Allocated as the client sends, and let go while it is idle.
+    let mut input = Vec::new();
     // The login: a server connection gets the client's parameters, and
     // what it then reports is the client's ParameterStatus.
     let attached = match Box::pin(session.attach(&mut client_read, &mut input)).await {
@@ -289,8 +288,8 @@ where
             Turn::Aborted(reason) => aborted = Some(Aborted::new(reason)),
             Turn::End(end) => return Ok(end),
         }
-        if input.capacity() > CLIENT_BUFFER_MIN && input.len() < CLIENT_BUFFER_MIN {
-            input.shrink_to(CLIENT_BUFFER_MIN);
+        if input.is_empty() {
+            input = Vec::new();
         }
     }
 }
