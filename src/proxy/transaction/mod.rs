@@ -45,7 +45,7 @@ use crate::proxy::fence::{
 use crate::proxy::pool::{IdleServer, Lease, PoolKey};
 use crate::proxy::routing::{Principal, Route};
 use crate::proxy::server_tls::ServerStream;
-use crate::proxy::splice::fenced;
+use crate::proxy::splice::{fenced, Duplex};
 use crate::proxy::Context;
 use crate::roles::Epoch;
 use crate::wire::extended::{
@@ -164,10 +164,7 @@ struct Session<'a> {
 }
 
 /// Serves a transaction-mode client until it leaves.
-pub async fn serve<S>(client: Client<'_>, stream: S) -> Result<End, ConnError>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+pub(super) async fn serve<S: Duplex>(client: Client<'_>, mut stream: S) -> Result<End, ConnError> {
     let Client {
         ctx,
         registration,
@@ -188,7 +185,8 @@ where
         statements: ClientStatements::new(),
         last: None,
     };
-    let (mut client_read, mut client_write) = tokio::io::split(stream);
+    // Plain TCP splits without a lock between the halves, as in the splice.
+    let (mut client_read, mut client_write) = stream.halves();
     // Allocated as the client sends, and let go while it is idle.
     let mut input = Vec::new();
     // The login: a server connection gets the client's parameters, and
