@@ -79,14 +79,21 @@ enum SetupError {
 /// by binding port 0 comes from that range, which is also where the local
 /// ports of outgoing connections come from, so one of those could take it
 /// before the demo's process binds it. Below the range only listeners
-/// compete, and every pick is checked free.
-struct PortPicker {
+/// compete, and every pick is checked free. The integration tests pick
+/// their ports with it too.
+pub struct PortPicker {
     picked: std::collections::HashSet<u16>,
     range: std::ops::Range<u16>,
 }
 
+impl Default for PortPicker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl PortPicker {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
             .ok()
             .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
@@ -98,7 +105,8 @@ impl PortPicker {
         }
     }
 
-    fn pick(&mut self) -> anyhow::Result<u16> {
+    /// A port free now and never picked before by this picker.
+    pub fn pick(&mut self) -> anyhow::Result<u16> {
         let width = u32::from(self.range.end - self.range.start);
         for _ in 0..1000 {
             let port = self.range.start + (rand::random::<u32>() % width) as u16;

@@ -98,11 +98,15 @@ pub fn run(data_dir: &Path) {
     loop {
         let wait = until.map(|at| at.saturating_duration_since(Instant::now()));
         if !readable(&stdin, wait) {
+            // A principal not yet granted a lease (just started) has an
+            // ended one; only a kill is worth an error.
             let killed = kill_postgres(data_dir);
-            error!(
-                processes = killed,
-                "fence: the agent's lease ended; PostgreSQL killed (I1)"
-            );
+            if killed > 0 {
+                error!(
+                    processes = killed,
+                    "fence: the agent's lease ended; PostgreSQL killed (I1)"
+                );
+            }
             until = None;
             continue;
         }

@@ -20,13 +20,19 @@ pub use link::Link;
 pub use pg::PgInstance;
 pub use process::Pgmirror;
 
-use std::net::TcpListener;
+use std::sync::{Mutex, OnceLock};
 
-/// A port that was free a moment ago on 127.0.0.1. Callers that bind it
-/// later retry on a collision with another test.
+/// A port that was free a moment ago on 127.0.0.1, below the kernel's
+/// ephemeral range (so no outgoing connection takes it before it is bound)
+/// and never handed out before in this test process: a port picked by
+/// binding port 0 once came back twice in one pair, and its PostgreSQL could
+/// not start beside the agent that held it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
+    static PICKER: OnceLock<Mutex<pgmirror::demo::PortPicker>> = OnceLock::new();
+    PICKER
+        .get_or_init(Default::default)
+        .lock()
+        .expect("port picker")
+        .pick()
         .expect("no free port on 127.0.0.1")
 }
