@@ -85,7 +85,10 @@ impl Registration {
     /// Records the server a client is now spliced to.
     pub fn set_server(&self, address: &str) {
         if let Some(mut entry) = self.clients.map.get_mut(&self.pid) {
-            entry.server_addr = Some(address.to_string());
+            // A transaction-mode client sets it at every transaction.
+            if entry.server_addr.as_deref() != Some(address) {
+                entry.server_addr = Some(address.to_string());
+            }
         }
     }
 

@@ -244,7 +244,10 @@ async fn serve_tls(
 }
 
 /// Writes a FATAL for user-facing errors, then returns the error.
-async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, err: ConnError) -> Result<End, ConnError> {
+pub(super) async fn refuse<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    err: ConnError,
+) -> Result<End, ConnError> {
     if let Some(code) = err.sqlstate() {
         let message = error_response(Severity::Fatal, code, &err.client_message());
         let _ = stream.write_all(&message).await;

@@ -109,6 +109,7 @@ pub struct Context {
     pub auth: auth::Auth,
     /// The server connection pools of pooled sessions.
     pub pools: pool::Pools,
+    pub bytes: splice::ByteCounters,
     pub shutdown: CancellationToken,
 }
 
@@ -250,6 +251,7 @@ pub async fn serve(
         console_logins: console_door::LoginLimiter::default(),
         auth,
         pools,
+        bytes: Default::default(),
         shutdown: shutdown.clone(),
     });
 

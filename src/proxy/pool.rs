@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ::metrics::{counter, gauge};
+use ::metrics::{counter, gauge, Counter, Gauge};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
@@ -30,11 +30,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::PoolSettings;
 use crate::metrics;
+use crate::proxy::connection::ConnError;
 use crate::proxy::fence::FRONTEND_AWAITS_READY;
 use crate::proxy::routing::{Principal, Route};
 use crate::proxy::server_tls::ServerStream;
 use crate::proxy::transaction::ServerState;
 use crate::roles::Epoch;
+use crate::wire::extended::{
+    self, decode_data_row, decode_parameter_status, DATA_ROW, PARAMETER_STATUS,
+};
 use crate::wire::frame::{FrameScanner, TAGGED_HEADER_LEN};
 use crate::wire::startup::{backend_message_len, READY_FOR_QUERY};
 
@@ -49,10 +53,11 @@ const REAP_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest single wait of a client for a slot before it looks again (a
 /// wake-up can be missed when several slots free at once).
 const SLOT_RECHECK: Duration = Duration::from_millis(100);
-/// How long the reset query may take before the connection is closed.
-const RESET_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest reply to the reset query read before giving up on it.
-const MAX_RESET_REPLY: usize = 64 * 1024;
+/// How long the proxy's own queries (a reset, transaction mode's
+/// parameters) may take before the connection is closed.
+const OWN_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest reply to the proxy's own queries and logins.
+pub const OWN_REPLY_MAX: usize = 256 * 1024;
 /// How long a closed connection's Terminate may take to send.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -92,7 +97,6 @@ impl IdleServer {
 }
 
 /// One pool's connections.
-#[derive(Default)]
 struct Pool {
     idle: Vec<IdleServer>,
     /// Slots leased to clients (each with a server connection or about to
@@ -101,6 +105,40 @@ struct Pool {
     waiting: usize,
     /// Wakes a client waiting for a slot.
     freed: Arc<Notify>,
+    /// Its metrics, looked up once: a transaction-mode client takes and
+    /// gives back a slot per transaction.
+    gauges: [Gauge; 3],
+    reuses: Counter,
+}
+
+impl Pool {
+    fn new(key: &PoolKey) -> Pool {
+        let labels = [
+            (metrics::SESSION, key.session.clone()),
+            ("database", key.database.clone()),
+            ("user", key.user.clone()),
+        ];
+        Pool {
+            idle: Vec::new(),
+            active: 0,
+            waiting: 0,
+            freed: Arc::default(),
+            gauges: [
+                gauge!(metrics::PROXY_POOL_ACTIVE, &labels),
+                gauge!(metrics::PROXY_POOL_IDLE, &labels),
+                gauge!(metrics::PROXY_POOL_WAITING, &labels),
+            ],
+            reuses: counter!(metrics::PROXY_POOL_REUSES, metrics::SESSION => key.session.clone()),
+        }
+    }
+
+    /// Publishes its sizes as gauges.
+    fn record(&self) {
+        let [active, idle, waiting] = &self.gauges;
+        active.set(self.active as f64);
+        idle.set(self.idle.len() as f64);
+        waiting.set(self.waiting as f64);
+    }
 }
 
 /// A pool as `pgmirror.pools` shows it.
@@ -157,7 +195,7 @@ impl Drop for Waiter<'_> {
         let mut pools = self.pools.lock();
         if let Some(pool) = pools.get_mut(self.key) {
             pool.waiting = pool.waiting.saturating_sub(1);
-            self.pools.record(self.key, pool);
+            pool.record();
         }
     }
 }
@@ -209,18 +247,21 @@ impl Pools {
         route: &watch::Receiver<Route>,
         deadline: Instant,
     ) -> Result<Option<Lease>, PoolFull> {
-        let Some(settings) = self.settings(&key.session).cloned() else {
+        let Some(settings) = self.settings(&key.session) else {
             return Ok(None);
         };
         let started = Instant::now();
         loop {
             let (freed, _waiter) = {
                 let mut pools = self.lock();
-                let pool = pools.entry(key.clone()).or_default();
+                let pool = match pools.get_mut(&key) {
+                    Some(pool) => pool,
+                    None => pools.entry(key.clone()).or_insert_with(|| Pool::new(&key)),
+                };
                 let now = Instant::now();
                 let current = route.borrow();
                 close_all(&mut pool.idle, |idle| {
-                    idle.expired(&settings, now) || current.supersedes(idle.epoch, &idle.principal)
+                    idle.expired(settings, now) || current.supersedes(idle.epoch, &idle.principal)
                 });
                 let found = pool
                     .idle
@@ -242,10 +283,9 @@ impl Pools {
                     }
                     pool.active += 1;
                     if reused.is_some() {
-                        counter!(metrics::PROXY_POOL_REUSES, metrics::SESSION => key.session.clone())
-                            .increment(1);
+                        pool.reuses.increment(1);
                     }
-                    self.record(&key, pool);
+                    pool.record();
                     return Ok(Some(Lease {
                         pools: self.clone(),
                         key,
@@ -254,7 +294,7 @@ impl Pools {
                     }));
                 }
                 pool.waiting += 1;
-                self.record(&key, pool);
+                pool.record();
                 let waiter = Waiter {
                     pools: self,
                     key: &key,
@@ -274,18 +314,6 @@ impl Pools {
         }
     }
 
-    /// Publishes a pool's sizes as gauges.
-    fn record(&self, key: &PoolKey, pool: &Pool) {
-        let labels = [
-            (metrics::SESSION, key.session.clone()),
-            ("database", key.database.clone()),
-            ("user", key.user.clone()),
-        ];
-        gauge!(metrics::PROXY_POOL_ACTIVE, &labels).set(pool.active as f64);
-        gauge!(metrics::PROXY_POOL_IDLE, &labels).set(pool.idle.len() as f64);
-        gauge!(metrics::PROXY_POOL_WAITING, &labels).set(pool.waiting as f64);
-    }
-
     /// Closes the idle connections of `session` that are past their time
     /// or whose principal `route` no longer names (I4).
     fn reap(&self, session: &str, route: &Route) {
@@ -294,13 +322,13 @@ impl Pools {
         };
         let now = Instant::now();
         let mut pools = self.lock();
-        for (key, pool) in pools.iter_mut().filter(|(key, _)| key.session == session) {
+        for (_, pool) in pools.iter_mut().filter(|(key, _)| key.session == session) {
             let before = pool.idle.len();
             close_all(&mut pool.idle, |idle| {
                 idle.expired(settings, now) || route.supersedes(idle.epoch, &idle.principal)
             });
             if pool.idle.len() != before {
-                self.record(key, pool);
+                pool.record();
             }
         }
     }
@@ -392,7 +420,7 @@ impl Lease {
             pool.active = pool.active.saturating_sub(1);
             self.slot = false;
             pool.freed.notify_one();
-            self.pools.record(&self.key, pool);
+            pool.record();
         }
     }
 }
@@ -406,7 +434,7 @@ impl Drop for Lease {
         if let Some(pool) = pools.get_mut(&self.key) {
             pool.active = pool.active.saturating_sub(1);
             pool.freed.notify_one();
-            self.pools.record(&self.key, pool);
+            pool.record();
         }
     }
 }
@@ -522,39 +550,60 @@ pub fn terminate_start(end: usize) -> Option<usize> {
 /// ReadyForQuery; true when it succeeded and left the server idle outside
 /// a transaction, so that the connection may be pooled.
 pub async fn reset(server: &mut ServerStream, query: &str) -> bool {
+    own_query(server, query)
+        .await
+        .is_ok_and(|reply| reply.error.is_none() && reply.quiet)
+}
+
+/// What the proxy's own simple query returned.
+#[derive(Debug, Default)]
+pub struct OwnReply {
+    pub statuses: Vec<(String, String)>,
+    /// The first row's values.
+    pub row: Vec<Option<String>>,
+    pub error: Option<Vec<u8>>,
+    /// The server ended idle outside a transaction with nothing after its
+    /// ReadyForQuery: the next client's first byte meets a quiet server.
+    pub quiet: bool,
+}
+
+/// Runs `sql` on an idle server connection and reads to its ReadyForQuery.
+pub async fn own_query(server: &mut ServerStream, sql: &str) -> Result<OwnReply, ConnError> {
     let run = async {
-        let mut message = vec![b'Q'];
-        let length = 4 + query.len() + 1;
-        message.extend_from_slice(&u32::try_from(length).ok()?.to_be_bytes());
-        message.extend_from_slice(query.as_bytes());
-        message.push(0);
-        server.write_all(&message).await.ok()?;
-        server.flush().await.ok()?;
-        let mut reply = Vec::with_capacity(512);
-        let mut failed = false;
+        server.write_all(&extended::encode_query(sql)).await?;
+        server.flush().await?;
+        let mut reply = OwnReply::default();
+        let mut input = Vec::with_capacity(512);
         loop {
-            while let Some((tag, len)) = backend_message_len(&reply).ok()? {
-                let Some(message) = reply.get(..len) else {
-                    break;
-                };
-                failed |= tag == ERROR_RESPONSE;
-                if tag == READY_FOR_QUERY {
-                    let idle = message.get(TAGGED_HEADER_LEN) == Some(&IDLE);
-                    // Nothing may follow: the next client's first byte
-                    // must meet a quiet server.
-                    return Some(idle && !failed && reply.len() == len);
+            while let Some((tag, len)) =
+                backend_message_len(&input)?.filter(|(_, len)| input.len() >= *len)
+            {
+                let message = &input[..len];
+                match tag {
+                    PARAMETER_STATUS => {
+                        if let Some((name, value)) = decode_parameter_status(message) {
+                            reply.statuses.push((name.to_string(), value.to_string()));
+                        }
+                    }
+                    DATA_ROW if reply.row.is_empty() => reply.row = decode_data_row(message),
+                    ERROR_RESPONSE => reply.error = Some(message.to_vec()),
+                    READY_FOR_QUERY => {
+                        reply.quiet =
+                            message.get(TAGGED_HEADER_LEN) == Some(&IDLE) && input.len() == len;
+                        return Ok(reply);
+                    }
+                    _ => {}
                 }
-                reply.drain(..len);
+                input.drain(..len);
             }
-            if reply.len() > MAX_RESET_REPLY || server.read_buf(&mut reply).await.ok()? == 0 {
-                return None;
+            if input.len() > OWN_REPLY_MAX || server.read_buf(&mut input).await? == 0 {
+                return Err(ConnError::Unexpected("server connection lost"));
             }
         }
     };
-    matches!(
-        tokio::time::timeout(RESET_TIMEOUT, run).await,
-        Ok(Some(true))
-    )
+    tokio::time::timeout(OWN_QUERY_TIMEOUT, run)
+        .await
+        .map_err(|_| ConnError::Unexpected("no answer from the server in time"))?
 }
 
 #[cfg(test)]

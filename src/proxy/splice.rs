@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ::metrics::counter;
+use ::metrics::{counter, Counter};
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{tcp, TcpStream};
@@ -43,6 +43,9 @@ use crate::wire::startup::{
     BACKEND_KEY_DATA, READY_FOR_QUERY,
 };
 
+/// The FATAL (57P01) a client gets when the proxy stops.
+pub(super) const SHUTTING_DOWN: &str =
+    "terminating connection: the pgmirror proxy is shutting down";
 /// How long the goodbye (TLS close_notify) to a client may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Initial read buffer per splice direction; it doubles whenever a read
@@ -138,6 +141,22 @@ impl<L: Readable, R: Readable> Readable for Either<L, R> {
         match self {
             Either::Left(left) => Either::Left(left.readable()),
             Either::Right(right) => Either::Right(right.readable()),
+        }
+    }
+}
+
+/// The proxy's byte counters, looked up once (a transaction-mode client
+/// relays many transactions).
+pub struct ByteCounters {
+    pub to_server: Counter,
+    pub to_client: Counter,
+}
+
+impl Default for ByteCounters {
+    fn default() -> Self {
+        ByteCounters {
+            to_server: counter!(metrics::PROXY_BYTES, "direction" => "client_to_server"),
+            to_client: counter!(metrics::PROXY_BYTES, "direction" => "server_to_client"),
         }
     }
 }
@@ -263,8 +282,10 @@ where
     let startup_timeout = ctx.startup_timeout;
     let SpliceOptions { deadline, reuse } = options;
 
-    let bytes_to_server = counter!(metrics::PROXY_BYTES, "direction" => "client_to_server");
-    let bytes_to_client = counter!(metrics::PROXY_BYTES, "direction" => "server_to_client");
+    let ByteCounters {
+        to_server: bytes_to_server,
+        to_client: bytes_to_client,
+    } = &ctx.bytes;
     let client_routes = routes.clone();
     // Whether the client's last message was Sync, Query or FunctionCall, so
     // that a ReadyForQuery comes without more client input (the fence's
@@ -485,9 +506,7 @@ where
                 "terminating connection: a failover happened and {address} is no longer the \
                  principal; reconnect to reach the new principal"
             )),
-            End::Shutdown => {
-                Some("terminating connection: the pgmirror proxy is shutting down".into())
-            }
+            End::Shutdown => Some(SHUTTING_DOWN.into()),
             _ => None,
         };
         if let Some(message) = goodbye {

@@ -29,6 +29,7 @@ pub const COMMAND_COMPLETE: u8 = b'C';
 pub const EMPTY_QUERY: u8 = b'I';
 pub const PORTAL_SUSPENDED: u8 = b's';
 pub const PARAMETER_STATUS: u8 = b'S';
+pub const DATA_ROW: u8 = b'D';
 pub const FUNCTION_RESULT: u8 = b'V';
 
 /// What Describe and Close name: a prepared statement or a portal.
@@ -83,6 +84,30 @@ pub fn decode_target(message: &[u8]) -> Option<(u8, &str)> {
     let (&kind, rest) = body(message).split_first()?;
     let (name, _) = cstr(rest)?;
     matches!(kind, TARGET_STATEMENT | TARGET_PORTAL).then_some((kind, name))
+}
+
+/// An Execute message's portal name.
+pub fn decode_execute(message: &[u8]) -> Option<&str> {
+    cstr(body(message)).map(|(portal, _)| portal)
+}
+
+/// A DataRow's values as text (None for NULL); a truncated row ends early.
+pub fn decode_data_row(message: &[u8]) -> Vec<Option<String>> {
+    let mut values = Vec::new();
+    // The body starts with the column count.
+    let mut rest = body(message).get(2..).unwrap_or_default();
+    while let Some((len, after)) = rest.split_first_chunk::<4>() {
+        rest = after;
+        match usize::try_from(i32::from_be_bytes(*len)) {
+            Ok(len) if len <= rest.len() => {
+                values.push(Some(String::from_utf8_lossy(&rest[..len]).into_owned()));
+                rest = &rest[len..];
+            }
+            Ok(_) => break,
+            Err(_) => values.push(None),
+        }
+    }
+    values
 }
 
 /// A message of `tag` whose body is `parts` concatenated.
@@ -184,6 +209,21 @@ mod tests {
             decode_parameter_status(&status),
             Some(("application_name", "app"))
         );
+    }
+
+    #[test]
+    fn execute_and_data_row_decode() {
+        let execute = message(EXECUTE, &[b"c1\0", &0i32.to_be_bytes()]);
+        assert_eq!(decode_execute(&execute), Some("c1"));
+        let null = (-1i32).to_be_bytes();
+        let row = message(
+            DATA_ROW,
+            &[&2u16.to_be_bytes(), &2i32.to_be_bytes(), b"on", &null],
+        );
+        assert_eq!(decode_data_row(&row), [Some("on".into()), None]);
+        // A length past the message's end stops the row, no panic.
+        let cut = message(DATA_ROW, &[&1u16.to_be_bytes(), &9i32.to_be_bytes(), b"x"]);
+        assert_eq!(decode_data_row(&cut), []);
     }
 
     #[test]

@@ -128,7 +128,7 @@ impl Aborted {
                 _ => false,
             },
             EXECUTE => {
-                let portal = decode_target_portal(message);
+                let portal = extended::decode_execute(message);
                 if portal.is_some_and(|portal| self.ending_portals.contains(portal)) {
                     self.ended = true;
                     out.extend_from_slice(&extended::command_complete("ROLLBACK"));
@@ -169,13 +169,6 @@ impl Aborted {
         };
         out.extend_from_slice(&error);
     }
-}
-
-/// An Execute message's portal name.
-fn decode_target_portal(message: &[u8]) -> Option<&str> {
-    let body = message.get(crate::wire::frame::TAGGED_HEADER_LEN..)?;
-    let end = body.iter().position(|byte| *byte == 0)?;
-    std::str::from_utf8(body.get(..end)?).ok()
 }
 
 #[cfg(test)]

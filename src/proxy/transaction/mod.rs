@@ -27,7 +27,6 @@ pub mod sql;
 pub mod statements;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use ::metrics::counter;
 use futures::FutureExt;
@@ -38,14 +37,14 @@ use tokio::time::Instant;
 use crate::metrics;
 use crate::proxy::auth::Login;
 use crate::proxy::clients::Registration;
-use crate::proxy::connection::{hold_and_connect, ConnError, End};
+use crate::proxy::connection::{hold_and_connect, refuse, ConnError, End};
 use crate::proxy::fence::{
     CommitFence, FenceCause, Step, FRONTEND_AWAITS_READY, SQLSTATE_COMPLETION_UNKNOWN,
 };
-use crate::proxy::pool::{IdleServer, Lease, PoolKey};
+use crate::proxy::pool::{own_query, IdleServer, Lease, PoolKey, OWN_REPLY_MAX};
 use crate::proxy::routing::{Principal, Route};
 use crate::proxy::server_tls::ServerStream;
-use crate::proxy::splice::{fenced, Duplex};
+use crate::proxy::splice::{fenced, Duplex, SHUTTING_DOWN};
 use crate::proxy::Context;
 use crate::roles::Epoch;
 use crate::wire::extended::{
@@ -73,10 +72,6 @@ const TRANSACTION_FAILED: u8 = b'E';
 const WHOLE_MESSAGE_MAX: usize = 64 * 1024;
 /// Bytes queued for one side before the proxy stops reading the other.
 const QUEUE_MAX: usize = 256 * 1024;
-/// How long the proxy's own queries on a server connection may take.
-const OWN_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest reply to the proxy's own queries and logins.
-const OWN_REPLY_MAX: usize = 256 * 1024;
 
 /// What a pooled server connection carries from one transaction-mode
 /// client to the next (empty in session mode).
@@ -214,7 +209,7 @@ pub(super) async fn serve<S: Duplex>(client: Client<'_>, mut stream: S) -> Resul
             let read = tokio::select! {
                 read = client_read.read_buf(&mut input) => read?,
                 _ = ctx.shutdown.cancelled() => {
-                    let bye = error_response(Severity::Fatal, "57P01", "terminating connection: the pgmirror proxy is shutting down");
+                    let bye = error_response(Severity::Fatal, "57P01", SHUTTING_DOWN);
                     let _ = client_write.write_all(&bye).await;
                     return Ok(End::Shutdown);
                 }
@@ -319,14 +314,7 @@ impl From<ConnError> for Refusal {
 impl Refusal {
     async fn tell<W: AsyncWrite + Unpin>(self, client: &mut W) -> Result<End, ConnError> {
         match self {
-            Refusal::Proxy(err) => {
-                if let Some(code) = err.sqlstate() {
-                    let message = error_response(Severity::Fatal, code, &err.client_message());
-                    let _ = client.write_all(&message).await;
-                    let _ = client.shutdown().await;
-                }
-                Err(err)
-            }
+            Refusal::Proxy(err) => refuse(client, err).await,
             Refusal::Server(error) => {
                 let _ = client.write_all(&error).await;
                 let _ = client.shutdown().await;
@@ -334,67 +322,6 @@ impl Refusal {
             }
         }
     }
-}
-
-/// What the proxy's own simple query returned.
-#[derive(Debug, Default)]
-struct OwnReply {
-    statuses: Vec<(String, String)>,
-    /// The first row's values.
-    row: Vec<Option<String>>,
-    error: Option<Vec<u8>>,
-}
-
-/// Runs `sql` on an idle server connection and reads to its ReadyForQuery.
-async fn own_query(server: &mut ServerStream, sql: &str) -> Result<OwnReply, ConnError> {
-    let run = async {
-        server.write_all(&extended::encode_query(sql)).await?;
-        server.flush().await?;
-        let mut reply = OwnReply::default();
-        let mut input = Vec::with_capacity(512);
-        loop {
-            while let Some((tag, len)) = whole_message(&input)? {
-                let message = &input[..len];
-                match tag {
-                    PARAMETER_STATUS => {
-                        if let Some((name, value)) = decode_parameter_status(message) {
-                            reply.statuses.push((name.to_string(), value.to_string()));
-                        }
-                    }
-                    b'D' if reply.row.is_empty() => reply.row = data_row(message),
-                    ERROR_RESPONSE => reply.error = Some(message.to_vec()),
-                    READY_FOR_QUERY => return Ok(reply),
-                    _ => {}
-                }
-                input.drain(..len);
-            }
-            if input.len() > OWN_REPLY_MAX || server.read_buf(&mut input).await? == 0 {
-                return Err(ConnError::Unexpected("server connection lost"));
-            }
-        }
-    };
-    tokio::time::timeout(OWN_QUERY_TIMEOUT, run)
-        .await
-        .map_err(|_| ConnError::Unexpected("no answer from the server in time"))?
-}
-
-/// A DataRow's text values.
-fn data_row(message: &[u8]) -> Vec<Option<String>> {
-    let mut values = Vec::new();
-    let mut rest = message.get(7..).unwrap_or_default();
-    while rest.len() >= 4 {
-        let len = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
-        rest = &rest[4..];
-        match usize::try_from(len) {
-            Ok(len) if len <= rest.len() => {
-                values.push(Some(String::from_utf8_lossy(&rest[..len]).into_owned()));
-                rest = &rest[len..];
-            }
-            Ok(_) => break,
-            Err(_) => values.push(None),
-        }
-    }
-    values
 }
 
 /// Whether a pooled connection is still open: a server that went away
@@ -453,12 +380,18 @@ impl Session<'_> {
             self.registration.set_server_key(pid, secret);
         }
         attached.cancels = self.registration.cancels_forwarded();
-        let here = (attached.principal.server_name.clone(), attached.epoch);
-        if self.last.as_ref().is_some_and(|last| *last != here) {
-            counter!(metrics::PROXY_POOL_REATTACHMENTS, metrics::SESSION => self.key.session.clone())
-                .increment(1);
+        let name = &attached.principal.server_name;
+        let moved = |(last, epoch): &(String, Epoch)| last != name || *epoch != attached.epoch;
+        match &self.last {
+            Some(last) if !moved(last) => {}
+            last => {
+                if last.is_some() {
+                    counter!(metrics::PROXY_POOL_REATTACHMENTS, metrics::SESSION => self.key.session.clone())
+                        .increment(1);
+                }
+                self.last = Some((name.clone(), attached.epoch));
+            }
         }
-        self.last = Some(here);
         Ok(attached)
     }
 
@@ -608,7 +541,7 @@ impl Session<'_> {
         W: AsyncWrite + Unpin,
     {
         let mut attached = attached;
-        let (mut server_read, mut server_write) = tokio::io::split(attached.server);
+        let (mut server_read, mut server_write) = attached.server.halves();
         let (epoch, principal) = (attached.epoch, attached.principal.clone());
         let state = &mut attached.state;
         let mut relay = Relay {
@@ -628,16 +561,14 @@ impl Session<'_> {
             touched: Touched::default(),
             search_path: self
                 .settings
-                .effective()
                 .get("search_path")
-                .map(|path| path.to_string())
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                .to_string(),
         };
         let mut routes = self.routes.clone();
         let mut watching = true;
         let mut server_buf = vec![0u8; 8 * 1024];
-        let bytes_to_server = counter!(metrics::PROXY_BYTES, "direction" => "client_to_server");
-        let bytes_to_client = counter!(metrics::PROXY_BYTES, "direction" => "server_to_client");
+        let bytes = &self.ctx.bytes;
         relay.take_client(input, state, &mut self.statements)?;
         let end = loop {
             if let Some(end) = relay.pass_through_fence(self.registration)? {
@@ -656,7 +587,7 @@ impl Session<'_> {
                     if n == 0 {
                         break Some(Ending::ClientLeft);
                     }
-                    bytes_to_server.increment(n as u64);
+                    bytes.to_server.increment(n as u64);
                     if relay.take_client(input, state, &mut self.statements)? {
                         break Some(Ending::ClientLeft);
                     }
@@ -668,7 +599,7 @@ impl Session<'_> {
                     if n == 0 {
                         break Some(relay.server_lost());
                     }
-                    bytes_to_client.increment(n as u64);
+                    bytes.to_client.increment(n as u64);
                     relay.take_server(&server_buf[..n], state, &mut self.statements)?;
                 }
                 written = server_write.write(&relay.to_server), if !relay.to_server.is_empty() => {
@@ -692,13 +623,16 @@ impl Session<'_> {
                         watching = false;
                     }
                 }
-                _ = self.ctx.shutdown.cancelled() => break Some(Ending::Shutdown),
+                _ = self.ctx.shutdown.cancelled() => break Some(Ending::Fatal {
+                    end: End::Shutdown,
+                    code: "57P01",
+                    message: SHUTTING_DOWN.into(),
+                }),
             }
         };
         // What the client is owed goes out first, whatever comes next.
         client_write.write_all(&relay.to_client).await?;
         client_write.flush().await?;
-        attached.server = server_read.unsplit(server_write);
         let Some(ending) = end else {
             return Ok(Turn::Done(Box::new(attached), relay.touched));
         };
@@ -717,19 +651,6 @@ impl Session<'_> {
                 let _ = client_write.shutdown().await;
                 Turn::End(end)
             }
-            Ending::Shutdown => {
-                if relay.fence.abandon() {
-                    let _ = client_write
-                        .write_all(&error_response(
-                            Severity::Fatal,
-                            "57P01",
-                            "terminating connection: the pgmirror proxy is shutting down",
-                        ))
-                        .await;
-                }
-                let _ = client_write.shutdown().await;
-                Turn::End(End::Shutdown)
-            }
             Ending::Fenced { cause, at_boundary } => {
                 fenced(cause, at_boundary, client_write).await;
                 Turn::End(End::CommitFenced(cause))
@@ -743,13 +664,13 @@ enum Ending {
     ClientLeft,
     /// Nothing was in flight: the transaction is gone, the client stays.
     Abort(String),
-    /// A statement was in flight: the client's connection ends.
+    /// The client's connection ends with a FATAL: a statement was in
+    /// flight, or the proxy is stopping.
     Fatal {
         end: End,
         code: &'static str,
         message: String,
     },
-    Shutdown,
     /// The commit fence replaced the rest of a response (I2).
     Fenced {
         cause: FenceCause,
@@ -796,25 +717,8 @@ impl Relay {
     /// A failover superseded the server's principal.
     fn failover(&self, principal: &Principal) -> Ending {
         let address = &principal.address;
-        if self.in_flight() {
-            Ending::Fatal {
-                end: End::Failover,
-                code: SQLSTATE_COMPLETION_UNKNOWN,
-                message: format!(
-                    "pgmirror proxy: a failover happened while a statement was in flight on \
-                     {address}, which is no longer the principal: its outcome is unknown (a commit \
-                     may have happened there without reaching the mirror). Reconnect and check \
-                     whether the transaction's effects are present before retrying it"
-                ),
-            }
-        } else {
-            counter!(metrics::PROXY_TRANSACTIONS_ABORTED).increment(1);
-            Ending::Abort(format!(
-                "pgmirror proxy: the transaction was rolled back because a failover happened while \
-                 it was open ({address} is no longer the principal); nothing it did was committed. \
-                 Roll back and run it again"
-            ))
-        }
+        let why = format!("a failover happened and {address} is no longer the principal");
+        self.server_gone(End::Failover, &why)
     }
 
     /// The server closed the connection.
@@ -826,23 +730,30 @@ impl Relay {
                 at_boundary: true,
             };
         }
+        self.server_gone(End::ServerClosed, "the server connection was lost")
+    }
+
+    /// The transaction's server is gone (I4, or a lost connection): a
+    /// statement in flight has an unknown outcome and costs the client its
+    /// connection; a transaction between statements certainly did not
+    /// commit, and the client keeps its connection.
+    fn server_gone(&self, end: End, why: &str) -> Ending {
         if self.in_flight() {
             Ending::Fatal {
-                end: End::ServerClosed,
+                end,
                 code: SQLSTATE_COMPLETION_UNKNOWN,
-                message: "pgmirror proxy: the server connection was lost while a statement was in \
-                          flight: its outcome is unknown. Reconnect and check whether the \
-                          transaction's effects are present before retrying it"
-                    .into(),
+                message: format!(
+                    "pgmirror proxy: {why} while a statement was in flight: its outcome is unknown \
+                     (a commit may have happened without reaching the mirror). Reconnect and check \
+                     whether the transaction's effects are present before retrying it"
+                ),
             }
         } else {
             counter!(metrics::PROXY_TRANSACTIONS_ABORTED).increment(1);
-            Ending::Abort(
-                "pgmirror proxy: the transaction was rolled back because its server connection \
-                 was lost while it was open; nothing it did was committed. Roll back and run it \
-                 again"
-                    .into(),
-            )
+            Ending::Abort(format!(
+                "pgmirror proxy: the transaction was rolled back because {why} while it was open; \
+                 nothing it did was committed. Roll back and run it again"
+            ))
         }
     }
 

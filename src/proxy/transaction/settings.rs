@@ -54,6 +54,31 @@ impl ClientSettings {
         all
     }
 
+    /// The value in force for this client of one parameter.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.set
+            .get(name)
+            .or_else(|| self.startup.get(name))
+            .map(String::as_str)
+    }
+
+    /// Whether `server` has exactly this client's values: the common case
+    /// (its last client had the same), checked without building a map.
+    fn in_force_on(&self, server: &ServerSettings) -> bool {
+        let from_startup = self
+            .startup
+            .iter()
+            .filter(|(name, _)| !self.set.contains_key(*name));
+        let mut count = 0;
+        for (name, value) in from_startup.chain(&self.set) {
+            if server.get(name) != Some(value) {
+                return false;
+            }
+            count += 1;
+        }
+        count == server.len()
+    }
+
     /// A parameter's value as read back from the server after the client's
     /// transaction; None: RESET (back to the startup value or default).
     pub fn record(&mut self, name: &str, value: Option<String>) {
@@ -78,6 +103,9 @@ impl ClientSettings {
 /// differs; None when nothing differs (the common case: the connection's
 /// last client had the same parameters).
 pub fn prelude(client: &ClientSettings, server: &ServerSettings) -> Option<String> {
+    if client.in_force_on(server) {
+        return None;
+    }
     let wanted = client.effective();
     let mut sql = String::new();
     for name in server.keys() {

@@ -173,9 +173,37 @@ const SESSION_LOCKS: [&str; 4] = [
     "pg_try_advisory_lock_shared",
 ];
 
+/// Whether `sql` may say anything [`inspect`] or [`deallocated`] reports:
+/// every word they act on contains one of the words below (ASCII case
+/// aside, as PostgreSQL folds only ASCII in keywords). Most statements
+/// mention none, and are not lexed; this runs on every Query and Parse.
+fn mentions_session_state(sql: &str) -> bool {
+    let bytes = sql.as_bytes();
+    bytes.iter().enumerate().any(|(at, byte)| {
+        let words: &[&[u8]] = match byte.to_ascii_lowercase() {
+            b's' => &[b"set"],
+            b'd' => &[b"discard", b"deallocate", b"declare"],
+            b'l' => &[b"listen"],
+            b'p' => &[b"prepare"],
+            b'c' => &[b"create"],
+            b't' => &[b"temp"],
+            b'a' => &[b"advisory"],
+            _ => return false,
+        };
+        words.iter().any(|word| {
+            bytes
+                .get(at..at + word.len())
+                .is_some_and(|here| here.eq_ignore_ascii_case(word))
+        })
+    })
+}
+
 /// Reads every top-level statement of `sql`.
 pub fn inspect(sql: &str) -> Inspection {
     let mut found = Inspection::default();
+    if !mentions_session_state(sql) {
+        return found;
+    }
     for tokens in statements(sql) {
         statement(&tokens, &mut found);
     }
@@ -226,6 +254,14 @@ fn special_parameter(tokens: &[Token]) -> Option<Vec<&'static str>> {
     Some(names.to_vec())
 }
 
+/// The parameters SET or RESET names with what follows it.
+fn parameters_named(tokens: &[Token]) -> Vec<String> {
+    special_parameter(tokens)
+        .map(|names| names.into_iter().map(str::to_string).collect())
+        .or_else(|| parameter(tokens).map(|name| vec![name]))
+        .unwrap_or_default()
+}
+
 fn statement(tokens: &[Token], found: &mut Inspection) {
     let word = |i: usize| match tokens.get(i) {
         Some(Token::Word(w)) => w.as_str(),
@@ -256,10 +292,7 @@ fn statement(tokens: &[Token], found: &mut Inspection) {
                 }
                 _ => &tokens[1..],
             };
-            let names = special_parameter(rest)
-                .map(|names| names.into_iter().map(str::to_string).collect())
-                .or_else(|| parameter(rest).map(|name| vec![name]));
-            for name in names.unwrap_or_default() {
+            for name in parameters_named(rest) {
                 found.touched.push((name, true));
             }
         }
@@ -270,10 +303,7 @@ fn statement(tokens: &[Token], found: &mut Inspection) {
                 found.touched.clear();
                 return;
             }
-            let names = special_parameter(rest)
-                .map(|names| names.into_iter().map(str::to_string).collect())
-                .or_else(|| parameter(rest).map(|name| vec![name]));
-            for name in names.unwrap_or_default() {
+            for name in parameters_named(rest) {
                 found.touched.push((name, false));
             }
         }
@@ -336,6 +366,9 @@ pub fn refusal_message(what: &str) -> String {
 /// The statement name of `sql` when it is one `DEALLOCATE [PREPARE] name`
 /// (not ALL), as a driver evicting a statement from its cache sends it.
 pub fn deallocated(sql: &str) -> Option<String> {
+    if !mentions_session_state(sql) {
+        return None;
+    }
     let all = statements(sql);
     let [tokens] = all.as_slice() else {
         return None;
@@ -376,6 +409,27 @@ pub fn is_transaction_end(sql: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ordinary_statements_report_nothing_and_the_words_are_found_in_any_case() {
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 7",
+            "UPDATE t SET x = 1",
+            "insert into t values ('reset')",
+        ] {
+            assert_eq!(inspect(sql), Inspection::default(), "{sql}");
+        }
+        assert!(!mentions_session_state("SELECT 1; COMMIT"));
+        for sql in [
+            "SeT search_path = a",
+            "select pg_ADVISORY_lock(1)",
+            "CREATE TEMP TABLE t ()",
+            "DEALLOCATE s1",
+        ] {
+            assert!(mentions_session_state(sql), "{sql}");
+        }
+        assert_eq!(deallocated("DEALLOCATE s1").as_deref(), Some("s1"));
+    }
 
     fn touched(sql: &str) -> Vec<(String, bool)> {
         inspect(sql).touched
