@@ -29,11 +29,13 @@ use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::PoolMode;
+use crate::proxy::auth::Login;
 use crate::proxy::auth::{AuthError, ClientId};
-use crate::proxy::clients::ClientEntry;
+use crate::proxy::clients::{ClientEntry, Registration};
 use crate::proxy::console_door;
 use crate::proxy::fence::FenceCause;
 use crate::proxy::pool::{self, IdleServer, PoolFull, PoolKey, Reuse};
@@ -300,7 +302,9 @@ where
 {
     let (minor, params, raw) = match packet {
         FeStartup::CancelRequest { pid, key } => {
-            forward_cancel(ctx, pid, &key).await;
+            // Boxed, as below: only what every connection waits on is
+            // inline in its task.
+            Box::pin(forward_cancel(ctx, pid, &key)).await;
             return Ok(End::Cancel);
         }
         FeStartup::Startup { minor, params, raw } => (minor, params, raw),
@@ -329,7 +333,7 @@ where
         }
         let logins = &ctx.console_logins;
         let relay = console_door::relay(stream, socket, &raw, peer, logins, ctx.startup_timeout);
-        return relay.await;
+        return Box::pin(relay).await;
     }
     if !admitted {
         return refuse(&mut stream, ConnError::TooManyClients(ctx.max_clients)).await;
@@ -401,66 +405,64 @@ where
             login: login.clone(),
             key,
             routes,
-            params: &params,
+            params,
         };
+        // What only the login needed is not kept while the client idles.
+        drop((raw, plan));
         // Its own allocation, sized for it: an idle transaction-mode
         // client does not carry the splice's state.
-        return Box::pin(transaction::serve(client, stream)).await;
+        return Box::pin(transaction::serve(Box::new(client), stream)).await;
     }
-    // A pooled session's client takes a slot of its pool first (waiting,
-    // up to the hold timeout, while the pool is full), perhaps with an
-    // idle server connection of its principal and epoch (I4).
-    let hold_deadline = Instant::now() + ctx.hold_timeout;
-    let checkout = ctx
-        .pools
-        .checkout(key, &plan.to_server, &routes, hold_deadline);
-    let mut lease = match checkout.await {
-        Ok(lease) => lease,
-        Err(full) => return refuse(&mut stream, full.into()).await,
+    // Its own allocation too: the pool's lease, the server connection and
+    // the splice are not part of a transaction-mode client's task.
+    let client = SessionClient {
+        ctx,
+        registration,
+        login,
+        key,
+        routes,
+        startup: plan.to_server,
     };
-    let mut early = Vec::new();
-    // The hold does not count against authentication: the rest of the
-    // login gets a full startup_timeout from the moment a server is had.
-    let (connected, born, deadline) = match lease.as_mut().and_then(|lease| lease.reused.take()) {
-        // Replayed to the client as if the server had just logged it in;
-        // the splice swaps the server's BackendKeyData for the proxy's
-        // and records it as this client's cancel target.
-        Some(idle) => {
-            let connected = Connected {
-                server: idle.server,
-                principal: idle.principal,
-                epoch: idle.epoch,
-                pending: idle.greeting,
-            };
-            let deadline = Instant::now() + ctx.startup_timeout;
-            (connected, idle.born, deadline)
-        }
-        None => {
-            let held = Box::pin(hold_and_connect(
-                ctx,
-                &session,
-                &mut routes,
-                &plan.to_server,
-                &mut stream,
-                &mut early,
-            ));
-            let mut connected = match held.await {
-                Ok(connected) => connected,
-                Err(err) => return refuse(&mut stream, err).await,
-            };
-            let deadline = Instant::now() + ctx.startup_timeout;
-            if let Some(login) = &login {
-                // The server's requests answered as the client; its
-                // AuthenticationOk (or error) is left for the splice to
-                // forward.
-                let server = &mut connected.server;
-                let logged_in = login.log_in(server, &mut connected.pending, &user, deadline);
-                if let Err(err) = logged_in.await {
-                    return refuse(&mut stream, err.into()).await;
-                }
-            }
-            (connected, Instant::now(), deadline)
-        }
+    Box::pin(serve_session(Box::new(client), stream)).await
+}
+
+/// A session-mode client past its login (proxy-side or none yet).
+struct SessionClient<'a> {
+    ctx: &'a Context,
+    registration: Registration,
+    login: Option<Login>,
+    key: PoolKey,
+    routes: watch::Receiver<Route>,
+    /// The startup packet for its server.
+    startup: Vec<u8>,
+}
+
+/// Serves a session-mode client: a slot of its pool (if pooled) and a
+/// pooled or new server connection, then the splice; a pooled connection
+/// left idle goes back after its reset.
+async fn serve_session<S: splice::Duplex>(
+    client: Box<SessionClient<'_>>,
+    mut stream: S,
+) -> Result<End, ConnError> {
+    let SessionClient {
+        ctx,
+        registration,
+        login,
+        key,
+        mut routes,
+        startup,
+    } = *client;
+    let session = key.session.clone();
+    let server = take_server(ctx, key, &startup, &mut routes, &mut stream, login.as_ref());
+    let TakenServer {
+        lease,
+        connected,
+        early,
+        born,
+        deadline,
+    } = match Box::pin(server).await {
+        Ok(taken) => taken,
+        Err(err) => return refuse(&mut stream, err).await,
     };
     let _server = GaugeGuard::new(
         gauge!(metrics::PROXY_SERVER_CONNECTIONS, metrics::SESSION => session.clone()),
@@ -495,16 +497,86 @@ where
     drop(registration);
     let quiet = || cancels.load(Ordering::SeqCst) == 0;
     let reset_query = ctx.pools.settings(&session).map(|s| s.reset_query.as_str());
-    if quiet() && pool::reset(&mut server, reset_query.unwrap_or_default()).await && quiet() {
+    let reset = Box::pin(pool::reset(&mut server, reset_query.unwrap_or_default()));
+    if quiet() && reset.await && quiet() {
         let greeting = reuse
             .into_inner()
             .unwrap_or_else(|p| p.into_inner())
             .greeting;
-        let startup = plan.to_server;
         let idle = IdleServer::new(server, principal, epoch, startup, greeting, born);
         lease.give_back(idle, &route.borrow());
     }
     Ok(end)
+}
+
+/// A session-mode client's server connection, with what came with it.
+struct TakenServer {
+    lease: Option<pool::Lease>,
+    connected: Connected,
+    /// What the client sent while it was held.
+    early: Vec<u8>,
+    /// When the server connection logged in.
+    born: Instant,
+    /// The rest of the login's deadline.
+    deadline: Instant,
+}
+
+/// A slot of the pool (if pooled) and a pooled connection or a new one,
+/// logged in for the client when the proxy authenticates.
+async fn take_server<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &Context,
+    key: PoolKey,
+    startup: &[u8],
+    routes: &mut watch::Receiver<Route>,
+    stream: &mut S,
+    login: Option<&Login>,
+) -> Result<TakenServer, ConnError> {
+    let (key_session, key_user) = (key.session.clone(), key.user.clone());
+    // A pooled session's client takes a slot of its pool first (waiting,
+    // up to the hold timeout, while the pool is full), perhaps with an
+    // idle server connection of its principal and epoch (I4).
+    let hold_deadline = Instant::now() + ctx.hold_timeout;
+    let checkout = ctx.pools.checkout(key, startup, routes, hold_deadline);
+    let mut lease = checkout.await?;
+    let mut early = Vec::new();
+    // The hold does not count against authentication: the rest of the
+    // login gets a full startup_timeout from the moment a server is had.
+    let (connected, born, deadline) = match lease.as_mut().and_then(|lease| lease.reused.take()) {
+        // Replayed to the client as if the server had just logged it in;
+        // the splice swaps the server's BackendKeyData for the proxy's
+        // and records it as this client's cancel target.
+        Some(idle) => {
+            let connected = Connected {
+                server: idle.server,
+                principal: idle.principal,
+                epoch: idle.epoch,
+                pending: idle.greeting,
+            };
+            let deadline = Instant::now() + ctx.startup_timeout;
+            (connected, idle.born, deadline)
+        }
+        None => {
+            let held = hold_and_connect(ctx, &key_session, routes, startup, stream, &mut early);
+            let mut connected = held.await?;
+            let deadline = Instant::now() + ctx.startup_timeout;
+            if let Some(login) = login {
+                // The server's requests answered as the client; its
+                // AuthenticationOk (or error) is left for the splice to
+                // forward.
+                let server = &mut connected.server;
+                let logged_in = login.log_in(server, &mut connected.pending, &key_user, deadline);
+                logged_in.await?;
+            }
+            (connected, Instant::now(), deadline)
+        }
+    };
+    Ok(TakenServer {
+        lease,
+        connected,
+        early,
+        born,
+        deadline,
+    })
 }
 
 /// A server connection whose startup packet has been sent.

@@ -165,7 +165,9 @@ pub struct Pools {
 pub struct Lease {
     pools: Pools,
     key: PoolKey,
-    pub reused: Option<IdleServer>,
+    /// Boxed: the lease lives as long as its client, the idle connection
+    /// only until it is taken.
+    pub reused: Option<Box<IdleServer>>,
     /// Still counted in `active` (give_back frees it itself).
     slot: bool,
 }
@@ -269,7 +271,7 @@ impl Pools {
                     .position(|idle| idle.startup == startup && current.serves(idle));
                 let full = pool.active + pool.idle.len() >= settings.size;
                 if found.is_some() || !full || !pool.idle.is_empty() {
-                    let reused = found.map(|at| pool.idle.swap_remove(at));
+                    let reused = found.map(|at| Box::new(pool.idle.swap_remove(at)));
                     if reused.is_none() && full {
                         // The oldest idle one of other parameters makes room.
                         let oldest = pool

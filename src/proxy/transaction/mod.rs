@@ -92,8 +92,8 @@ pub struct Client<'a> {
     pub login: Login,
     pub key: PoolKey,
     pub routes: watch::Receiver<Route>,
-    /// The startup packet's parameters.
-    pub params: &'a [(String, String)],
+    /// The startup packet's parameters, let go once read.
+    pub params: Vec<(String, String)>,
 }
 
 /// A server connection held for one transaction.
@@ -106,6 +106,19 @@ struct Attached {
     state: ServerState,
     /// The client's forwarded-cancel count when it got the connection.
     cancels: u64,
+}
+
+/// What a client's transaction ended in.
+enum After {
+    /// It ran; the client is idle.
+    Idle,
+    /// No server connection came in time: the client was told, and its
+    /// messages up to the next Sync are skipped.
+    Refused,
+    /// A failover ended the open transaction; the client stays.
+    Aborted(String),
+    /// The client's connection ends.
+    End(End),
 }
 
 /// What a transaction's run on its server connection ended in.
@@ -159,7 +172,12 @@ struct Session<'a> {
 }
 
 /// Serves a transaction-mode client until it leaves.
-pub(super) async fn serve<S: Duplex>(client: Client<'_>, mut stream: S) -> Result<End, ConnError> {
+/// The client comes boxed: its fields move into the session, and the
+/// task does not keep room for them a second time.
+pub(super) async fn serve<S: Duplex>(
+    client: Box<Client<'_>>,
+    mut stream: S,
+) -> Result<End, ConnError> {
     let Client {
         ctx,
         registration,
@@ -167,7 +185,7 @@ pub(super) async fn serve<S: Duplex>(client: Client<'_>, mut stream: S) -> Resul
         key,
         routes,
         params,
-    } = client;
+    } = *client;
     let startup = startup_message(&[("user", &key.user), ("database", &key.database)]);
     let mut session = Session {
         ctx,
@@ -176,29 +194,21 @@ pub(super) async fn serve<S: Duplex>(client: Client<'_>, mut stream: S) -> Resul
         key,
         startup,
         routes,
-        settings: ClientSettings::from_startup(params),
+        settings: ClientSettings::from_startup(&params),
         statements: ClientStatements::new(),
         last: None,
     };
+    drop(params);
     // Plain TCP splits without a lock between the halves, as in the splice.
     let (mut client_read, mut client_write) = stream.halves();
     // Allocated as the client sends, and let go while it is idle.
     let mut input = Vec::new();
-    // The login: a server connection gets the client's parameters, and
-    // what it then reports is the client's ParameterStatus.
-    let attached = match Box::pin(session.attach(&mut client_read, &mut input)).await {
-        Ok(attached) => attached,
-        Err(refusal) => return refusal.tell(&mut client_write).await,
-    };
-    let mut greeting = extended::authentication_ok();
-    for (name, value) in &attached.state.reported {
-        greeting.extend_from_slice(&extended::parameter_status(name, value));
+    // The sub-futures are boxed: while the client is idle, its task holds
+    // only what the wait for its next message needs.
+    let greeted = Box::pin(session.greet(&mut client_read, &mut client_write, &mut input));
+    if let Some(end) = greeted.await? {
+        return Ok(end);
     }
-    greeting.extend_from_slice(&backend_key_data(registration.pid, &registration.secret));
-    greeting.extend_from_slice(&extended::ready_for_query(IDLE));
-    client_write.write_all(&greeting).await?;
-    client_write.flush().await?;
-    Box::pin(session.release(attached, Touched::default())).await;
 
     let mut aborted: Option<Aborted> = None;
     let mut skipping = false;
@@ -259,27 +269,12 @@ pub(super) async fn serve<S: Duplex>(client: Client<'_>, mut stream: S) -> Resul
         if input.first() == Some(&TERMINATE) {
             return Ok(End::ClientClosed);
         }
-        // The sub-futures are boxed: while the client is idle, its task
-        // holds only what the wait for its next message needs.
-        let attached = match Box::pin(session.attach(&mut client_read, &mut input)).await {
-            Ok(attached) => attached,
-            // No server connection in time: the statement did not run and
-            // the client keeps its session (parameters, statements), as
-            // after any error outside a transaction.
-            Err(Refusal::Proxy(err @ (ConnError::PoolFull(_) | ConnError::NoPrincipal { .. }))) => {
-                let code = err.sqlstate().unwrap_or("53300");
-                let error = error_response(Severity::Error, code, &err.client_message());
-                client_write.write_all(&error).await?;
-                skipping = true;
-                continue;
-            }
-            Err(refusal) => return refusal.tell(&mut client_write).await,
-        };
-        let turn = Box::pin(session.run(attached, &mut client_read, &mut client_write, &mut input));
-        match turn.await? {
-            Turn::Done(attached, touched) => Box::pin(session.release(*attached, touched)).await,
-            Turn::Aborted(reason) => aborted = Some(Aborted::new(reason)),
-            Turn::End(end) => return Ok(end),
+        let transaction = session.transaction(&mut client_read, &mut client_write, &mut input);
+        match Box::pin(transaction).await? {
+            After::Idle => {}
+            After::Refused => skipping = true,
+            After::Aborted(reason) => aborted = Some(Aborted::new(reason)),
+            After::End(end) => return Ok(end),
         }
         if input.is_empty() {
             input = Vec::new();
@@ -333,6 +328,73 @@ fn alive(server: &mut ServerStream) -> bool {
 }
 
 impl Session<'_> {
+    /// The login's end: a server connection gets the client's parameters,
+    /// and what it then reports is the client's ParameterStatus. Some when
+    /// the client's connection ends instead.
+    async fn greet<R, W>(
+        &mut self,
+        client_read: &mut R,
+        client_write: &mut W,
+        input: &mut Vec<u8>,
+    ) -> Result<Option<End>, ConnError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let attached = match self.attach(client_read, input).await {
+            Ok(attached) => attached,
+            Err(refusal) => return refusal.tell(client_write).await.map(Some),
+        };
+        let mut greeting = extended::authentication_ok();
+        for (name, value) in &attached.state.reported {
+            greeting.extend_from_slice(&extended::parameter_status(name, value));
+        }
+        let registration = self.registration;
+        greeting.extend_from_slice(&backend_key_data(registration.pid, &registration.secret));
+        greeting.extend_from_slice(&extended::ready_for_query(IDLE));
+        client_write.write_all(&greeting).await?;
+        client_write.flush().await?;
+        self.release(attached, Touched::default()).await;
+        Ok(None)
+    }
+
+    /// One transaction: a connection of the pool, the relay, and the
+    /// connection back to the pool.
+    async fn transaction<R, W>(
+        &mut self,
+        client_read: &mut R,
+        client_write: &mut W,
+        input: &mut Vec<u8>,
+    ) -> Result<After, ConnError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let attached = match self.attach(client_read, input).await {
+            Ok(attached) => attached,
+            // No server connection in time: the statement did not run and
+            // the client keeps its session (parameters, statements), as
+            // after any error outside a transaction.
+            Err(Refusal::Proxy(err @ (ConnError::PoolFull(_) | ConnError::NoPrincipal { .. }))) => {
+                let code = err.sqlstate().unwrap_or("53300");
+                let error = error_response(Severity::Error, code, &err.client_message());
+                client_write.write_all(&error).await?;
+                return Ok(After::Refused);
+            }
+            Err(refusal) => return refusal.tell(client_write).await.map(After::End),
+        };
+        Ok(
+            match self.run(attached, client_read, client_write, input).await? {
+                Turn::Done(attached, touched) => {
+                    self.release(*attached, touched).await;
+                    After::Idle
+                }
+                Turn::Aborted(reason) => After::Aborted(reason),
+                Turn::End(end) => After::End(end),
+            },
+        )
+    }
+
     /// Takes a connection of the pool (waiting for a slot, and for a
     /// principal while none serves, up to the hold timeout) and gives it
     /// this client's parameters.

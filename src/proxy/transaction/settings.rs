@@ -14,7 +14,9 @@ const NOT_SETTINGS: [&str; 4] = ["user", "database", "replication", "options"];
 /// A client's parameters: its startup packet's, then what it set since.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ClientSettings {
-    startup: BTreeMap<String, String>,
+    /// Sorted by name. A Vec, not a map: it lives as long as the client,
+    /// and a map's first node is about half a kilobyte.
+    startup: Vec<(String, String)>,
     set: BTreeMap<String, String>,
 }
 
@@ -36,7 +38,7 @@ impl ClientSettings {
             }
         }
         ClientSettings {
-            startup,
+            startup: startup.into_iter().collect(),
             set: BTreeMap::new(),
         }
     }
@@ -56,10 +58,13 @@ impl ClientSettings {
 
     /// The value in force for this client of one parameter.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.set
-            .get(name)
-            .or_else(|| self.startup.get(name))
-            .map(String::as_str)
+        let from_startup = || {
+            let at = self
+                .startup
+                .binary_search_by(|(startup, _)| startup.as_str().cmp(name));
+            at.ok().map(|at| &self.startup[at].1)
+        };
+        self.set.get(name).or_else(from_startup).map(String::as_str)
     }
 
     /// Whether `server` has exactly this client's values: the common case
@@ -68,7 +73,8 @@ impl ClientSettings {
         let from_startup = self
             .startup
             .iter()
-            .filter(|(name, _)| !self.set.contains_key(*name));
+            .filter(|(name, _)| !self.set.contains_key(name))
+            .map(|(name, value)| (name, value));
         let mut count = 0;
         for (name, value) in from_startup.chain(&self.set) {
             if server.get(name) != Some(value) {
