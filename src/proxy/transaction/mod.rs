@@ -70,6 +70,8 @@ const TRANSACTION_FAILED: u8 = b'E';
 /// Server messages larger than this are streamed to the client as they
 /// come instead of being read whole (rows, COPY data).
 const WHOLE_MESSAGE_MAX: usize = 64 * 1024;
+/// The most server bytes read at once.
+const SERVER_READ: usize = 8 * 1024;
 /// Bytes queued for one side before the proxy stops reading the other.
 const QUEUE_MAX: usize = 256 * 1024;
 
@@ -629,7 +631,10 @@ impl Session<'_> {
         };
         let mut routes = self.routes.clone();
         let mut watching = true;
-        let mut server_buf = vec![0u8; 8 * 1024];
+        // Read into without zeroing it first (most replies are small).
+        let mut server_buf = Vec::with_capacity(SERVER_READ);
+        // Made once, not at every turn of the loop.
+        let mut shutdown = std::pin::pin!(self.ctx.shutdown.cancelled());
         let bytes = &self.ctx.bytes;
         relay.take_client(input, state, &mut self.statements)?;
         let end = loop {
@@ -654,7 +659,7 @@ impl Session<'_> {
                         break Some(Ending::ClientLeft);
                     }
                 }
-                read = server_read.read(&mut server_buf), if relay.to_client.len() < QUEUE_MAX => {
+                read = server_read.read_buf(&mut server_buf), if relay.to_client.len() < QUEUE_MAX => {
                     // A reset (its PostgreSQL killed) is the server lost,
                     // like a close: the client's connection is not.
                     let n = read.unwrap_or(0);
@@ -662,7 +667,8 @@ impl Session<'_> {
                         break Some(relay.server_lost());
                     }
                     bytes.to_client.increment(n as u64);
-                    relay.take_server(&server_buf[..n], state, &mut self.statements)?;
+                    relay.take_server(&server_buf, state, &mut self.statements)?;
+                    server_buf.clear();
                 }
                 written = server_write.write(&relay.to_server), if !relay.to_server.is_empty() => {
                     let Ok(n) = written else {
@@ -685,7 +691,7 @@ impl Session<'_> {
                         watching = false;
                     }
                 }
-                _ = self.ctx.shutdown.cancelled() => break Some(Ending::Fatal {
+                _ = &mut shutdown => break Some(Ending::Fatal {
                     end: End::Shutdown,
                     code: "57P01",
                     message: SHUTTING_DOWN.into(),
