@@ -452,8 +452,14 @@ async fn serve_session<S: splice::Duplex>(
         mut routes,
         startup,
     } = *client;
-    let session = key.session.clone();
-    let server = take_server(ctx, key, &startup, &mut routes, &mut stream, login.as_ref());
+    let server = take_server(
+        ctx,
+        &key,
+        &startup,
+        &mut routes,
+        &mut stream,
+        login.as_ref(),
+    );
     let TakenServer {
         lease,
         connected,
@@ -465,7 +471,7 @@ async fn serve_session<S: splice::Duplex>(
         Err(err) => return refuse(&mut stream, err).await,
     };
     let _server = GaugeGuard::new(
-        gauge!(metrics::PROXY_SERVER_CONNECTIONS, metrics::SESSION => session.clone()),
+        gauge!(metrics::PROXY_SERVER_CONNECTIONS, metrics::SESSION => key.session.clone()),
     );
     registration.set_server(&connected.principal.address);
     // Only a pooled client's splice tracks whether its server can be reused.
@@ -496,7 +502,10 @@ async fn serve_session<S: splice::Duplex>(
     let cancels = registration.cancel_counter();
     drop(registration);
     let quiet = || cancels.load(Ordering::SeqCst) == 0;
-    let reset_query = ctx.pools.settings(&session).map(|s| s.reset_query.as_str());
+    let reset_query = ctx
+        .pools
+        .settings(&key.session)
+        .map(|s| s.reset_query.as_str());
     let reset = Box::pin(pool::reset(&mut server, reset_query.unwrap_or_default()));
     if quiet() && reset.await && quiet() {
         let greeting = reuse
@@ -525,18 +534,19 @@ struct TakenServer {
 /// logged in for the client when the proxy authenticates.
 async fn take_server<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Context,
-    key: PoolKey,
+    key: &PoolKey,
     startup: &[u8],
     routes: &mut watch::Receiver<Route>,
     stream: &mut S,
     login: Option<&Login>,
 ) -> Result<TakenServer, ConnError> {
-    let (key_session, key_user) = (key.session.clone(), key.user.clone());
     // A pooled session's client takes a slot of its pool first (waiting,
     // up to the hold timeout, while the pool is full), perhaps with an
     // idle server connection of its principal and epoch (I4).
     let hold_deadline = Instant::now() + ctx.hold_timeout;
-    let checkout = ctx.pools.checkout(key, startup, routes, hold_deadline);
+    let checkout = ctx
+        .pools
+        .checkout(key.clone(), startup, routes, hold_deadline);
     let mut lease = checkout.await?;
     let mut early = Vec::new();
     // The hold does not count against authentication: the rest of the
@@ -556,7 +566,7 @@ async fn take_server<S: AsyncRead + AsyncWrite + Unpin>(
             (connected, idle.born, deadline)
         }
         None => {
-            let held = hold_and_connect(ctx, &key_session, routes, startup, stream, &mut early);
+            let held = hold_and_connect(ctx, &key.session, routes, startup, stream, &mut early);
             let mut connected = held.await?;
             let deadline = Instant::now() + ctx.startup_timeout;
             if let Some(login) = login {
@@ -564,7 +574,7 @@ async fn take_server<S: AsyncRead + AsyncWrite + Unpin>(
                 // AuthenticationOk (or error) is left for the splice to
                 // forward.
                 let server = &mut connected.server;
-                let logged_in = login.log_in(server, &mut connected.pending, &key_user, deadline);
+                let logged_in = login.log_in(server, &mut connected.pending, &key.user, deadline);
                 logged_in.await?;
             }
             (connected, Instant::now(), deadline)

@@ -444,17 +444,14 @@ impl Session<'_> {
             self.registration.set_server_key(pid, secret);
         }
         attached.cancels = self.registration.cancels_forwarded();
-        let name = &attached.principal.server_name;
-        let moved = |(last, epoch): &(String, Epoch)| last != name || *epoch != attached.epoch;
-        match &self.last {
-            Some(last) if !moved(last) => {}
-            last => {
-                if last.is_some() {
-                    counter!(metrics::PROXY_POOL_REATTACHMENTS, metrics::SESSION => self.key.session.clone())
-                        .increment(1);
-                }
-                self.last = Some((name.clone(), attached.epoch));
+        let here = (&attached.principal.server_name, attached.epoch);
+        let last = self.last.as_ref().map(|(name, epoch)| (name, *epoch));
+        if last != Some(here) {
+            if last.is_some() {
+                counter!(metrics::PROXY_POOL_REATTACHMENTS, metrics::SESSION => self.key.session.clone())
+                    .increment(1);
             }
+            self.last = Some((here.0.clone(), here.1));
         }
         Ok(attached)
     }
