@@ -570,7 +570,9 @@ mod tests {
         role_change(&mut store, 2, "beta", "Automatic Failover");
         let history = History::open(&path, Owner::Witness, retention()).unwrap();
         let writer = Connection::open(&path).unwrap();
-        let now = now_ms();
+        // One millisecond after the role changes: lines of one millisecond
+        // are ordered by source, not by the order they were written in.
+        let now = now_ms() + 1;
         let old = now - 8 * DAY_MS;
         insert(&writer, &sample(old, "alpha")).unwrap();
         insert(&writer, &sample(now, "alpha")).unwrap();
