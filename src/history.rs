@@ -349,7 +349,7 @@ pub fn read_page(
         Owner::Agent => SAMPLE_LINES.to_string(),
     };
     let mut statement = connection
-        // Lines of one millisecond in the order they were written.
+        // Lines of one millisecond by source, each source's in the order written.
         .prepare(&format!("{lines} ORDER BY 1, 3, 16 LIMIT ?3"))
         .map_err(wrap)?;
     let records = statement
