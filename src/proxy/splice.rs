@@ -86,6 +86,12 @@ pub(super) trait Readable: AsyncRead + Unpin + Send {
     /// buffer only then. A reader with bytes of its own that the socket
     /// cannot tell about (TLS) resolves at once and keeps its buffer.
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Whether [`Readable::readable`] follows the socket's readiness, which
+    /// can be stale (a read that exactly filled its buffer leaves it set):
+    /// a read that then finds nothing gives its buffer back and waits on
+    /// `readable` again. False for TLS, whose `readable` never waits.
+    fn follows_socket(&self) -> bool;
 }
 
 impl Duplex for TcpStream {
@@ -128,11 +134,19 @@ impl Readable for tcp::ReadHalf<'_> {
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
         tcp::ReadHalf::readable(self)
     }
+
+    fn follows_socket(&self) -> bool {
+        true
+    }
 }
 
 impl<T: AsyncRead + Send> Readable for ReadHalf<T> {
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
         std::future::ready(Ok(()))
+    }
+
+    fn follows_socket(&self) -> bool {
+        false
     }
 }
 
@@ -141,6 +155,13 @@ impl<L: Readable, R: Readable> Readable for Either<L, R> {
         match self {
             Either::Left(left) => Either::Left(left.readable()),
             Either::Right(right) => Either::Right(right.readable()),
+        }
+    }
+
+    fn follows_socket(&self) -> bool {
+        match self {
+            Either::Left(left) => left.follows_socket(),
+            Either::Right(right) => right.follows_socket(),
         }
     }
 }
@@ -177,20 +198,30 @@ impl ReadBuffer {
     /// has something. Cancel-safe: dropped before it resolves, it has
     /// consumed nothing.
     async fn read_from<R: Readable>(&mut self, reader: &mut R) -> io::Result<&[u8]> {
-        if self.bytes.capacity() > 0 && reader.readable().now_or_never().is_none() {
-            // The peer is quiet: give the buffer back while waiting.
-            self.bytes = Vec::new();
-        }
-        if self.bytes.capacity() == 0 {
-            reader.readable().await?;
-        }
-        self.size = self.size.max(SPLICE_BUFFER_MIN);
-        if self.bytes.capacity() < self.size {
-            self.bytes = Vec::with_capacity(self.size);
-        }
-        self.bytes.clear();
-        // Into the spare capacity: nothing to zero first.
-        let read = reader.read_buf(&mut self.bytes).await?;
+        let read = loop {
+            if self.bytes.capacity() > 0 && reader.readable().now_or_never().is_none() {
+                // The peer is quiet: give the buffer back while waiting.
+                self.bytes = Vec::new();
+            }
+            if self.bytes.capacity() == 0 {
+                reader.readable().await?;
+            }
+            self.size = self.size.max(SPLICE_BUFFER_MIN);
+            if self.bytes.capacity() < self.size {
+                self.bytes = Vec::with_capacity(self.size);
+            }
+            self.bytes.clear();
+            // Into the spare capacity: nothing to zero first.
+            if !reader.follows_socket() {
+                break reader.read_buf(&mut self.bytes).await?;
+            }
+            match reader.read_buf(&mut self.bytes).now_or_never() {
+                Some(read) => break read?,
+                // Stale readiness: the read cleared it, so the next wait
+                // is a real one, and an idle connection waits bufferless.
+                None => self.bytes = Vec::new(),
+            }
+        };
         if read == self.bytes.capacity() && self.size < SPLICE_BUFFER_MAX {
             // Bulk transfer: fewer, larger reads from now on.
             self.size *= 2;
