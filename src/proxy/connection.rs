@@ -168,10 +168,86 @@ pub enum End {
 /// unless it is a cancel request or for the admin console.
 pub async fn handle(
     ctx: Arc<Context>,
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     admitted: bool,
 ) -> Result<End, ConnError> {
+    // Each phase in an allocation of its own, freed when it ends: the
+    // task of a connection, idle for most of its life, then holds only
+    // what its last phase waits on, not the opening's largest state.
+    let opening = Box::pin(open(&ctx, tcp, peer, admitted)).await?;
+    match opening {
+        Opening::Ended(end) => Ok(end),
+        Opening::In(client, ClientStream::Plain(tcp)) => client.serve(tcp).await,
+        Opening::In(client, ClientStream::Tls(tls)) => client.serve(*tls).await,
+    }
+}
+
+/// Where the opening of a connection left it.
+enum Opening<'a> {
+    /// Served already: a cancel request, the admin console.
+    Ended(End),
+    /// A client in, to be served by its session's pool mode.
+    In(InClient<'a>, ClientStream),
+}
+
+/// A client's stream once its opening is over.
+enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl From<TcpStream> for ClientStream {
+    fn from(tcp: TcpStream) -> Self {
+        ClientStream::Plain(tcp)
+    }
+}
+
+impl From<tokio_rustls::server::TlsStream<TcpStream>> for ClientStream {
+    fn from(tls: tokio_rustls::server::TlsStream<TcpStream>) -> Self {
+        ClientStream::Tls(Box::new(tls))
+    }
+}
+
+/// A client past its login, with the gauge that counts it.
+struct InClient<'a> {
+    mode: InMode<'a>,
+    counted: GaugeGuard,
+}
+
+enum InMode<'a> {
+    Session(Box<SessionClient<'a>>),
+    Transaction(Box<transaction::Client<'a>>),
+}
+
+impl<'a> InClient<'a> {
+    /// The rest of the client's life, in its own allocation.
+    fn serve<S: splice::Duplex + 'a>(
+        self,
+        stream: S,
+    ) -> futures::future::BoxFuture<'a, Result<End, ConnError>> {
+        let InClient { mode, counted } = self;
+        match mode {
+            InMode::Session(client) => Box::pin(async move {
+                let _counted = counted;
+                serve_session(client, stream).await
+            }),
+            InMode::Transaction(client) => Box::pin(async move {
+                let _counted = counted;
+                transaction::serve(client, stream).await
+            }),
+        }
+    }
+}
+
+/// TLS, the first packets and the login: what happens before a client is
+/// in (or refused).
+async fn open(
+    ctx: &Arc<Context>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    admitted: bool,
+) -> Result<Opening<'_>, ConnError> {
     crate::proxy::socket::tune(&tcp, &ctx.tcp)?;
     let deadline = Instant::now() + ctx.startup_timeout;
     if let Some(acceptor) = ctx.tls.clone() {
@@ -184,7 +260,7 @@ pub async fn handle(
         if peeked == 1 && first[0] == TLS_HANDSHAKE_RECORD {
             // Boxed: inline, the TLS path nearly doubles every
             // connection's future (10.7 KiB against 5.7 KiB in release).
-            let tls = serve_tls(&ctx, acceptor, tcp, peer, admitted, deadline, true);
+            let tls = serve_tls(ctx, acceptor, tcp, peer, admitted, deadline, true);
             return Box::pin(tls).await;
         }
     }
@@ -200,7 +276,7 @@ pub async fn handle(
                 negotiated_ssl = true;
                 if let Some(acceptor) = ctx.tls.clone() {
                     tcp.write_all(b"S").await?;
-                    let tls = serve_tls(&ctx, acceptor, tcp, peer, admitted, deadline, false);
+                    let tls = serve_tls(ctx, acceptor, tcp, peer, admitted, deadline, false);
                     return Box::pin(tls).await;
                 }
                 tcp.write_all(b"N").await?;
@@ -209,7 +285,7 @@ pub async fn handle(
                 negotiated_gss = true;
                 tcp.write_all(b"N").await?;
             }
-            packet => return dispatch(&ctx, tcp, peer, false, admitted, packet).await,
+            packet => return dispatch(ctx, tcp, peer, false, admitted, packet).await,
         }
     }
 }
@@ -226,7 +302,7 @@ async fn serve_tls(
     admitted: bool,
     deadline: Instant,
     direct: bool,
-) -> Result<End, ConnError> {
+) -> Result<Opening<'_>, ConnError> {
     let accept = acceptor.accept(tcp);
     let mut tls = tokio::time::timeout_at(deadline, accept)
         .await
@@ -246,10 +322,10 @@ async fn serve_tls(
 }
 
 /// Writes a FATAL for user-facing errors, then returns the error.
-pub(super) async fn refuse<S: AsyncWrite + Unpin>(
+pub(super) async fn refuse<S: AsyncWrite + Unpin, T>(
     stream: &mut S,
     err: ConnError,
-) -> Result<End, ConnError> {
+) -> Result<T, ConnError> {
     if let Some(code) = err.sqlstate() {
         let message = error_response(Severity::Fatal, code, &err.client_message());
         let _ = stream.write_all(&message).await;
@@ -296,16 +372,16 @@ async fn dispatch<S>(
     tls: bool,
     admitted: bool,
     packet: FeStartup,
-) -> Result<End, ConnError>
+) -> Result<Opening<'_>, ConnError>
 where
-    S: splice::Duplex,
+    S: splice::Duplex + Into<ClientStream>,
 {
     let (minor, params, raw) = match packet {
         FeStartup::CancelRequest { pid, key } => {
             // Boxed, as below: only what every connection waits on is
             // inline in its task.
             Box::pin(forward_cancel(ctx, pid, &key)).await;
-            return Ok(End::Cancel);
+            return Ok(Opening::Ended(End::Cancel));
         }
         FeStartup::Startup { minor, params, raw } => (minor, params, raw),
         FeStartup::SslRequest | FeStartup::GssEncRequest => {
@@ -333,7 +409,7 @@ where
         }
         let logins = &ctx.console_logins;
         let relay = console_door::relay(stream, socket, &raw, peer, logins, ctx.startup_timeout);
-        return Box::pin(relay).await;
+        return Box::pin(relay).await.map(Opening::Ended);
     }
     if !admitted {
         return refuse(&mut stream, ConnError::TooManyClients(ctx.max_clients)).await;
@@ -361,7 +437,7 @@ where
         },
         plan.cancel_key_len,
     );
-    let _client = GaugeGuard::new(
+    let counted = GaugeGuard::new(
         gauge!(metrics::PROXY_CLIENT_CONNECTIONS, metrics::SESSION => session.clone()),
     );
     let mut routes = routes;
@@ -398,32 +474,25 @@ where
         .pools
         .settings(&session)
         .is_some_and(|settings| settings.mode == PoolMode::Transaction);
-    if let (true, Some(login)) = (transaction_mode, login.as_ref()) {
-        let client = transaction::Client {
+    let mode = match login {
+        Some(login) if transaction_mode => InMode::Transaction(Box::new(transaction::Client {
             ctx,
-            registration: &registration,
-            login: login.clone(),
+            registration,
+            login,
             key,
             routes,
             params,
-        };
-        // What only the login needed is not kept while the client idles.
-        drop((raw, plan));
-        // Its own allocation, sized for it: an idle transaction-mode
-        // client does not carry the splice's state.
-        return Box::pin(transaction::serve(Box::new(client), stream)).await;
-    }
-    // Its own allocation too: the pool's lease, the server connection and
-    // the splice are not part of a transaction-mode client's task.
-    let client = SessionClient {
-        ctx,
-        registration,
-        login,
-        key,
-        routes,
-        startup: plan.to_server,
+        })),
+        login => InMode::Session(Box::new(SessionClient {
+            ctx,
+            registration,
+            login,
+            key,
+            routes,
+            startup: plan.to_server,
+        })),
     };
-    Box::pin(serve_session(Box::new(client), stream)).await
+    Ok(Opening::In(InClient { mode, counted }, stream.into()))
 }
 
 /// A session-mode client past its login (proxy-side or none yet).

@@ -90,7 +90,7 @@ pub struct ServerState {
 /// A transaction-mode client after proxy-side authentication.
 pub struct Client<'a> {
     pub ctx: &'a Context,
-    pub registration: &'a Registration,
+    pub registration: Registration,
     pub login: Login,
     pub key: PoolKey,
     pub routes: watch::Receiver<Route>,
@@ -191,7 +191,7 @@ pub(super) async fn serve<S: Duplex>(
     let startup = startup_message(&[("user", &key.user), ("database", &key.database)]);
     let mut session = Session {
         ctx,
-        registration,
+        registration: &registration,
         login,
         key,
         startup,
