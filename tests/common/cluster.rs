@@ -85,6 +85,22 @@ impl Drop for Partner {
                 self.name,
                 self.engine.log_tail(30)
             );
+            // A standby that loops on one record hides, beyond the tail,
+            // which timeline and start point its walreceiver asked for.
+            let log = std::fs::read_to_string(self.engine.log_file()).unwrap_or_default();
+            let streaming: Vec<&str> = log
+                .lines()
+                .filter(|line| {
+                    ["walreceiver", "timeline", "streaming", "FATAL", "redo"]
+                        .iter()
+                        .any(|word| line.contains(word))
+                })
+                .collect();
+            eprintln!(
+                "--- {} PostgreSQL log, replication lines (last 60) ---\n{}",
+                self.name,
+                streaming[streaming.len().saturating_sub(60)..].join("\n")
+            );
         }
         if let Some(agent) = &mut self.agent {
             agent.kill9();
