@@ -118,15 +118,20 @@ fn fail(err: impl std::fmt::Display) -> ExitCode {
 }
 
 /// Runs a long-lived process on a multi-threaded runtime until it returns.
-fn serve<E: std::fmt::Display>(
-    process: impl std::future::Future<Output = Result<(), E>>,
+fn serve<E: std::fmt::Display + Send + 'static>(
+    process: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
 ) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => return fail(err),
     };
-    match runtime.block_on(process) {
-        Ok(()) => ExitCode::SUCCESS,
+    // On a worker, not on this thread: a task it spawns (a connection per
+    // accept) then starts where it was spawned, not by waking a parked
+    // worker through a futex, and its sockets' readiness reaches it
+    // without another thread's wake-up.
+    match runtime.block_on(runtime.spawn(process)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(err)) => fail(err),
         Err(err) => fail(err),
     }
 }
