@@ -563,3 +563,35 @@ where
     drop((server_read, server_write));
     Ok((end, idle.then_some(server)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A read that fills its buffer exactly leaves the socket's readiness
+    /// set; a client that then goes quiet must still be waited on without
+    /// a buffer (an idle client's memory).
+    #[tokio::test]
+    async fn a_quiet_peer_is_awaited_without_a_buffer_even_after_a_full_read() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut ours, _) = listener.accept().await.unwrap();
+        let (mut reader, _writer) = ours.split();
+        let mut buffer = ReadBuffer::default();
+        peer.write_all(&[7u8; SPLICE_BUFFER_MIN]).await.unwrap();
+        let mut got = 0;
+        while got < SPLICE_BUFFER_MIN {
+            got += buffer.read_from(&mut reader).await.unwrap().len();
+        }
+        assert!(
+            buffer.read_from(&mut reader).now_or_never().is_none(),
+            "the peer sent nothing more"
+        );
+        assert_eq!(buffer.bytes.capacity(), 0, "a buffer held while waiting");
+        peer.write_all(b"more").await.unwrap();
+        assert_eq!(buffer.read_from(&mut reader).await.unwrap(), b"more");
+    }
+}
