@@ -586,25 +586,44 @@ async fn rewind(agent: &Arc<Agent>) -> Result<(), OpError> {
     info!("rewinding this copy to the new principal's history");
     let engine = agent.engine.clone();
     match with_tool_relay(agent, move |conninfo| engine.rewind(&conninfo)).await? {
+        // The new principal was promoted onto a new timeline and has
+        // checkpointed it (`Engine::rewind`), so a copy "on the same
+        // timeline" is one whose control file an earlier, interrupted
+        // pg_rewind already replaced while its WAL still diverges: its
+        // standby would loop on "record with incorrect prev-link" forever.
+        Ok(output) if output.contains(SAME_TIMELINE) => {
+            set_aside(agent, "an earlier pg_rewind of it was interrupted")?
+        }
         Ok(output) => {
             info!("pg_rewind: {}", output.trim().replace('\n', "; "));
             agent.update(|state| state.needs_rewind = false)?;
         }
-        Err(err) if cannot_rewind(&err.to_string()) => {
-            // This copy's WAL back to the common checkpoint is gone or torn:
-            // rewinding is impossible, so keep the diverged copy aside for manual
-            // reconciliation and clone the principal afresh.
-            let aside = diverged_name(&agent.engine.data_dir);
-            warn!("pg_rewind cannot rewind ({err}); moving the copy to {} and taking a new base backup", aside.display());
-            std::fs::rename(&agent.engine.data_dir, &aside)?;
-            keep_newest_diverged(&agent.engine.data_dir, agent.config.keep_diverged);
-            agent.update(|state| {
-                state.needs_rewind = false;
-                state.has_copy = false;
-            })?;
-        }
+        // This copy's WAL back to the common checkpoint is gone or torn.
+        Err(err) if cannot_rewind(&err.to_string()) => set_aside(agent, &err.to_string())?,
         Err(err) => return Err(err.into()),
     }
+    Ok(())
+}
+
+/// What pg_rewind says of a target whose control file names the source's
+/// timeline.
+const SAME_TIMELINE: &str = "source and target cluster are on the same timeline";
+
+/// Rewinding this copy is impossible (`why`): it is kept aside for manual
+/// reconciliation and the principal is cloned afresh (I1: the diverged
+/// copy never comes online).
+fn set_aside(agent: &Agent, why: &str) -> Result<(), OpError> {
+    let aside = diverged_name(&agent.engine.data_dir);
+    warn!(
+        "pg_rewind cannot rewind ({why}); moving the copy to {} and taking a new base backup",
+        aside.display()
+    );
+    std::fs::rename(&agent.engine.data_dir, &aside)?;
+    keep_newest_diverged(&agent.engine.data_dir, agent.config.keep_diverged);
+    agent.update(|state| {
+        state.needs_rewind = false;
+        state.has_copy = false;
+    })?;
     Ok(())
 }
 
