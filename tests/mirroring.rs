@@ -4,11 +4,13 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::{Pair, PairOptions, Partner, SLOW};
 use pgmirror::control::{Command, ControlError};
+use pgmirror::partner::engine::PgBinaries;
 use pgmirror::roles::Safety;
 
 async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
@@ -400,9 +402,10 @@ async fn failover_twice_returns_the_roles_and_loses_nothing() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forced_service_then_resume_rewinds_the_old_principal() {
-    let mut pair = synchronized_pair(PairOptions::default()).await;
+/// Alpha, suspended, commits rows beta never gets and dies; beta is forced
+/// into service and commits rows of its own. Returns when alpha's agent is
+/// back as a suspended mirror.
+async fn force_service_over_a_diverged_alpha(pair: &mut Pair) {
     let principal = pair.a.sql().await;
     principal.batch_execute("CREATE TABLE orders (id int primary key, origin text); INSERT INTO orders SELECT g, 'both' FROM generate_series(1, 100) g").await.unwrap();
     wait_rows(&pair.b, "orders", 100).await;
@@ -436,19 +439,104 @@ async fn forced_service_then_resume_rewinds_the_old_principal() {
             && status.state() == Some("SUSPENDED")
     })
     .await;
-    assert!(
-        pair.a.engine.postmaster_pid().is_none(),
-        "a diverged copy came online before RESUME"
-    );
-    done(pair.command(&pair.b, Command::Resume).await);
+}
+
+/// After RESUME: alpha replays what beta commits and holds exactly beta's
+/// rows, none of its own unsent ones.
+async fn alpha_follows_beta(pair: &Pair) {
     pair.wait_state("SYNCHRONIZED").await;
-    wait_rows(&pair.a, "orders", 120).await;
+    pair.b
+        .sql()
+        .await
+        .batch_execute(
+            "INSERT INTO orders SELECT g, 'after resume' FROM generate_series(171, 180) g",
+        )
+        .await
+        .unwrap();
+    wait_rows(&pair.a, "orders", 130).await;
     let alpha = table_contents(&pair.a, "orders").await;
     assert!(
         !alpha.iter().any(|row| row.contains("alpha only")),
         "the old principal kept its unsent rows"
     );
     assert_eq!(alpha, table_contents(&pair.b, "orders").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_service_then_resume_rewinds_the_old_principal() {
+    let mut pair = synchronized_pair(PairOptions::default()).await;
+    force_service_over_a_diverged_alpha(&mut pair).await;
+    assert!(
+        pair.a.engine.postmaster_pid().is_none(),
+        "a diverged copy came online before RESUME"
+    );
+    done(pair.command(&pair.b, Command::Resume).await);
+    alpha_follows_beta(&pair).await;
+}
+
+/// A copy of PostgreSQL's bin directory in `dir` whose pg_rewind, the first
+/// time it runs, rewinds and then hangs after creating `dir/rewound`, so a
+/// test can kill the agent between pg_rewind's end and its record of it.
+fn bin_dir_with_a_hanging_pg_rewind(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let real = PgBinaries::locate(None).expect("PostgreSQL binaries").dir;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    // pg_rewind runs as PostgreSQL's user and creates the marker here.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    for entry in std::fs::read_dir(&real).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "pg_rewind" {
+            std::os::unix::fs::symlink(entry.path(), bin.join(entry.file_name())).unwrap();
+        }
+    }
+    let marker = dir.join("rewound");
+    let script = format!(
+        "#!/bin/sh\n{:?} \"$@\"\nstatus=$?\n\
+         if [ ! -e {marker:?} ]; then touch {marker:?}; sleep 600; fi\nexit $status\n",
+        real.join("pg_rewind")
+    );
+    std::fs::write(bin.join("pg_rewind"), script).unwrap();
+    std::fs::set_permissions(
+        bin.join("pg_rewind"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    bin
+}
+
+/// I1: an agent killed after pg_rewind replaced its copy's control file
+/// runs pg_rewind again on restart, which crash-recovers the copy onto the
+/// new principal's timeline and then finds nothing to rewind, while the
+/// copy's WAL still diverges. That copy is set aside and cloned afresh,
+/// never followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_inside_pg_rewind_sets_the_copy_aside_and_clones_afresh() {
+    let tools = tempfile::tempdir().unwrap();
+    let mut pair = synchronized_pair(PairOptions {
+        bin_dir: Some(bin_dir_with_a_hanging_pg_rewind(tools.path())),
+        ..PairOptions::default()
+    })
+    .await;
+    force_service_over_a_diverged_alpha(&mut pair).await;
+    done(pair.command(&pair.b, Command::Resume).await);
+    let deadline = Instant::now() + SLOW;
+    while !tools.path().join("rewound").exists() {
+        assert!(Instant::now() < deadline, "pg_rewind never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pair.a.kill9();
+    pair.a.start_agent();
+    alpha_follows_beta(&pair).await;
+    let data_dir = &pair.a.config.postgres.data_dir;
+    let kept_aside = std::fs::read_dir(data_dir.parent().unwrap())
+        .unwrap()
+        .filter(|entry| {
+            let name = entry.as_ref().unwrap().file_name();
+            name.to_string_lossy().starts_with("data.diverged-")
+        })
+        .count();
+    assert_eq!(kept_aside, 1, "the interrupted copy was not kept aside");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -131,6 +131,8 @@ pub struct PairOptions {
     /// `history_sample_secs` of the witness and the partners, when not the
     /// default.
     pub history_sample_secs: Option<u64>,
+    /// Each partner's `[postgres] bin_dir`, when not found as usual.
+    pub bin_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Default)]
@@ -230,6 +232,7 @@ impl Default for PairOptions {
             session: "shop",
             warnings: "",
             history_sample_secs: None,
+            bin_dir: None,
         }
     }
 }
@@ -301,6 +304,11 @@ impl Pair {
             (Some((a, b)), _) => [Some(a.port()), Some(b.port())],
             (None, port) => [port, port],
         };
+        let bin_line = options
+            .bin_dir
+            .as_ref()
+            .map(|dir| format!("bin_dir = {dir:?}\n"))
+            .unwrap_or_default();
         let make = |index: usize, name: &str, role: &str| {
             let partner_dir = dir.path().join(name);
             std::fs::create_dir_all(&partner_dir).expect("partner dir");
@@ -314,7 +322,7 @@ impl Pair {
                 "session = \"{}\"\n{witness_line}{history_line}metrics = \"127.0.0.1:{metrics_port}\"\n\
                  health = \"127.0.0.1:{health_port}\"\nname = \"{name}\"\ninitial_role = \"{role}\"\n\
                  listen = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\nstate_dir = {:?}\n\
-                 safety = \"{}\"\ntimeout = {}\n\n[postgres]\ndata_dir = {:?}\nport = {}\n\n{tls}\n[warnings]\n{}\n",
+                 safety = \"{}\"\ntimeout = {}\n\n[postgres]\n{bin_line}data_dir = {:?}\nport = {}\n\n{tls}\n[warnings]\n{}\n",
                 options.session,
                 endpoints[index],
                 peer_ports[index],
