@@ -199,10 +199,6 @@ impl ReadBuffer {
     /// consumed nothing.
     async fn read_from<R: Readable>(&mut self, reader: &mut R) -> io::Result<&[u8]> {
         let read = loop {
-            if self.bytes.capacity() > 0 && reader.readable().now_or_never().is_none() {
-                // The peer is quiet: give the buffer back while waiting.
-                self.bytes = Vec::new();
-            }
             if self.bytes.capacity() == 0 {
                 reader.readable().await?;
             }
