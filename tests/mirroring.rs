@@ -474,36 +474,45 @@ async fn forced_service_then_resume_rewinds_the_old_principal() {
     alpha_follows_beta(&pair).await;
 }
 
-/// A copy of PostgreSQL's bin directory in `dir` whose pg_rewind, the first
-/// time it runs, rewinds and then hangs after creating `dir/rewound`, so a
-/// test can kill the agent between pg_rewind's end and its record of it.
-fn bin_dir_with_a_hanging_pg_rewind(dir: &Path) -> PathBuf {
+/// A copy of PostgreSQL's bin directory in `dir`/bin in which `program`
+/// is a shell script: `body`, run with `$REAL` naming the real program and
+/// `$MARKER` the file `dir`/marker, which the script creates (as
+/// PostgreSQL's user) to tell the test it got where the test waits for.
+fn bin_dir_wrapping(dir: &Path, program: &str, body: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let real = PgBinaries::locate(None).expect("PostgreSQL binaries").dir;
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
-    // pg_rewind runs as PostgreSQL's user and creates the marker here.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     for entry in std::fs::read_dir(&real).unwrap() {
         let entry = entry.unwrap();
-        if entry.file_name() != "pg_rewind" {
+        if entry.file_name() != program {
             std::os::unix::fs::symlink(entry.path(), bin.join(entry.file_name())).unwrap();
         }
     }
-    let marker = dir.join("rewound");
     let script = format!(
-        "#!/bin/sh\n{:?} \"$@\"\nstatus=$?\n\
-         if [ ! -e {marker:?} ]; then touch {marker:?}; sleep 600; fi\nexit $status\n",
-        real.join("pg_rewind")
+        "#!/bin/sh\nREAL={:?}\nMARKER={:?}\n{body}",
+        real.join(program),
+        dir.join("marker")
     );
-    std::fs::write(bin.join("pg_rewind"), script).unwrap();
-    std::fs::set_permissions(
-        bin.join("pg_rewind"),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
+    std::fs::write(bin.join(program), script).unwrap();
+    std::fs::set_permissions(bin.join(program), std::fs::Permissions::from_mode(0o755)).unwrap();
     bin
 }
+
+/// Waits until the script of [`bin_dir_wrapping`] created its marker.
+async fn wait_for_marker(dir: &Path, what: &str) {
+    let deadline = Instant::now() + SLOW;
+    while !dir.join("marker").exists() {
+        assert!(Instant::now() < deadline, "{what} never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// pg_rewind that, the first time, rewinds and then hangs: the agent can
+/// be killed between pg_rewind's end and its record of it.
+const PG_REWIND_THAT_HANGS_ONCE: &str = "\"$REAL\" \"$@\"\nstatus=$?\n\
+    if [ ! -e \"$MARKER\" ]; then touch \"$MARKER\"; sleep 600; fi\nexit $status\n";
 
 /// I1: an agent killed after pg_rewind replaced its copy's control file
 /// runs pg_rewind again on restart, which crash-recovers the copy onto the
@@ -514,17 +523,17 @@ fn bin_dir_with_a_hanging_pg_rewind(dir: &Path) -> PathBuf {
 async fn an_agent_killed_inside_pg_rewind_sets_the_copy_aside_and_clones_afresh() {
     let tools = tempfile::tempdir().unwrap();
     let mut pair = synchronized_pair(PairOptions {
-        bin_dir: Some(bin_dir_with_a_hanging_pg_rewind(tools.path())),
+        bin_dir: Some(bin_dir_wrapping(
+            tools.path(),
+            "pg_rewind",
+            PG_REWIND_THAT_HANGS_ONCE,
+        )),
         ..PairOptions::default()
     })
     .await;
     force_service_over_a_diverged_alpha(&mut pair).await;
     done(pair.command(&pair.b, Command::Resume).await);
-    let deadline = Instant::now() + SLOW;
-    while !tools.path().join("rewound").exists() {
-        assert!(Instant::now() < deadline, "pg_rewind never ran");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_marker(tools.path(), "pg_rewind").await;
     pair.a.kill9();
     pair.a.start_agent();
     alpha_follows_beta(&pair).await;
@@ -537,6 +546,44 @@ async fn an_agent_killed_inside_pg_rewind_sets_the_copy_aside_and_clones_afresh(
         })
         .count();
     assert_eq!(kept_aside, 1, "the interrupted copy was not kept aside");
+}
+
+/// pg_basebackup that, the first time, copies at 32 kB/s and tells the test
+/// after two seconds, so that the agent is killed with half a copy.
+const PG_BASEBACKUP_SLOW_ONCE: &str = "if [ -e \"$MARKER\" ]; then exec \"$REAL\" \"$@\"; fi\n\
+    \"$REAL\" --max-rate=32k \"$@\" &\nsleep 2\ntouch \"$MARKER\"\nwait\n";
+
+/// I1: a base backup cut short by a kill -9 of the mirror's agent is never
+/// adopted as a copy: the restarted agent removes it and takes a new one,
+/// and the mirror then replays what the principal commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_during_its_base_backup_takes_a_new_one() {
+    let tools = tempfile::tempdir().unwrap();
+    let mut pair = Pair::start(PairOptions {
+        bin_dir: Some(bin_dir_wrapping(
+            tools.path(),
+            "pg_basebackup",
+            PG_BASEBACKUP_SLOW_ONCE,
+        )),
+        ..PairOptions::default()
+    });
+    wait_for_marker(tools.path(), "pg_basebackup").await;
+    pair.b.kill9();
+    let data_dir = &pair.b.config.postgres.data_dir;
+    assert!(
+        data_dir.join("PG_VERSION").exists() && !data_dir.join("global/pg_control").exists(),
+        "the test meant to leave half a copy, not {:?}",
+        std::fs::read_dir(data_dir).map(|dir| dir.count())
+    );
+    pair.b.start_agent();
+    pair.wait_state("SYNCHRONIZED").await;
+    pair.a
+        .sql()
+        .await
+        .batch_execute("CREATE TABLE after_copy AS SELECT g FROM generate_series(1, 100) g")
+        .await
+        .unwrap();
+    wait_rows(&pair.b, "after_copy", 100).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
