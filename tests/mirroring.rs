@@ -514,11 +514,11 @@ async fn wait_for_marker(dir: &Path, what: &str) {
 const PG_REWIND_THAT_HANGS_ONCE: &str = "\"$REAL\" \"$@\"\nstatus=$?\n\
     if [ ! -e \"$MARKER\" ]; then touch \"$MARKER\"; sleep 600; fi\nexit $status\n";
 
-/// I1: an agent killed after pg_rewind replaced its copy's control file
-/// runs pg_rewind again on restart, which crash-recovers the copy onto the
-/// new principal's timeline and then finds nothing to rewind, while the
-/// copy's WAL still diverges. That copy is set aside and cloned afresh,
-/// never followed.
+/// I1: an agent killed after pg_rewind replaced its copy's control file,
+/// before it recorded the rewind as done, never runs pg_rewind on that copy
+/// again (a rerun crash-recovers it onto the new principal's timeline and
+/// then finds nothing to rewind while the copy's WAL still diverges): the
+/// copy is set aside and cloned afresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_killed_inside_pg_rewind_sets_the_copy_aside_and_clones_afresh() {
     let tools = tempfile::tempdir().unwrap();

@@ -583,31 +583,37 @@ async fn rewind(agent: &Arc<Agent>) -> Result<(), OpError> {
     if agent.engine.postmaster_pid().is_some() {
         blocking(agent, |engine| engine.stop(StopMode::Fast)).await?;
     }
+    if agent.state().rewind_started {
+        // PostgreSQL's documentation: a target whose pg_rewind did not
+        // finish is likely not recoverable. Run again, pg_rewind first
+        // crash-recovers such a copy onto the source's timeline, writing
+        // WAL of its own there, and then finds "no rewind required" while
+        // the copy diverges: its standby would loop on "record with
+        // incorrect prev-link" forever.
+        return set_aside(agent, "an earlier pg_rewind of it did not finish");
+    }
     info!("rewinding this copy to the new principal's history");
     let engine = agent.engine.clone();
-    match with_tool_relay(agent, move |conninfo| engine.rewind(&conninfo)).await? {
-        // The new principal was promoted onto a new timeline and has
-        // checkpointed it (`Engine::rewind`), so a copy "on the same
-        // timeline" is one whose control file an earlier, interrupted
-        // pg_rewind already replaced while its WAL still diverges: its
-        // standby would loop on "record with incorrect prev-link" forever.
-        Ok(output) if output.contains(SAME_TIMELINE) => {
-            set_aside(agent, "an earlier pg_rewind of it was interrupted")?
-        }
+    let marking = agent.clone();
+    let rewound = with_tool_relay(agent, move |conninfo| -> Result<String, OpError> {
+        engine.checkpoint_source(&conninfo)?;
+        marking.update(|state| state.rewind_started = true)?;
+        Ok(engine.rewind(&conninfo)?)
+    });
+    match rewound.await? {
         Ok(output) => {
             info!("pg_rewind: {}", output.trim().replace('\n', "; "));
-            agent.update(|state| state.needs_rewind = false)?;
+            agent.update(|state| {
+                state.needs_rewind = false;
+                state.rewind_started = false;
+            })?;
         }
         // This copy's WAL back to the common checkpoint is gone or torn.
         Err(err) if cannot_rewind(&err.to_string()) => set_aside(agent, &err.to_string())?,
-        Err(err) => return Err(err.into()),
+        Err(err) => return Err(err),
     }
     Ok(())
 }
-
-/// What pg_rewind says of a target whose control file names the source's
-/// timeline.
-const SAME_TIMELINE: &str = "source and target cluster are on the same timeline";
 
 /// Rewinding this copy is impossible (`why`): it is kept aside for manual
 /// reconciliation and the principal is cloned afresh (I1: the diverged
@@ -622,6 +628,7 @@ fn set_aside(agent: &Agent, why: &str) -> Result<(), OpError> {
     keep_newest_diverged(&agent.engine.data_dir, agent.config.keep_diverged);
     agent.update(|state| {
         state.needs_rewind = false;
+        state.rewind_started = false;
         state.has_copy = false;
     })?;
     Ok(())

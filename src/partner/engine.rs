@@ -333,17 +333,13 @@ impl Instance {
         run(command).map(drop)
     }
 
-    /// Rolls this (stopped) data directory back to where it diverged from
-    /// the server at `conninfo`, so it can follow that server's timeline.
-    /// Prints "no rewind required" and changes nothing when it has not diverged.
-    /// pg_rewind syncs the directory to disk before it returns, so a copy
-    /// recorded as rewound is one that survives a crash.
-    pub fn rewind(&self, conninfo: &str) -> Result<String, EngineError> {
-        // A newly promoted source records its new timeline in its control
-        // file only at its first checkpoint after promotion; before that,
-        // pg_rewind reads both copies on one timeline, says "no rewind
-        // required" and leaves this copy diverged (its standby then stops
-        // on "record with incorrect prev-link"). So checkpoint it first.
+    /// CHECKPOINT on the server at `conninfo`. A newly promoted source
+    /// records its new timeline in its control file only at its first
+    /// checkpoint after promotion; before that, pg_rewind reads both copies
+    /// on one timeline, says "no rewind required" and leaves this copy
+    /// diverged (its standby then stops on "record with incorrect
+    /// prev-link"). So [`Instance::rewind`] runs after this.
+    pub fn checkpoint_source(&self, conninfo: &str) -> Result<(), EngineError> {
         let mut checkpoint = self.run_as.command(self.bin.path("psql"));
         checkpoint.args([
             "-X",
@@ -355,7 +351,15 @@ impl Instance {
             "-c",
             "CHECKPOINT",
         ]);
-        run(checkpoint)?;
+        run(checkpoint).map(drop)
+    }
+
+    /// Rolls this (stopped) data directory back to where it diverged from
+    /// the server at `conninfo`, so it can follow that server's timeline.
+    /// Prints "no rewind required" and changes nothing when it has not diverged.
+    /// pg_rewind syncs the directory to disk before it returns, so a copy
+    /// recorded as rewound is one that survives a crash.
+    pub fn rewind(&self, conninfo: &str) -> Result<String, EngineError> {
         let mut command = self.run_as.command(self.bin.path("pg_rewind"));
         command
             .arg("-D")

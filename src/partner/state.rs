@@ -66,6 +66,10 @@ pub struct SessionState {
     /// This partner was principal and lost the role: its WAL may have
     /// diverged, so it rewinds before following the new principal.
     pub needs_rewind: bool,
+    /// pg_rewind was started on this copy and its end not recorded: the
+    /// copy may be half rewound and is never rewound again (I1).
+    #[serde(default)]
+    pub rewind_started: bool,
     /// SET PARTNER OFF ended the session (spec 49).
     pub ended: bool,
     /// The loopback port the mirror's walreceiver connects to.
@@ -118,6 +122,7 @@ impl SessionState {
             failover_lsn: None,
             has_copy: role == Role::Principal,
             needs_rewind: false,
+            rewind_started: false,
             ended: false,
             wal_relay_port: None,
             witness: None,
