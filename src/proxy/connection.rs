@@ -581,7 +581,7 @@ async fn serve_session<S: splice::Duplex>(
             .into_inner()
             .unwrap_or_else(|p| p.into_inner())
             .greeting;
-        let idle = IdleServer::new(server, principal, epoch, startup, greeting, born);
+        let idle = IdleServer::new(server, principal, epoch, startup.into(), greeting, born);
         lease.give_back(idle, &route.borrow());
     }
     Ok(end)
@@ -613,10 +613,10 @@ async fn take_server<S: AsyncRead + AsyncWrite + Unpin>(
     // up to the hold timeout, while the pool is full), perhaps with an
     // idle server connection of its principal and epoch (I4).
     let hold_deadline = Instant::now() + ctx.hold_timeout;
-    let checkout = ctx
-        .pools
-        .checkout(key.clone(), startup, routes, hold_deadline);
-    let mut lease = checkout.await?;
+    let mut lease = match ctx.pools.pool(key) {
+        Some(pool) => Some(pool.checkout(startup, routes, hold_deadline).await?),
+        None => None,
+    };
     let mut early = Vec::new();
     // The hold does not count against authentication: the rest of the
     // login gets a full startup_timeout from the moment a server is had.

@@ -18,13 +18,13 @@
 //! which is then closed, never pooled. The pool's lock is a std mutex: it
 //! is held for a few comparisons, never across an await.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ::metrics::{counter, gauge, Counter, Gauge};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -50,9 +50,6 @@ const IDLE: u8 = b'I';
 const ERROR_RESPONSE: u8 = b'E';
 /// How often a keeper looks for expired idle connections.
 const REAP_INTERVAL: Duration = Duration::from_secs(1);
-/// Longest single wait of a client for a slot before it looks again (a
-/// wake-up can be missed when several slots free at once).
-const SLOT_RECHECK: Duration = Duration::from_millis(100);
 /// How long the proxy's own queries (a reset, transaction mode's
 /// parameters) may take before the connection is closed.
 const OWN_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -78,7 +75,7 @@ pub struct IdleServer {
     pub epoch: Epoch,
     /// The startup packet it logged in with; a client is given it only if
     /// its own is the same.
-    pub startup: Vec<u8>,
+    pub startup: Arc<[u8]>,
     /// The login's messages from AuthenticationOk to ReadyForQuery, the
     /// server's BackendKeyData among them: replayed to the next client.
     pub greeting: Vec<u8>,
@@ -96,19 +93,19 @@ impl IdleServer {
     }
 }
 
-/// One pool's connections.
+/// One pool's connections and waiting clients.
 struct Pool {
     idle: Vec<IdleServer>,
     /// Slots leased to clients (each with a server connection or about to
     /// open one).
     active: usize,
-    waiting: usize,
-    /// Wakes a client waiting for a slot.
-    freed: Arc<Notify>,
+    /// Clients waiting for a slot, longest-waiting first. A slot that
+    /// frees goes straight to the first one still waiting (with its
+    /// connection, if any): no wake-up to look, no race to lose.
+    waiting: VecDeque<oneshot::Sender<Lease>>,
     /// Its metrics, looked up once: a transaction-mode client takes and
     /// gives back a slot per transaction.
     gauges: [Gauge; 3],
-    reuses: Counter,
 }
 
 impl Pool {
@@ -121,14 +118,12 @@ impl Pool {
         Pool {
             idle: Vec::new(),
             active: 0,
-            waiting: 0,
-            freed: Arc::default(),
+            waiting: VecDeque::new(),
             gauges: [
                 gauge!(metrics::PROXY_POOL_ACTIVE, &labels),
                 gauge!(metrics::PROXY_POOL_IDLE, &labels),
                 gauge!(metrics::PROXY_POOL_WAITING, &labels),
             ],
-            reuses: counter!(metrics::PROXY_POOL_REUSES, metrics::SESSION => key.session.clone()),
         }
     }
 
@@ -137,7 +132,55 @@ impl Pool {
         let [active, idle, waiting] = &self.gauges;
         active.set(self.active as f64);
         idle.set(self.idle.len() as f64);
-        waiting.set(self.waiting as f64);
+        waiting.set(self.waiting.len() as f64);
+    }
+
+    /// Hands a slot that frees (with `server`, if any) to the client that
+    /// has waited longest and still waits; the slot stays counted in
+    /// `active`. Gives `server` back when no one waits.
+    fn hand_off(
+        &mut self,
+        shared: &Arc<Shared>,
+        mut server: Option<Box<IdleServer>>,
+    ) -> Result<(), Option<Box<IdleServer>>> {
+        while let Some(waiter) = self.waiting.pop_front() {
+            let lease = Lease {
+                pool: shared.clone(),
+                reused: server,
+                slot: true,
+            };
+            match waiter.send(lease) {
+                Ok(()) => {
+                    self.record();
+                    return Ok(());
+                }
+                // It stopped waiting: the next one.
+                Err(mut unwanted) => {
+                    unwanted.slot = false;
+                    server = unwanted.reused.take();
+                }
+            }
+        }
+        Err(server)
+    }
+}
+
+/// One pool, shared by the clients that use it and their leases.
+struct Shared {
+    key: PoolKey,
+    settings: PoolSettings,
+    reuses: Counter,
+    /// A std mutex: held for a few comparisons, never across an await.
+    pool: Mutex<Pool>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Pool> {
+        // A panic while holding the lock leaves counts, never a broken
+        // invariant about which server a client reaches.
+        self.pool
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 }
 
@@ -156,15 +199,20 @@ pub struct PoolRow {
 pub struct Pools {
     /// The pooled sessions' settings; sessions not here are never pooled.
     settings: Arc<BTreeMap<String, PoolSettings>>,
-    pools: Arc<Mutex<BTreeMap<PoolKey, Pool>>>,
+    pools: Arc<Mutex<BTreeMap<PoolKey, Arc<Shared>>>>,
 }
 
+/// One (session, database, user)'s pool, as a client holds it: found once,
+/// used for each of its transactions.
+#[derive(Clone)]
+pub struct PoolHandle(Arc<Shared>);
+
 /// A client's slot in a pool, with the idle connection it got (if any).
-/// Dropped without [`Lease::give_back`], it frees the slot and its server
-/// connection (if any) is simply closed by its owner.
+/// Dropped without [`Lease::give_back`], it frees the slot (to the next
+/// waiting client) and its server connection (if any) is simply closed by
+/// its owner.
 pub struct Lease {
-    pools: Pools,
-    key: PoolKey,
+    pool: Arc<Shared>,
     /// Boxed: the lease lives as long as its client, the idle connection
     /// only until it is taken.
     pub reused: Option<Box<IdleServer>>,
@@ -185,20 +233,29 @@ impl Route {
     }
 }
 
-/// Counts a client among its pool's waiting ones until dropped (also when
-/// the waiting client's task is dropped).
+/// A client waiting for a slot. Dropped before a slot came (its deadline
+/// passed, or its task ended), it leaves the queue; a slot handed to it in
+/// that very moment goes on to the next client.
 struct Waiter<'a> {
-    pools: &'a Pools,
-    key: &'a PoolKey,
+    shared: &'a Shared,
+    slot: oneshot::Receiver<Lease>,
+    served: bool,
 }
 
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
-        let mut pools = self.pools.lock();
-        if let Some(pool) = pools.get_mut(self.key) {
-            pool.waiting = pool.waiting.saturating_sub(1);
+        if self.served {
+            return;
+        }
+        self.slot.close();
+        let late = self.slot.try_recv().ok();
+        {
+            let mut pool = self.shared.lock();
+            pool.waiting.retain(|waiter| !waiter.is_closed());
             pool.record();
         }
+        // Outside the lock: dropping it frees its slot, which locks.
+        drop(late);
     }
 }
 
@@ -229,110 +286,53 @@ impl Pools {
         self.settings.get(session)
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<PoolKey, Pool>> {
-        // A panic while holding the lock leaves counts, never a broken
-        // invariant about which server a client reaches.
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<PoolKey, Arc<Shared>>> {
         self.pools
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Takes a slot in `key`'s pool, with an idle connection whose startup
-    /// packet is `startup` and whose principal and epoch `route` still
-    /// names (I4); waits for a free slot until `deadline`. An idle
-    /// connection of another startup packet gives its slot up when the
-    /// pool is full.
-    pub async fn checkout(
-        &self,
-        key: PoolKey,
-        startup: &[u8],
-        route: &watch::Receiver<Route>,
-        deadline: Instant,
-    ) -> Result<Option<Lease>, PoolFull> {
-        let Some(settings) = self.settings(&key.session) else {
-            return Ok(None);
-        };
-        let started = Instant::now();
-        loop {
-            let (freed, _waiter) = {
-                let mut pools = self.lock();
-                let pool = match pools.get_mut(&key) {
-                    Some(pool) => pool,
-                    None => pools.entry(key.clone()).or_insert_with(|| Pool::new(&key)),
-                };
-                let now = Instant::now();
-                let current = route.borrow();
-                close_all(&mut pool.idle, |idle| {
-                    idle.expired(settings, now) || current.supersedes(idle.epoch, &idle.principal)
-                });
-                let found = pool
-                    .idle
-                    .iter()
-                    .position(|idle| idle.startup == startup && current.serves(idle));
-                let full = pool.active + pool.idle.len() >= settings.size;
-                if found.is_some() || !full || !pool.idle.is_empty() {
-                    let reused = found.map(|at| Box::new(pool.idle.swap_remove(at)));
-                    if reused.is_none() && full {
-                        // The oldest idle one of other parameters makes room.
-                        let oldest = pool
-                            .idle
-                            .iter()
-                            .enumerate()
-                            .min_by_key(|(_, idle)| idle.born);
-                        if let Some(at) = oldest.map(|(at, _)| at) {
-                            close(pool.idle.swap_remove(at).server);
-                        }
-                    }
-                    pool.active += 1;
-                    if reused.is_some() {
-                        pool.reuses.increment(1);
-                    }
-                    pool.record();
-                    return Ok(Some(Lease {
-                        pools: self.clone(),
-                        key,
-                        reused,
-                        slot: true,
-                    }));
-                }
-                pool.waiting += 1;
-                pool.record();
-                let waiter = Waiter {
-                    pools: self,
-                    key: &key,
-                };
-                (pool.freed.clone(), waiter)
-            };
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(PoolFull {
-                    max: settings.size,
-                    waited: started.elapsed(),
-                    user: key.user.clone(),
-                    database: key.database.clone(),
-                });
-            }
-            let _ = tokio::time::timeout(left.min(SLOT_RECHECK), freed.notified()).await;
-        }
+    /// `key`'s pool (made on first use); None when its session is not
+    /// pooled.
+    pub fn pool(&self, key: &PoolKey) -> Option<PoolHandle> {
+        let settings = self.settings(&key.session)?;
+        let mut pools = self.lock();
+        let shared = pools.entry(key.clone()).or_insert_with(|| {
+            Arc::new(Shared {
+                key: key.clone(),
+                settings: settings.clone(),
+                reuses: counter!(metrics::PROXY_POOL_REUSES, metrics::SESSION => key.session.clone()),
+                pool: Mutex::new(Pool::new(key)),
+            })
+        });
+        Some(PoolHandle(shared.clone()))
     }
 
     /// Closes the idle connections of `session` that are past their time
-    /// or whose principal `route` no longer names (I4).
+    /// or whose principal `route` no longer names (I4). (No client waits
+    /// while a connection is idle: one that frees goes to a waiting client.)
     fn reap(&self, session: &str, route: &Route) {
-        let Some(settings) = self.settings(session) else {
-            return;
-        };
         let now = Instant::now();
-        let mut pools = self.lock();
-        for (_, pool) in pools.iter_mut().filter(|(key, _)| key.session == session) {
+        for shared in self.of_session(session) {
+            let mut pool = shared.lock();
             let before = pool.idle.len();
             close_all(&mut pool.idle, |idle| {
-                idle.expired(settings, now) || route.supersedes(idle.epoch, &idle.principal)
+                idle.expired(&shared.settings, now) || route.supersedes(idle.epoch, &idle.principal)
             });
             if pool.idle.len() != before {
                 pool.record();
             }
         }
+    }
+
+    /// The pools of `session`.
+    fn of_session(&self, session: &str) -> Vec<Arc<Shared>> {
+        let pools = self.lock();
+        pools
+            .iter()
+            .filter(|(key, _)| key.session == session)
+            .map(|(_, shared)| shared.clone())
+            .collect()
     }
 
     /// Keeps `session`'s pools until `shutdown`: closes expired idle
@@ -356,9 +356,8 @@ impl Pools {
             let route = routes.borrow_and_update().clone();
             self.reap(&session, &route);
         }
-        let mut pools = self.lock();
-        for (_, pool) in pools.iter_mut().filter(|(key, _)| key.session == session) {
-            close_all(&mut pool.idle, |_| true);
+        for shared in self.of_session(&session) {
+            close_all(&mut shared.lock().idle, |_| true);
         }
     }
 
@@ -366,15 +365,113 @@ impl Pools {
     pub fn snapshot(&self) -> Vec<PoolRow> {
         let pools = self.lock();
         pools
-            .iter()
-            .map(|(key, pool)| PoolRow {
-                key: key.clone(),
-                active: pool.active,
-                idle: pool.idle.len(),
-                waiting: pool.waiting,
-                max: self.settings(&key.session).map_or(0, |s| s.size),
+            .values()
+            .map(|shared| {
+                let pool = shared.lock();
+                PoolRow {
+                    key: shared.key.clone(),
+                    active: pool.active,
+                    idle: pool.idle.len(),
+                    // Not yet pruned: clients that stopped waiting.
+                    waiting: pool.waiting.iter().filter(|w| !w.is_closed()).count(),
+                    max: shared.settings.size,
+                }
             })
             .collect()
+    }
+}
+
+impl PoolHandle {
+    /// Takes a slot in the pool, with an idle connection whose startup
+    /// packet is `startup` and whose principal and epoch `route` still
+    /// names (I4); waits for a free slot until `deadline`. An idle
+    /// connection of another startup packet gives its slot up when the
+    /// pool is full.
+    pub async fn checkout(
+        &self,
+        startup: &[u8],
+        route: &watch::Receiver<Route>,
+        deadline: Instant,
+    ) -> Result<Lease, PoolFull> {
+        let shared = &self.0;
+        let settings = &shared.settings;
+        let started = Instant::now();
+        let slot = {
+            let mut pool = shared.lock();
+            let current = route.borrow();
+            // The most recently returned first: the last one usually
+            // serves, and the scan stops there. What it passes that is
+            // past its time or superseded is closed on the way.
+            let now = Instant::now();
+            let mut found = None;
+            let mut at = pool.idle.len();
+            while at > 0 {
+                at -= 1;
+                let idle = &pool.idle[at];
+                if idle.expired(settings, now) || current.supersedes(idle.epoch, &idle.principal) {
+                    close(pool.idle.swap_remove(at).server);
+                } else if *idle.startup == *startup && current.serves(idle) {
+                    found = Some(Box::new(pool.idle.swap_remove(at)));
+                    break;
+                }
+            }
+            let full = pool.active + pool.idle.len() >= settings.size;
+            if found.is_some() || !full || !pool.idle.is_empty() {
+                if found.is_none() && full {
+                    // The oldest idle one of other parameters makes room.
+                    let oldest = pool
+                        .idle
+                        .iter()
+                        .enumerate()
+                        .min_by_key(|(_, idle)| idle.born);
+                    if let Some(at) = oldest.map(|(at, _)| at) {
+                        close(pool.idle.swap_remove(at).server);
+                    }
+                }
+                pool.active += 1;
+                if found.is_some() {
+                    shared.reuses.increment(1);
+                }
+                pool.record();
+                return Ok(Lease {
+                    pool: shared.clone(),
+                    reused: found,
+                    slot: true,
+                });
+            }
+            let (sender, receiver) = oneshot::channel();
+            pool.waiting.push_back(sender);
+            pool.record();
+            receiver
+        };
+        let mut waiter = Waiter {
+            shared,
+            slot,
+            served: false,
+        };
+        let Ok(Ok(mut lease)) = tokio::time::timeout_at(deadline, &mut waiter.slot).await else {
+            // Its deadline passed (a queue that is dropped only with the
+            // pool cannot close first).
+            return Err(PoolFull {
+                max: settings.size,
+                waited: started.elapsed(),
+                user: shared.key.user.clone(),
+                database: shared.key.database.clone(),
+            });
+        };
+        waiter.served = true;
+        // Handed over by a client that just finished with it: it serves
+        // this client only if the route still names its principal (I4)
+        // and it logged in with the same startup packet.
+        if let Some(idle) = lease.reused.take() {
+            if *idle.startup == *startup && route.borrow().serves(&idle) {
+                shared.reuses.increment(1);
+                lease.reused = Some(idle);
+            } else {
+                close(idle.server);
+            }
+        }
+        Ok(lease)
     }
 }
 
@@ -403,25 +500,23 @@ fn close(mut server: ServerStream) {
 
 impl Lease {
     /// Returns a connection that [`reset`] left idle, unless it is past
-    /// its lifetime or `route` no longer names its principal (I4); the
-    /// slot is freed either way, in the same step, so that a waiting
-    /// client finds the connection.
+    /// its lifetime or `route` no longer names its principal (I4): to the
+    /// client that has waited longest, or to the idle ones. The slot is
+    /// handed on or freed in the same step.
     pub fn give_back(mut self, mut server: IdleServer, route: &Route) {
-        let Some(settings) = self.pools.settings(&self.key.session) else {
-            return;
-        };
         let now = Instant::now();
         server.idle_since = now;
-        if server.expired(settings, now) || !route.serves(&server) {
+        if server.expired(&self.pool.settings, now) || !route.serves(&server) {
             close(server.server);
+            // Dropping the lease hands the bare slot on.
             return;
         }
-        let mut pools = self.pools.lock();
-        if let Some(pool) = pools.get_mut(&self.key) {
-            pool.idle.push(server);
+        self.slot = false;
+        let shared = &self.pool;
+        let mut pool = shared.lock();
+        if let Err(Some(server)) = pool.hand_off(shared, Some(Box::new(server))) {
+            pool.idle.push(*server);
             pool.active = pool.active.saturating_sub(1);
-            self.slot = false;
-            pool.freed.notify_one();
             pool.record();
         }
     }
@@ -432,10 +527,9 @@ impl Drop for Lease {
         if !self.slot {
             return;
         }
-        let mut pools = self.pools.lock();
-        if let Some(pool) = pools.get_mut(&self.key) {
+        let mut pool = self.pool.lock();
+        if pool.hand_off(&self.pool, None).is_err() {
             pool.active = pool.active.saturating_sub(1);
-            pool.freed.notify_one();
             pool.record();
         }
     }
@@ -446,7 +540,7 @@ impl IdleServer {
         server: ServerStream,
         principal: Principal,
         epoch: Epoch,
-        startup: Vec<u8>,
+        startup: Arc<[u8]>,
         greeting: Vec<u8>,
         born: Instant,
     ) -> IdleServer {
@@ -613,6 +707,7 @@ mod tests {
     use super::*;
     use crate::proxy::routing::Discovery;
     use tokio::net::{TcpListener, TcpStream};
+    use tokio::task::JoinHandle;
 
     fn route(epoch: u64, name: &str) -> Route {
         Route {
@@ -643,22 +738,31 @@ mod tests {
             .unwrap();
         let (server_end, _) = listener.accept().await.unwrap();
         let (_publish, routes) = watch::channel(made_for.clone());
-        let lease = pools
-            .checkout(key(), b"startup", &routes, Instant::now())
-            .await
-            .unwrap()
-            .expect("a pooled session");
-        let principal = made_for.principal.clone().unwrap();
-        let idle = IdleServer::new(
+        let lease = checkout(&pools, &routes, Instant::now()).await.unwrap();
+        lease.give_back(idle_server(client, made_for), made_for);
+        (pools, server_end)
+    }
+
+    /// A connection made for `made_for`, logged in with `b"startup"`.
+    fn idle_server(client: TcpStream, made_for: &Route) -> IdleServer {
+        IdleServer::new(
             ServerStream::Plain(client),
-            principal,
+            made_for.principal.clone().unwrap(),
             made_for.epoch,
-            b"startup".to_vec(),
+            Arc::from(&b"startup"[..]),
             Vec::new(),
             Instant::now(),
-        );
-        lease.give_back(idle, made_for);
-        (pools, server_end)
+        )
+    }
+
+    /// A slot of the `shop` pool for `b"startup"`.
+    async fn checkout(
+        pools: &Pools,
+        routes: &watch::Receiver<Route>,
+        deadline: Instant,
+    ) -> Result<Lease, PoolFull> {
+        let pool = pools.pool(&key()).expect("a pooled session");
+        pool.checkout(b"startup", routes, deadline).await
     }
 
     fn key() -> PoolKey {
@@ -680,10 +784,9 @@ mod tests {
             let (_publish, routes) = watch::channel(route.clone());
             let pools = pools.clone();
             async move {
-                let lease = pools
-                    .checkout(key(), startup, &routes, Instant::now())
-                    .await;
-                lease.unwrap().expect("a pooled session").reused.is_some()
+                let pool = pools.pool(&key()).expect("a pooled session");
+                let lease = pool.checkout(startup, &routes, Instant::now()).await;
+                lease.unwrap().reused.is_some()
             }
         };
         let (pools, _server) = one_idle(&at_3).await;
@@ -726,16 +829,91 @@ mod tests {
         let (pools, _server) = one_idle(&route(3, "a")).await;
         let (_publish, routes) = watch::channel(route(3, "a"));
         // Slot 1 of 2 (reusing the idle one), then slot 2 (fresh).
-        let _first = pools
-            .checkout(key(), b"startup", &routes, Instant::now())
-            .await;
-        let _second = pools
-            .checkout(key(), b"startup", &routes, Instant::now())
-            .await;
+        let _first = checkout(&pools, &routes, Instant::now()).await;
+        let _second = checkout(&pools, &routes, Instant::now()).await;
         let deadline = Instant::now() + Duration::from_millis(200);
-        let third = pools.checkout(key(), b"startup", &routes, deadline).await;
+        let third = checkout(&pools, &routes, deadline).await;
         assert_eq!(third.err().map(|full| full.max), Some(2));
         assert_eq!(pools.snapshot()[0].waiting, 0);
+    }
+
+    /// The pool's (active, idle, waiting).
+    fn counts(pools: &Pools) -> (usize, usize, usize) {
+        let row = &pools.snapshot()[0];
+        (row.active, row.idle, row.waiting)
+    }
+
+    /// The `shop` pool (size 2) with both slots leased (the first with the
+    /// idle connection made for `made_for`) and a client waiting, whose
+    /// route is `waiter_route`; the server's end of that connection.
+    async fn full_with_a_waiter(
+        made_for: &Route,
+        waiter_route: &Route,
+    ) -> (
+        Pools,
+        [Lease; 2],
+        JoinHandle<Result<Lease, PoolFull>>,
+        TcpStream,
+    ) {
+        let (pools, server) = one_idle(made_for).await;
+        let (_publish, routes) = watch::channel(made_for.clone());
+        let first = checkout(&pools, &routes, Instant::now()).await.unwrap();
+        let second = checkout(&pools, &routes, Instant::now()).await.unwrap();
+        let later = Instant::now() + Duration::from_secs(5);
+        let (waiting_pools, waiter_route) = (pools.clone(), waiter_route.clone());
+        let waiting = tokio::spawn(async move {
+            let (_publish, routes) = watch::channel(waiter_route);
+            checkout(&waiting_pools, &routes, later).await
+        });
+        while counts(&pools).2 == 0 {
+            tokio::task::yield_now().await;
+        }
+        (pools, [first, second], waiting, server)
+    }
+
+    #[tokio::test]
+    async fn a_connection_given_back_goes_straight_to_the_longest_waiting_client() {
+        let at_3 = route(3, "a");
+        let (pools, [mut first, _second], waiting, _server) =
+            full_with_a_waiter(&at_3, &at_3).await;
+        // A client that gave up waiting is skipped, never handed the slot.
+        let (_publish, routes) = watch::channel(at_3.clone());
+        let gave_up = checkout(&pools, &routes, Instant::now()).await;
+        assert!(gave_up.is_err());
+        let connection = *first.reused.take().expect("the idle one");
+        first.give_back(connection, &at_3);
+        let handed = waiting.await.unwrap().expect("a slot");
+        assert!(handed.reused.is_some(), "handed its connection");
+        assert_eq!(counts(&pools), (2, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_handed_connection_the_waiting_client_s_route_no_longer_names_is_closed() {
+        let at_3 = route(3, "a");
+        // The waiting client already knows of epoch 4; the one giving back
+        // does not yet (I4: the receiver checks too).
+        let (pools, [mut first, _second], waiting, mut server) =
+            full_with_a_waiter(&at_3, &route(4, "a")).await;
+        let connection = *first.reused.take().expect("the idle one");
+        first.give_back(connection, &at_3);
+        let handed = waiting.await.unwrap().expect("a slot");
+        assert!(handed.reused.is_none(), "a bare slot");
+        assert_eq!(counts(&pools), (2, 0, 0));
+        let mut goodbye = Vec::new();
+        let read = tokio::time::timeout(CLOSE_TIMEOUT * 2, server.read_to_end(&mut goodbye));
+        read.await.unwrap().unwrap();
+        assert_eq!(goodbye, [TERMINATE, 0, 0, 0, 4]);
+    }
+
+    #[tokio::test]
+    async fn a_slot_dropped_goes_to_a_waiting_client() {
+        let at_3 = route(3, "a");
+        let (pools, [first, second], waiting, _server) = full_with_a_waiter(&at_3, &at_3).await;
+        drop(first);
+        let handed = waiting.await.unwrap().expect("a slot");
+        assert_eq!(counts(&pools), (2, 0, 0));
+        drop((second, handed));
+        assert_eq!(counts(&pools), (0, 0, 0));
     }
 
     fn ready(status: u8) -> Vec<u8> {

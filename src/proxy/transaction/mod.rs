@@ -27,12 +27,14 @@ pub mod sql;
 pub mod statements;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use ::metrics::counter;
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics;
 use crate::proxy::auth::Login;
@@ -41,7 +43,7 @@ use crate::proxy::connection::{hold_and_connect, refuse, ConnError, End};
 use crate::proxy::fence::{
     CommitFence, FenceCause, Step, FRONTEND_AWAITS_READY, SQLSTATE_COMPLETION_UNKNOWN,
 };
-use crate::proxy::pool::{own_query, IdleServer, Lease, PoolKey, OWN_REPLY_MAX};
+use crate::proxy::pool::{own_query, IdleServer, Lease, PoolHandle, PoolKey, OWN_REPLY_MAX};
 use crate::proxy::routing::{Principal, Route};
 use crate::proxy::server_tls::ServerStream;
 use crate::proxy::splice::{fenced, Duplex, SHUTTING_DOWN};
@@ -164,13 +166,18 @@ struct Session<'a> {
     registration: &'a Registration,
     login: Login,
     key: PoolKey,
+    pool: PoolHandle,
     /// The startup packet every connection of the pool logs in with.
-    startup: Vec<u8>,
+    startup: Arc<[u8]>,
     routes: watch::Receiver<Route>,
     settings: ClientSettings,
     statements: ClientStatements,
     /// The principal and epoch of its last server connection.
     last: Option<(String, Epoch)>,
+    /// The proxy's shutdown, as a token of this client's own: waiting on
+    /// the proxy's token itself would take one lock shared by every client
+    /// at each wake-up.
+    shutdown: CancellationToken,
 }
 
 /// Serves a transaction-mode client until it leaves.
@@ -188,17 +195,26 @@ pub(super) async fn serve<S: Duplex>(
         routes,
         params,
     } = *client;
+    let Some(pool) = ctx.pools.pool(&key) else {
+        return refuse(
+            &mut stream,
+            ConnError::Unexpected("transaction mode without a pool"),
+        )
+        .await;
+    };
     let startup = startup_message(&[("user", &key.user), ("database", &key.database)]);
     let mut session = Session {
         ctx,
         registration: &registration,
         login,
         key,
-        startup,
+        pool,
+        startup: startup.into(),
         routes,
         settings: ClientSettings::from_startup(&params),
         statements: ClientStatements::new(),
         last: None,
+        shutdown: ctx.shutdown.child_token(),
     };
     drop(params);
     // Plain TCP splits without a lock between the halves, as in the splice.
@@ -220,7 +236,7 @@ pub(super) async fn serve<S: Duplex>(
         while !has_whole_message(&input)? {
             let read = tokio::select! {
                 read = client_read.read_buf(&mut input) => read?,
-                _ = ctx.shutdown.cancelled() => {
+                _ = session.shutdown.cancelled() => {
                     let bye = error_response(Severity::Fatal, "57P01", SHUTTING_DOWN);
                     let _ = client_write.write_all(&bye).await;
                     return Ok(End::Shutdown);
@@ -407,13 +423,10 @@ impl Session<'_> {
     ) -> Result<Attached, Refusal> {
         let ctx = self.ctx;
         let hold_deadline = Instant::now() + ctx.hold_timeout;
-        let checkout =
-            ctx.pools
-                .checkout(self.key.clone(), &self.startup, &self.routes, hold_deadline);
-        let mut lease = checkout
-            .await
-            .map_err(ConnError::from)?
-            .ok_or(ConnError::Unexpected("transaction mode without a pool"))?;
+        let checkout = self
+            .pool
+            .checkout(&self.startup, &self.routes, hold_deadline);
+        let mut lease = checkout.await.map_err(ConnError::from)?;
         let reused = lease
             .reused
             .take()
@@ -626,12 +639,24 @@ impl Session<'_> {
                 .unwrap_or_default()
                 .to_string(),
         };
+        // Made once per transaction, not per turn of the loop: each would
+        // take the route's Notify lock twice.
         let mut routes = self.routes.clone();
-        let mut watching = true;
+        let mut superseded = std::pin::pin!(async {
+            loop {
+                if routes.changed().await.is_err() {
+                    // No more route changes can come.
+                    std::future::pending::<()>().await;
+                }
+                if routes.borrow_and_update().supersedes(epoch, &principal) {
+                    return;
+                }
+            }
+        });
         // Read into without zeroing it first (most replies are small).
         let mut server_buf = Vec::with_capacity(SERVER_READ);
         // Made once, not at every turn of the loop.
-        let mut shutdown = std::pin::pin!(self.ctx.shutdown.cancelled());
+        let mut shutdown = std::pin::pin!(self.shutdown.cancelled());
         let bytes = &self.ctx.bytes;
         relay.take_client(input, state, &mut self.statements)?;
         let end = loop {
@@ -641,11 +666,13 @@ impl Session<'_> {
             if relay.released() {
                 break None;
             }
-            if routes.borrow().supersedes(epoch, &principal) {
+            if self.routes.borrow().supersedes(epoch, &principal) {
                 // I4: not one more byte to a superseded principal.
                 break Some(relay.failover(&principal));
             }
             tokio::select! {
+                // Bytes first: a wake-up for bytes polls nothing else.
+                biased;
                 read = client_read.read_buf(input), if relay.to_server.len() < QUEUE_MAX => {
                     let n = read?;
                     if n == 0 {
@@ -683,11 +710,7 @@ impl Session<'_> {
                         client_write.flush().await?;
                     }
                 }
-                changed = routes.changed(), if watching => {
-                    if changed.is_err() {
-                        watching = false;
-                    }
-                }
+                () = &mut superseded => break Some(relay.failover(&principal)),
                 _ = &mut shutdown => break Some(Ending::Fatal {
                     end: End::Shutdown,
                     code: "57P01",
@@ -905,8 +928,10 @@ impl Relay {
             QUERY => {
                 let text = decode_query(message).ok_or_else(malformed)?;
                 let found = sql::inspect(text);
-                let dropped = sql::deallocated(text)
-                    .and_then(|name| Some(name.clone()).zip(statements.get(&name).cloned()));
+                let dropped = found
+                    .deallocated
+                    .as_ref()
+                    .and_then(|name| Some(name.clone()).zip(statements.get(name).cloned()));
                 match (found.refused, dropped) {
                     (Some(what), _) => self
                         .to_server

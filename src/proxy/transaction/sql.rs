@@ -7,6 +7,10 @@
 //! PostgreSQL's quoting and comments; what a function does inside cannot
 //! be seen (documented in the README). Pure, no SQL parser on the hot path.
 
+use std::sync::LazyLock;
+
+use aho_corasick::AhoCorasick;
+
 /// What the proxy learned from one Query (or Parse) text.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Inspection {
@@ -18,6 +22,8 @@ pub struct Inspection {
     pub deallocate_all: bool,
     /// What needs a session of its own, when something does.
     pub refused: Option<&'static str>,
+    /// The statement's name when the text is one `DEALLOCATE name`.
+    pub deallocated: Option<String>,
 }
 
 /// One token of a statement: a lower-cased word, a quoted identifier as
@@ -173,29 +179,32 @@ const SESSION_LOCKS: [&str; 4] = [
     "pg_try_advisory_lock_shared",
 ];
 
-/// Whether `sql` may say anything [`inspect`] or [`deallocated`] reports:
-/// every word they act on contains one of the words below (ASCII case
-/// aside, as PostgreSQL folds only ASCII in keywords). Most statements
-/// mention none, and are not lexed; this runs on every Query and Parse.
+/// The words of [`mentions_session_state`].
+const SESSION_WORDS: [&str; 9] = [
+    "set",
+    "discard",
+    "deallocate",
+    "declare",
+    "listen",
+    "prepare",
+    "create",
+    "temp",
+    "advisory",
+];
+
+/// Whether `sql` may say anything [`inspect`] reports: every word it acts
+/// on contains one of [`SESSION_WORDS`] (ASCII case aside, as PostgreSQL
+/// folds only ASCII in keywords). Most statements mention none, and are
+/// not lexed; this runs on every Query and Parse, so it is one pass of a
+/// prebuilt automaton.
 fn mentions_session_state(sql: &str) -> bool {
-    let bytes = sql.as_bytes();
-    bytes.iter().enumerate().any(|(at, byte)| {
-        let words: &[&[u8]] = match byte.to_ascii_lowercase() {
-            b's' => &[b"set"],
-            b'd' => &[b"discard", b"deallocate", b"declare"],
-            b'l' => &[b"listen"],
-            b'p' => &[b"prepare"],
-            b'c' => &[b"create"],
-            b't' => &[b"temp"],
-            b'a' => &[b"advisory"],
-            _ => return false,
-        };
-        words.iter().any(|word| {
-            bytes
-                .get(at..at + word.len())
-                .is_some_and(|here| here.eq_ignore_ascii_case(word))
-        })
-    })
+    static WORDS: LazyLock<AhoCorasick> = LazyLock::new(|| {
+        AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(SESSION_WORDS)
+            .expect("a handful of fixed words always build")
+    });
+    WORDS.is_match(sql)
 }
 
 /// Reads every top-level statement of `sql`.
@@ -204,8 +213,12 @@ pub fn inspect(sql: &str) -> Inspection {
     if !mentions_session_state(sql) {
         return found;
     }
-    for tokens in statements(sql) {
-        statement(&tokens, &mut found);
+    let all = statements(sql);
+    for tokens in &all {
+        statement(tokens, &mut found);
+    }
+    if let [tokens] = all.as_slice() {
+        found.deallocated = deallocated(tokens);
     }
     found
 }
@@ -363,17 +376,10 @@ pub fn refusal_message(what: &str) -> String {
     )
 }
 
-/// The statement name of `sql` when it is one `DEALLOCATE [PREPARE] name`
-/// (not ALL), as a driver evicting a statement from its cache sends it.
-pub fn deallocated(sql: &str) -> Option<String> {
-    if !mentions_session_state(sql) {
-        return None;
-    }
-    let all = statements(sql);
-    let [tokens] = all.as_slice() else {
-        return None;
-    };
-    let rest = match tokens.as_slice() {
+/// The statement name of one statement `DEALLOCATE [PREPARE] name` (not
+/// ALL), as a driver evicting a statement from its cache sends it.
+fn deallocated(tokens: &[Token]) -> Option<String> {
+    let rest = match tokens {
         [first, rest @ ..] if first.is("deallocate") => rest,
         _ => return None,
     };
@@ -428,7 +434,7 @@ mod tests {
         ] {
             assert!(mentions_session_state(sql), "{sql}");
         }
-        assert_eq!(deallocated("DEALLOCATE s1").as_deref(), Some("s1"));
+        assert_eq!(inspect("DEALLOCATE s1").deallocated.as_deref(), Some("s1"));
     }
 
     fn touched(sql: &str) -> Vec<(String, bool)> {
@@ -514,14 +520,17 @@ mod tests {
 
     #[test]
     fn a_lone_deallocate_names_its_statement() {
-        assert_eq!(deallocated("DEALLOCATE _pg3_1"), Some("_pg3_1".into()));
         assert_eq!(
-            deallocated("deallocate prepare \"S_1\";"),
+            inspect("DEALLOCATE _pg3_1").deallocated,
+            Some("_pg3_1".into())
+        );
+        assert_eq!(
+            inspect("deallocate prepare \"S_1\";").deallocated,
             Some("S_1".into())
         );
-        assert_eq!(deallocated("DEALLOCATE ALL"), None);
-        assert_eq!(deallocated("DEALLOCATE a; SELECT 1"), None);
-        assert_eq!(deallocated("SELECT 1"), None);
+        assert_eq!(inspect("DEALLOCATE ALL").deallocated, None);
+        assert_eq!(inspect("DEALLOCATE a; SELECT 1").deallocated, None);
+        assert_eq!(inspect("SELECT 1").deallocated, None);
     }
 
     #[test]
