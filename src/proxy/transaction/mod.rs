@@ -87,6 +87,43 @@ pub struct ServerState {
     pub reported: BTreeMap<String, String>,
     /// The server's BackendKeyData, for forwarding cancels.
     pub key: Option<(u32, u32)>,
+    /// Its relay's buffers, empty between transactions.
+    buffers: Buffers,
+}
+
+/// A server connection's relay buffers, kept with it from transaction to
+/// transaction: a pool has few connections and many clients, so they cost
+/// little memory and save allocating them for every transaction.
+#[derive(Debug, Default)]
+struct Buffers {
+    to_server: Vec<u8>,
+    raw: Vec<u8>,
+    to_client: Vec<u8>,
+    server_input: Vec<u8>,
+    server_read: Vec<u8>,
+}
+
+impl Buffers {
+    /// Larger than a transaction usually needs: let go after a large
+    /// result, not kept for the connection's life.
+    const KEPT_MAX: usize = 64 * 1024;
+
+    fn kept(self) -> Buffers {
+        let keep = |buffer: Vec<u8>| {
+            if buffer.capacity() > Self::KEPT_MAX {
+                Vec::new()
+            } else {
+                buffer
+            }
+        };
+        Buffers {
+            to_server: keep(self.to_server),
+            raw: keep(self.raw),
+            to_client: keep(self.to_client),
+            server_input: keep(self.server_input),
+            server_read: keep(self.server_read),
+        }
+    }
 }
 
 /// A transaction-mode client after proxy-side authentication.
@@ -616,113 +653,138 @@ impl Session<'_> {
     {
         let mut attached = attached;
         let (mut server_read, mut server_write) = attached.server.halves();
-        let (epoch, principal) = (attached.epoch, attached.principal.clone());
+        let (epoch, principal) = (attached.epoch, &attached.principal);
         let state = &mut attached.state;
+        let Buffers {
+            to_server,
+            raw,
+            to_client,
+            server_input,
+            server_read: mut server_buf,
+        } = std::mem::take(&mut state.buffers);
         let mut relay = Relay {
             replies: Replies::default(),
             fence: CommitFence::new(
                 FrameScanner::backend(),
                 self.registration.cancels_forwarded(),
             ),
-            to_server: Vec::new(),
-            raw: Vec::new(),
-            to_client: Vec::new(),
-            server_input: Vec::new(),
+            to_server,
+            raw,
+            to_client,
+            server_input,
             streaming: None,
             status: IDLE,
             ready: false,
             awaiting_ready: false,
             touched: Touched::default(),
-            search_path: self
-                .settings
-                .get("search_path")
-                .unwrap_or_default()
-                .to_string(),
+            search_path: self.settings.get("search_path").unwrap_or_default(),
         };
-        // Made once per transaction, not per turn of the loop: each would
-        // take the route's Notify lock twice.
-        let mut routes = self.routes.clone();
-        let mut superseded = std::pin::pin!(async {
+        // The waits below borrow the connection's principal: they end
+        // with this block, before the connection moves on.
+        let end = {
+            // Made once per transaction, not per turn of the loop: each would
+            // take the route's Notify lock twice.
+            let mut routes = self.routes.clone();
+            let mut superseded = std::pin::pin!(async {
+                loop {
+                    if routes.changed().await.is_err() {
+                        // No more route changes can come.
+                        std::future::pending::<()>().await;
+                    }
+                    if routes.borrow_and_update().supersedes(epoch, principal) {
+                        return;
+                    }
+                }
+            });
+            // Read into without zeroing it first (most replies are small).
+            server_buf.reserve(SERVER_READ);
+            // Made once, not at every turn of the loop.
+            let mut shutdown = std::pin::pin!(self.shutdown.cancelled());
+            let bytes = &self.ctx.bytes;
+            relay.take_client(input, state, &mut self.statements)?;
             loop {
-                if routes.changed().await.is_err() {
-                    // No more route changes can come.
-                    std::future::pending::<()>().await;
+                if let Some(end) = relay.pass_through_fence(self.registration)? {
+                    break Some(end);
                 }
-                if routes.borrow_and_update().supersedes(epoch, &principal) {
-                    return;
+                if relay.released() {
+                    break None;
                 }
-            }
-        });
-        // Read into without zeroing it first (most replies are small).
-        let mut server_buf = Vec::with_capacity(SERVER_READ);
-        // Made once, not at every turn of the loop.
-        let mut shutdown = std::pin::pin!(self.shutdown.cancelled());
-        let bytes = &self.ctx.bytes;
-        relay.take_client(input, state, &mut self.statements)?;
-        let end = loop {
-            if let Some(end) = relay.pass_through_fence(self.registration)? {
-                break Some(end);
-            }
-            if relay.released() {
-                break None;
-            }
-            if self.routes.borrow().supersedes(epoch, &principal) {
-                // I4: not one more byte to a superseded principal.
-                break Some(relay.failover(&principal));
-            }
-            tokio::select! {
-                // Bytes first: a wake-up for bytes polls nothing else.
-                biased;
-                read = client_read.read_buf(input), if relay.to_server.len() < QUEUE_MAX => {
-                    let n = read?;
-                    if n == 0 {
-                        break Some(Ending::ClientLeft);
+                if self.routes.borrow().supersedes(epoch, principal) {
+                    // I4: not one more byte to a superseded principal.
+                    break Some(relay.failover(principal));
+                }
+                tokio::select! {
+                    // Bytes first: a wake-up for bytes polls nothing else.
+                    biased;
+                    read = client_read.read_buf(input), if relay.to_server.len() < QUEUE_MAX => {
+                        let n = read?;
+                        if n == 0 {
+                            break Some(Ending::ClientLeft);
+                        }
+                        bytes.to_server.increment(n as u64);
+                        if relay.take_client(input, state, &mut self.statements)? {
+                            break Some(Ending::ClientLeft);
+                        }
                     }
-                    bytes.to_server.increment(n as u64);
-                    if relay.take_client(input, state, &mut self.statements)? {
-                        break Some(Ending::ClientLeft);
+                    read = server_read.read_buf(&mut server_buf), if relay.to_client.len() < QUEUE_MAX => {
+                        // A reset (its PostgreSQL killed) is the server lost,
+                        // like a close: the client's connection is not.
+                        let n = read.unwrap_or(0);
+                        if n == 0 {
+                            break Some(relay.server_lost());
+                        }
+                        bytes.to_client.increment(n as u64);
+                        relay.take_server(&server_buf, state, &mut self.statements)?;
+                        server_buf.clear();
                     }
-                }
-                read = server_read.read_buf(&mut server_buf), if relay.to_client.len() < QUEUE_MAX => {
-                    // A reset (its PostgreSQL killed) is the server lost,
-                    // like a close: the client's connection is not.
-                    let n = read.unwrap_or(0);
-                    if n == 0 {
-                        break Some(relay.server_lost());
+                    written = server_write.write(&relay.to_server), if !relay.to_server.is_empty() => {
+                        let Ok(n) = written else {
+                            break Some(relay.server_lost());
+                        };
+                        relay.to_server.drain(..n);
+                        if relay.to_server.is_empty() && server_write.flush().await.is_err() {
+                            break Some(relay.server_lost());
+                        }
                     }
-                    bytes.to_client.increment(n as u64);
-                    relay.take_server(&server_buf, state, &mut self.statements)?;
-                    server_buf.clear();
-                }
-                written = server_write.write(&relay.to_server), if !relay.to_server.is_empty() => {
-                    let Ok(n) = written else {
-                        break Some(relay.server_lost());
-                    };
-                    relay.to_server.drain(..n);
-                    if relay.to_server.is_empty() && server_write.flush().await.is_err() {
-                        break Some(relay.server_lost());
+                    written = client_write.write(&relay.to_client), if !relay.to_client.is_empty() => {
+                        let n = written?;
+                        relay.to_client.drain(..n);
+                        if relay.to_client.is_empty() {
+                            client_write.flush().await?;
+                        }
                     }
+                    () = &mut superseded => break Some(relay.failover(principal)),
+                    _ = &mut shutdown => break Some(Ending::Fatal {
+                        end: End::Shutdown,
+                        code: "57P01",
+                        message: SHUTTING_DOWN.into(),
+                    }),
                 }
-                written = client_write.write(&relay.to_client), if !relay.to_client.is_empty() => {
-                    let n = written?;
-                    relay.to_client.drain(..n);
-                    if relay.to_client.is_empty() {
-                        client_write.flush().await?;
-                    }
-                }
-                () = &mut superseded => break Some(relay.failover(&principal)),
-                _ = &mut shutdown => break Some(Ending::Fatal {
-                    end: End::Shutdown,
-                    code: "57P01",
-                    message: SHUTTING_DOWN.into(),
-                }),
             }
         };
         // What the client is owed goes out first, whatever comes next.
         client_write.write_all(&relay.to_client).await?;
         client_write.flush().await?;
         let Some(ending) = end else {
-            return Ok(Turn::Done(Box::new(attached), relay.touched));
+            let Relay {
+                to_server,
+                raw,
+                mut to_client,
+                server_input,
+                touched,
+                ..
+            } = relay;
+            to_client.clear();
+            server_buf.clear();
+            attached.state.buffers = Buffers {
+                to_server,
+                raw,
+                to_client,
+                server_input,
+                server_read: server_buf,
+            }
+            .kept();
+            return Ok(Turn::Done(Box::new(attached), touched));
         };
         // The server connection is closed (dropped) in every case below:
         // its transaction, if any, is rolled back with it.
@@ -767,7 +829,7 @@ enum Ending {
 }
 
 /// One transaction's relay state.
-struct Relay {
+struct Relay<'s> {
     replies: Replies,
     fence: CommitFence,
     to_server: Vec<u8>,
@@ -788,10 +850,10 @@ struct Relay {
     awaiting_ready: bool,
     touched: Touched,
     /// The client's search_path, part of its statements' server names.
-    search_path: String,
+    search_path: &'s str,
 }
 
-impl Relay {
+impl Relay<'_> {
     /// Whether the transaction is over: the server said idle, nothing is
     /// outstanding, nothing waits to go either way.
     fn released(&self) -> bool {
@@ -986,7 +1048,7 @@ impl Relay {
                         client: None,
                     });
                 } else {
-                    let statement = Statement::new(query, parse.types, &self.search_path);
+                    let statement = Statement::new(query, parse.types, self.search_path);
                     let fresh = state.prepared.insert(statement.server_name.clone());
                     // In a failed transaction the server refuses any Parse
                     // (25P02): it must hear this one too.
