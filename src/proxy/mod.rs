@@ -29,6 +29,7 @@ pub mod server_tls;
 pub mod socket;
 mod splice;
 pub mod transaction;
+mod wake_filter;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

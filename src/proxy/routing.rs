@@ -125,6 +125,19 @@ impl Route {
     }
 }
 
+/// Resolves once `routes` supersedes a connection made to `principal` at
+/// `epoch` (I4); never, once no more route changes can come.
+pub async fn superseded(routes: &mut watch::Receiver<Route>, epoch: Epoch, principal: &Principal) {
+    loop {
+        if routes.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        if routes.borrow_and_update().supersedes(epoch, principal) {
+            return;
+        }
+    }
+}
+
 /// One agent's answer to a status request, as [`choose`] needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentAnswer {

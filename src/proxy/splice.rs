@@ -34,8 +34,9 @@ use crate::proxy::fence::{
     CommitFence, FenceCause, Step, FRONTEND_AWAITS_READY, SQLSTATE_COMPLETION_UNKNOWN,
 };
 use crate::proxy::pool::{self, Reuse, TERMINATE};
-use crate::proxy::routing::Route;
+use crate::proxy::routing::{superseded, Route};
 use crate::proxy::server_tls::ServerStream;
+use crate::proxy::wake_filter::WakeFilter;
 use crate::proxy::Context;
 use crate::wire::frame::FrameScanner;
 use crate::wire::startup::{
@@ -49,8 +50,9 @@ pub(super) const SHUTTING_DOWN: &str =
 /// How long the goodbye (TLS close_notify) to a client may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Initial read buffer per splice direction; it doubles whenever a read
-/// fills it.
-const SPLICE_BUFFER_MIN: usize = 2 * 1024;
+/// fills it. 1 KiB is the largest size glibc's per-thread cache serves: a
+/// buffer taken and given back for every message costs little.
+const SPLICE_BUFFER_MIN: usize = 1024;
 /// Largest buffer per splice direction, for bulk transfers.
 const SPLICE_BUFFER_MAX: usize = 64 * 1024;
 
@@ -482,19 +484,10 @@ where
         .await?;
         drop(pending);
         let mut buf = ReadBuffer::default();
-        // Made once, not per read: each would take the Notify's lock twice.
-        let mut superseded = pin!(async {
-            loop {
-                if routes.changed().await.is_err() {
-                    // No more route changes can come.
-                    std::future::pending::<()>().await;
-                }
-                if routes.borrow_and_update().supersedes(epoch, &principal) {
-                    return;
-                }
-            }
-        });
-        let mut cancelled = pin!(shutdown.cancelled());
+        // Made once, not per read, and polled only when woken: each poll
+        // of a pending wait takes its Notify's lock.
+        let mut superseded = pin!(WakeFilter::new(superseded(&mut routes, epoch, &principal)));
+        let mut cancelled = pin!(WakeFilter::new(shutdown.cancelled()));
         let end = loop {
             if let Some(end) = early {
                 break end;

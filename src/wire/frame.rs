@@ -235,12 +235,24 @@ impl FrameScanner {
             match self.phase {
                 Phase::Failed => return Ok(()),
                 Phase::Header => {
+                    // Most messages arrive whole: read in place, not copied.
+                    if let Some(whole) = self.whole_tagged(rest)? {
+                        let (message, tail) = rest.split_at(whole);
+                        rest = tail;
+                        let body = &message[TAGGED_HEADER_LEN..];
+                        on_message(Message {
+                            tag: Some(message[0]),
+                            body_len: body.len() as u32,
+                            prefix: &body[..body.len().min(PREFIX_LEN)],
+                            end: chunk.len() - rest.len(),
+                        });
+                        continue;
+                    }
                     let header_len = self.header_len();
                     let take = (header_len - self.header_filled).min(rest.len());
                     let (head, tail) = rest.split_at(take);
-                    for (slot, byte) in self.header.iter_mut().skip(self.header_filled).zip(head) {
-                        *slot = *byte;
-                    }
+                    self.header[self.header_filled..self.header_filled + take]
+                        .copy_from_slice(head);
                     self.header_filled += take;
                     rest = tail;
                     if self.header_filled == header_len {
@@ -259,11 +271,10 @@ impl FrameScanner {
                         .map_or(rest.len(), |remaining| remaining.min(rest.len()));
                     let (body_part, tail) = rest.split_at(take);
                     // Only the prefix is kept; the rest of the body passes by.
-                    let free_slots = self.prefix.iter_mut().skip(self.prefix_filled);
-                    for (slot, byte) in free_slots.zip(body_part) {
-                        *slot = *byte;
-                        self.prefix_filled += 1;
-                    }
+                    let kept = (PREFIX_LEN - self.prefix_filled).min(body_part.len());
+                    self.prefix[self.prefix_filled..self.prefix_filled + kept]
+                        .copy_from_slice(&body_part[..kept]);
+                    self.prefix_filled += kept;
                     // take <= remaining, which is a u32, so this cannot truncate.
                     let body_seen = body_seen + take as u32;
                     self.phase = Phase::Body {
@@ -282,6 +293,22 @@ impl FrameScanner {
         Ok(())
     }
 
+    /// The length of the tagged message `rest` starts with, when the
+    /// scanner is between messages and `rest` holds all of it; its header
+    /// is validated as [`FrameScanner::start_body`] does.
+    fn whole_tagged(&self, rest: &[u8]) -> Result<Option<usize>, FrameError> {
+        if self.expecting_startup || self.header_filled != 0 {
+            return Ok(None);
+        }
+        let Some(&[tag, a, b, c, d]) = rest.first_chunk::<TAGGED_HEADER_LEN>() else {
+            return Ok(None);
+        };
+        let body_len = self.body_len(Some(tag), u32::from_be_bytes([a, b, c, d]))?;
+        // body_len <= MAX_MESSAGE_LEN, so this cannot overflow.
+        let whole = TAGGED_HEADER_LEN + body_len as usize;
+        Ok((rest.len() >= whole).then_some(whole))
+    }
+
     /// Validates the completed header and moves on to the body.
     fn start_body(&mut self) -> Result<(), FrameError> {
         let [first, second, third, fourth, fifth] = self.header;
@@ -293,6 +320,19 @@ impl FrameScanner {
                 u32::from_be_bytes([second, third, fourth, fifth]),
             )
         };
+        let body_len = self.body_len(tag, length)?;
+        self.header_filled = 0;
+        self.prefix_filled = 0;
+        self.phase = Phase::Body {
+            tag,
+            body_len,
+            body_seen: 0,
+        };
+        Ok(())
+    }
+
+    /// The body length a header's length field gives, within the limits.
+    fn body_len(&self, tag: Option<u8>, length: u32) -> Result<u32, FrameError> {
         // The length field is a signed int32; a negative one shows up here as
         // a huge value and fails the upper bound.
         let body_len = length
@@ -312,14 +352,7 @@ impl FrameScanner {
                 limit: self.max_body_len,
             });
         }
-        self.header_filled = 0;
-        self.prefix_filled = 0;
-        self.phase = Phase::Body {
-            tag,
-            body_len,
-            body_seen: 0,
-        };
-        Ok(())
+        Ok(body_len)
     }
 
     /// Rejects a startup packet that is not protocol 3 as soon as its code is

@@ -44,9 +44,10 @@ use crate::proxy::fence::{
     CommitFence, FenceCause, Step, FRONTEND_AWAITS_READY, SQLSTATE_COMPLETION_UNKNOWN,
 };
 use crate::proxy::pool::{own_query, IdleServer, Lease, PoolHandle, PoolKey, OWN_REPLY_MAX};
-use crate::proxy::routing::{Principal, Route};
+use crate::proxy::routing::{superseded, Principal, Route};
 use crate::proxy::server_tls::ServerStream;
 use crate::proxy::splice::{fenced, Duplex, SHUTTING_DOWN};
+use crate::proxy::wake_filter::WakeFilter;
 use crate::proxy::Context;
 use crate::roles::Epoch;
 use crate::wire::extended::{
@@ -682,24 +683,15 @@ impl Session<'_> {
         // The waits below borrow the connection's principal: they end
         // with this block, before the connection moves on.
         let end = {
-            // Made once per transaction, not per turn of the loop: each would
-            // take the route's Notify lock twice.
+            // Made once per transaction, not per turn of the loop, and
+            // polled only when woken: each poll of a pending wait takes its
+            // Notify's lock.
             let mut routes = self.routes.clone();
-            let mut superseded = std::pin::pin!(async {
-                loop {
-                    if routes.changed().await.is_err() {
-                        // No more route changes can come.
-                        std::future::pending::<()>().await;
-                    }
-                    if routes.borrow_and_update().supersedes(epoch, principal) {
-                        return;
-                    }
-                }
-            });
+            let superseded = superseded(&mut routes, epoch, principal);
+            let mut superseded = std::pin::pin!(WakeFilter::new(superseded));
             // Read into without zeroing it first (most replies are small).
             server_buf.reserve(SERVER_READ);
-            // Made once, not at every turn of the loop.
-            let mut shutdown = std::pin::pin!(self.shutdown.cancelled());
+            let mut shutdown = std::pin::pin!(WakeFilter::new(self.shutdown.cancelled()));
             let bytes = &self.ctx.bytes;
             relay.take_client(input, state, &mut self.statements)?;
             loop {
