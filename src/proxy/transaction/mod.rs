@@ -470,25 +470,35 @@ impl Session<'_> {
             .take()
             .and_then(|mut idle| alive(&mut idle.server).then_some(idle));
         let mut attached = match reused {
-            Some(mut idle) => Attached {
-                state: std::mem::take(&mut idle.state),
-                server: idle.server,
-                principal: idle.principal,
-                epoch: idle.epoch,
-                born: idle.born,
-                lease,
-                cancels: 0,
-            },
-            _ => self.connect(lease, client, early).await?,
-        };
-        if let Some(sql) = settings::prelude(&self.settings, &attached.state.settings) {
-            let reply = own_query(&mut attached.server, &sql).await?;
-            attached.state.reported.extend(reply.statuses);
-            if let Some(error) = reply.error {
-                return Err(Refusal::Server(error));
+            Some(mut idle) => {
+                let mut attached = Attached {
+                    state: std::mem::take(&mut idle.state),
+                    server: idle.server,
+                    principal: idle.principal,
+                    epoch: idle.epoch,
+                    born: idle.born,
+                    lease,
+                    cancels: 0,
+                };
+                match self.apply_settings(&mut attached).await {
+                    Ok(()) => attached,
+                    // Its server went away unseen (a failover's former
+                    // principal shutting down) before anything of the
+                    // client's was sent on it: a new connection serves.
+                    Err(Refusal::Proxy(_)) => {
+                        let mut fresh = self.connect(attached.lease, client, early).await?;
+                        self.apply_settings(&mut fresh).await?;
+                        fresh
+                    }
+                    Err(refusal) => return Err(refusal),
+                }
             }
-            attached.state.settings = settings::applied(&self.settings);
-        }
+            None => {
+                let mut fresh = self.connect(lease, client, early).await?;
+                self.apply_settings(&mut fresh).await?;
+                fresh
+            }
+        };
         let address = &attached.principal.address;
         self.registration.set_server(address);
         if let Some((pid, secret)) = attached.state.key {
@@ -505,6 +515,20 @@ impl Session<'_> {
             self.last = Some((here.0.clone(), here.1));
         }
         Ok(attached)
+    }
+
+    /// Gives a server connection the client's parameters, unless it has
+    /// them already.
+    async fn apply_settings(&self, attached: &mut Attached) -> Result<(), Refusal> {
+        if let Some(sql) = settings::prelude(&self.settings, &attached.state.settings) {
+            let reply = own_query(&mut attached.server, &sql).await?;
+            attached.state.reported.extend(reply.statuses);
+            if let Some(error) = reply.error {
+                return Err(Refusal::Server(error));
+            }
+            attached.state.settings = settings::applied(&self.settings);
+        }
+        Ok(())
     }
 
     /// Opens and logs in a new server connection for `lease`.
