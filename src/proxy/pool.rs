@@ -10,13 +10,16 @@
 //! [`Pools::keep`] task per pooled session, which closes idle connections
 //! past `server_idle_timeout` or `server_lifetime` and, at once, every idle
 //! connection of a session whose route's epoch or principal changed (I4).
-//! A connection task takes a [`Lease`] (a slot of the pool, with an idle
-//! connection or without) before it connects; dropping the lease frees the
-//! slot, [`Lease::give_back`] returns the connection. [`Reuse`] is what the
-//! splice learns on the way about whether the connection may go back; it
-//! is pure. [`reset`] runs the reset query; dropping it drops the stream,
-//! which is then closed, never pooled. The pool's lock is a std mutex: it
-//! is held for a few comparisons, never across an await.
+//! A client finds its pool once ([`Pools::pool`], a [`PoolHandle`]) and
+//! takes a [`Lease`] (a slot of the pool, with an idle connection or
+//! without) before it connects; dropping the lease frees the slot,
+//! [`Lease::give_back`] returns the connection. A freed slot goes straight
+//! to the client that has waited longest, with its connection, which that
+//! client checks against its own route (I4). [`Reuse`] is what the splice
+//! learns on the way about whether the connection may go back; it is pure.
+//! [`reset`] runs the reset query; dropping it drops the stream, which is
+//! then closed, never pooled. Each pool's lock is a std mutex: it is held
+//! for a few comparisons, never across an await.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
