@@ -405,7 +405,7 @@ impl PoolHandle {
             // The most recently returned first: the last one usually
             // serves, and the scan stops there. What it passes that is
             // past its time or superseded is closed on the way.
-            let now = Instant::now();
+            let now = started;
             let mut found = None;
             let mut at = pool.idle.len();
             while at > 0 {
@@ -819,12 +819,16 @@ mod tests {
             assert_eq!(idle_count(&pools), 1, "the same route keeps it");
             pools.reap("shop", &newer);
             assert_eq!(idle_count(&pools), 0, "{newer:?}");
-            // The server hears Terminate, then the close.
-            let mut goodbye = Vec::new();
-            let read = tokio::time::timeout(CLOSE_TIMEOUT * 2, server.read_to_end(&mut goodbye));
-            read.await.unwrap().unwrap();
-            assert_eq!(goodbye, [TERMINATE, 0, 0, 0, 4]);
+            assert_closed_politely(&mut server).await;
         }
+    }
+
+    /// The server hears Terminate, then the close.
+    async fn assert_closed_politely(server: &mut TcpStream) {
+        let mut goodbye = Vec::new();
+        let read = tokio::time::timeout(CLOSE_TIMEOUT * 2, server.read_to_end(&mut goodbye));
+        read.await.unwrap().unwrap();
+        assert_eq!(goodbye, [TERMINATE, 0, 0, 0, 4]);
     }
 
     #[tokio::test]
@@ -902,10 +906,7 @@ mod tests {
         let handed = waiting.await.unwrap().expect("a slot");
         assert!(handed.reused.is_none(), "a bare slot");
         assert_eq!(counts(&pools), (2, 0, 0));
-        let mut goodbye = Vec::new();
-        let read = tokio::time::timeout(CLOSE_TIMEOUT * 2, server.read_to_end(&mut goodbye));
-        read.await.unwrap().unwrap();
-        assert_eq!(goodbye, [TERMINATE, 0, 0, 0, 4]);
+        assert_closed_politely(&mut server).await;
     }
 
     #[tokio::test]

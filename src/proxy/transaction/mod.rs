@@ -469,36 +469,30 @@ impl Session<'_> {
             .reused
             .take()
             .and_then(|mut idle| alive(&mut idle.server).then_some(idle));
+        let pooled = reused.is_some();
         let mut attached = match reused {
-            Some(mut idle) => {
-                let mut attached = Attached {
-                    state: std::mem::take(&mut idle.state),
-                    server: idle.server,
-                    principal: idle.principal,
-                    epoch: idle.epoch,
-                    born: idle.born,
-                    lease,
-                    cancels: 0,
-                };
-                match self.apply_settings(&mut attached).await {
-                    Ok(()) => attached,
-                    // Its server went away unseen (a failover's former
-                    // principal shutting down) before anything of the
-                    // client's was sent on it: a new connection serves.
-                    Err(Refusal::Proxy(_)) => {
-                        let mut fresh = self.connect(attached.lease, client, early).await?;
-                        self.apply_settings(&mut fresh).await?;
-                        fresh
-                    }
-                    Err(refusal) => return Err(refusal),
-                }
-            }
-            None => {
-                let mut fresh = self.connect(lease, client, early).await?;
-                self.apply_settings(&mut fresh).await?;
-                fresh
-            }
+            Some(mut idle) => Attached {
+                state: std::mem::take(&mut idle.state),
+                server: idle.server,
+                principal: idle.principal,
+                epoch: idle.epoch,
+                born: idle.born,
+                lease,
+                cancels: 0,
+            },
+            None => self.connect(lease, client, early).await?,
         };
+        match self.apply_settings(&mut attached).await {
+            Ok(()) => {}
+            // A pooled connection whose server went away unseen (a
+            // failover's former principal shutting down) before anything
+            // of the client's was sent on it: a new connection serves.
+            Err(Refusal::Proxy(_)) if pooled => {
+                attached = self.connect(attached.lease, client, early).await?;
+                self.apply_settings(&mut attached).await?;
+            }
+            Err(refusal) => return Err(refusal),
+        }
         let address = &attached.principal.address;
         self.registration.set_server(address);
         if let Some((pid, secret)) = attached.state.key {
