@@ -1053,6 +1053,52 @@ async fn a_pooled_connection_that_dies_while_idle_goes_unnoticed_by_its_client()
     assert_eq!(value(&client, "SHOW search_path").await, "t3, public");
 }
 
+/// What a failover does to a driver between statements: it drops a
+/// statement (tokio-postgres sends Close and Sync, and reads no answer)
+/// and prepares the next, and the server connection dies before answering
+/// either (here its backend is stopped, then killed with kill -9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_and_a_prepare_in_flight_when_the_server_dies_leave_the_client_connected() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let pooled = pooled(1).await;
+    let client = pooled.app("").await;
+    let dropped = client.prepare("SELECT v FROM t0.marker").await.unwrap();
+    client.query_one(&dropped, &[]).await.unwrap();
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let backend = Pid::from_raw(pid);
+    kill(backend, Signal::SIGSTOP).expect("SIGSTOP the pooled connection's backend");
+    drop(dropped);
+    let (outcome, ()) = tokio::join!(client.prepare("SELECT 2"), async {
+        // Both in flight on the stopped backend's connection.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        kill(backend, Signal::SIGKILL).expect("kill -9 the backend");
+    });
+    let err = outcome.expect_err("a prepare the server never answered succeeded");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::T_R_SERIALIZATION_FAILURE),
+        "the prepare's error: {err:?}"
+    );
+    assert!(!client.is_closed(), "the client's connection was ended");
+    // The server restarts after the kill -9; the proxy holds the client's
+    // next statement until it serves.
+    assert_eq!(value(&client, "SELECT 'still here'").await, "still here");
+    let statement = client.prepare("SELECT 3").await.unwrap();
+    assert_eq!(
+        client
+            .query_one(&statement, &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        3
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_used_on_another_connection_is_prepared_there_even_if_its_bind_fails() {
     let pooled = pooled(2).await;

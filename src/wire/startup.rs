@@ -335,6 +335,17 @@ pub fn error_response(severity: Severity, code: &str, message: &str) -> Vec<u8> 
 
 /// The SQLSTATE of a whole ErrorResponse message (tag included).
 pub fn error_code(message: &[u8]) -> Option<&str> {
+    error_field(message, b'C')
+}
+
+/// Whether a whole ErrorResponse ends the server's connection (severity
+/// FATAL or PANIC, as PostgreSQL 9.6 and later send it untranslated).
+pub fn ends_connection(message: &[u8]) -> bool {
+    matches!(error_field(message, b'V'), Some("FATAL" | "PANIC"))
+}
+
+/// One field of a whole ErrorResponse message (tag included).
+fn error_field(message: &[u8], wanted: u8) -> Option<&str> {
     if message.first() != Some(&ERROR_RESPONSE) {
         return None;
     }
@@ -345,7 +356,7 @@ pub fn error_code(message: &[u8]) -> Option<&str> {
         }
         let end = rest.iter().position(|byte| *byte == 0)?;
         let value = rest.get(..end)?;
-        if field == b'C' {
+        if field == wanted {
             return std::str::from_utf8(value).ok();
         }
         fields = rest.get(end + 1..)?;

@@ -52,16 +52,16 @@ use crate::proxy::Context;
 use crate::roles::Epoch;
 use crate::wire::extended::{
     self, decode_bind, decode_parameter_status, decode_parse, decode_query, decode_target, BIND,
-    CLOSE, CLOSE_COMPLETE, COPY_DONE, COPY_FAIL, DESCRIBE, EXECUTE, FUNCTION_CALL,
+    CLOSE, CLOSE_COMPLETE, COPY_DONE, COPY_FAIL, DESCRIBE, EXECUTE, FLUSH, FUNCTION_CALL,
     PARAMETER_STATUS, PARSE, PARSE_COMPLETE, QUERY, SYNC, TARGET_STATEMENT, TERMINATE,
 };
 use crate::wire::frame::FrameScanner;
 use crate::wire::startup::{
-    backend_key_data, backend_message_len, decode_backend_key_data, error_response,
-    startup_message, Severity, BACKEND_KEY_DATA, ERROR_RESPONSE, READY_FOR_QUERY,
+    backend_key_data, backend_message_len, decode_backend_key_data, ends_connection,
+    error_response, startup_message, Severity, BACKEND_KEY_DATA, ERROR_RESPONSE, READY_FOR_QUERY,
 };
 
-use aborted::{Aborted, Next};
+use aborted::{Aborted, Next, SQLSTATE_SERIALIZATION_FAILURE};
 use replies::{Disposition, Kind, Replies};
 use settings::{ClientSettings, ServerSettings};
 use statements::{ClientStatements, ServerStatements, Statement};
@@ -70,6 +70,9 @@ use statements::{ClientStatements, ServerStatements, Statement};
 const IDLE: u8 = b'I';
 /// ReadyForQuery's status in a failed transaction block.
 const TRANSACTION_FAILED: u8 = b'E';
+/// Client messages that run nothing on the server: however many of them
+/// were in flight when a server connection was lost, nothing changed.
+const RUN_NOTHING: [u8; 6] = [PARSE, BIND, DESCRIBE, CLOSE, SYNC, FLUSH];
 /// Server messages larger than this are streamed to the client as they
 /// come instead of being read whole (rows, COPY data).
 const WHOLE_MESSAGE_MAX: usize = 64 * 1024;
@@ -169,6 +172,10 @@ enum Turn {
     Done(Box<Attached>, Touched),
     /// A failover ended the open transaction; the client stays.
     Aborted(String),
+    /// The server connection was lost while nothing ran; what the client
+    /// was owed has been answered. `skipping`: its messages up to the next
+    /// Sync are to be skipped.
+    Settled { skipping: bool },
     /// The client's connection ends.
     End(End),
 }
@@ -426,18 +433,31 @@ impl Session<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let attached = match self.attach(client_read, input).await {
-            Ok(attached) => attached,
-            // No server connection in time: the statement did not run and
-            // the client keeps its session (parameters, statements), as
-            // after any error outside a transaction.
-            Err(Refusal::Proxy(err @ (ConnError::PoolFull(_) | ConnError::NoPrincipal { .. }))) => {
-                let code = err.sqlstate().unwrap_or("53300");
-                let error = error_response(Severity::Error, code, &err.client_message());
-                client_write.write_all(&error).await?;
-                return Ok(After::Refused);
+        let attached = loop {
+            let attached = match self.attach(client_read, input).await {
+                Ok(attached) => attached,
+                // No server connection in time: the statement did not run
+                // and the client keeps its session (parameters,
+                // statements), as after any error outside a transaction.
+                Err(Refusal::Proxy(
+                    err @ (ConnError::PoolFull(_) | ConnError::NoPrincipal { .. }),
+                )) => {
+                    let code = err.sqlstate().unwrap_or("53300");
+                    let error = error_response(Severity::Error, code, &err.client_message());
+                    client_write.write_all(&error).await?;
+                    return Ok(After::Refused);
+                }
+                Err(refusal) => return refusal.tell(client_write).await.map(After::End),
+            };
+            // I4: a failover while the connection was being had sends the
+            // client's messages to the new principal, not one to this one.
+            let superseded = self
+                .routes
+                .borrow()
+                .supersedes(attached.epoch, &attached.principal);
+            if !superseded {
+                break attached;
             }
-            Err(refusal) => return refusal.tell(client_write).await.map(After::End),
         };
         Ok(
             match self.run(attached, client_read, client_write, input).await? {
@@ -446,6 +466,8 @@ impl Session<'_> {
                     After::Idle
                 }
                 Turn::Aborted(reason) => After::Aborted(reason),
+                Turn::Settled { skipping: true } => After::Refused,
+                Turn::Settled { skipping: false } => After::Idle,
                 Turn::End(end) => After::End(end),
             },
         )
@@ -697,6 +719,7 @@ impl Session<'_> {
             awaiting_ready: false,
             touched: Touched::default(),
             search_path: self.settings.get("search_path").unwrap_or_default(),
+            runs: false,
         };
         // The waits below borrow the connection's principal: they end
         // with this block, before the connection moves on.
@@ -721,7 +744,7 @@ impl Session<'_> {
                 }
                 if self.routes.borrow().supersedes(epoch, principal) {
                     // I4: not one more byte to a superseded principal.
-                    break Some(relay.failover(principal));
+                    break Some(relay.failover(principal, &mut self.statements));
                 }
                 tokio::select! {
                     // Bytes first: a wake-up for bytes polls nothing else.
@@ -741,7 +764,7 @@ impl Session<'_> {
                         // like a close: the client's connection is not.
                         let n = read.unwrap_or(0);
                         if n == 0 {
-                            break Some(relay.server_lost());
+                            break Some(relay.server_lost(&mut self.statements));
                         }
                         bytes.to_client.increment(n as u64);
                         relay.take_server(&server_buf, state, &mut self.statements)?;
@@ -749,11 +772,11 @@ impl Session<'_> {
                     }
                     written = server_write.write(&relay.to_server), if !relay.to_server.is_empty() => {
                         let Ok(n) = written else {
-                            break Some(relay.server_lost());
+                            break Some(relay.server_lost(&mut self.statements));
                         };
                         relay.to_server.drain(..n);
                         if relay.to_server.is_empty() && server_write.flush().await.is_err() {
-                            break Some(relay.server_lost());
+                            break Some(relay.server_lost(&mut self.statements));
                         }
                     }
                     written = client_write.write(&relay.to_client), if !relay.to_client.is_empty() => {
@@ -763,7 +786,7 @@ impl Session<'_> {
                             client_write.flush().await?;
                         }
                     }
-                    () = &mut superseded => break Some(relay.failover(principal)),
+                    () = &mut superseded => break Some(relay.failover(principal, &mut self.statements)),
                     _ = &mut shutdown => break Some(Ending::Fatal {
                         end: End::Shutdown,
                         code: "57P01",
@@ -802,6 +825,7 @@ impl Session<'_> {
         Ok(match ending {
             Ending::ClientLeft => Turn::End(End::ClientClosed),
             Ending::Abort(reason) => Turn::Aborted(reason),
+            Ending::Settled { skipping } => Turn::Settled { skipping },
             Ending::Fatal { end, code, message } => {
                 if relay.fence.abandon() {
                     let _ = client_write
@@ -824,6 +848,11 @@ enum Ending {
     ClientLeft,
     /// Nothing was in flight: the transaction is gone, the client stays.
     Abort(String),
+    /// Only messages that run nothing were in flight: they are answered,
+    /// the client stays (see [`Turn::Settled`]).
+    Settled {
+        skipping: bool,
+    },
     /// The client's connection ends with a FATAL: a statement was in
     /// flight, or the proxy is stopping.
     Fatal {
@@ -861,6 +890,10 @@ struct Relay<'s> {
     touched: Touched,
     /// The client's search_path, part of its statements' server names.
     search_path: &'s str,
+    /// The client sent a message that runs something (a Query, an
+    /// Execute, a function call, COPY data), not only messages that
+    /// prepare, describe or close.
+    runs: bool,
 }
 
 impl Relay<'_> {
@@ -875,14 +908,14 @@ impl Relay<'_> {
     }
 
     /// A failover superseded the server's principal.
-    fn failover(&self, principal: &Principal) -> Ending {
+    fn failover(&mut self, principal: &Principal, statements: &mut ClientStatements) -> Ending {
         let address = &principal.address;
         let why = format!("a failover happened and {address} is no longer the principal");
-        self.server_gone(End::Failover, &why)
+        self.server_gone(End::Failover, &why, statements)
     }
 
     /// The server closed the connection.
-    fn server_lost(&mut self) -> Ending {
+    fn server_lost(&mut self, statements: &mut ClientStatements) -> Ending {
         if let Some(cause) = self.fence.server_closed() {
             // Rule 4: the client may get a message after what it has.
             return Ending::Fenced {
@@ -890,14 +923,31 @@ impl Relay<'_> {
                 at_boundary: true,
             };
         }
-        self.server_gone(End::ServerClosed, "the server connection was lost")
+        self.server_gone(
+            End::ServerClosed,
+            "the server connection was lost",
+            statements,
+        )
     }
 
     /// The transaction's server is gone (I4, or a lost connection): a
     /// statement in flight has an unknown outcome and costs the client its
     /// connection; a transaction between statements certainly did not
     /// commit, and the client keeps its connection.
-    fn server_gone(&self, end: End, why: &str) -> Ending {
+    fn server_gone(&mut self, end: End, why: &str, statements: &mut ClientStatements) -> Ending {
+        if !self.runs && self.streaming.is_none() {
+            // A driver preparing a statement, or closing one it dropped:
+            // the client is answered as PostgreSQL answers an error, and
+            // stays.
+            let message =
+                format!("pgmirror proxy: {why} before it answered; nothing ran. Run it again");
+            let error = error_response(Severity::Error, SQLSTATE_SERIALIZATION_FAILURE, &message);
+            let (failed, skipping) = self.replies.settle_lost(&error, &mut self.to_client);
+            for parse in failed {
+                forget(parse, None, statements);
+            }
+            return Ending::Settled { skipping };
+        }
         if self.in_flight() {
             Ending::Fatal {
                 end,
@@ -965,6 +1015,7 @@ impl Relay<'_> {
                 break;
             }
             self.ready = false;
+            self.runs |= !RUN_NOTHING.contains(&tag);
             self.awaiting_ready = FRONTEND_AWAITS_READY.contains(&tag);
             self.translate(tag, message, state, statements)?;
         }
@@ -1220,9 +1271,15 @@ impl Relay<'_> {
         }
         // An error nobody asked for is the server ending the connection (a
         // demoted principal's FATAL 57P01): the client's connection is not
-        // the server's, and hears of it only as its transaction's end.
-        let unsolicited = tag == ERROR_RESPONSE && self.replies.is_settled();
-        if !unsolicited && self.replies.disposition(tag) == Disposition::Forward {
+        // the server's, and hears of it only as its transaction's end. So
+        // is a FATAL while nothing runs: the close that follows settles
+        // what is owed (`server_gone`).
+        if tag == ERROR_RESPONSE
+            && (self.replies.is_settled() || (!self.runs && ends_connection(message)))
+        {
+            return;
+        }
+        if self.replies.disposition(tag) == Disposition::Forward {
             self.raw.extend_from_slice(message);
         }
         self.ended(tag, state, statements);
@@ -1233,14 +1290,23 @@ impl Relay<'_> {
 
     /// A server message ended.
     fn ended(&mut self, tag: u8, state: &mut ServerState, statements: &mut ClientStatements) {
-        if let Some(Kind::Parse { prepared, client }) = self.replies.ended(tag) {
-            if let Some(name) = prepared {
-                state.prepared.remove(&name);
-            }
-            if let Some(name) = client {
-                statements.remove(&name);
-            }
+        for failed in self.replies.ended(tag) {
+            forget(failed, Some(state), statements);
         }
         self.replies.answers_due(&mut self.raw);
+    }
+}
+
+/// A Parse that failed or was skipped: PostgreSQL keeps nothing of it, on
+/// the server connection (`state`, unless it is gone) or for the client.
+fn forget(parse: Kind, state: Option<&mut ServerState>, statements: &mut ClientStatements) {
+    let Kind::Parse { prepared, client } = parse else {
+        return;
+    };
+    if let (Some(state), Some(name)) = (state, prepared) {
+        state.prepared.remove(&name);
+    }
+    if let Some(name) = client {
+        statements.remove(&name);
     }
 }

@@ -13,10 +13,11 @@
 
 use std::collections::VecDeque;
 
+use super::IDLE;
 use crate::proxy::fence::COPY_IN_RESPONSE;
 use crate::wire::extended::{
-    BIND_COMPLETE, CLOSE_COMPLETE, COMMAND_COMPLETE, EMPTY_QUERY, NO_DATA, PARSE_COMPLETE,
-    PORTAL_SUSPENDED, ROW_DESCRIPTION,
+    empty, ready_for_query, BIND_COMPLETE, CLOSE_COMPLETE, COMMAND_COMPLETE, EMPTY_QUERY, NO_DATA,
+    PARSE_COMPLETE, PORTAL_SUSPENDED, ROW_DESCRIPTION,
 };
 use crate::wire::startup::{ERROR_RESPONSE, READY_FOR_QUERY};
 
@@ -145,32 +146,80 @@ impl Replies {
         }
     }
 
-    /// The message tagged `tag` has ended; returns what a failed message
-    /// was (a Parse's statements are to be forgotten).
-    pub fn ended(&mut self, tag: u8) -> Option<Kind> {
-        let kind = match self.queue.front()? {
-            Expect::Client(kind) | Expect::Proxy(kind) => kind.clone(),
-            Expect::Answer(_) | Expect::CopyEnd => return None,
+    /// The message tagged `tag` has ended; returns the Parses an error
+    /// undid: the one it answers and those the server then skipped
+    /// (PostgreSQL keeps nothing of either).
+    pub fn ended(&mut self, tag: u8) -> Vec<Kind> {
+        let mut failed = Vec::new();
+        let Some(Expect::Client(kind) | Expect::Proxy(kind)) = self.queue.front() else {
+            return failed;
         };
-        if tag == COPY_IN_RESPONSE {
-            self.copy_in_started();
-        }
-        if tag == ERROR_RESPONSE && kind != Kind::Simple {
-            self.queue.pop_front();
+        if tag == ERROR_RESPONSE && *kind != Kind::Simple {
             // The server skips to the next Sync: nothing else is answered.
             while let Some(next) = self.queue.front() {
                 if matches!(next, Expect::Client(Kind::Sync) | Expect::Proxy(Kind::Sync)) {
                     break;
                 }
-                self.queue.pop_front();
+                if let Some(Expect::Client(kind) | Expect::Proxy(kind)) = self.queue.pop_front() {
+                    failed.extend(parse(kind));
+                }
             }
-            return Some(kind);
+            return failed;
         }
-        if answers(&kind, tag) == Some(true) {
+        let done = answers(kind, tag) == Some(true);
+        if tag == COPY_IN_RESPONSE {
+            self.copy_in_started();
+        }
+        if done {
             self.queue.pop_front();
         }
-        None
+        failed
     }
+
+    /// The server connection is gone while nothing that runs a statement
+    /// was sent (only Parse, Bind, Describe, Close, Sync, Flush): answers
+    /// what is still owed as PostgreSQL answers after an error. The first
+    /// message that needed the server gets `error` and the rest up to Sync
+    /// go unanswered, except a Close, which gets CloseComplete (what it
+    /// closed went with the connection); each Sync gets ReadyForQuery,
+    /// idle. Appends the answers to `out`; returns the Parses that failed,
+    /// and whether the error still waits for its Sync (the client's
+    /// messages up to it are to be skipped).
+    pub fn settle_lost(&mut self, error: &[u8], out: &mut Vec<u8>) -> (Vec<Kind>, bool) {
+        let mut failed = Vec::new();
+        let mut skipping = false;
+        for expect in self.queue.drain(..) {
+            match expect {
+                Expect::Client(Kind::Sync) | Expect::Proxy(Kind::Sync) => {
+                    if let Expect::Client(_) = expect {
+                        out.extend_from_slice(&ready_for_query(IDLE));
+                    }
+                    skipping = false;
+                }
+                Expect::CopyEnd => {}
+                Expect::Answer(reply) if !skipping => out.extend_from_slice(&reply),
+                Expect::Answer(_) => {}
+                Expect::Client(Kind::Close) if !skipping => {
+                    out.extend_from_slice(&empty(CLOSE_COMPLETE))
+                }
+                Expect::Client(kind) => {
+                    if !skipping {
+                        out.extend_from_slice(error);
+                        skipping = true;
+                    }
+                    failed.extend(parse(kind));
+                }
+                Expect::Proxy(kind) => failed.extend(parse(kind)),
+            }
+        }
+        self.copying_in = false;
+        (failed, skipping)
+    }
+}
+
+/// `kind` if it is a Parse.
+fn parse(kind: Kind) -> Option<Kind> {
+    matches!(kind, Kind::Parse { .. }).then_some(kind)
 }
 
 /// Whether `tag` belongs to the reply to `kind`: Some(true) when it ends
@@ -260,13 +309,7 @@ mod tests {
         replies.answer(empty(CLOSE_COMPLETE));
         replies.client(Kind::Bind);
         replies.client(Kind::Sync);
-        assert_eq!(
-            replies.ended(ERROR_RESPONSE),
-            Some(Kind::Parse {
-                prepared: Some("pgmirror_2".into()),
-                client: Some("s2".into())
-            })
-        );
+        assert_eq!(replies.ended(ERROR_RESPONSE), [parse("pgmirror_2", "s2")]);
         let (forwarded, answers) = run(&mut replies, b"Z");
         assert_eq!(forwarded, b"Z");
         assert!(answers.is_empty(), "a skipped message was answered");
@@ -322,6 +365,101 @@ mod tests {
         assert!(!replies.is_settled());
         assert_eq!(replies.disposition(PARSE_COMPLETE), Disposition::Swallow);
         replies.ended(PARSE_COMPLETE);
+        assert!(replies.is_settled());
+    }
+
+    /// The tags of the whole messages in `out`.
+    fn tags_of(mut out: &[u8]) -> Vec<u8> {
+        let mut tags = Vec::new();
+        while let [tag, a, b, c, d, ..] = *out {
+            tags.push(tag);
+            out = &out[1 + u32::from_be_bytes([a, b, c, d]) as usize..];
+        }
+        tags
+    }
+
+    fn parse(server: &str, client: &str) -> Kind {
+        Kind::Parse {
+            prepared: Some(server.into()),
+            client: Some(client.into()),
+        }
+    }
+
+    #[test]
+    fn an_error_undoes_the_parses_the_server_skips() {
+        let mut replies = Replies::default();
+        replies.client(Kind::Bind);
+        replies.proxy(parse("pgmirror_3", "s3"));
+        replies.client(parse("pgmirror_4", "s4"));
+        replies.client(Kind::Sync);
+        let failed = replies.ended(ERROR_RESPONSE);
+        assert_eq!(
+            failed,
+            [parse("pgmirror_3", "s3"), parse("pgmirror_4", "s4")]
+        );
+        let (forwarded, _) = run(&mut replies, b"Z");
+        assert_eq!(forwarded, b"Z");
+        assert!(replies.is_settled());
+    }
+
+    #[test]
+    fn an_error_in_the_commit_at_sync_is_answered_by_that_sync() {
+        let mut replies = Replies::default();
+        replies.client(Kind::Sync);
+        replies.client(Kind::Sync);
+        assert!(replies.ended(ERROR_RESPONSE).is_empty());
+        run(&mut replies, b"Z");
+        assert!(
+            !replies.is_settled(),
+            "one ReadyForQuery answered two Syncs"
+        );
+        run(&mut replies, b"Z");
+        assert!(replies.is_settled());
+    }
+
+    #[test]
+    fn a_dropped_statement_in_flight_when_the_server_is_lost_is_answered_by_the_proxy() {
+        // tokio-postgres drops two statements: Close, Sync, Close, Sync.
+        let mut replies = Replies::default();
+        replies.answer(empty(CLOSE_COMPLETE));
+        replies.client(Kind::Sync);
+        replies.answer(empty(CLOSE_COMPLETE));
+        replies.client(Kind::Sync);
+        let mut out = Vec::new();
+        replies.answers_due(&mut out);
+        let (failed, skipping) = replies.settle_lost(b"E", &mut out);
+        assert!(failed.is_empty());
+        assert!(!skipping);
+        assert_eq!(tags_of(&out), b"3Z3Z");
+        assert_eq!(&out[out.len() - 6..], ready_for_query(IDLE).as_slice());
+        assert!(replies.is_settled());
+    }
+
+    #[test]
+    fn a_prepare_in_flight_when_the_server_is_lost_gets_one_error_and_its_sync() {
+        let mut replies = Replies::default();
+        replies.proxy(parse("pgmirror_5", "s5"));
+        replies.client(parse("pgmirror_6", "s6"));
+        replies.client(Kind::DescribeStatement);
+        replies.client(Kind::Close);
+        replies.client(Kind::Sync);
+        replies.client(parse("pgmirror_7", "s7"));
+        let mut out = Vec::new();
+        let (failed, skipping) = replies.settle_lost(b"E\0\0\0\x04", &mut out);
+        assert_eq!(
+            failed,
+            [
+                parse("pgmirror_5", "s5"),
+                parse("pgmirror_6", "s6"),
+                parse("pgmirror_7", "s7")
+            ]
+        );
+        assert!(skipping, "the last Parse's error still waits for its Sync");
+        assert_eq!(
+            tags_of(&out),
+            b"EZE",
+            "one error per Sync, nothing skipped answered"
+        );
         assert!(replies.is_settled());
     }
 }
