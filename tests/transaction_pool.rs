@@ -1099,6 +1099,48 @@ async fn a_close_and_a_prepare_in_flight_when_the_server_dies_leave_the_client_c
     );
 }
 
+/// A server that refuses a new connection (here the role's CONNECTION
+/// LIMIT) fails the statement that needed it, not the client: its session
+/// goes on once the server accepts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_refusing_a_new_connection_fails_the_statement_not_the_client() {
+    let pooled = pooled(2).await;
+    let client = pooled.app("application_name=patient").await;
+    client
+        .batch_execute("SET search_path = t5, public")
+        .await
+        .unwrap();
+    let statement = client.prepare("SELECT v FROM marker").await.unwrap();
+    pooled
+        .setup
+        .batch_execute(
+            "ALTER ROLE app CONNECTION LIMIT 0;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app'",
+        )
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if pooled.backends_of("app").await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let err = client
+        .query_one(&statement, &[])
+        .await
+        .expect_err("a statement ran on a connection the server refused");
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err:?}");
+    assert!(!client.is_closed(), "the client's connection was ended");
+    pooled
+        .setup
+        .batch_execute("ALTER ROLE app CONNECTION LIMIT -1")
+        .await
+        .unwrap();
+    let row = client.query_one(&statement, &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "t5");
+    assert_eq!(value(&client, "SHOW application_name").await, "patient");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_used_on_another_connection_is_prepared_there_even_if_its_bind_fails() {
     let pooled = pooled(2).await;

@@ -87,6 +87,10 @@ pub enum ConnError {
     ServerTls(#[from] ServerTlsError),
     #[error("server sent a malformed message: {0}")]
     Server(#[from] crate::wire::frame::FrameError),
+    /// The server's connection failed while the proxy was getting it
+    /// ready for a client (its login, the client's parameters).
+    #[error("the server connection failed: {0}")]
+    ServerIo(std::io::Error),
     #[error("server sent more than {MAX_AUTH_BUFFER} bytes before ReadyForQuery")]
     ServerTooChatty,
     #[error("sorry, too many clients already: this proxy serves at most {0} (max_clients)")]
@@ -122,9 +126,10 @@ impl ConnError {
             ConnError::StartupTimeout(_) => Some("08006"),
             ConnError::NoSession(_) | ConnError::NoAdmin => Some("3D000"),
             ConnError::NoPrincipal { .. } => Some("57P03"),
-            ConnError::Server(_) | ConnError::ServerTooChatty | ConnError::ServerTls(_) => {
-                Some("08006")
-            }
+            ConnError::Server(_)
+            | ConnError::ServerIo(_)
+            | ConnError::ServerTooChatty
+            | ConnError::ServerTls(_) => Some("08006"),
             ConnError::Auth(err) => err.sqlstate(),
         }
     }
@@ -135,6 +140,16 @@ impl ConnError {
         match self {
             ConnError::Auth(err) => err.client_message(),
             err => format!("pgmirror proxy: {err}"),
+        }
+    }
+
+    /// An error met while getting a server connection ready, where the
+    /// client is neither read nor written: a failed read or write is the
+    /// server's, and the client is told so.
+    pub(crate) fn on_server(self) -> ConnError {
+        match self {
+            ConnError::Io(err) | ConnError::Auth(AuthError::Io(err)) => ConnError::ServerIo(err),
+            err => err,
         }
     }
 

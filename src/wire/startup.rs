@@ -338,6 +338,11 @@ pub fn error_code(message: &[u8]) -> Option<&str> {
     error_field(message, b'C')
 }
 
+/// The primary message of a whole ErrorResponse message (tag included).
+pub fn error_message(message: &[u8]) -> Option<&str> {
+    error_field(message, b'M')
+}
+
 /// Whether a whole ErrorResponse ends the server's connection (severity
 /// FATAL or PANIC, as PostgreSQL 9.6 and later send it untranslated).
 pub fn ends_connection(message: &[u8]) -> bool {

@@ -57,8 +57,9 @@ use crate::wire::extended::{
 };
 use crate::wire::frame::FrameScanner;
 use crate::wire::startup::{
-    backend_key_data, backend_message_len, decode_backend_key_data, ends_connection,
-    error_response, startup_message, Severity, BACKEND_KEY_DATA, ERROR_RESPONSE, READY_FOR_QUERY,
+    backend_key_data, backend_message_len, decode_backend_key_data, ends_connection, error_code,
+    error_message, error_response, startup_message, Severity, BACKEND_KEY_DATA, ERROR_RESPONSE,
+    READY_FOR_QUERY,
 };
 
 use aborted::{Aborted, Next, SQLSTATE_SERIALIZATION_FAILURE};
@@ -365,11 +366,29 @@ enum Refusal {
 
 impl From<ConnError> for Refusal {
     fn from(err: ConnError) -> Self {
-        Refusal::Proxy(err)
+        Refusal::Proxy(err.on_server())
     }
 }
 
 impl Refusal {
+    /// The ErrorResponse a client that is already logged in gets instead
+    /// of losing its connection; the refusal itself when its connection
+    /// ends (the proxy stops, or the client left).
+    fn mid_session(self) -> Result<Vec<u8>, Refusal> {
+        let (code, message) = match &self {
+            Refusal::Proxy(ConnError::ShuttingDown | ConnError::ClientLeft) => return Err(self),
+            Refusal::Proxy(err) => (err.sqlstate().unwrap_or("08006"), err.client_message()),
+            Refusal::Server(error) => (
+                error_code(error).unwrap_or("08006"),
+                format!(
+                    "pgmirror proxy: could not get a server connection ready: {}",
+                    error_message(error).unwrap_or("no message")
+                ),
+            ),
+        };
+        Ok(error_response(Severity::Error, code, &message))
+    }
+
     async fn tell<W: AsyncWrite + Unpin>(self, client: &mut W) -> Result<End, ConnError> {
         match self {
             Refusal::Proxy(err) => refuse(client, err).await,
@@ -436,18 +455,18 @@ impl Session<'_> {
         let attached = loop {
             let attached = match self.attach(client_read, input).await {
                 Ok(attached) => attached,
-                // No server connection in time: the statement did not run
-                // and the client keeps its session (parameters,
-                // statements), as after any error outside a transaction.
-                Err(Refusal::Proxy(
-                    err @ (ConnError::PoolFull(_) | ConnError::NoPrincipal { .. }),
-                )) => {
-                    let code = err.sqlstate().unwrap_or("53300");
-                    let error = error_response(Severity::Error, code, &err.client_message());
-                    client_write.write_all(&error).await?;
-                    return Ok(After::Refused);
-                }
-                Err(refusal) => return refusal.tell(client_write).await.map(After::End),
+                Err(refusal) => match refusal.mid_session() {
+                    // No server connection (none in time, or it failed
+                    // before anything of the client's was sent): the
+                    // statement did not run and the client keeps its
+                    // session (parameters, statements), as after any error
+                    // outside a transaction.
+                    Ok(error) => {
+                        client_write.write_all(&error).await?;
+                        return Ok(After::Refused);
+                    }
+                    Err(refusal) => return refusal.tell(client_write).await.map(After::End),
+                },
             };
             // I4: a failover while the connection was being had sends the
             // client's messages to the new principal, not one to this one.
