@@ -1056,7 +1056,7 @@ async fn a_pooled_connection_that_dies_while_idle_goes_unnoticed_by_its_client()
 /// What a failover does to a driver between statements: it drops a
 /// statement (tokio-postgres sends Close and Sync, and reads no answer)
 /// and prepares the next, and the server connection dies before answering
-/// either (here its backend is stopped, then killed with kill -9).
+/// either (its backend is stopped, then killed with kill -9).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_and_a_prepare_in_flight_when_the_server_dies_leave_the_client_connected() {
     use nix::sys::signal::{kill, Signal};
@@ -1065,12 +1065,7 @@ async fn a_close_and_a_prepare_in_flight_when_the_server_dies_leave_the_client_c
     let client = pooled.app("").await;
     let dropped = client.prepare("SELECT v FROM t0.marker").await.unwrap();
     client.query_one(&dropped, &[]).await.unwrap();
-    let pid: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let backend = Pid::from_raw(pid);
+    let backend = Pid::from_raw(backend_pid(&client).await);
     kill(backend, Signal::SIGSTOP).expect("SIGSTOP the pooled connection's backend");
     drop(dropped);
     let (outcome, ()) = tokio::join!(client.prepare("SELECT 2"), async {
@@ -1078,13 +1073,7 @@ async fn a_close_and_a_prepare_in_flight_when_the_server_dies_leave_the_client_c
         tokio::time::sleep(Duration::from_millis(500)).await;
         kill(backend, Signal::SIGKILL).expect("kill -9 the backend");
     });
-    let err = outcome.expect_err("a prepare the server never answered succeeded");
-    assert_eq!(
-        err.code(),
-        Some(&SqlState::T_R_SERIALIZATION_FAILURE),
-        "the prepare's error: {err:?}"
-    );
-    assert!(!client.is_closed(), "the client's connection was ended");
+    nothing_ran_and_the_client_stays(outcome, &client);
     // The server restarts after the kill -9; the proxy holds the client's
     // next statement until it serves.
     assert_eq!(value(&client, "SELECT 'still here'").await, "still here");
@@ -1097,6 +1086,76 @@ async fn a_close_and_a_prepare_in_flight_when_the_server_dies_leave_the_client_c
             .get::<_, i32>(0),
         3
     );
+}
+
+/// The FATAL of a backend that ends (57P01, as a demoted principal's
+/// backends end) while the client's prepare waits on it is the server
+/// going away, not the prepare's answer: the client gets 40001 and stays.
+/// The prepare waits for a lock, so that the backend has read it and
+/// closes cleanly, and its FATAL arrives (a backend that dies with unread
+/// input resets the connection, and the FATAL is lost with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepare_whose_backend_is_terminated_gets_40001_not_the_servers_fatal() {
+    let pooled = pooled(1).await;
+    let client = pooled.app("").await;
+    let pid = backend_pid(&client).await;
+    pooled
+        .setup
+        .batch_execute("BEGIN; LOCK TABLE t0.marker IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let (outcome, ()) = tokio::join!(client.prepare("SELECT v FROM t0.marker"), async {
+        let waiting = "SELECT count(*) FROM pg_stat_activity \
+                       WHERE pid = $1 AND wait_event_type = 'Lock'";
+        for _ in 0..250 {
+            let row = pooled.setup.query_one(waiting, &[&pid]).await.unwrap();
+            if row.get::<_, i64>(0) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let row = pooled.setup.query_one(waiting, &[&pid]).await.unwrap();
+        assert_eq!(
+            row.get::<_, i64>(0),
+            1,
+            "the prepare never waited for the lock"
+        );
+        pooled
+            .setup
+            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .unwrap();
+    });
+    pooled.setup.batch_execute("ROLLBACK").await.unwrap();
+    nothing_ran_and_the_client_stays(outcome, &client);
+    let statement = client.prepare("SELECT v FROM t0.marker").await.unwrap();
+    let row = client.query_one(&statement, &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "t0");
+}
+
+/// A prepare whose server connection went before answering got 40001
+/// ("nothing ran, run it again"), and its client is still connected.
+fn nothing_ran_and_the_client_stays<T: std::fmt::Debug>(
+    prepared: Result<T, tokio_postgres::Error>,
+    client: &Client,
+) {
+    let err = prepared.expect_err("a prepare the server never answered succeeded");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::T_R_SERIALIZATION_FAILURE),
+        "the prepare's error: {err:?}"
+    );
+    assert!(!client.is_closed(), "the client's connection was ended");
+}
+
+/// The pid of the backend that runs `client`'s next statement (the only
+/// one of a pool of one).
+async fn backend_pid(client: &Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// A server that refuses a new connection (here the role's CONNECTION
@@ -1125,6 +1184,11 @@ async fn a_server_refusing_a_new_connection_fails_the_statement_not_the_client()
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(
+        pooled.backends_of("app").await,
+        0,
+        "app's backends lived on"
+    );
     let err = client
         .query_one(&statement, &[])
         .await

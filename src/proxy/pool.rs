@@ -695,14 +695,18 @@ pub async fn own_query(server: &mut ServerStream, sql: &str) -> Result<OwnReply,
                 }
                 input.drain(..len);
             }
-            if input.len() > OWN_REPLY_MAX || server.read_buf(&mut input).await? == 0 {
-                return Err(ConnError::Unexpected("server connection lost"));
+            if input.len() > OWN_REPLY_MAX {
+                return Err(ConnError::ServerTooChatty);
+            }
+            if server.read_buf(&mut input).await? == 0 {
+                let closed = std::io::ErrorKind::UnexpectedEof;
+                return Err(ConnError::ServerIo(closed.into()));
             }
         }
     };
     tokio::time::timeout(OWN_QUERY_TIMEOUT, run)
         .await
-        .map_err(|_| ConnError::Unexpected("no answer from the server in time"))?
+        .map_err(|_| ConnError::ServerIo(std::io::ErrorKind::TimedOut.into()))?
 }
 
 #[cfg(test)]

@@ -63,7 +63,7 @@ use crate::wire::startup::{
 };
 
 use aborted::{Aborted, Next, SQLSTATE_SERIALIZATION_FAILURE};
-use replies::{Disposition, Kind, Replies};
+use replies::{Disposition, Kind, Replies, Undo};
 use settings::{ClientSettings, ServerSettings};
 use statements::{ClientStatements, ServerStatements, Statement};
 
@@ -452,31 +452,20 @@ impl Session<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let attached = loop {
-            let attached = match self.attach(client_read, input).await {
-                Ok(attached) => attached,
-                Err(refusal) => match refusal.mid_session() {
-                    // No server connection (none in time, or it failed
-                    // before anything of the client's was sent): the
-                    // statement did not run and the client keeps its
-                    // session (parameters, statements), as after any error
-                    // outside a transaction.
-                    Ok(error) => {
-                        client_write.write_all(&error).await?;
-                        return Ok(After::Refused);
-                    }
-                    Err(refusal) => return refusal.tell(client_write).await.map(After::End),
-                },
-            };
-            // I4: a failover while the connection was being had sends the
-            // client's messages to the new principal, not one to this one.
-            let superseded = self
-                .routes
-                .borrow()
-                .supersedes(attached.epoch, &attached.principal);
-            if !superseded {
-                break attached;
-            }
+        let attached = match self.attach(client_read, input).await {
+            Ok(attached) => attached,
+            Err(refusal) => match refusal.mid_session() {
+                // No server connection (none in time, or it failed
+                // before anything of the client's was sent): the
+                // statement did not run and the client keeps its
+                // session (parameters, statements), as after any error
+                // outside a transaction.
+                Ok(error) => {
+                    client_write.write_all(&error).await?;
+                    return Ok(After::Refused);
+                }
+                Err(refusal) => return refusal.tell(client_write).await.map(After::End),
+            },
         };
         Ok(
             match self.run(attached, client_read, client_write, input).await? {
@@ -502,26 +491,38 @@ impl Session<'_> {
     ) -> Result<Attached, Refusal> {
         let ctx = self.ctx;
         let hold_deadline = Instant::now() + ctx.hold_timeout;
-        let checkout = self
-            .pool
-            .checkout(&self.startup, &self.routes, hold_deadline);
-        let mut lease = checkout.await.map_err(ConnError::from)?;
-        let reused = lease
-            .reused
-            .take()
-            .and_then(|mut idle| alive(&mut idle.server).then_some(idle));
-        let pooled = reused.is_some();
-        let mut attached = match reused {
-            Some(mut idle) => Attached {
-                state: std::mem::take(&mut idle.state),
-                server: idle.server,
-                principal: idle.principal,
-                epoch: idle.epoch,
-                born: idle.born,
-                lease,
-                cancels: 0,
-            },
-            None => self.connect(lease, client, early).await?,
+        let (mut attached, pooled) = loop {
+            let checkout = self
+                .pool
+                .checkout(&self.startup, &self.routes, hold_deadline);
+            let mut lease = checkout.await.map_err(ConnError::from)?;
+            let reused = lease
+                .reused
+                .take()
+                .and_then(|mut idle| alive(&mut idle.server).then_some(idle));
+            let pooled = reused.is_some();
+            let attached = match reused {
+                Some(mut idle) => Attached {
+                    state: std::mem::take(&mut idle.state),
+                    server: idle.server,
+                    principal: idle.principal,
+                    epoch: idle.epoch,
+                    born: idle.born,
+                    lease,
+                    cancels: 0,
+                },
+                None => self.connect(lease, client, early).await?,
+            };
+            // A failover while a new connection logged in: the client's
+            // parameters and messages go to the new principal instead
+            // (the relay's own check keeps every byte off this one, I4).
+            let superseded = self
+                .routes
+                .borrow()
+                .supersedes(attached.epoch, &attached.principal);
+            if !superseded {
+                break (attached, pooled);
+            }
         };
         match self.apply_settings(&mut attached).await {
             Ok(()) => {}
@@ -619,7 +620,11 @@ impl Session<'_> {
                 .map_err(|_| ConnError::StartupTimeout(ctx.startup_timeout))?
                 .map_err(ConnError::from)?;
             if read == 0 {
-                return Err(ConnError::Unexpected("server closed during its login").into());
+                let closed = std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection during its login",
+                );
+                return Err(ConnError::ServerIo(closed).into());
             }
         }
     }
@@ -738,7 +743,9 @@ impl Session<'_> {
             awaiting_ready: false,
             touched: Touched::default(),
             search_path: self.settings.get("search_path").unwrap_or_default(),
-            runs: false,
+            runs_at: None,
+            sent: 0,
+            server_ending: false,
         };
         // The waits below borrow the connection's principal: they end
         // with this block, before the connection moves on.
@@ -757,6 +764,9 @@ impl Session<'_> {
             loop {
                 if let Some(end) = relay.pass_through_fence(self.registration)? {
                     break Some(end);
+                }
+                if relay.server_ending {
+                    break Some(relay.server_lost(&mut self.statements));
                 }
                 if relay.released() {
                     break None;
@@ -794,6 +804,7 @@ impl Session<'_> {
                             break Some(relay.server_lost(&mut self.statements));
                         };
                         relay.to_server.drain(..n);
+                        relay.sent += n as u64;
                         if relay.to_server.is_empty() && server_write.flush().await.is_err() {
                             break Some(relay.server_lost(&mut self.statements));
                         }
@@ -909,10 +920,16 @@ struct Relay<'s> {
     touched: Touched,
     /// The client's search_path, part of its statements' server names.
     search_path: &'s str,
-    /// The client sent a message that runs something (a Query, an
-    /// Execute, a function call, COPY data), not only messages that
+    /// Where, in the bytes sent to the server since the relay began, the
+    /// first client message that runs something (a Query, an Execute, a
+    /// function call, COPY data) starts: before it, only messages that
     /// prepare, describe or close.
-    runs: bool,
+    runs_at: Option<u64>,
+    /// Bytes written to the server since the relay began.
+    sent: u64,
+    /// The server said FATAL (it is going away) while nothing ran: the
+    /// relay stops without sending it another byte.
+    server_ending: bool,
 }
 
 impl Relay<'_> {
@@ -954,16 +971,18 @@ impl Relay<'_> {
     /// connection; a transaction between statements certainly did not
     /// commit, and the client keeps its connection.
     fn server_gone(&mut self, end: End, why: &str, statements: &mut ClientStatements) -> Ending {
-        if !self.runs && self.streaming.is_none() {
+        if !self.ran() && self.streaming.is_none() {
             // A driver preparing a statement, or closing one it dropped:
             // the client is answered as PostgreSQL answers an error, and
             // stays.
             let message =
                 format!("pgmirror proxy: {why} before it answered; nothing ran. Run it again");
             let error = error_response(Severity::Error, SQLSTATE_SERIALIZATION_FAILURE, &message);
-            let (failed, skipping) = self.replies.settle_lost(&error, &mut self.to_client);
-            for parse in failed {
-                forget(parse, None, statements);
+            let (undone, skipping) = self.replies.settle_lost(&error, &mut self.to_client);
+            // Latest first: a Parse that reused a name a skipped Close
+            // freed goes before the Close's statement comes back.
+            for undone in undone.into_iter().rev() {
+                undo(undone, None, statements);
             }
             return Ending::Settled { skipping };
         }
@@ -984,6 +1003,12 @@ impl Relay<'_> {
                  nothing it did was committed. Roll back and run it again"
             ))
         }
+    }
+
+    /// A message that runs something reached the server (its first byte,
+    /// at least: what the kernel took may have arrived).
+    fn ran(&self) -> bool {
+        self.runs_at.is_some_and(|at| self.sent > at)
     }
 
     /// Something sent has not been answered.
@@ -1034,7 +1059,9 @@ impl Relay<'_> {
                 break;
             }
             self.ready = false;
-            self.runs |= !RUN_NOTHING.contains(&tag);
+            if self.runs_at.is_none() && !RUN_NOTHING.contains(&tag) {
+                self.runs_at = Some(self.sent + self.to_server.len() as u64);
+            }
             self.awaiting_ready = FRONTEND_AWAITS_READY.contains(&tag);
             self.translate(tag, message, state, statements)?;
         }
@@ -1143,7 +1170,12 @@ impl Relay<'_> {
                             client: Some(parse.statement.to_string()),
                         });
                     } else {
-                        self.replies.answer(extended::empty(PARSE_COMPLETE));
+                        let undo = Undo::Parse {
+                            prepared: None,
+                            client: Some(parse.statement.to_string()),
+                        };
+                        self.replies
+                            .answer(extended::empty(PARSE_COMPLETE), Some(undo));
                     }
                     statements.insert(parse.statement.to_string(), statement);
                 }
@@ -1189,8 +1221,11 @@ impl Relay<'_> {
                 if target == TARGET_STATEMENT && !name.is_empty() {
                     // Other clients may share it on the server: it stays
                     // there, and only this client forgets it.
-                    statements.remove(name);
-                    self.replies.answer(extended::empty(CLOSE_COMPLETE));
+                    let undo = statements.remove(name).map(|statement| Undo::Close {
+                        client: name.to_string(),
+                        statement,
+                    });
+                    self.replies.answer(extended::empty(CLOSE_COMPLETE), undo);
                 } else {
                     self.to_server.extend_from_slice(message);
                     self.replies.client(Kind::Close);
@@ -1291,11 +1326,13 @@ impl Relay<'_> {
         // An error nobody asked for is the server ending the connection (a
         // demoted principal's FATAL 57P01): the client's connection is not
         // the server's, and hears of it only as its transaction's end. So
-        // is a FATAL while nothing runs: the close that follows settles
-        // what is owed (`server_gone`).
-        if tag == ERROR_RESPONSE
-            && (self.replies.is_settled() || (!self.runs && ends_connection(message)))
-        {
+        // is a FATAL while nothing ran: the relay stops at once, and what
+        // is owed is settled as for a lost connection (`server_gone`).
+        if tag == ERROR_RESPONSE && self.replies.is_settled() {
+            return;
+        }
+        if tag == ERROR_RESPONSE && !self.ran() && ends_connection(message) {
+            self.server_ending = true;
             return;
         }
         if self.replies.disposition(tag) == Disposition::Forward {
@@ -1309,23 +1346,28 @@ impl Relay<'_> {
 
     /// A server message ended.
     fn ended(&mut self, tag: u8, state: &mut ServerState, statements: &mut ClientStatements) {
-        for failed in self.replies.ended(tag) {
-            forget(failed, Some(state), statements);
+        for undone in self.replies.ended(tag).into_iter().rev() {
+            undo(undone, Some(state), statements);
         }
         self.replies.answers_due(&mut self.raw);
     }
 }
 
-/// A Parse that failed or was skipped: PostgreSQL keeps nothing of it, on
-/// the server connection (`state`, unless it is gone) or for the client.
-fn forget(parse: Kind, state: Option<&mut ServerState>, statements: &mut ClientStatements) {
-    let Kind::Parse { prepared, client } = parse else {
-        return;
-    };
-    if let (Some(state), Some(name)) = (state, prepared) {
-        state.prepared.remove(&name);
-    }
-    if let Some(name) = client {
-        statements.remove(&name);
+/// Undoes the proxy's record of a message PostgreSQL failed, skipped or
+/// never got, on the server connection (`state`, unless it is gone) and
+/// for the client.
+fn undo(undo: Undo, state: Option<&mut ServerState>, statements: &mut ClientStatements) {
+    match undo {
+        Undo::Parse { prepared, client } => {
+            if let (Some(state), Some(name)) = (state, prepared) {
+                state.prepared.remove(&name);
+            }
+            if let Some(name) = client {
+                statements.remove(&name);
+            }
+        }
+        Undo::Close { client, statement } => {
+            statements.insert(client, statement);
+        }
     }
 }

@@ -13,6 +13,7 @@
 
 use std::collections::VecDeque;
 
+use super::statements::Statement;
 use super::IDLE;
 use crate::proxy::fence::COPY_IN_RESPONSE;
 use crate::wire::extended::{
@@ -49,11 +50,41 @@ enum Expect {
     Client(Kind),
     /// A reply to the proxy's own message, swallowed.
     Proxy(Kind),
-    /// The proxy's own answer to a client message, inserted in its turn.
-    Answer(Vec<u8>),
+    /// The proxy's own answer to a client message, inserted in its turn,
+    /// and what undoes the message if the server skips past it.
+    Answer { reply: Vec<u8>, undo: Option<Undo> },
     /// The client's CopyDone or CopyFail: the Syncs before it, back to a
     /// COPY FROM STDIN's Execute, are ignored by the server.
     CopyEnd,
+}
+
+/// What the proxy undoes of a message PostgreSQL skipped (after an error
+/// in the extended protocol) or never got (its connection lost): the
+/// server keeps nothing of it, so neither may the proxy's records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Undo {
+    /// A Parse: the server statement it created on its connection, and
+    /// the client's name for it.
+    Parse {
+        prepared: Option<String>,
+        client: Option<String>,
+    },
+    /// A Close of a client's statement, which the proxy answered: the
+    /// statement comes back.
+    Close {
+        client: String,
+        statement: Statement,
+    },
+}
+
+impl Undo {
+    /// What undoes a message of `kind` (only a Parse leaves anything).
+    fn of(kind: Kind) -> Option<Undo> {
+        match kind {
+            Kind::Parse { prepared, client } => Some(Undo::Parse { prepared, client }),
+            _ => None,
+        }
+    }
 }
 
 /// What to do with one server message.
@@ -114,9 +145,10 @@ impl Replies {
         self.queue.push_back(Expect::Proxy(kind));
     }
 
-    /// The proxy answers a client message itself with `reply`.
-    pub fn answer(&mut self, reply: Vec<u8>) {
-        self.queue.push_back(Expect::Answer(reply));
+    /// The proxy answers a client message itself with `reply`; `undo`
+    /// if the server skips past it.
+    pub fn answer(&mut self, reply: Vec<u8>, undo: Option<Undo>) {
+        self.queue.push_back(Expect::Answer { reply, undo });
     }
 
     /// Nothing outstanding: every message sent has been answered.
@@ -127,8 +159,8 @@ impl Replies {
     /// Moves the proxy's answers that are next in turn to `out` (and drops
     /// CopyDone marks of statements that were no COPY).
     pub fn answers_due(&mut self, out: &mut Vec<u8>) {
-        while let Some(Expect::Answer(_) | Expect::CopyEnd) = self.queue.front() {
-            if let Some(Expect::Answer(reply)) = self.queue.pop_front() {
+        while let Some(Expect::Answer { .. } | Expect::CopyEnd) = self.queue.front() {
+            if let Some(Expect::Answer { reply, .. }) = self.queue.pop_front() {
                 out.extend_from_slice(&reply);
             }
         }
@@ -146,13 +178,12 @@ impl Replies {
         }
     }
 
-    /// The message tagged `tag` has ended; returns the Parses an error
-    /// undid: the one it answers and those the server then skipped
-    /// (PostgreSQL keeps nothing of either).
-    pub fn ended(&mut self, tag: u8) -> Vec<Kind> {
-        let mut failed = Vec::new();
+    /// The message tagged `tag` has ended; returns what an error undid:
+    /// the message it answers and those the server then skipped.
+    pub fn ended(&mut self, tag: u8) -> Vec<Undo> {
+        let mut undone = Vec::new();
         let Some(Expect::Client(kind) | Expect::Proxy(kind)) = self.queue.front() else {
-            return failed;
+            return undone;
         };
         if tag == ERROR_RESPONSE && *kind != Kind::Simple {
             // The server skips to the next Sync: nothing else is answered.
@@ -160,11 +191,15 @@ impl Replies {
                 if matches!(next, Expect::Client(Kind::Sync) | Expect::Proxy(Kind::Sync)) {
                     break;
                 }
-                if let Some(Expect::Client(kind) | Expect::Proxy(kind)) = self.queue.pop_front() {
-                    failed.extend(parse(kind));
+                match self.queue.pop_front() {
+                    Some(Expect::Client(kind) | Expect::Proxy(kind)) => {
+                        undone.extend(Undo::of(kind))
+                    }
+                    Some(Expect::Answer { undo, .. }) => undone.extend(undo),
+                    _ => {}
                 }
             }
-            return failed;
+            return undone;
         }
         let done = answers(kind, tag) == Some(true);
         if tag == COPY_IN_RESPONSE {
@@ -173,20 +208,21 @@ impl Replies {
         if done {
             self.queue.pop_front();
         }
-        failed
+        undone
     }
 
     /// The server connection is gone while nothing that runs a statement
-    /// was sent (only Parse, Bind, Describe, Close, Sync, Flush): answers
-    /// what is still owed as PostgreSQL answers after an error. The first
-    /// message that needed the server gets `error` and the rest up to Sync
-    /// go unanswered, except a Close, which gets CloseComplete (what it
-    /// closed went with the connection); each Sync gets ReadyForQuery,
-    /// idle. Appends the answers to `out`; returns the Parses that failed,
-    /// and whether the error still waits for its Sync (the client's
-    /// messages up to it are to be skipped).
-    pub fn settle_lost(&mut self, error: &[u8], out: &mut Vec<u8>) -> (Vec<Kind>, bool) {
-        let mut failed = Vec::new();
+    /// reached it (only Parse, Bind, Describe, Close, Sync, Flush, and
+    /// messages not yet sent): answers what is still owed as PostgreSQL
+    /// answers after an error. The first message that needed the server
+    /// gets `error` and the rest up to Sync go unanswered, except a Close,
+    /// which gets CloseComplete (what it closed went with the connection);
+    /// each Sync gets ReadyForQuery, idle, and so does a Query after its
+    /// error. Appends the answers to `out`; returns what is undone, and
+    /// whether the error still waits for its Sync (the client's messages
+    /// up to it are to be skipped).
+    pub fn settle_lost(&mut self, error: &[u8], out: &mut Vec<u8>) -> (Vec<Undo>, bool) {
+        let mut undone = Vec::new();
         let mut skipping = false;
         for expect in self.queue.drain(..) {
             match expect {
@@ -197,29 +233,30 @@ impl Replies {
                     skipping = false;
                 }
                 Expect::CopyEnd => {}
-                Expect::Answer(reply) if !skipping => out.extend_from_slice(&reply),
-                Expect::Answer(_) => {}
+                Expect::Answer { reply, .. } if !skipping => out.extend_from_slice(&reply),
+                Expect::Answer { undo, .. } => undone.extend(undo),
                 Expect::Client(Kind::Close) if !skipping => {
                     out.extend_from_slice(&empty(CLOSE_COMPLETE))
+                }
+                // A Query (or function call) never sent: its error and
+                // its own ReadyForQuery, with nothing to skip.
+                Expect::Client(Kind::Simple) if !skipping => {
+                    out.extend_from_slice(error);
+                    out.extend_from_slice(&ready_for_query(IDLE));
                 }
                 Expect::Client(kind) => {
                     if !skipping {
                         out.extend_from_slice(error);
                         skipping = true;
                     }
-                    failed.extend(parse(kind));
+                    undone.extend(Undo::of(kind));
                 }
-                Expect::Proxy(kind) => failed.extend(parse(kind)),
+                Expect::Proxy(kind) => undone.extend(Undo::of(kind)),
             }
         }
         self.copying_in = false;
-        (failed, skipping)
+        (undone, skipping)
     }
-}
-
-/// `kind` if it is a Parse.
-fn parse(kind: Kind) -> Option<Kind> {
-    matches!(kind, Kind::Parse { .. }).then_some(kind)
 }
 
 /// Whether `tag` belongs to the reply to `kind`: Some(true) when it ends
@@ -284,7 +321,8 @@ mod tests {
     fn the_proxys_answers_come_in_their_turn() {
         let mut replies = Replies::default();
         replies.client(Kind::Bind);
-        replies.answer(empty(PARSE_COMPLETE));
+        let (reply, undo) = parsed("s1");
+        replies.answer(reply, undo);
         replies.client(Kind::DescribeStatement);
         replies.client(Kind::Sync);
         let mut out = Vec::new();
@@ -306,10 +344,18 @@ mod tests {
             prepared: Some("pgmirror_2".into()),
             client: Some("s2".into()),
         });
-        replies.answer(empty(CLOSE_COMPLETE));
+        let (reply, undo) = closed("s1");
+        replies.answer(reply, undo.clone());
         replies.client(Kind::Bind);
         replies.client(Kind::Sync);
-        assert_eq!(replies.ended(ERROR_RESPONSE), [parse("pgmirror_2", "s2")]);
+        assert_eq!(
+            replies.ended(ERROR_RESPONSE),
+            [Some(unparse("pgmirror_2", "s2")), undo]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>(),
+            "the skipped Close's statement does not come back"
+        );
         let (forwarded, answers) = run(&mut replies, b"Z");
         assert_eq!(forwarded, b"Z");
         assert!(answers.is_empty(), "a skipped message was answered");
@@ -385,17 +431,51 @@ mod tests {
         }
     }
 
+    fn unparse(server: &str, client: &str) -> Undo {
+        Undo::of(parse(server, client)).unwrap()
+    }
+
+    /// A Close of `client` that the proxy answers.
+    fn closed(client: &str) -> (Vec<u8>, Option<Undo>) {
+        let statement = Statement::new("SELECT 1", &[0, 0], "");
+        let undo = Undo::Close {
+            client: client.into(),
+            statement,
+        };
+        (empty(CLOSE_COMPLETE), Some(undo))
+    }
+
+    /// A Parse of `client` that the proxy answers (its connection has the
+    /// statement).
+    fn parsed(client: &str) -> (Vec<u8>, Option<Undo>) {
+        let undo = Undo::Parse {
+            prepared: None,
+            client: Some(client.into()),
+        };
+        (empty(PARSE_COMPLETE), Some(undo))
+    }
+
     #[test]
     fn an_error_undoes_the_parses_the_server_skips() {
         let mut replies = Replies::default();
         replies.client(Kind::Bind);
         replies.proxy(parse("pgmirror_3", "s3"));
         replies.client(parse("pgmirror_4", "s4"));
+        let (reply, undo) = parsed("s5");
+        replies.answer(reply, undo.clone());
         replies.client(Kind::Sync);
-        let failed = replies.ended(ERROR_RESPONSE);
+        let undone = replies.ended(ERROR_RESPONSE);
         assert_eq!(
-            failed,
-            [parse("pgmirror_3", "s3"), parse("pgmirror_4", "s4")]
+            undone,
+            [
+                Some(unparse("pgmirror_3", "s3")),
+                Some(unparse("pgmirror_4", "s4")),
+                undo
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>(),
+            "a skipped Parse, the server's or the proxy's answer, is not kept"
         );
         let (forwarded, _) = run(&mut replies, b"Z");
         assert_eq!(forwarded, b"Z");
@@ -421,18 +501,31 @@ mod tests {
     fn a_dropped_statement_in_flight_when_the_server_is_lost_is_answered_by_the_proxy() {
         // tokio-postgres drops two statements: Close, Sync, Close, Sync.
         let mut replies = Replies::default();
-        replies.answer(empty(CLOSE_COMPLETE));
-        replies.client(Kind::Sync);
-        replies.answer(empty(CLOSE_COMPLETE));
-        replies.client(Kind::Sync);
+        for name in ["s1", "s2"] {
+            let (reply, undo) = closed(name);
+            replies.answer(reply, undo);
+            replies.client(Kind::Sync);
+        }
         let mut out = Vec::new();
         replies.answers_due(&mut out);
-        let (failed, skipping) = replies.settle_lost(b"E", &mut out);
-        assert!(failed.is_empty());
+        let (undone, skipping) = replies.settle_lost(b"E", &mut out);
+        assert!(undone.is_empty());
         assert!(!skipping);
         assert_eq!(tags_of(&out), b"3Z3Z");
         assert_eq!(&out[out.len() - 6..], ready_for_query(IDLE).as_slice());
         assert!(replies.is_settled());
+    }
+
+    #[test]
+    fn a_query_never_sent_gets_its_error_and_ready_for_query() {
+        let mut replies = Replies::default();
+        replies.client(Kind::Simple);
+        replies.client(Kind::Simple);
+        let mut out = Vec::new();
+        let (undone, skipping) = replies.settle_lost(b"E\0\0\0\x04", &mut out);
+        assert!(undone.is_empty());
+        assert!(!skipping, "a Query's error skips nothing after it");
+        assert_eq!(tags_of(&out), b"EZEZ");
     }
 
     #[test]
@@ -441,23 +534,31 @@ mod tests {
         replies.proxy(parse("pgmirror_5", "s5"));
         replies.client(parse("pgmirror_6", "s6"));
         replies.client(Kind::DescribeStatement);
+        let (reply, undo) = closed("s0");
+        replies.answer(reply, undo.clone());
+        replies.client(Kind::Sync);
+        // The unnamed statement's Close, which the server answers.
         replies.client(Kind::Close);
         replies.client(Kind::Sync);
         replies.client(parse("pgmirror_7", "s7"));
         let mut out = Vec::new();
-        let (failed, skipping) = replies.settle_lost(b"E\0\0\0\x04", &mut out);
+        let (undone, skipping) = replies.settle_lost(b"E\0\0\0\x04", &mut out);
         assert_eq!(
-            failed,
+            undone,
             [
-                parse("pgmirror_5", "s5"),
-                parse("pgmirror_6", "s6"),
-                parse("pgmirror_7", "s7")
+                Some(unparse("pgmirror_5", "s5")),
+                Some(unparse("pgmirror_6", "s6")),
+                undo,
+                Some(unparse("pgmirror_7", "s7"))
             ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
         );
         assert!(skipping, "the last Parse's error still waits for its Sync");
         assert_eq!(
             tags_of(&out),
-            b"EZE",
+            b"EZ3ZE",
             "one error per Sync, nothing skipped answered"
         );
         assert!(replies.is_settled());
