@@ -1371,3 +1371,67 @@ fn undo(undo: Undo, state: Option<&mut ServerState>, statements: &mut ClientStat
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay() -> Relay<'static> {
+        Relay {
+            replies: Replies::default(),
+            fence: CommitFence::new(FrameScanner::backend(), 0),
+            to_server: Vec::new(),
+            raw: Vec::new(),
+            to_client: Vec::new(),
+            server_input: Vec::new(),
+            streaming: None,
+            status: IDLE,
+            ready: false,
+            awaiting_ready: false,
+            touched: Touched::default(),
+            search_path: "",
+            runs_at: None,
+            sent: 0,
+            server_ending: false,
+        }
+    }
+
+    /// A dropped statement's Close and Sync, then a COMMIT, taken from
+    /// the client; the server connection is lost once `written` bytes
+    /// past the Close and Sync reached it.
+    fn lost_with_commit_written(written: u64) -> Ending {
+        let mut relay = relay();
+        let mut statements = ClientStatements::new();
+        let commit = extended::encode_query("COMMIT");
+        let close = extended::encode_target(CLOSE, TARGET_STATEMENT, "s1");
+        let mut input = [close, extended::empty(SYNC), commit.clone()].concat();
+        let mut state = ServerState::default();
+        relay
+            .take_client(&mut input, &mut state, &mut statements)
+            .unwrap();
+        let before_commit = (relay.to_server.len() - commit.len()) as u64;
+        relay.sent = before_commit + written;
+        relay.server_lost(&mut statements)
+    }
+
+    #[test]
+    fn a_statement_counts_as_run_once_a_byte_of_it_reached_the_server() {
+        assert!(
+            matches!(
+                lost_with_commit_written(0),
+                Ending::Settled { skipping: false }
+            ),
+            "a COMMIT never written is answered as not run"
+        );
+        assert!(
+            matches!(
+                lost_with_commit_written(1),
+                Ending::Fatal {
+                    code: SQLSTATE_COMPLETION_UNKNOWN,
+                    ..
+                }
+            ),
+            "a COMMIT partly written may have run: its outcome is unknown"
+        );
+    }
+}
