@@ -1136,11 +1136,12 @@ impl Relay<'_> {
                         query,
                         parse.types,
                     ));
+                    let statement = Statement::unnamed(query, parse.types);
                     self.replies.client(Kind::Parse {
                         prepared: None,
-                        client: Some(String::new()),
+                        client: Some((String::new(), statement.serial)),
                     });
-                    statements.insert(String::new(), Statement::unnamed(query, parse.types));
+                    statements.insert(String::new(), statement);
                 } else if let Some(existing) = statements.get(parse.statement).cloned() {
                     // PostgreSQL refuses a name in use (42P05): so does the
                     // server, for the name the statement has there.
@@ -1167,12 +1168,12 @@ impl Relay<'_> {
                         ));
                         self.replies.client(Kind::Parse {
                             prepared: fresh.then(|| statement.server_name.clone()),
-                            client: Some(parse.statement.to_string()),
+                            client: Some((parse.statement.to_string(), statement.serial)),
                         });
                     } else {
                         let undo = Undo::Parse {
                             prepared: None,
-                            client: Some(parse.statement.to_string()),
+                            client: Some((parse.statement.to_string(), statement.serial)),
                         };
                         self.replies
                             .answer(extended::empty(PARSE_COMPLETE), Some(undo));
@@ -1362,12 +1363,19 @@ fn undo(undo: Undo, state: Option<&mut ServerState>, statements: &mut ClientStat
             if let (Some(state), Some(name)) = (state, prepared) {
                 state.prepared.remove(&name);
             }
-            if let Some(name) = client {
-                statements.remove(&name);
+            // Not a statement a later Parse of the same name made.
+            if let Some((name, serial)) = client {
+                if statements
+                    .get(&name)
+                    .is_some_and(|made| made.serial == serial)
+                {
+                    statements.remove(&name);
+                }
             }
         }
+        // Not over a statement a later Parse of the same name made.
         Undo::Close { client, statement } => {
-            statements.insert(client, statement);
+            statements.entry(client).or_insert(statement);
         }
     }
 }
@@ -1412,6 +1420,57 @@ mod tests {
         let before_commit = (relay.to_server.len() - commit.len()) as u64;
         relay.sent = before_commit + written;
         relay.server_lost(&mut statements)
+    }
+
+    #[test]
+    fn a_failed_parse_undoes_only_its_own_statement() {
+        // Parse s1 (it fails) / Sync / Close s1 / Parse s1 / Sync, in one
+        // pipeline: PostgreSQL ends with the second s1 prepared.
+        let mut relay = relay();
+        let mut statements = ClientStatements::new();
+        let mut state = ServerState::default();
+        let mut input = [
+            extended::encode_parse("s1", "SELEC 1", &[0, 0]),
+            extended::empty(SYNC),
+            extended::encode_target(CLOSE, TARGET_STATEMENT, "s1"),
+            extended::encode_parse("s1", "SELECT 1", &[0, 0]),
+            extended::empty(SYNC),
+        ]
+        .concat();
+        relay
+            .take_client(&mut input, &mut state, &mut statements)
+            .unwrap();
+        let replies = [
+            error_response(
+                Severity::Error,
+                "42601",
+                "syntax error at or near \"SELEC\"",
+            ),
+            extended::ready_for_query(IDLE),
+            extended::empty(PARSE_COMPLETE),
+            extended::ready_for_query(IDLE),
+        ]
+        .concat();
+        relay
+            .take_server(&replies, &mut state, &mut statements)
+            .unwrap();
+        assert!(relay.replies.is_settled());
+        let kept = statements
+            .get("s1")
+            .map(|statement| statement.query.as_str());
+        assert_eq!(
+            kept,
+            Some("SELECT 1"),
+            "the second Parse's statement was lost"
+        );
+        let tags: Vec<u8> = [b'E', b'Z', b'3', b'1', b'Z'].to_vec();
+        let mut sent = Vec::new();
+        let mut raw = relay.raw.as_slice();
+        while let [tag, a, b, c, d, ..] = *raw {
+            sent.push(tag);
+            raw = &raw[1 + u32::from_be_bytes([a, b, c, d]) as usize..];
+        }
+        assert_eq!(sent, tags, "what the client got");
     }
 
     #[test]

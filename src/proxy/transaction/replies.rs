@@ -26,11 +26,12 @@ use crate::wire::startup::{ERROR_RESPONSE, READY_FOR_QUERY};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     /// ParseComplete; `prepared` names the server statement the Parse
-    /// creates and `client` the client's name for it, both forgotten again
-    /// if it fails (PostgreSQL keeps nothing of a failed Parse).
+    /// creates and `client` the client's name for it with the statement's
+    /// serial, both forgotten again if it fails (PostgreSQL keeps nothing
+    /// of a failed Parse).
     Parse {
         prepared: Option<String>,
-        client: Option<String>,
+        client: Option<(String, u64)>,
     },
     Bind,
     Close,
@@ -64,10 +65,10 @@ enum Expect {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Undo {
     /// A Parse: the server statement it created on its connection, and
-    /// the client's name for it.
+    /// the client's name for it with the serial of what it made.
     Parse {
         prepared: Option<String>,
-        client: Option<String>,
+        client: Option<(String, u64)>,
     },
     /// A Close of a client's statement, which the proxy answered: the
     /// statement comes back.
@@ -340,10 +341,7 @@ mod tests {
     #[test]
     fn an_error_drops_everything_up_to_sync() {
         let mut replies = Replies::default();
-        replies.client(Kind::Parse {
-            prepared: Some("pgmirror_2".into()),
-            client: Some("s2".into()),
-        });
+        replies.client(parse("pgmirror_2", "s2"));
         let (reply, undo) = closed("s1");
         replies.answer(reply, undo.clone());
         replies.client(Kind::Bind);
@@ -427,7 +425,7 @@ mod tests {
     fn parse(server: &str, client: &str) -> Kind {
         Kind::Parse {
             prepared: Some(server.into()),
-            client: Some(client.into()),
+            client: Some((client.into(), 7)),
         }
     }
 
@@ -450,7 +448,7 @@ mod tests {
     fn parsed(client: &str) -> (Vec<u8>, Option<Undo>) {
         let undo = Undo::Parse {
             prepared: None,
-            client: Some(client.into()),
+            client: Some((client.into(), 7)),
         };
         (empty(PARSE_COMPLETE), Some(undo))
     }

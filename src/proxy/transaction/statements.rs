@@ -8,6 +8,10 @@
 //! them. A server connection remembers which of these it has. Pure.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Numbers each statement a Parse makes, in the whole proxy.
+static SERIALS: AtomicU64 = AtomicU64::new(1);
 
 /// One statement a client prepared.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +21,9 @@ pub struct Statement {
     pub types: Vec<u8>,
     /// Its name on the servers.
     pub server_name: String,
+    /// Tells it from another a later Parse made, even of the same name
+    /// and text: undoing a Parse removes only what that Parse made.
+    pub serial: u64,
 }
 
 impl Statement {
@@ -38,6 +45,7 @@ impl Statement {
             query: query.to_string(),
             types: types.to_vec(),
             server_name: format!("pgmirror_{hex}"),
+            serial: SERIALS.fetch_add(1, Ordering::Relaxed),
         }
     }
 
@@ -47,6 +55,7 @@ impl Statement {
             query: query.to_string(),
             types: types.to_vec(),
             server_name: String::new(),
+            serial: SERIALS.fetch_add(1, Ordering::Relaxed),
         }
     }
 }
