@@ -96,6 +96,29 @@ impl Pooled {
             .get(0)
     }
 
+    /// Ends every backend of `user` (pg_terminate_backend) and waits until
+    /// they are gone.
+    async fn terminate_backends_of(&self, user: &str) {
+        self.setup
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+                &[&user],
+            )
+            .await
+            .unwrap();
+        for _ in 0..100 {
+            if self.backends_of(user).await == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            self.backends_of(user).await,
+            0,
+            "the backends of {user} outlived pg_terminate_backend"
+        );
+    }
+
     /// `SHOW POOLS` rows as (column name, value) pairs.
     async fn pools(&self, console: &Client) -> Vec<Vec<(String, String)>> {
         let _ = self;
@@ -1027,24 +1050,7 @@ async fn a_pooled_connection_that_dies_while_idle_goes_unnoticed_by_its_client()
         state(client.query_one(&statement, &[]).await.unwrap()),
         expected
     );
-    pooled
-        .setup
-        .batch_execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app'",
-        )
-        .await
-        .unwrap();
-    for _ in 0..100 {
-        if pooled.backends_of("app").await == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        pooled.backends_of("app").await,
-        0,
-        "the backends outlived pg_terminate_backend"
-    );
+    pooled.terminate_backends_of("app").await;
     let row = client
         .query_one(&statement, &[])
         .await
@@ -1172,23 +1178,10 @@ async fn a_server_refusing_a_new_connection_fails_the_statement_not_the_client()
     let statement = client.prepare("SELECT v FROM marker").await.unwrap();
     pooled
         .setup
-        .batch_execute(
-            "ALTER ROLE app CONNECTION LIMIT 0;
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app'",
-        )
+        .batch_execute("ALTER ROLE app CONNECTION LIMIT 0")
         .await
         .unwrap();
-    for _ in 0..100 {
-        if pooled.backends_of("app").await == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        pooled.backends_of("app").await,
-        0,
-        "app's backends lived on"
-    );
+    pooled.terminate_backends_of("app").await;
     let err = client
         .query_one(&statement, &[])
         .await

@@ -287,6 +287,7 @@ fn answers(kind: &Kind, tag: u8) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::transaction::tests::tags_of;
     use crate::wire::extended::{empty, PARAMETER_DESCRIPTION};
 
     /// Feeds server tags; returns (forwarded tags, answers inserted).
@@ -322,8 +323,7 @@ mod tests {
     fn the_proxys_answers_come_in_their_turn() {
         let mut replies = Replies::default();
         replies.client(Kind::Bind);
-        let (reply, undo) = parsed("s1");
-        replies.answer(reply, undo);
+        parse_answered(&mut replies, "s1");
         replies.client(Kind::DescribeStatement);
         replies.client(Kind::Sync);
         let mut out = Vec::new();
@@ -342,16 +342,12 @@ mod tests {
     fn an_error_drops_everything_up_to_sync() {
         let mut replies = Replies::default();
         replies.client(parse("pgmirror_2", "s2"));
-        let (reply, undo) = closed("s1");
-        replies.answer(reply, undo.clone());
+        let undo = close_answered(&mut replies, "s1");
         replies.client(Kind::Bind);
         replies.client(Kind::Sync);
         assert_eq!(
             replies.ended(ERROR_RESPONSE),
-            [Some(unparse("pgmirror_2", "s2")), undo]
-                .into_iter()
-                .flatten()
-                .collect::<Vec<_>>(),
+            [unparse("pgmirror_2", "s2"), undo],
             "the skipped Close's statement does not come back"
         );
         let (forwarded, answers) = run(&mut replies, b"Z");
@@ -412,16 +408,6 @@ mod tests {
         assert!(replies.is_settled());
     }
 
-    /// The tags of the whole messages in `out`.
-    fn tags_of(mut out: &[u8]) -> Vec<u8> {
-        let mut tags = Vec::new();
-        while let [tag, a, b, c, d, ..] = *out {
-            tags.push(tag);
-            out = &out[1 + u32::from_be_bytes([a, b, c, d]) as usize..];
-        }
-        tags
-    }
-
     fn parse(server: &str, client: &str) -> Kind {
         Kind::Parse {
             prepared: Some(server.into()),
@@ -433,24 +419,26 @@ mod tests {
         Undo::of(parse(server, client)).unwrap()
     }
 
-    /// A Close of `client` that the proxy answers.
-    fn closed(client: &str) -> (Vec<u8>, Option<Undo>) {
+    /// The proxy answers a Close of `client` itself; what undoes it.
+    fn close_answered(replies: &mut Replies, client: &str) -> Undo {
         let statement = Statement::new("SELECT 1", &[0, 0], "");
         let undo = Undo::Close {
             client: client.into(),
             statement,
         };
-        (empty(CLOSE_COMPLETE), Some(undo))
+        replies.answer(empty(CLOSE_COMPLETE), Some(undo.clone()));
+        undo
     }
 
-    /// A Parse of `client` that the proxy answers (its connection has the
-    /// statement).
-    fn parsed(client: &str) -> (Vec<u8>, Option<Undo>) {
+    /// The proxy answers a Parse of `client` itself (its connection has
+    /// the statement); what undoes it.
+    fn parse_answered(replies: &mut Replies, client: &str) -> Undo {
         let undo = Undo::Parse {
             prepared: None,
             client: Some((client.into(), 7)),
         };
-        (empty(PARSE_COMPLETE), Some(undo))
+        replies.answer(empty(PARSE_COMPLETE), Some(undo.clone()));
+        undo
     }
 
     #[test]
@@ -459,20 +447,16 @@ mod tests {
         replies.client(Kind::Bind);
         replies.proxy(parse("pgmirror_3", "s3"));
         replies.client(parse("pgmirror_4", "s4"));
-        let (reply, undo) = parsed("s5");
-        replies.answer(reply, undo.clone());
+        let undo = parse_answered(&mut replies, "s5");
         replies.client(Kind::Sync);
         let undone = replies.ended(ERROR_RESPONSE);
         assert_eq!(
             undone,
             [
-                Some(unparse("pgmirror_3", "s3")),
-                Some(unparse("pgmirror_4", "s4")),
+                unparse("pgmirror_3", "s3"),
+                unparse("pgmirror_4", "s4"),
                 undo
-            ]
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>(),
+            ],
             "a skipped Parse, the server's or the proxy's answer, is not kept"
         );
         let (forwarded, _) = run(&mut replies, b"Z");
@@ -500,8 +484,7 @@ mod tests {
         // tokio-postgres drops two statements: Close, Sync, Close, Sync.
         let mut replies = Replies::default();
         for name in ["s1", "s2"] {
-            let (reply, undo) = closed(name);
-            replies.answer(reply, undo);
+            close_answered(&mut replies, name);
             replies.client(Kind::Sync);
         }
         let mut out = Vec::new();
@@ -532,8 +515,7 @@ mod tests {
         replies.proxy(parse("pgmirror_5", "s5"));
         replies.client(parse("pgmirror_6", "s6"));
         replies.client(Kind::DescribeStatement);
-        let (reply, undo) = closed("s0");
-        replies.answer(reply, undo.clone());
+        let undo = close_answered(&mut replies, "s0");
         replies.client(Kind::Sync);
         // The unnamed statement's Close, which the server answers.
         replies.client(Kind::Close);
@@ -544,14 +526,11 @@ mod tests {
         assert_eq!(
             undone,
             [
-                Some(unparse("pgmirror_5", "s5")),
-                Some(unparse("pgmirror_6", "s6")),
+                unparse("pgmirror_5", "s5"),
+                unparse("pgmirror_6", "s6"),
                 undo,
-                Some(unparse("pgmirror_7", "s7"))
+                unparse("pgmirror_7", "s7")
             ]
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>()
         );
         assert!(skipping, "the last Parse's error still waits for its Sync");
         assert_eq!(
