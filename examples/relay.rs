@@ -1,7 +1,7 @@
 //! A bare TCP relay, the physical baseline of the benchmarks in `bench/`:
 //! what one extra hop costs with no parsing, TLS or fence, so a figure of
-//! pgmirror's can be read against it. It uses the proxy's runtime (tokio,
-//! multi-threaded), sets TCP_NODELAY on both sides as the proxy does, and
+//! pgmirror's can be read against it. It uses the proxy's default runtime
+//! (tokio, one thread), sets TCP_NODELAY on both sides as the proxy does, and
 //! copies with `tokio::io::copy_bidirectional`. Not part of pgmirror.
 //!
 //!   relay LISTEN_ADDR TARGET_ADDR
@@ -10,7 +10,7 @@
 
 use tokio::net::{TcpListener, TcpStream};
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
     let (Some(listen), Some(target)) = (args.next(), args.next()) else {

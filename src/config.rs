@@ -829,6 +829,11 @@ fn default_proxy_listen() -> ListenAddr {
 fn default_max_clients() -> usize {
     1000
 }
+/// More proxy threads than any machine it runs on has cores.
+const MAX_PROXY_THREADS: usize = 1024;
+fn default_proxy_threads() -> usize {
+    1
+}
 fn default_startup_timeout() -> u64 {
     10
 }
@@ -873,6 +878,12 @@ pub struct ProxyConfig {
     pub listen: ListenAddr,
     #[serde(default = "default_max_clients")]
     pub max_clients: usize,
+    /// Threads that serve clients. One (the default, as PgBouncer) costs
+    /// the least CPU per transaction: no wake-up crosses threads. More
+    /// spread clients over work-stealing workers, for a proxy with cores
+    /// of its own.
+    #[serde(default = "default_proxy_threads")]
+    pub threads: usize,
     /// Seconds a client has to finish startup and authentication.
     #[serde(default = "default_startup_timeout")]
     pub startup_timeout: u64,
@@ -928,6 +939,12 @@ impl Validate for ProxyConfig {
         }
         if self.max_clients == 0 {
             return Err(Invalid::new("max_clients", "must be at least 1"));
+        }
+        if !(1..=MAX_PROXY_THREADS).contains(&self.threads) {
+            return Err(Invalid::new(
+                "threads",
+                format!("must be 1 to {MAX_PROXY_THREADS} (1, the default, suits most proxies)"),
+            ));
         }
         if let Some(tls) = &self.endpoint_tls {
             tls.validate("endpoint_tls")?;
@@ -1007,6 +1024,21 @@ partners = ["127.0.0.1:5431", "TCP://[::1]:5441"]
         assert_eq!(
             err,
             r#"p.toml: default_session: "nope" is not one of the [sessions]"#
+        );
+    }
+
+    #[test]
+    fn the_proxy_runs_on_one_thread_unless_told_otherwise() {
+        let config: ProxyConfig = parse("proxy.toml", PROXY).unwrap();
+        assert_eq!(config.threads, 1);
+        let config: ProxyConfig = parse("proxy.toml", &format!("threads = 4\n{PROXY}")).unwrap();
+        assert_eq!(config.threads, 4);
+        let err = parse::<ProxyConfig>("p.toml", &format!("threads = 0\n{PROXY}"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "p.toml: threads: must be 1 to 1024 (1, the default, suits most proxies)"
         );
     }
 

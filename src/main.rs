@@ -77,15 +77,24 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     match cli.command {
         Commands::Partner { config } => match config::load::<PartnerConfig>(&config) {
-            Ok(config) => serve(pgmirror::partner::run(config, shutdown_on_signal())),
+            Ok(config) => serve(
+                Threads::PerCore,
+                pgmirror::partner::run(config, shutdown_on_signal()),
+            ),
             Err(err) => fail(err),
         },
         Commands::Witness { config } => match config::load::<WitnessConfig>(&config) {
-            Ok(config) => serve(pgmirror::witness::run(config, shutdown_on_signal())),
+            Ok(config) => serve(
+                Threads::PerCore,
+                pgmirror::witness::run(config, shutdown_on_signal()),
+            ),
             Err(err) => fail(err),
         },
         Commands::Proxy { config } => match config::load::<ProxyConfig>(&config) {
-            Ok(config) => serve(pgmirror::proxy::run(config, shutdown_on_signal())),
+            Ok(config) => serve(
+                Threads::Exactly(config.threads),
+                pgmirror::proxy::run(config, shutdown_on_signal()),
+            ),
             Err(err) => fail(err),
         },
         Commands::Fence { data_dir } => {
@@ -106,7 +115,10 @@ fn main() -> ExitCode {
                 witness: !no_witness,
                 timeout,
             };
-            serve(pgmirror::demo::run(options, shutdown_on_signal()))
+            serve(
+                Threads::PerCore,
+                pgmirror::demo::run(options, shutdown_on_signal()),
+            )
         }
     }
 }
@@ -117,18 +129,38 @@ fn fail(err: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// Runs a long-lived process on a multi-threaded runtime until it returns.
+/// The threads a process's runtime runs its tasks on.
+enum Threads {
+    /// A work-stealing worker per core.
+    PerCore,
+    /// This many; one is a runtime without work stealing, whose wake-ups
+    /// stay on its own thread.
+    Exactly(usize),
+}
+
+/// Runs a long-lived process until it returns.
 fn serve<E: std::fmt::Display + Send + 'static>(
+    threads: Threads,
     process: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
 ) -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match threads {
+        Threads::PerCore => tokio::runtime::Runtime::new(),
+        Threads::Exactly(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Threads::Exactly(count) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(count)
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(err) => return fail(err),
     };
-    // On a worker, not on this thread: a task it spawns (a connection per
-    // accept) then starts where it was spawned, not by waking a parked
-    // worker through a futex, and its sockets' readiness reaches it
-    // without another thread's wake-up.
+    // On a worker, not on this thread: with work stealing, a task it
+    // spawns (a connection per accept) then starts where it was spawned,
+    // not by waking a parked worker through a futex, and its sockets'
+    // readiness reaches it without another thread's wake-up.
     match runtime.block_on(runtime.spawn(process)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(err)) => fail(err),
