@@ -283,6 +283,12 @@ pub struct PartnerConfig {
     /// Seconds of silence after which a connection counts as lost (spec 29-30).
     #[serde(default = "default_timeout")]
     pub timeout: u64,
+    /// Threads the agent's tasks run on. One (the default) keeps the WAL
+    /// relays' wake-ups on one thread, the least CPU per WAL message; its
+    /// blocking work (pg_ctl, pg_rewind, pg_basebackup) runs on threads of
+    /// its own either way.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
     /// Prometheus metrics listener.
     pub metrics: Option<ListenAddr>,
     /// HTTP health endpoints for load balancers (`/primary`, `/replica`,
@@ -360,6 +366,7 @@ impl Validate for PartnerConfig {
         validate_name("session", &self.session)?;
         validate_name("name", &self.name)?;
         validate_timeout("timeout", self.timeout)?;
+        validate_threads(self.threads)?;
         if self.postgres.port == 0 {
             return Err(Invalid::new("postgres.port", "0 is not a valid port"));
         }
@@ -829,10 +836,22 @@ fn default_proxy_listen() -> ListenAddr {
 fn default_max_clients() -> usize {
     1000
 }
-/// More proxy threads than any machine it runs on has cores.
-const MAX_PROXY_THREADS: usize = 1024;
-fn default_proxy_threads() -> usize {
+/// More threads than any machine a process runs on has cores.
+const MAX_THREADS: usize = 1024;
+fn default_threads() -> usize {
     1
+}
+
+/// A process's `threads`: 1 up to [`MAX_THREADS`].
+fn validate_threads(threads: usize) -> Result<(), Invalid> {
+    if (1..=MAX_THREADS).contains(&threads) {
+        Ok(())
+    } else {
+        Err(Invalid::new(
+            "threads",
+            format!("must be 1 to {MAX_THREADS} (1, the default, suits most machines)"),
+        ))
+    }
 }
 fn default_startup_timeout() -> u64 {
     10
@@ -882,7 +901,7 @@ pub struct ProxyConfig {
     /// the least CPU per transaction: no wake-up crosses threads. More
     /// spread clients over work-stealing workers, for a proxy with cores
     /// of its own.
-    #[serde(default = "default_proxy_threads")]
+    #[serde(default = "default_threads")]
     pub threads: usize,
     /// Seconds a client has to finish startup and authentication.
     #[serde(default = "default_startup_timeout")]
@@ -940,12 +959,7 @@ impl Validate for ProxyConfig {
         if self.max_clients == 0 {
             return Err(Invalid::new("max_clients", "must be at least 1"));
         }
-        if !(1..=MAX_PROXY_THREADS).contains(&self.threads) {
-            return Err(Invalid::new(
-                "threads",
-                format!("must be 1 to {MAX_PROXY_THREADS} (1, the default, suits most proxies)"),
-            ));
-        }
+        validate_threads(self.threads)?;
         if let Some(tls) = &self.endpoint_tls {
             tls.validate("endpoint_tls")?;
         }
@@ -1038,7 +1052,7 @@ partners = ["127.0.0.1:5431", "TCP://[::1]:5441"]
             .to_string();
         assert_eq!(
             err,
-            "p.toml: threads: must be 1 to 1024 (1, the default, suits most proxies)"
+            "p.toml: threads: must be 1 to 1024 (1, the default, suits most machines)"
         );
     }
 

@@ -78,7 +78,7 @@ fn main() -> ExitCode {
     match cli.command {
         Commands::Partner { config } => match config::load::<PartnerConfig>(&config) {
             Ok(config) => serve(
-                Threads::PerCore,
+                Threads::Exactly(config.threads),
                 pgmirror::partner::run(config, shutdown_on_signal()),
             ),
             Err(err) => fail(err),

@@ -29,6 +29,7 @@ fn shipped_examples_load() {
     assert_eq!(beta.peer.host, "alpha.example");
     assert_eq!(alpha.safety, Safety::Full);
     assert_eq!(alpha.health.map(|addr| addr.0.port()), Some(8008));
+    assert_eq!((alpha.threads, beta.threads), (1, 1));
     let witness: WitnessConfig = config::load(&example("witness.toml")).unwrap();
     assert!(witness.store.ends_with("witness.sqlite"));
     let proxy: ProxyConfig = config::load(&example("proxy.toml")).unwrap();
@@ -90,17 +91,25 @@ fn unknown_key_names_file_and_key() {
 #[test]
 fn out_of_range_values_are_refused_with_the_rule() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_variant(
-        dir.path(),
-        "partner-alpha.toml",
-        "timeout = 10",
-        "timeout = 0",
-    );
-    let err = config::load::<PartnerConfig>(&path)
-        .unwrap_err()
-        .to_string();
+    let partner_error = |from: &str, to: &str| {
+        let path = write_variant(dir.path(), "partner-alpha.toml", from, to);
+        config::load::<PartnerConfig>(&path)
+            .unwrap_err()
+            .to_string()
+    };
+    let err = partner_error("timeout = 10", "timeout = 0");
     assert!(
         err.ends_with("timeout: 0 is out of range (1 to 3600 seconds)"),
+        "{err}"
+    );
+    let err = partner_error("threads = 1", "threads = 0");
+    assert!(
+        err.ends_with("threads: must be 1 to 1024 (1, the default, suits most machines)"),
+        "{err}"
+    );
+    let err = partner_error("health = \"0.0.0.0:8008\"", "health = \"0.0.0.0:9187\"");
+    assert!(
+        err.ends_with("health: 0.0.0.0:9187 is also the metrics address"),
         "{err}"
     );
     let path = write_variant(
@@ -113,19 +122,6 @@ fn out_of_range_values_are_refused_with_the_rule() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("tls.ca: missing"), "{err}");
-    let path = write_variant(
-        dir.path(),
-        "partner-alpha.toml",
-        "health = \"0.0.0.0:8008\"",
-        "health = \"0.0.0.0:9187\"",
-    );
-    let err = config::load::<PartnerConfig>(&path)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.ends_with("health: 0.0.0.0:9187 is also the metrics address"),
-        "{err}"
-    );
 }
 
 #[test]
