@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod partner;
 pub mod proxy;
 pub mod roles;
+pub mod runtime;
 pub mod shipper;
 pub mod sync;
 pub mod tls;

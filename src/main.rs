@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use pgmirror::config::{self, PartnerConfig, ProxyConfig, WitnessConfig};
 use pgmirror::logging::{self, LogFormat};
 use pgmirror::roles::Safety;
+use pgmirror::runtime::{self, Threads};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
@@ -129,31 +130,12 @@ fn fail(err: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// The threads a process's runtime runs its tasks on.
-enum Threads {
-    /// A work-stealing worker per core.
-    PerCore,
-    /// This many; one is a runtime without work stealing, whose wake-ups
-    /// stay on its own thread.
-    Exactly(usize),
-}
-
 /// Runs a long-lived process until it returns.
 fn serve<E: std::fmt::Display + Send + 'static>(
     threads: Threads,
     process: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
 ) -> ExitCode {
-    let runtime = match threads {
-        Threads::PerCore => tokio::runtime::Runtime::new(),
-        Threads::Exactly(1) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        Threads::Exactly(count) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(count)
-            .enable_all()
-            .build(),
-    };
-    let runtime = match runtime {
+    let runtime = match runtime::build(threads) {
         Ok(runtime) => runtime,
         Err(err) => return fail(err),
     };

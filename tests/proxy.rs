@@ -183,8 +183,21 @@ async fn md5_and_scram_users_authenticate_through_the_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_request_cancels_only_its_query() {
+    cancels_only_its_query("").await;
+}
+
+/// The same on a proxy with `threads = 3`: the cancel request and its
+/// query's client may be served by different workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_request_cancels_only_its_query_on_a_proxy_of_several_threads() {
+    cancels_only_its_query("threads = 3").await;
+}
+
+/// One long query cancelled through the proxy while 20 other clients run
+/// short ones; `extra` goes into the proxy's config.
+async fn cancels_only_its_query(extra: &str) {
     let pg = PgInstance::start_with(&["max_connections = 60"]);
-    let proxy = Arc::new(ProxyHandle::start(&standalone_config(&pg, "")).await);
+    let proxy = Arc::new(ProxyHandle::start(&standalone_config(&pg, extra)).await);
     let sleeper = proxy.connect("").await.unwrap();
     let token = sleeper.cancel_token();
     let long = tokio::spawn(async move { sleeper.simple_query("SELECT pg_sleep(60)").await });

@@ -1,5 +1,6 @@
 //! `ProxyHandle`: a pgmirror proxy served in-process on a port-0 listener,
-//! from TOML sessions the test writes, stopped (its shutdown token
+//! on a runtime of its own as the binary's, from TOML sessions the test
+//! writes, stopped (its shutdown token
 //! cancelled) when the handle drops. Plus the clients tests use through it:
 //! tokio-postgres connections, psql and pgbench runs; and a server with
 //! password users whose verifiers a userlist copies (proxy-side
@@ -9,40 +10,48 @@ use std::process::Command;
 use std::time::Duration;
 
 use pgmirror::config::ProxyConfig;
+use pgmirror::runtime::{self, Threads};
 use tokio_util::sync::CancellationToken;
 
 pub struct ProxyHandle {
     pub port: u16,
     shutdown: CancellationToken,
-    task: Option<tokio::task::JoinHandle<()>>,
+    /// Resolves when the proxy's thread has ended.
+    ended: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl ProxyHandle {
-    /// Starts a proxy from config text (its `listen` is ignored: the proxy
-    /// gets a fresh port).
+    /// Runs the proxy on a thread and runtime of its own, built from its
+    /// `threads` as the binary builds them, so the tests exercise the
+    /// runtime users get (one thread by default).
     pub async fn start(config_text: &str) -> ProxyHandle {
         let config: ProxyConfig =
             pgmirror::config::parse("proxy.toml", config_text).expect("valid proxy config");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind proxy");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
         let port = listener.local_addr().expect("local addr").port();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
-        let task = tokio::spawn(async move {
-            pgmirror::proxy::serve(listener, config, token)
-                .await
-                .expect("proxy serves");
+        let (finished, ended) = tokio::sync::oneshot::channel();
+        let runtime = runtime::build(Threads::Exactly(config.threads)).expect("proxy runtime");
+        std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                pgmirror::proxy::serve(listener, config, token)
+                    .await
+                    .expect("proxy serves");
+            });
+            let _ = finished.send(());
         });
         ProxyHandle {
             port,
             shutdown,
-            task: Some(task),
+            ended: Some(ended),
         }
     }
 
-    /// A proxy in front of a real mirrored pair (session `shop` for the
-    /// dbname `postgres`), with `extra` config lines at the top.
     pub async fn in_front_of(pair: &super::cluster::Pair, extra: &str) -> ProxyHandle {
         ProxyHandle::in_front_of_with(pair, extra, "").await
     }
@@ -71,8 +80,8 @@ impl ProxyHandle {
     /// Stops the proxy and waits for it.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        if let Some(ended) = self.ended.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), ended).await;
         }
     }
 
