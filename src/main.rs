@@ -139,10 +139,11 @@ fn serve<E: std::fmt::Display + Send + 'static>(
         Ok(runtime) => runtime,
         Err(err) => return fail(err),
     };
-    // On a worker, not on this thread: with work stealing, a task it
+    // With work stealing, on a worker rather than this thread: a task it
     // spawns (a connection per accept) then starts where it was spawned,
     // not by waking a parked worker through a futex, and its sockets'
-    // readiness reaches it without another thread's wake-up.
+    // readiness reaches it without another thread's wake-up. On one
+    // thread, this thread is the worker.
     match runtime.block_on(runtime.spawn(process)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(err)) => fail(err),

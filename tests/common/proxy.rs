@@ -1,7 +1,6 @@
 //! `ProxyHandle`: a pgmirror proxy served in-process on a port-0 listener,
 //! on a runtime of its own as the binary's, from TOML sessions the test
-//! writes, stopped (its shutdown token
-//! cancelled) when the handle drops. Plus the clients tests use through it:
+//! writes, stopped (its shutdown token cancelled) when the handle drops. Plus the clients tests use through it:
 //! tokio-postgres connections, psql and pgbench runs; and a server with
 //! password users whose verifiers a userlist copies (proxy-side
 //! authentication).
@@ -21,8 +20,9 @@ pub struct ProxyHandle {
 }
 
 impl ProxyHandle {
-    /// Runs the proxy on a thread and runtime of its own, built from its
-    /// `threads` as the binary builds them, so the tests exercise the
+    /// Starts a proxy from config text (its `listen` is ignored: the proxy
+    /// gets a fresh port), on a thread and runtime of its own, built from
+    /// its `threads` as the binary builds them, so the tests exercise the
     /// runtime users get (one thread by default).
     pub async fn start(config_text: &str) -> ProxyHandle {
         let config: ProxyConfig =
@@ -52,6 +52,8 @@ impl ProxyHandle {
         }
     }
 
+    /// A proxy in front of a real mirrored pair (session `shop` for the
+    /// dbname `postgres`), with `extra` config lines at the top.
     pub async fn in_front_of(pair: &super::cluster::Pair, extra: &str) -> ProxyHandle {
         ProxyHandle::in_front_of_with(pair, extra, "").await
     }
