@@ -8,7 +8,8 @@
 //! session state (SET, RESET, startup parameters) carried across server
 //! connections, a client that leaves mid-transaction or mid-query, a wait
 //! for a busy pool up to hold_timeout, a pooled connection that dies while
-//! idle, session features refused with 0A000, and the config that refuses
+//! idle, session features refused with 0A000, a stopping proxy telling idle
+//! and busy clients 57P01, and the config that refuses
 //! transaction mode with pass-through authentication.
 mod common;
 
@@ -117,6 +118,28 @@ impl Pooled {
             0,
             "the backends of {user} outlived pg_terminate_backend"
         );
+    }
+
+    /// Waits until `count` statements like `pattern` run on the server.
+    async fn await_running(&self, pattern: &str, count: i64) {
+        let mut running = 0;
+        for _ in 0..100 {
+            running = self
+                .setup
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 \
+                     AND state = 'active'",
+                    &[&pattern],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if running == count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(running, count, "statements like {pattern:?} running");
     }
 
     /// `SHOW POOLS` rows as (column name, value) pairs.
@@ -1253,24 +1276,7 @@ async fn a_cancel_stops_its_own_clients_query_and_no_other() {
         (sleeper, outcome.map(|_| ()))
     });
     let other_sleep = tokio::spawn(async move { other.simple_query("SELECT pg_sleep(3)").await });
-    let mut running = 0i64;
-    for _ in 0..50 {
-        running = pooled
-            .setup
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(%' \
-                 AND state = 'active'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if running == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(running, 2, "both sleeps never ran at once");
+    pooled.await_running("SELECT pg_sleep(%", 2).await;
 
     idle.cancel_token()
         .cancel_query(tokio_postgres::NoTls)
@@ -1668,6 +1674,49 @@ fn assert_refused(outcome: Result<(), tokio_postgres::Error>, what: &str) {
         "{what}: {}",
         db.message()
     );
+}
+
+/// A proxy that stops tells its transaction-mode clients so (FATAL 57P01)
+/// at once: the one idle between statements and the one whose query runs.
+/// Each waits for the shutdown once for its whole life; a wait that missed
+/// it would leave both until the proxy's grace period ran out and then
+/// close them without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_proxy_tells_idle_and_busy_clients_57p01() {
+    let pooled = pooled(2).await;
+    let conninfo = format!(
+        "{} password=wonder",
+        pooled.proxy.conninfo("app", "postgres")
+    );
+    let (idle, idle_connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let idle_connection = tokio::spawn(idle_connection);
+    assert_eq!(value(&idle, "SELECT 'ran'").await, "ran");
+    let busy = pooled.app("application_name=busy").await;
+    let sleeping = tokio::spawn(async move { busy.simple_query("SELECT pg_sleep(30)").await });
+    pooled.await_running("SELECT pg_sleep(30)", 1).await;
+    let Pooled { proxy, setup, pg } = pooled;
+    let stopping = tokio::time::Instant::now();
+    proxy.stop().await;
+    let told = |what: &str, err: tokio_postgres::Error| {
+        assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{what}: {err}");
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(2), sleeping)
+        .await
+        .expect("the busy client was told within 2 s")
+        .unwrap();
+    told("busy", answer.expect_err("pg_sleep ended by the shutdown"));
+    let ended = tokio::time::timeout(Duration::from_secs(2), idle_connection)
+        .await
+        .expect("the idle client was told within 2 s")
+        .unwrap();
+    told(
+        "idle",
+        ended.expect_err("the idle connection ended by the shutdown"),
+    );
+    println!("both told after {:?}", stopping.elapsed());
+    drop((setup, pg));
 }
 
 #[test]

@@ -82,13 +82,15 @@ impl Registration {
         self.cancels.clone()
     }
 
-    /// Records the server a client is now spliced to.
-    pub fn set_server(&self, address: &str) {
+    /// Records the server a client is now spliced to, and the server's
+    /// BackendKeyData when it is known already (a pooled connection): one
+    /// update, as a transaction-mode client makes it at every transaction.
+    pub fn set_server(&self, address: &str, key: Option<(u32, u32)>) {
         if let Some(mut entry) = self.clients.map.get_mut(&self.pid) {
-            // A transaction-mode client sets it at every transaction.
             if entry.server_addr.as_deref() != Some(address) {
                 entry.server_addr = Some(address.to_string());
             }
+            entry.server_key = key;
         }
     }
 
@@ -204,8 +206,11 @@ mod tests {
         assert!(clients
             .cancel_target(registration.pid, &registration.secret)
             .is_none());
-        registration.set_server("127.0.0.1:5432");
-        registration.set_server_key(42, 43);
+        registration.set_server("127.0.0.1:5432", None);
+        assert!(clients
+            .cancel_target(registration.pid, &registration.secret)
+            .is_none());
+        registration.set_server("127.0.0.1:5432", Some((42, 43)));
         assert_eq!(registration.cancels_forwarded(), 0);
         let target = clients
             .cancel_target(registration.pid, &registration.secret)

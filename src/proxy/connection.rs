@@ -557,7 +557,7 @@ async fn serve_session<S: splice::Duplex>(
     let _server = GaugeGuard::new(
         gauge!(metrics::PROXY_SERVER_CONNECTIONS, metrics::SESSION => key.session.clone()),
     );
-    registration.set_server(&connected.principal.address);
+    registration.set_server(&connected.principal.address, None);
     // Only a pooled client's splice tracks whether its server can be reused.
     let reuse = lease.as_ref().map(|_| Mutex::new(Reuse::default()));
     let (principal, epoch) = (connected.principal.clone(), connected.epoch);

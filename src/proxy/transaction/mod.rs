@@ -27,6 +27,7 @@ pub mod sql;
 pub mod statements;
 
 use std::collections::BTreeMap;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use ::metrics::counter;
@@ -34,7 +35,7 @@ use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::metrics;
 use crate::proxy::auth::Login;
@@ -55,7 +56,7 @@ use crate::wire::extended::{
     CLOSE, CLOSE_COMPLETE, COPY_DONE, COPY_FAIL, DESCRIBE, EXECUTE, FLUSH, FUNCTION_CALL,
     PARAMETER_STATUS, PARSE, PARSE_COMPLETE, QUERY, SYNC, TARGET_STATEMENT, TERMINATE,
 };
-use crate::wire::frame::FrameScanner;
+use crate::wire::frame::{FrameScanner, TAGGED_HEADER_LEN};
 use crate::wire::startup::{
     backend_key_data, backend_message_len, decode_backend_key_data, ends_connection, error_code,
     error_message, error_response, startup_message, Severity, BACKEND_KEY_DATA, ERROR_RESPONSE,
@@ -81,6 +82,8 @@ const WHOLE_MESSAGE_MAX: usize = 64 * 1024;
 const SERVER_READ: usize = 8 * 1024;
 /// Bytes queued for one side before the proxy stops reading the other.
 const QUEUE_MAX: usize = 256 * 1024;
+/// The most room made at once for the rest of a client's message.
+const CLIENT_READ: usize = 64 * 1024;
 
 /// What a pooled server connection carries from one transaction-mode
 /// client to the next (empty in session mode).
@@ -220,10 +223,11 @@ struct Session<'a> {
     statements: ClientStatements,
     /// The principal and epoch of its last server connection.
     last: Option<(String, Epoch)>,
-    /// The proxy's shutdown, as a token of this client's own: waiting on
-    /// the proxy's token itself would take one lock shared by every client
-    /// at each wake-up.
-    shutdown: CancellationToken,
+    /// The proxy's shutdown, one wait for the client's whole life: made
+    /// per transaction, its registration and removal took the token's
+    /// locks twice for every statement. Filtered, it is polled only when
+    /// the shutdown woke it.
+    shutdown: Pin<Box<WakeFilter<WaitForCancellationFutureOwned>>>,
 }
 
 /// Serves a transaction-mode client until it leaves.
@@ -260,7 +264,7 @@ pub(super) async fn serve<S: Duplex>(
         settings: ClientSettings::from_startup(&params),
         statements: ClientStatements::new(),
         last: None,
-        shutdown: ctx.shutdown.child_token(),
+        shutdown: Box::pin(WakeFilter::new(ctx.shutdown.clone().cancelled_owned())),
     };
     drop(params);
     // Plain TCP splits without a lock between the halves, as in the splice.
@@ -280,9 +284,10 @@ pub(super) async fn serve<S: Duplex>(
         // Idle: no server connection until a whole message has come.
         let mut out = Vec::new();
         while !has_whole_message(&input)? {
+            reserve_for_message(&mut input)?;
             let read = tokio::select! {
                 read = client_read.read_buf(&mut input) => read?,
-                _ = session.shutdown.cancelled() => {
+                _ = &mut session.shutdown => {
                     let bye = error_response(Severity::Fatal, "57P01", SHUTTING_DOWN);
                     let _ = client_write.write_all(&bye).await;
                     return Ok(End::Shutdown);
@@ -353,6 +358,20 @@ fn whole_message(input: &[u8]) -> Result<Option<(u8, usize)>, ConnError> {
 
 fn has_whole_message(input: &[u8]) -> Result<bool, ConnError> {
     Ok(whole_message(input)?.is_some())
+}
+
+/// Makes room for the rest of the first message in `input` (up to
+/// [`CLIENT_READ`]), so that a statement longer than the 64 bytes an
+/// empty buffer starts with comes in one more read, not in reads that
+/// each grow the buffer by a little. A header's worth more: a read that
+/// fills the buffer exactly leaves the socket marked readable, and the
+/// next read finds nothing.
+fn reserve_for_message(input: &mut Vec<u8>) -> Result<(), ConnError> {
+    if let Some((_, len)) = backend_message_len(input)? {
+        let rest = len.saturating_sub(input.len()).min(CLIENT_READ);
+        input.reserve(rest + TAGGED_HEADER_LEN);
+    }
+    Ok(())
 }
 
 /// Why a client could not get a server connection.
@@ -535,11 +554,8 @@ impl Session<'_> {
             }
             Err(refusal) => return Err(refusal),
         }
-        let address = &attached.principal.address;
-        self.registration.set_server(address);
-        if let Some((pid, secret)) = attached.state.key {
-            self.registration.set_server_key(pid, secret);
-        }
+        self.registration
+            .set_server(&attached.principal.address, attached.state.key);
         attached.cancels = self.registration.cancels_forwarded();
         let here = (&attached.principal.server_name, attached.epoch);
         let last = self.last.as_ref().map(|(name, epoch)| (name, *epoch));
@@ -758,7 +774,6 @@ impl Session<'_> {
             let mut superseded = std::pin::pin!(WakeFilter::new(superseded));
             // Read into without zeroing it first (most replies are small).
             server_buf.reserve(SERVER_READ);
-            let mut shutdown = std::pin::pin!(WakeFilter::new(self.shutdown.cancelled()));
             let bytes = &self.ctx.bytes;
             relay.take_client(input, state, &mut self.statements)?;
             loop {
@@ -775,6 +790,7 @@ impl Session<'_> {
                     // I4: not one more byte to a superseded principal.
                     break Some(relay.failover(principal, &mut self.statements));
                 }
+                reserve_for_message(input)?;
                 tokio::select! {
                     // Bytes first: a wake-up for bytes polls nothing else.
                     biased;
@@ -817,7 +833,7 @@ impl Session<'_> {
                         }
                     }
                     () = &mut superseded => break Some(relay.failover(principal, &mut self.statements)),
-                    _ = &mut shutdown => break Some(Ending::Fatal {
+                    _ = &mut self.shutdown => break Some(Ending::Fatal {
                         end: End::Shutdown,
                         code: "57P01",
                         message: SHUTTING_DOWN.into(),
@@ -1383,6 +1399,30 @@ fn undo(undo: Undo, state: Option<&mut ServerState>, statements: &mut ClientStat
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_statement_gets_room_for_its_rest_and_no_more_than_client_read() {
+        let query = |len: u32| {
+            let mut input = vec![b'Q'];
+            input.extend_from_slice(&(len - 1).to_be_bytes());
+            input.resize(64, b'x');
+            input
+        };
+        // Half a kilobyte in hand after the first 64 bytes: its rest, and
+        // a header's worth more so that the read does not fill it exactly.
+        let mut input = query(512);
+        reserve_for_message(&mut input).unwrap();
+        assert!(input.capacity() >= 512 + TAGGED_HEADER_LEN);
+        assert!(input.capacity() < 1024, "{}", input.capacity());
+        // A claimed gigabyte gets CLIENT_READ at a time.
+        let mut input = query(1 << 30);
+        reserve_for_message(&mut input).unwrap();
+        assert!(input.capacity() <= 64 + CLIENT_READ + TAGGED_HEADER_LEN);
+        // No header yet: nothing to go by.
+        let mut input = vec![b'Q', 0];
+        reserve_for_message(&mut input).unwrap();
+        assert_eq!(input.capacity(), 2);
+    }
 
     /// The tags of the whole messages in `out`.
     pub(in crate::proxy::transaction) fn tags_of(mut out: &[u8]) -> Vec<u8> {
