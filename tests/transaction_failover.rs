@@ -12,7 +12,10 @@
 //!   black-holed so the commit waits, shown waiting in pg_stat_activity)
 //!   never reaches its client as a success whose row is missing on the new
 //!   principal: it gets 40003 (or its connection ends with an error), and
-//!   the connection is ended.
+//!   the connection is ended;
+//! - a statement in flight on a principal the proxy can no longer hear (its
+//!   link black-holed) when a manual FAILOVER demotes it gets 40003 at the
+//!   route change.
 
 mod common;
 
@@ -380,4 +383,54 @@ async fn a_commit_in_flight_when_the_principal_is_killed_is_never_a_silent_succe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_in_flight_when_the_principal_is_cut_off_is_never_a_silent_success() {
     commits_in_flight_at_a_failover(Fault::CutFromBoth).await;
+}
+
+/// I4 when the proxy can no longer hear the old principal: a statement in
+/// flight on it when a manual FAILOVER demotes it, behind a link to its
+/// PostgreSQL that went black (neither an answer nor the connection's end
+/// reaches the proxy), ends for its client at the route change with 40003,
+/// not whenever TCP would give up. The relay's wait on the routes does it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_on_a_principal_the_proxy_cannot_hear_ends_at_the_failover() {
+    let mut pooled = PooledPair::start(
+        PairOptions {
+            client_links: true,
+            ..options()
+        },
+        2,
+        "",
+    )
+    .await;
+    let client = pooled.app("").await.expect("client");
+    let sleeping = tokio::spawn(async move {
+        let answer = client.simple_query("SELECT pg_sleep(60)").await;
+        (answer, client)
+    });
+    let alpha = pooled.pair.a.sql().await;
+    common::pg::await_running(&alpha, "SELECT pg_sleep(60)", 1).await;
+    drop(alpha);
+    let (to_alpha, _) = pooled.pair.client_links.as_ref().expect("client links");
+    to_alpha.black_hole();
+    let failover_started = Instant::now();
+    let port = pooled.fail_over(Failover::Manual).await;
+    assert_eq!(port, pooled.pair.b.pg_port(), "beta is the new principal");
+    let (answer, client) = tokio::time::timeout(Duration::from_secs(30), sleeping)
+        .await
+        .expect("the statement in flight ended within 30 s of the failover")
+        .unwrap();
+    let err = answer.expect_err("no answer can come from the old principal");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::T_R_STATEMENT_COMPLETION_UNKNOWN),
+        "{}",
+        describe(&err)
+    );
+    println!(
+        "40003 {:?} after the FAILOVER began",
+        failover_started.elapsed()
+    );
+    let next = tokio::time::timeout(Duration::from_secs(10), client.simple_query("SELECT 1"))
+        .await
+        .expect("the next statement ended promptly");
+    assert!(next.is_err(), "the connection was ended");
 }

@@ -120,28 +120,6 @@ impl Pooled {
         );
     }
 
-    /// Waits until `count` statements like `pattern` run on the server.
-    async fn await_running(&self, pattern: &str, count: i64) {
-        let mut running = 0;
-        for _ in 0..100 {
-            running = self
-                .setup
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 \
-                     AND state = 'active'",
-                    &[&pattern],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if running == count {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(running, count, "statements like {pattern:?} running");
-    }
-
     /// `SHOW POOLS` rows as (column name, value) pairs.
     async fn pools(&self, console: &Client) -> Vec<Vec<(String, String)>> {
         let _ = self;
@@ -1276,7 +1254,7 @@ async fn a_cancel_stops_its_own_clients_query_and_no_other() {
         (sleeper, outcome.map(|_| ()))
     });
     let other_sleep = tokio::spawn(async move { other.simple_query("SELECT pg_sleep(3)").await });
-    pooled.await_running("SELECT pg_sleep(%", 2).await;
+    common::pg::await_running(&pooled.setup, "SELECT pg_sleep(%", 2).await;
 
     idle.cancel_token()
         .cancel_query(tokio_postgres::NoTls)
@@ -1695,7 +1673,7 @@ async fn a_stopping_proxy_tells_idle_and_busy_clients_57p01() {
     assert_eq!(value(&idle, "SELECT 'ran'").await, "ran");
     let busy = pooled.app("application_name=busy").await;
     let sleeping = tokio::spawn(async move { busy.simple_query("SELECT pg_sleep(30)").await });
-    pooled.await_running("SELECT pg_sleep(30)", 1).await;
+    common::pg::await_running(&pooled.setup, "SELECT pg_sleep(30)", 1).await;
     let Pooled { proxy, setup, pg } = pooled;
     let stopping = tokio::time::Instant::now();
     proxy.stop().await;

@@ -121,6 +121,10 @@ pub struct PairOptions {
     pub tls: bool,
     /// Put a cuttable link on each agent-to-agent path.
     pub links: bool,
+    /// Put a cuttable link in front of each partner's PostgreSQL for its
+    /// clients: the agents advertise the link's address, so the proxy
+    /// reaches the servers through it.
+    pub client_links: bool,
     /// Give the mirror a data directory of its own (another database).
     pub foreign_mirror: bool,
     /// Start a witness (`Some(existing)` shares another pair's witness).
@@ -228,6 +232,7 @@ impl Default for PairOptions {
             tls: true,
             links: false,
             foreign_mirror: false,
+            client_links: false,
             witness: WitnessChoice::None,
             session: "shop",
             warnings: "",
@@ -244,6 +249,8 @@ pub struct Pair {
     pub links: Option<(Link, Link)>,
     /// a -> witness and b -> witness, when asked for with a witness.
     pub witness_links: Option<(Link, Link)>,
+    /// Clients -> a's PostgreSQL and -> b's, when asked for.
+    pub client_links: Option<(Link, Link)>,
     pub witness: Option<WitnessProcess>,
     tls: EndpointTls,
     /// Whether the endpoints run TLS.
@@ -304,6 +311,19 @@ impl Pair {
             (Some((a, b)), _) => [Some(a.port()), Some(b.port())],
             (None, port) => [port, port],
         };
+        let pg_ports = [free_port(), free_port()];
+        let client_links = options.client_links.then(|| {
+            (
+                Link::new(([127, 0, 0, 1], pg_ports[0]).into()),
+                Link::new(([127, 0, 0, 1], pg_ports[1]).into()),
+            )
+        });
+        let advertise_lines = match &client_links {
+            Some((a, b)) => {
+                [a.port(), b.port()].map(|port| format!("advertise = \"127.0.0.1:{port}\"\n"))
+            }
+            None => [String::new(), String::new()],
+        };
         let bin_line = options
             .bin_dir
             .as_ref()
@@ -322,7 +342,7 @@ impl Pair {
                 "session = \"{}\"\n{witness_line}{history_line}metrics = \"127.0.0.1:{metrics_port}\"\n\
                  health = \"127.0.0.1:{health_port}\"\nname = \"{name}\"\ninitial_role = \"{role}\"\n\
                  listen = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\nstate_dir = {:?}\n\
-                 safety = \"{}\"\ntimeout = {}\n\n[postgres]\n{bin_line}data_dir = {:?}\nport = {}\n\n{tls}\n[warnings]\n{}\n",
+                 safety = \"{}\"\ntimeout = {}\n\n[postgres]\n{bin_line}data_dir = {:?}\nport = {}\n{}\n{tls}\n[warnings]\n{}\n",
                 options.session,
                 endpoints[index],
                 peer_ports[index],
@@ -333,7 +353,8 @@ impl Pair {
                 },
                 options.timeout,
                 partner_dir.join("data"),
-                free_port(),
+                pg_ports[index],
+                advertise_lines[index],
                 options.warnings,
             );
             let config_path = partner_dir.join("partner.toml");
@@ -378,6 +399,7 @@ impl Pair {
             b,
             links,
             witness_links,
+            client_links,
             witness,
             tls: EndpointTls::from_config(&tester).expect("tester TLS"),
             tls_on: options.tls,

@@ -3,7 +3,9 @@
 //! Modes: healthy (bytes flow), black hole (bytes are held back and new
 //! connections hang, nothing is refused: what a pulled cable looks like to
 //! TCP; on heal the held bytes flow on, as TCP retransmission would deliver
-//! them) and reset (every connection is torn down with RST, new ones too).
+//! them; so does the end of a connection, FIN or RST, which a pulled cable
+//! does not carry either) and reset (every connection is torn down with
+//! RST, new ones too).
 //! The relay runs on its own thread and runtime so that it keeps working
 //! whatever the test's own runtime is doing.
 
@@ -152,11 +154,17 @@ async fn pump(
         };
         let n = match read {
             Ok(0) => {
-                let _ = to.shutdown().await;
-                return;
+                if wait_healthy(&mut mode).await.is_ok() {
+                    let _ = to.shutdown().await;
+                    return;
+                }
+                break;
             }
             Ok(n) => n,
-            Err(_) => break,
+            Err(_) => {
+                let _ = wait_healthy(&mut mode).await;
+                break;
+            }
         };
         if wait_healthy(&mut mode).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
             break;

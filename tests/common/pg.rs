@@ -187,3 +187,24 @@ pub async fn current_lsn(client: &tokio_postgres::Client) -> pgmirror::wire::lsn
         .get(0);
     text.parse().expect("an LSN")
 }
+
+/// Waits (up to 5 s) until `count` statements like `pattern` are active on
+/// the server `client` is connected to.
+pub async fn await_running(client: &tokio_postgres::Client, pattern: &str, count: i64) {
+    let mut running = 0;
+    for _ in 0..100 {
+        running = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 AND state = 'active'",
+                &[&pattern],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if running == count {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(running, count, "statements like {pattern:?} running");
+}
