@@ -1,9 +1,9 @@
 //! `ProxyHandle`: a pgmirror proxy served in-process on a port-0 listener,
 //! on a runtime of its own as the binary's, from TOML sessions the test
-//! writes, stopped (its shutdown token cancelled) when the handle drops. Plus the clients tests use through it:
-//! tokio-postgres connections, psql and pgbench runs; and a server with
-//! password users whose verifiers a userlist copies (proxy-side
-//! authentication).
+//! writes, stopped (its shutdown token cancelled) when the handle drops.
+//! Plus the clients tests use through it: tokio-postgres connections, psql
+//! and pgbench runs; and a server with password users whose verifiers a
+//! userlist copies (proxy-side authentication).
 
 use std::process::Command;
 use std::time::Duration;
