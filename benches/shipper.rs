@@ -12,6 +12,11 @@
 //! machine hits them alike; each round's figures are printed beside their
 //! baselines, then the median, min and max over the rounds.
 //!
+//! The agents and the relays each run in a session of their own, as
+//! PostgreSQL's servers do (pg_ctl starts them so) and as a service manager
+//! starts a daemon: with the kernel's autogroup scheduling, a process left in
+//! this bench's session would share one CPU share with pgbench.
+//!
 //! Prints numbers; asserts nothing about speed.
 
 #[path = "../tests/common/mod.rs"]
@@ -147,37 +152,41 @@ async fn wal_lsn(port: u16) -> Lsn {
     common::pg::current_lsn(&client).await
 }
 
-/// A bare relay: accepts on loopback and copies every connection both ways
-/// to `to` with tokio's `copy_bidirectional`, nothing else. Each relay has a
-/// thread and a runtime of its own, as each pgmirror agent has a process.
-/// Returns the port it listens on; it lives until the bench exits.
-fn bare_relay(to: SocketAddr) -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
-    let port = listener.local_addr().expect("relay address").port();
-    listener.set_nonblocking(true).expect("non-blocking relay");
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("relay runtime");
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).expect("relay listener");
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await else {
-                        return;
-                    };
-                    let _ = inbound.set_nodelay(true);
-                    let _ = outbound.set_nodelay(true);
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                });
-            }
-        });
-    });
-    port
+/// A bare relay (`examples/relay.rs`, whose path `bench/shipper` passes in
+/// `PGMIRROR_BENCH_RELAY`): accepts on loopback and copies every connection
+/// both ways to `to` with tokio's `copy_bidirectional`, nothing else. Each
+/// relay is a process in a session of its own, as each pgmirror agent is
+/// (see [`common::Pgmirror::spawn_in_own_session`]). Killed on drop.
+struct BareRelay {
+    port: u16,
+    process: std::process::Child,
+}
+
+impl BareRelay {
+    fn start(to: SocketAddr) -> BareRelay {
+        let binary = std::env::var("PGMIRROR_BENCH_RELAY")
+            .expect("PGMIRROR_BENCH_RELAY: run this benchmark with bench/shipper");
+        let port = common::free_port();
+        let process = std::process::Command::new("setsid")
+            .arg(binary)
+            .arg(format!("127.0.0.1:{port}"))
+            .arg(to.to_string())
+            .spawn()
+            .expect("start the bare relay");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the bare relay never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        BareRelay { port, process }
+    }
+}
+
+impl Drop for BareRelay {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
 }
 
 /// A primary and a standby under PostgreSQL's own synchronous streaming
@@ -187,6 +196,8 @@ struct SyncPair {
     primary: PgInstance,
     standby: Instance,
     _standby_dir: TempDir,
+    /// The two chained relays, when the standby streams through them.
+    _relays: Vec<BareRelay>,
 }
 
 impl SyncPair {
@@ -214,11 +225,13 @@ impl SyncPair {
         standby
             .base_backup(&conninfo(primary.port()), "bench")
             .unwrap();
-        let stream_port = if relays {
-            bare_relay(([127, 0, 0, 1], bare_relay(primary.addr())).into())
-        } else {
-            primary.port()
-        };
+        let mut chain = Vec::new();
+        if relays {
+            let near = BareRelay::start(primary.addr());
+            chain.push(BareRelay::start(([127, 0, 0, 1], near.port).into()));
+            chain.push(near);
+        }
+        let stream_port = chain.first().map_or(primary.port(), |far| far.port);
         standby
             .write_settings(
                 "127.0.0.1",
@@ -253,6 +266,7 @@ impl SyncPair {
             primary,
             standby,
             _standby_dir: dir,
+            _relays: chain,
         }
     }
 }
@@ -388,7 +402,10 @@ async fn main() {
     );
     let direct = SyncPair::start(false).await;
     let relayed = SyncPair::start(true).await;
-    let pair = Pair::start(PairOptions::default());
+    let pair = Pair::start(PairOptions {
+        own_sessions: true,
+        ..PairOptions::default()
+    });
     pair.wait_state("SYNCHRONIZED").await;
     let port = pair.a.pg_port();
     let wal_start = wal_lsn(port).await;

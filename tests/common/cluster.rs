@@ -35,12 +35,19 @@ pub struct Partner {
     dir: PathBuf,
     pub agent: Option<Pgmirror>,
     pub engine: Instance,
+    /// Start the agent in a session of its own ([`PairOptions::own_sessions`]).
+    own_session: bool,
 }
 
 impl Partner {
     pub fn start_agent(&mut self) {
         let config = self.config_path.to_str().expect("utf-8 path").to_string();
-        self.agent = Some(Pgmirror::spawn(
+        let spawn = if self.own_session {
+            Pgmirror::spawn_in_own_session
+        } else {
+            Pgmirror::spawn
+        };
+        self.agent = Some(spawn(
             &self.name,
             &self.dir,
             &["partner", "--config", &config],
@@ -137,6 +144,9 @@ pub struct PairOptions {
     pub history_sample_secs: Option<u64>,
     /// Each partner's `[postgres] bin_dir`, when not found as usual.
     pub bin_dir: Option<PathBuf>,
+    /// Start each agent in a session of its own, as a service manager would
+    /// (benchmarks: see [`Pgmirror::spawn_in_own_session`]).
+    pub own_sessions: bool,
 }
 
 #[derive(Clone, Default)]
@@ -238,6 +248,7 @@ impl Default for PairOptions {
             warnings: "",
             history_sample_secs: None,
             bin_dir: None,
+            own_sessions: false,
         }
     }
 }
@@ -380,6 +391,7 @@ impl Pair {
                 dir: partner_dir,
                 agent: None,
                 engine,
+                own_session: options.own_sessions,
             };
             partner.start_agent();
             partner

@@ -17,6 +17,23 @@ pub struct Pgmirror {
 impl Pgmirror {
     /// Starts `pgmirror ARGS` with its stdout and stderr in `dir/NAME.log`.
     pub fn spawn(name: &str, dir: &Path, args: &[&str]) -> Pgmirror {
+        Self::start(Command::new(BINARY), name, dir, args)
+    }
+
+    /// As [`Pgmirror::spawn`], in a session of its own (`setsid`), as a
+    /// service manager starts a daemon: with the kernel's autogroup
+    /// scheduling it then gets a CPU share of its own instead of sharing the
+    /// caller's (and pgbench's). Benchmarks use it; tests do not, so that
+    /// Ctrl-C still reaches what they start.
+    pub fn spawn_in_own_session(name: &str, dir: &Path, args: &[&str]) -> Pgmirror {
+        let mut setsid = Command::new("setsid");
+        // Not a process group leader, so setsid execs in place: the pid is
+        // the agent's.
+        setsid.arg(BINARY);
+        Self::start(setsid, name, dir, args)
+    }
+
+    fn start(mut command: Command, name: &str, dir: &Path, args: &[&str]) -> Pgmirror {
         let log = dir.join(format!("{name}.log"));
         // Appended to, so a restarted process keeps its earlier output.
         let file = std::fs::OpenOptions::new()
@@ -24,7 +41,7 @@ impl Pgmirror {
             .append(true)
             .open(&log)
             .expect("process log file");
-        let child = Command::new(BINARY)
+        let child = command
             .args(args)
             .env(
                 "RUST_LOG",
