@@ -573,7 +573,7 @@ pub static CLIENTS: View<ClientRow> = View {
             name: "server_addr",
             ty: Text,
             doc: "the PostgreSQL it is spliced to",
-            value: |(_, c)| c.server_addr.clone().into(),
+            value: |(_, c)| c.server().address.into(),
         },
     ],
 };
@@ -589,14 +589,15 @@ pub static SERVERS: View<ClientRow> = View {
             name: "server_addr",
             ty: Text,
             doc: "the PostgreSQL connected to",
-            value: |(_, c)| c.server_addr.clone().into(),
+            value: |(_, c)| c.server().address.into(),
         },
         Column {
             name: "server_pid",
             ty: Int8,
             doc: "the server's backend pid",
             value: |(_, c)| {
-                c.server_key
+                c.server()
+                    .key
                     .map_or(Cell::Null, |(pid, _)| Cell::Int8(i64::from(pid)))
             },
         },

@@ -11,10 +11,14 @@
 //! Each entry also counts the cancels the proxy forwarded for its client,
 //! so that the client's connection task can fence a commit that a cancel
 //! may have cut short (invariant I2, `proxy::fence`).
+//!
+//! Where a client's queries run ([`ServerLink`]) sits behind a lock of its
+//! own, shared by the entry and the [`Registration`]: a transaction-mode
+//! client rewrites it twice per transaction, with no lookup in the map.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use dashmap::DashMap;
@@ -30,13 +34,33 @@ pub struct ClientEntry {
     pub session: String,
     pub tls: bool,
     pub connected_at: SystemTime,
-    /// The PostgreSQL the client is spliced to, once connected.
-    pub server_addr: Option<String>,
-    /// The server's own key, once its BackendKeyData has passed.
-    pub server_key: Option<(u32, u32)>,
+    /// The server the client's queries run on; shared with its
+    /// [`Registration`] (the connection task writes it).
+    pub link: Arc<Mutex<ServerLink>>,
     /// How many cancels the proxy forwarded for this client; shared with
     /// its [`Registration`] (the connection task reads it).
     pub cancels: Arc<AtomicU64>,
+}
+
+/// The server connection a client's queries run on now.
+#[derive(Debug, Clone, Default)]
+pub struct ServerLink {
+    /// The PostgreSQL the client is spliced to, once connected.
+    pub address: Option<String>,
+    /// The server's own key, once its BackendKeyData has passed.
+    pub key: Option<(u32, u32)>,
+}
+
+fn lock(link: &Mutex<ServerLink>) -> MutexGuard<'_, ServerLink> {
+    // Plain values: a panic while holding the lock leaves nothing broken.
+    link.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+impl ClientEntry {
+    /// The server the client's queries run on, as now.
+    pub fn server(&self) -> ServerLink {
+        lock(&self.link).clone()
+    }
 }
 
 /// Where a CancelRequest goes, as [`Clients::cancel_target`] finds it.
@@ -59,6 +83,8 @@ pub struct Clients {
 pub struct Registration {
     pub pid: u32,
     pub secret: Vec<u8>,
+    /// The entry's server link.
+    link: Arc<Mutex<ServerLink>>,
     /// The entry's forwarded-cancel count.
     cancels: Arc<AtomicU64>,
     clients: Clients,
@@ -86,28 +112,24 @@ impl Registration {
     /// BackendKeyData when it is known already (a pooled connection): one
     /// update, as a transaction-mode client makes it at every transaction.
     pub fn set_server(&self, address: &str, key: Option<(u32, u32)>) {
-        if let Some(mut entry) = self.clients.map.get_mut(&self.pid) {
-            if entry.server_addr.as_deref() != Some(address) {
-                entry.server_addr = Some(address.to_string());
-            }
-            entry.server_key = key;
+        let mut link = lock(&self.link);
+        if link.address.as_deref() != Some(address) {
+            link.address = Some(address.to_string());
         }
+        link.key = key;
     }
 
     /// Records the server's BackendKeyData, for forwarding cancels.
     pub fn set_server_key(&self, pid: u32, secret: u32) {
-        if let Some(mut entry) = self.clients.map.get_mut(&self.pid) {
-            entry.server_key = Some((pid, secret));
-        }
+        lock(&self.link).key = Some((pid, secret));
     }
 
     /// The client no longer runs on a server connection (transaction
     /// mode): a cancel finds nothing. A cancel that found the key before
-    /// has been counted by the time this returns.
+    /// has been counted by the time this returns (it counts under the
+    /// link's lock).
     pub fn clear_server_key(&self) {
-        if let Some(mut entry) = self.clients.map.get_mut(&self.pid) {
-            entry.server_key = None;
-        }
+        lock(&self.link).key = None;
     }
 }
 
@@ -124,11 +146,13 @@ impl Clients {
             if let dashmap::Entry::Vacant(slot) = self.map.entry(pid) {
                 entry.secret = (0..secret_len).map(|_| rand::random::<u8>()).collect();
                 let secret = entry.secret.clone();
+                let link = entry.link.clone();
                 let cancels = entry.cancels.clone();
                 slot.insert(entry);
                 return Registration {
                     pid,
                     secret,
+                    link,
                     cancels,
                     clients: self.clone(),
                 };
@@ -138,8 +162,8 @@ impl Clients {
 
     /// The server and server key a CancelRequest with this key targets;
     /// None for unknown keys (dropped silently, like PostgreSQL does).
-    /// The cancel is counted as forwarded before the entry is let go, so
-    /// that [`Registration::clear_server_key`] cannot come between.
+    /// The cancel is counted as forwarded before the link's lock is let
+    /// go, so that [`Registration::clear_server_key`] cannot come between.
     pub fn cancel_target(&self, pid: u32, secret: &[u8]) -> Option<CancelTarget> {
         let entry = self.map.get(&pid)?;
         // Every byte compared, so the time taken says nothing of the key.
@@ -151,9 +175,10 @@ impl Clients {
         if entry.secret.len() != secret.len() || differences != 0 {
             return None;
         }
+        let link = lock(&entry.link);
         let target = CancelTarget {
-            address: entry.server_addr.clone()?,
-            server_key: entry.server_key?,
+            address: link.address.clone()?,
+            server_key: link.key?,
         };
         entry.cancels.fetch_add(1, Ordering::SeqCst);
         Some(target)
@@ -192,8 +217,7 @@ mod tests {
             session: "s".into(),
             tls: false,
             connected_at: SystemTime::now(),
-            server_addr: None,
-            server_key: None,
+            link: Arc::default(),
             cancels: Arc::default(),
         }
     }

@@ -46,10 +46,13 @@
 //!
 //! The task ends when the shutdown token is cancelled.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, ReusableBoxFuture};
 
 use crate::config::{Endpoint, ProbeConfig, ProxySession};
 use crate::control::{Command, ControlClient, ControlError, MirroringStatus};
@@ -134,6 +137,52 @@ pub async fn superseded(routes: &mut watch::Receiver<Route>, epoch: Epoch, princ
         }
         if routes.borrow_and_update().supersedes(epoch, principal) {
             return;
+        }
+    }
+}
+
+/// Every change of a route, one after another: a wait made once for a
+/// client's whole life, where [`superseded`] is made per connection. A
+/// transaction-mode client relays many transactions on many connections,
+/// and making the wait per transaction cost an allocation and two takes of
+/// the watch's lock each time. Ready when the route changed (once or more)
+/// since it was last ready; the caller reads the route itself.
+pub struct RouteChanges {
+    next: ReusableBoxFuture<'static, watch::Receiver<Route>>,
+}
+
+impl RouteChanges {
+    pub fn new(routes: watch::Receiver<Route>) -> RouteChanges {
+        RouteChanges {
+            next: ReusableBoxFuture::new(changed(routes)),
+        }
+    }
+}
+
+/// The next change of `routes` (never, once no more can come).
+async fn changed(mut routes: watch::Receiver<Route>) -> watch::Receiver<Route> {
+    if routes.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    routes
+}
+
+impl Future for RouteChanges {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut seen = false;
+        // The wait for the next change is registered before this returns,
+        // so that a change after it still wakes the task.
+        while let Poll::Ready(mut routes) = self.next.poll(cx) {
+            routes.borrow_and_update();
+            self.next.set(changed(routes));
+            seen = true;
+        }
+        if seen {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     }
 }
@@ -901,5 +950,39 @@ mod tests {
             ..Route::default()
         };
         assert!(!route.supersedes(Epoch(4), &principal("b")));
+    }
+
+    #[tokio::test]
+    async fn route_changes_are_seen_one_wait_after_another() {
+        use crate::proxy::wake_filter::WakeFilter;
+        use futures::FutureExt;
+        let at = |epoch, name: &str| Route {
+            epoch: Epoch(epoch),
+            principal: Some(principal(name)),
+            ..Route::default()
+        };
+        let (publish, routes) = watch::channel(at(3, "alpha"));
+        // As the relay waits: polled only when its own wait woke it.
+        let mut changes = Box::pin(WakeFilter::new(RouteChanges::new(routes)));
+        assert_eq!((&mut changes).now_or_never(), None, "no change yet");
+        // Two changes before a poll are seen as one.
+        publish.send(at(3, "alpha")).unwrap();
+        publish.send(at(4, "beta")).unwrap();
+        assert_eq!((&mut changes).now_or_never(), Some(()));
+        assert_eq!((&mut changes).now_or_never(), None, "seen already");
+        // Waiting, it wakes for the next change: the wait was made again.
+        let publisher = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            publish.send(at(5, "alpha")).unwrap();
+            publish
+        });
+        tokio::time::timeout(Duration::from_secs(5), &mut changes)
+            .await
+            .expect("the change woke the wait");
+        let publish = publisher.await.unwrap();
+        assert_eq!((&mut changes).now_or_never(), None);
+        // Once no change can come, it never resolves.
+        drop(publish);
+        assert_eq!((&mut changes).now_or_never(), None);
     }
 }

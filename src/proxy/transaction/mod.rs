@@ -45,7 +45,7 @@ use crate::proxy::fence::{
     CommitFence, FenceCause, Step, FRONTEND_AWAITS_READY, SQLSTATE_COMPLETION_UNKNOWN,
 };
 use crate::proxy::pool::{own_query, IdleServer, Lease, PoolHandle, PoolKey, OWN_REPLY_MAX};
-use crate::proxy::routing::{superseded, Principal, Route};
+use crate::proxy::routing::{Principal, Route, RouteChanges};
 use crate::proxy::server_tls::ServerStream;
 use crate::proxy::splice::{fenced, Duplex, SHUTTING_DOWN};
 use crate::proxy::wake_filter::WakeFilter;
@@ -109,6 +109,8 @@ struct Buffers {
     to_client: Vec<u8>,
     server_input: Vec<u8>,
     server_read: Vec<u8>,
+    /// Empty: what the transaction awaited has all come.
+    replies: Replies,
 }
 
 impl Buffers {
@@ -130,6 +132,7 @@ impl Buffers {
             to_client: keep(self.to_client),
             server_input: keep(self.server_input),
             server_read: keep(self.server_read),
+            replies: self.replies,
         }
     }
 }
@@ -228,6 +231,9 @@ struct Session<'a> {
     /// locks twice for every statement. Filtered, it is polled only when
     /// the shutdown woke it.
     shutdown: Pin<Box<WakeFilter<WaitForCancellationFutureOwned>>>,
+    /// The route's changes, one wait for the client's whole life, polled
+    /// only when woken, as `shutdown`.
+    route_changes: Pin<Box<WakeFilter<RouteChanges>>>,
 }
 
 /// Serves a transaction-mode client until it leaves.
@@ -253,6 +259,7 @@ pub(super) async fn serve<S: Duplex>(
         .await;
     };
     let startup = startup_message(&[("user", &key.user), ("database", &key.database)]);
+    let route_changes = Box::pin(WakeFilter::new(RouteChanges::new(routes.clone())));
     let mut session = Session {
         ctx,
         registration: &registration,
@@ -265,6 +272,7 @@ pub(super) async fn serve<S: Duplex>(
         statements: ClientStatements::new(),
         last: None,
         shutdown: Box::pin(WakeFilter::new(ctx.shutdown.clone().cancelled_owned())),
+        route_changes,
     };
     drop(params);
     // Plain TCP splits without a lock between the halves, as in the splice.
@@ -742,9 +750,10 @@ impl Session<'_> {
             to_client,
             server_input,
             server_read: mut server_buf,
+            replies,
         } = std::mem::take(&mut state.buffers);
         let mut relay = Relay {
-            replies: Replies::default(),
+            replies,
             fence: CommitFence::new(
                 FrameScanner::backend(),
                 self.registration.cancels_forwarded(),
@@ -763,15 +772,7 @@ impl Session<'_> {
             sent: 0,
             server_ending: false,
         };
-        // The waits below borrow the connection's principal: they end
-        // with this block, before the connection moves on.
         let end = {
-            // Made once per transaction, not per turn of the loop, and
-            // polled only when woken: each poll of a pending wait takes its
-            // Notify's lock.
-            let mut routes = self.routes.clone();
-            let superseded = superseded(&mut routes, epoch, principal);
-            let mut superseded = std::pin::pin!(WakeFilter::new(superseded));
             // Read into without zeroing it first (most replies are small).
             server_buf.reserve(SERVER_READ);
             let bytes = &self.ctx.bytes;
@@ -792,8 +793,28 @@ impl Session<'_> {
                 }
                 reserve_for_message(input)?;
                 tokio::select! {
-                    // Bytes first: a wake-up for bytes polls nothing else.
+                    // Queued bytes go out first, then bytes in; a
+                    // wake-up for bytes polls nothing else. Writing first,
+                    // the relay does not poll both reads (and park their
+                    // wakers) between taking a message and sending it on.
                     biased;
+                    written = server_write.write(&relay.to_server), if !relay.to_server.is_empty() => {
+                        let Ok(n) = written else {
+                            break Some(relay.server_lost(&mut self.statements));
+                        };
+                        relay.to_server.drain(..n);
+                        relay.sent += n as u64;
+                        if relay.to_server.is_empty() && server_write.flush().await.is_err() {
+                            break Some(relay.server_lost(&mut self.statements));
+                        }
+                    }
+                    written = client_write.write(&relay.to_client), if !relay.to_client.is_empty() => {
+                        let n = written?;
+                        relay.to_client.drain(..n);
+                        if relay.to_client.is_empty() {
+                            client_write.flush().await?;
+                        }
+                    }
                     read = client_read.read_buf(input), if relay.to_server.len() < QUEUE_MAX => {
                         let n = read?;
                         if n == 0 {
@@ -815,24 +836,8 @@ impl Session<'_> {
                         relay.take_server(&server_buf, state, &mut self.statements)?;
                         server_buf.clear();
                     }
-                    written = server_write.write(&relay.to_server), if !relay.to_server.is_empty() => {
-                        let Ok(n) = written else {
-                            break Some(relay.server_lost(&mut self.statements));
-                        };
-                        relay.to_server.drain(..n);
-                        relay.sent += n as u64;
-                        if relay.to_server.is_empty() && server_write.flush().await.is_err() {
-                            break Some(relay.server_lost(&mut self.statements));
-                        }
-                    }
-                    written = client_write.write(&relay.to_client), if !relay.to_client.is_empty() => {
-                        let n = written?;
-                        relay.to_client.drain(..n);
-                        if relay.to_client.is_empty() {
-                            client_write.flush().await?;
-                        }
-                    }
-                    () = &mut superseded => break Some(relay.failover(principal, &mut self.statements)),
+                    // I4: checked at the top of the loop.
+                    () = &mut self.route_changes => {}
                     _ = &mut self.shutdown => break Some(Ending::Fatal {
                         end: End::Shutdown,
                         code: "57P01",
@@ -851,6 +856,7 @@ impl Session<'_> {
                 mut to_client,
                 server_input,
                 touched,
+                replies,
                 ..
             } = relay;
             to_client.clear();
@@ -861,6 +867,7 @@ impl Session<'_> {
                 to_client,
                 server_input,
                 server_read: server_buf,
+                replies,
             }
             .kept();
             return Ok(Turn::Done(Box::new(attached), touched));
