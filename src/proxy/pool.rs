@@ -22,7 +22,7 @@
 //! for a few comparisons, never across an await.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use ::metrics::{counter, gauge, Counter, Gauge};
@@ -37,6 +37,7 @@ use crate::proxy::connection::ConnError;
 use crate::proxy::fence::FRONTEND_AWAITS_READY;
 use crate::proxy::routing::{Principal, Route};
 use crate::proxy::server_tls::ServerStream;
+use crate::proxy::transaction::settings::ServerSettings;
 use crate::proxy::transaction::ServerState;
 use crate::roles::Epoch;
 use crate::wire::extended::{
@@ -109,6 +110,11 @@ struct Pool {
     /// Its metrics, looked up once: a transaction-mode client takes and
     /// gives back a slot per transaction.
     gauges: [Gauge; 3],
+    /// One shared map per set of session parameters its clients have in
+    /// force, so that a connection's parameters and its next client's are
+    /// usually the same map (see `transaction::settings`). Forgotten when
+    /// no client or connection holds them any more.
+    parameter_sets: BTreeMap<ServerSettings, Weak<ServerSettings>>,
 }
 
 impl Pool {
@@ -122,6 +128,7 @@ impl Pool {
             idle: Vec::new(),
             active: 0,
             waiting: VecDeque::new(),
+            parameter_sets: BTreeMap::new(),
             gauges: [
                 gauge!(metrics::PROXY_POOL_ACTIVE, &labels),
                 gauge!(metrics::PROXY_POOL_IDLE, &labels),
@@ -322,6 +329,7 @@ impl Pools {
             close_all(&mut pool.idle, |idle| {
                 idle.expired(&shared.settings, now) || route.supersedes(idle.epoch, &idle.principal)
             });
+            pool.parameter_sets.retain(|_, set| set.strong_count() > 0);
             if pool.idle.len() != before {
                 pool.record();
             }
@@ -385,6 +393,18 @@ impl Pools {
 }
 
 impl PoolHandle {
+    /// The pool's shared map of the parameters `in_force` holds: the one
+    /// its other clients with the same values use, or `in_force` itself.
+    pub fn shared_settings(&self, in_force: &Arc<ServerSettings>) -> Arc<ServerSettings> {
+        let mut pool = self.0.lock();
+        if let Some(shared) = pool.parameter_sets.get(&**in_force).and_then(Weak::upgrade) {
+            return shared;
+        }
+        let set = Arc::downgrade(in_force);
+        pool.parameter_sets.insert((**in_force).clone(), set);
+        in_force.clone()
+    }
+
     /// Takes a slot in the pool, with an idle connection whose startup
     /// packet is `startup` and whose principal and epoch `route` still
     /// names (I4); waits for a free slot until `deadline`. An idle

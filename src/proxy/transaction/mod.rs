@@ -90,7 +90,7 @@ const CLIENT_READ: usize = 64 * 1024;
 #[derive(Debug, Default)]
 pub struct ServerState {
     pub prepared: ServerStatements,
-    pub settings: ServerSettings,
+    pub settings: Arc<ServerSettings>,
     /// The parameters the server reported (ParameterStatus), as now.
     pub reported: BTreeMap<String, String>,
     /// The server's BackendKeyData, for forwarding cancels.
@@ -274,6 +274,7 @@ pub(super) async fn serve<S: Duplex>(
         shutdown: Box::pin(WakeFilter::new(ctx.shutdown.clone().cancelled_owned())),
         route_changes,
     };
+    session.share_settings();
     drop(params);
     // Plain TCP splits without a lock between the halves, as in the splice.
     let (mut client_read, mut client_write) = stream.halves();
@@ -577,6 +578,13 @@ impl Session<'_> {
         Ok(attached)
     }
 
+    /// Takes its pool's shared map of the client's parameters (so that a
+    /// connection that had them is seen to at a glance).
+    fn share_settings(&mut self) {
+        let shared = self.pool.shared_settings(self.settings.in_force());
+        self.settings.adopt(shared);
+    }
+
     /// Gives a server connection the client's parameters, unless it has
     /// them already.
     async fn apply_settings(&self, attached: &mut Attached) -> Result<(), Refusal> {
@@ -675,9 +683,10 @@ impl Session<'_> {
             }
             match own_query(&mut attached.server, &sql).await {
                 Ok(reply) if reply.error.is_none() => {
+                    let server_settings = Arc::make_mut(&mut attached.state.settings);
                     if touched.reset_all {
                         self.settings.reset_all();
-                        attached.state.settings.clear();
+                        server_settings.clear();
                     }
                     if touched.deallocate_all {
                         attached.state.prepared.clear();
@@ -688,15 +697,16 @@ impl Session<'_> {
                         let set = touched.names.get(name).copied().unwrap_or(true);
                         match value {
                             Some(value) => {
-                                attached.state.settings.insert(name.clone(), value.clone());
+                                server_settings.insert(name.clone(), value.clone());
                                 self.settings.record(name, set.then_some(value));
                             }
                             None => {
-                                attached.state.settings.remove(name);
+                                server_settings.remove(name);
                                 self.settings.record(name, None);
                             }
                         }
                     }
+                    self.share_settings();
                 }
                 // The connection's state is unknown: it is closed.
                 _ => return,

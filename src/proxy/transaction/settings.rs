@@ -5,8 +5,15 @@
 //! kept as `current_setting` prints them and re-applied with `set_config`,
 //! which takes that form back for every parameter (a list such as
 //! search_path included). Pure.
+//!
+//! The values in force for a client are also kept whole, shared
+//! ([`ClientSettings::in_force`]): a pool shares one such map among its
+//! clients with the same values ([`ClientSettings::adopt`]), and a server
+//! connection keeps the one it was given, so that the check before each
+//! transaction usually compares two pointers.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Startup parameters that are not session settings.
 const NOT_SETTINGS: [&str; 4] = ["user", "database", "replication", "options"];
@@ -18,6 +25,8 @@ pub struct ClientSettings {
     /// and a map's first node is about half a kilobyte.
     startup: Vec<(String, String)>,
     set: BTreeMap<String, String>,
+    /// Both together: the values in force.
+    in_force: Arc<ServerSettings>,
 }
 
 /// What a server connection has had set beyond its own defaults.
@@ -37,52 +46,43 @@ impl ClientSettings {
                 startup.insert(name.to_lowercase(), value.clone());
             }
         }
-        ClientSettings {
+        let mut client = ClientSettings {
             startup: startup.into_iter().collect(),
-            set: BTreeMap::new(),
-        }
+            ..ClientSettings::default()
+        };
+        client.update();
+        client
+    }
+
+    /// Recomputes the values in force.
+    fn update(&mut self) {
+        let mut all = self.startup.iter().cloned().collect::<ServerSettings>();
+        all.extend(self.set.clone());
+        self.in_force = Arc::new(all);
     }
 
     /// The values in force for this client.
-    pub fn effective(&self) -> BTreeMap<&str, &str> {
-        let mut all: BTreeMap<&str, &str> = self
-            .startup
-            .iter()
-            .map(|(name, value)| (name.as_str(), value.as_str()))
-            .collect();
-        for (name, value) in &self.set {
-            all.insert(name, value);
+    pub fn in_force(&self) -> &Arc<ServerSettings> {
+        &self.in_force
+    }
+
+    /// Takes `shared`, a map equal to its own values in force, in their
+    /// place (one of its pool's, see the module's text).
+    pub fn adopt(&mut self, shared: Arc<ServerSettings>) {
+        if *shared == *self.in_force {
+            self.in_force = shared;
         }
-        all
     }
 
     /// The value in force for this client of one parameter.
     pub fn get(&self, name: &str) -> Option<&str> {
-        let from_startup = || {
-            let at = self
-                .startup
-                .binary_search_by(|(startup, _)| startup.as_str().cmp(name));
-            at.ok().map(|at| &self.startup[at].1)
-        };
-        self.set.get(name).or_else(from_startup).map(String::as_str)
+        self.in_force.get(name).map(String::as_str)
     }
 
     /// Whether `server` has exactly this client's values: the common case
-    /// (its last client had the same), checked without building a map.
-    fn in_force_on(&self, server: &ServerSettings) -> bool {
-        let from_startup = self
-            .startup
-            .iter()
-            .filter(|(name, _)| !self.set.contains_key(name))
-            .map(|(name, value)| (name, value));
-        let mut count = 0;
-        for (name, value) in from_startup.chain(&self.set) {
-            if server.get(name) != Some(value) {
-                return false;
-            }
-            count += 1;
-        }
-        count == server.len()
+    /// (its last client had the same), most often the very same map.
+    fn in_force_on(&self, server: &Arc<ServerSettings>) -> bool {
+        Arc::ptr_eq(&self.in_force, server) || *self.in_force == **server
     }
 
     /// A parameter's value as read back from the server after the client's
@@ -96,11 +96,13 @@ impl ClientSettings {
                 self.set.remove(name);
             }
         }
+        self.update();
     }
 
     /// RESET ALL or DISCARD ALL.
     pub fn reset_all(&mut self) {
         self.set.clear();
+        self.update();
     }
 }
 
@@ -108,20 +110,20 @@ impl ClientSettings {
 /// server has and the client has not, set_config for the rest that
 /// differs; None when nothing differs (the common case: the connection's
 /// last client had the same parameters).
-pub fn prelude(client: &ClientSettings, server: &ServerSettings) -> Option<String> {
+pub fn prelude(client: &ClientSettings, server: &Arc<ServerSettings>) -> Option<String> {
     if client.in_force_on(server) {
         return None;
     }
-    let wanted = client.effective();
+    let wanted = client.in_force();
     let mut sql = String::new();
     for name in server.keys() {
-        if !wanted.contains_key(name.as_str()) {
+        if !wanted.contains_key(name) {
             sql.push_str(&format!("RESET {};", quote_identifier(name)));
         }
     }
     let sets: Vec<String> = wanted
         .iter()
-        .filter(|(name, value)| server.get(**name).map(String::as_str) != Some(**value))
+        .filter(|(name, value)| server.get(*name) != Some(*value))
         .map(|(name, value)| {
             format!(
                 "pg_catalog.set_config({}, {}, false)",
@@ -137,12 +139,8 @@ pub fn prelude(client: &ClientSettings, server: &ServerSettings) -> Option<Strin
 }
 
 /// What the server has once [`prelude`] ran.
-pub fn applied(client: &ClientSettings) -> ServerSettings {
-    client
-        .effective()
-        .into_iter()
-        .map(|(name, value)| (name.to_string(), value.to_string()))
-        .collect()
+pub fn applied(client: &ClientSettings) -> Arc<ServerSettings> {
+    client.in_force.clone()
 }
 
 /// The query that reads back the parameters a transaction touched.
@@ -230,18 +228,17 @@ mod tests {
             ),
             ("_pq_.compression", "on"),
         ]));
-        let effective = client.effective();
-        assert_eq!(effective.get("application_name"), Some(&"billing"));
-        assert_eq!(effective.get("search_path"), Some(&"app,public"));
-        assert_eq!(effective.get("statement_timeout"), Some(&"5s"));
-        assert_eq!(effective.get("work_mem"), Some(&"8MB"));
-        assert_eq!(effective.len(), 4);
+        assert_eq!(client.get("application_name"), Some("billing"));
+        assert_eq!(client.get("search_path"), Some("app,public"));
+        assert_eq!(client.get("statement_timeout"), Some("5s"));
+        assert_eq!(client.get("work_mem"), Some("8MB"));
+        assert_eq!(client.in_force().len(), 4);
     }
 
     #[test]
     fn prelude_applies_only_what_differs() {
         let mut client = ClientSettings::from_startup(&params(&[("application_name", "a")]));
-        let fresh = ServerSettings::new();
+        let fresh = Arc::default();
         let sql = prelude(&client, &fresh).expect("something to set");
         assert_eq!(
             sql,
@@ -261,7 +258,32 @@ mod tests {
         );
         client.reset_all();
         client.record("application_name", None);
-        assert_eq!(client.effective().get("application_name"), Some(&"a"));
+        assert_eq!(client.get("application_name"), Some("a"));
+    }
+
+    #[test]
+    fn a_shared_map_of_the_same_values_is_adopted_and_compared_by_pointer() {
+        let mut client = ClientSettings::from_startup(&params(&[("application_name", "a")]));
+        let shared = Arc::new(ServerSettings::from([(
+            "application_name".into(),
+            "a".into(),
+        )]));
+        client.adopt(shared.clone());
+        assert!(Arc::ptr_eq(client.in_force(), &shared));
+        assert_eq!(prelude(&client, &shared), None);
+        // A map of other values is not adopted.
+        let other = Arc::new(ServerSettings::from([(
+            "application_name".into(),
+            "b".into(),
+        )]));
+        client.adopt(other.clone());
+        assert!(Arc::ptr_eq(client.in_force(), &shared));
+        assert!(prelude(&client, &other).is_some());
+        // A change makes a map of the client's own.
+        client.record("search_path", Some("x".into()));
+        assert!(!Arc::ptr_eq(client.in_force(), &shared));
+        assert_eq!(client.get("search_path"), Some("x"));
+        assert!(prelude(&client, &shared).is_some());
     }
 
     #[test]
