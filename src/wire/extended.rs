@@ -154,8 +154,19 @@ pub fn command_complete(tag: &str) -> Vec<u8> {
     message(COMMAND_COMPLETE, &[&c(tag)])
 }
 
-pub fn parameter_status(name: &str, value: &str) -> Vec<u8> {
-    message(PARAMETER_STATUS, &[&c(name), &c(value)])
+/// Appends a ParameterStatus to `out`, without a buffer of its own: a
+/// login's greeting holds one for each parameter the server reports.
+pub fn put_parameter_status(out: &mut Vec<u8>, name: &str, value: &str) {
+    let start = out.len();
+    out.push(PARAMETER_STATUS);
+    out.extend_from_slice(&[0; LENGTH_FIELD_LEN]);
+    for text in [name, value] {
+        out.extend(text.bytes().filter(|byte| *byte != 0));
+        out.push(0);
+    }
+    // Bounded by the server's own ParameterStatus messages.
+    let len = (out.len() - start - 1) as u32;
+    out[start + 1..start + TAGGED_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
 }
 
 /// A ParameterStatus message's name and value.
@@ -204,10 +215,16 @@ mod tests {
         let close = encode_target(CLOSE, TARGET_STATEMENT, "s1");
         assert_eq!(decode_target(&close), Some((TARGET_STATEMENT, "s1")));
         assert_eq!(decode_query(&encode_query("SELECT 1")), Some("SELECT 1"));
-        let status = parameter_status("application_name", "app");
+        let mut status = vec![b'x'];
+        put_parameter_status(&mut status, "application_name", "app");
+        assert_eq!(status.len(), 1 + TAGGED_HEADER_LEN + 21);
         assert_eq!(
-            decode_parameter_status(&status),
+            decode_parameter_status(&status[1..]),
             Some(("application_name", "app"))
+        );
+        assert_eq!(
+            status[1..],
+            message(PARAMETER_STATUS, &[b"application_name\0", b"app\0"])[..]
         );
     }
 

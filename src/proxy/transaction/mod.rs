@@ -456,8 +456,14 @@ impl Session<'_> {
             Err(refusal) => return refusal.tell(client_write).await.map(Some),
         };
         let mut greeting = extended::authentication_ok();
+        let statuses = attached.state.reported.iter();
+        greeting.reserve(
+            statuses
+                .map(|(name, value)| TAGGED_HEADER_LEN + name.len() + value.len() + 2)
+                .sum(),
+        );
         for (name, value) in &attached.state.reported {
-            greeting.extend_from_slice(&extended::parameter_status(name, value));
+            extended::put_parameter_status(&mut greeting, name, value);
         }
         let registration = self.registration;
         greeting.extend_from_slice(&backend_key_data(registration.pid, &registration.secret));
@@ -594,7 +600,11 @@ impl Session<'_> {
             if let Some(error) = reply.error {
                 return Err(Refusal::Server(error));
             }
-            attached.state.settings = settings::applied(&self.settings);
+        }
+        // The same values now, and the same map, for a glance next time.
+        let in_force = self.settings.in_force();
+        if !Arc::ptr_eq(in_force, &attached.state.settings) {
+            attached.state.settings = in_force.clone();
         }
         Ok(())
     }

@@ -138,11 +138,6 @@ pub fn prelude(client: &ClientSettings, server: &Arc<ServerSettings>) -> Option<
     (!sql.is_empty()).then_some(sql)
 }
 
-/// What the server has once [`prelude`] ran.
-pub fn applied(client: &ClientSettings) -> Arc<ServerSettings> {
-    client.in_force.clone()
-}
-
 /// The query that reads back the parameters a transaction touched.
 pub fn read_back(names: &[String]) -> String {
     let columns: Vec<String> = names
@@ -244,7 +239,7 @@ mod tests {
             sql,
             "SELECT pg_catalog.set_config('application_name', 'a', false);"
         );
-        let server = applied(&client);
+        let server = client.in_force().clone();
         assert_eq!(prelude(&client, &server), None);
         client.record("search_path", Some("\"$user\", it's".into()));
         assert_eq!(
@@ -253,7 +248,7 @@ mod tests {
         );
         let other = ClientSettings::default();
         assert_eq!(
-            prelude(&other, &applied(&client)).unwrap(),
+            prelude(&other, client.in_force()).unwrap(),
             "RESET \"application_name\";RESET \"search_path\";"
         );
         client.reset_all();
