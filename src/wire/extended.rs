@@ -125,9 +125,15 @@ pub fn message(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
 
 /// `text` as a NUL-terminated string (NULs inside dropped).
 fn c(text: &str) -> Vec<u8> {
-    let mut out: Vec<u8> = text.bytes().filter(|byte| *byte != 0).collect();
-    out.push(0);
+    let mut out = Vec::with_capacity(text.len() + 1);
+    put_c(&mut out, text);
     out
+}
+
+/// Appends `text` to `out` as [`c`] makes it.
+fn put_c(out: &mut Vec<u8>, text: &str) {
+    out.extend(text.bytes().filter(|byte| *byte != 0));
+    out.push(0);
 }
 
 pub fn encode_query(sql: &str) -> Vec<u8> {
@@ -160,10 +166,8 @@ pub fn put_parameter_status(out: &mut Vec<u8>, name: &str, value: &str) {
     let start = out.len();
     out.push(PARAMETER_STATUS);
     out.extend_from_slice(&[0; LENGTH_FIELD_LEN]);
-    for text in [name, value] {
-        out.extend(text.bytes().filter(|byte| *byte != 0));
-        out.push(0);
-    }
+    put_c(out, name);
+    put_c(out, value);
     // Bounded by the server's own ParameterStatus messages.
     let len = (out.len() - start - 1) as u32;
     out[start + 1..start + TAGGED_HEADER_LEN].copy_from_slice(&len.to_be_bytes());

@@ -456,12 +456,6 @@ impl Session<'_> {
             Err(refusal) => return refusal.tell(client_write).await.map(Some),
         };
         let mut greeting = extended::authentication_ok();
-        let statuses = attached.state.reported.iter();
-        greeting.reserve(
-            statuses
-                .map(|(name, value)| TAGGED_HEADER_LEN + name.len() + value.len() + 2)
-                .sum(),
-        );
         for (name, value) in &attached.state.reported {
             extended::put_parameter_status(&mut greeting, name, value);
         }
@@ -792,78 +786,76 @@ impl Session<'_> {
             sent: 0,
             server_ending: false,
         };
-        let end = {
-            // Read into without zeroing it first (most replies are small).
-            server_buf.reserve(SERVER_READ);
-            let bytes = &self.ctx.bytes;
-            relay.take_client(input, state, &mut self.statements)?;
-            loop {
-                if let Some(end) = relay.pass_through_fence(self.registration)? {
-                    break Some(end);
-                }
-                if relay.server_ending {
-                    break Some(relay.server_lost(&mut self.statements));
-                }
-                if relay.released() {
-                    break None;
-                }
-                if self.routes.borrow().supersedes(epoch, principal) {
-                    // I4: not one more byte to a superseded principal.
-                    break Some(relay.failover(principal, &mut self.statements));
-                }
-                reserve_for_message(input)?;
-                tokio::select! {
-                    // Queued bytes go out first, then bytes in; a
-                    // wake-up for bytes polls nothing else. Writing first,
-                    // the relay does not poll both reads (and park their
-                    // wakers) between taking a message and sending it on.
-                    biased;
-                    written = server_write.write(&relay.to_server), if !relay.to_server.is_empty() => {
-                        let Ok(n) = written else {
-                            break Some(relay.server_lost(&mut self.statements));
-                        };
-                        relay.to_server.drain(..n);
-                        relay.sent += n as u64;
-                        if relay.to_server.is_empty() && server_write.flush().await.is_err() {
-                            break Some(relay.server_lost(&mut self.statements));
-                        }
+        // Read into without zeroing it first (most replies are small).
+        server_buf.reserve(SERVER_READ);
+        let bytes = &self.ctx.bytes;
+        relay.take_client(input, state, &mut self.statements)?;
+        let end = loop {
+            if let Some(end) = relay.pass_through_fence(self.registration)? {
+                break Some(end);
+            }
+            if relay.server_ending {
+                break Some(relay.server_lost(&mut self.statements));
+            }
+            if relay.released() {
+                break None;
+            }
+            if self.routes.borrow().supersedes(epoch, principal) {
+                // I4: not one more byte to a superseded principal.
+                break Some(relay.failover(principal, &mut self.statements));
+            }
+            reserve_for_message(input)?;
+            tokio::select! {
+                // Queued bytes go out first, then bytes in; a
+                // wake-up for bytes polls nothing else. Writing first,
+                // the relay does not poll both reads (and park their
+                // wakers) between taking a message and sending it on.
+                biased;
+                written = server_write.write(&relay.to_server), if !relay.to_server.is_empty() => {
+                    let Ok(n) = written else {
+                        break Some(relay.server_lost(&mut self.statements));
+                    };
+                    relay.to_server.drain(..n);
+                    relay.sent += n as u64;
+                    if relay.to_server.is_empty() && server_write.flush().await.is_err() {
+                        break Some(relay.server_lost(&mut self.statements));
                     }
-                    written = client_write.write(&relay.to_client), if !relay.to_client.is_empty() => {
-                        let n = written?;
-                        relay.to_client.drain(..n);
-                        if relay.to_client.is_empty() {
-                            client_write.flush().await?;
-                        }
-                    }
-                    read = client_read.read_buf(input), if relay.to_server.len() < QUEUE_MAX => {
-                        let n = read?;
-                        if n == 0 {
-                            break Some(Ending::ClientLeft);
-                        }
-                        bytes.to_server.increment(n as u64);
-                        if relay.take_client(input, state, &mut self.statements)? {
-                            break Some(Ending::ClientLeft);
-                        }
-                    }
-                    read = server_read.read_buf(&mut server_buf), if relay.to_client.len() < QUEUE_MAX => {
-                        // A reset (its PostgreSQL killed) is the server lost,
-                        // like a close: the client's connection is not.
-                        let n = read.unwrap_or(0);
-                        if n == 0 {
-                            break Some(relay.server_lost(&mut self.statements));
-                        }
-                        bytes.to_client.increment(n as u64);
-                        relay.take_server(&server_buf, state, &mut self.statements)?;
-                        server_buf.clear();
-                    }
-                    // I4: checked at the top of the loop.
-                    () = &mut self.route_changes => {}
-                    _ = &mut self.shutdown => break Some(Ending::Fatal {
-                        end: End::Shutdown,
-                        code: "57P01",
-                        message: SHUTTING_DOWN.into(),
-                    }),
                 }
+                written = client_write.write(&relay.to_client), if !relay.to_client.is_empty() => {
+                    let n = written?;
+                    relay.to_client.drain(..n);
+                    if relay.to_client.is_empty() {
+                        client_write.flush().await?;
+                    }
+                }
+                read = client_read.read_buf(input), if relay.to_server.len() < QUEUE_MAX => {
+                    let n = read?;
+                    if n == 0 {
+                        break Some(Ending::ClientLeft);
+                    }
+                    bytes.to_server.increment(n as u64);
+                    if relay.take_client(input, state, &mut self.statements)? {
+                        break Some(Ending::ClientLeft);
+                    }
+                }
+                read = server_read.read_buf(&mut server_buf), if relay.to_client.len() < QUEUE_MAX => {
+                    // A reset (its PostgreSQL killed) is the server lost,
+                    // like a close: the client's connection is not.
+                    let n = read.unwrap_or(0);
+                    if n == 0 {
+                        break Some(relay.server_lost(&mut self.statements));
+                    }
+                    bytes.to_client.increment(n as u64);
+                    relay.take_server(&server_buf, state, &mut self.statements)?;
+                    server_buf.clear();
+                }
+                // I4: checked at the top of the loop.
+                () = &mut self.route_changes => {}
+                _ = &mut self.shutdown => break Some(Ending::Fatal {
+                    end: End::Shutdown,
+                    code: "57P01",
+                    message: SHUTTING_DOWN.into(),
+                }),
             }
         };
         // What the client is owed goes out first, whatever comes next.
