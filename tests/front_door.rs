@@ -1,8 +1,10 @@
 //! The proxy's front door on real PostgreSQL: a client that stalls before
 //! reading a large result over TLS still gets every byte, a client that
 //! leaves while held frees its slot, a full proxy refuses new clients with
-//! 53300 at once while established ones keep working, and the admin console
-//! wants TLS, hides which user exists and limits failed logins.
+//! 53300 at once while established ones keep working, the admin console
+//! wants TLS, hides which user exists and limits failed logins, and what a
+//! client sends along with its login packets is handed on, except after an
+//! SSLRequest, where it is refused.
 
 mod common;
 
@@ -10,7 +12,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::proxy::{standalone_config, tls_section, trusting_client, ProxyHandle};
+use common::proxy::{
+    read_message, read_to_ready, standalone_config, tls_section, trusting_client, ProxyHandle,
+};
 use common::PgInstance;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -50,17 +54,14 @@ async fn read_until_ready<S: AsyncRead + Unpin>(
 ) -> (usize, usize) {
     let (mut rows, mut bytes, mut since_pause) = (0, 0, 0);
     loop {
-        let mut header = [0u8; 5];
-        stream.read_exact(&mut header).await.expect("a message");
-        let len = u32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
-        let mut body = vec![0u8; len - 4];
-        stream.read_exact(&mut body).await.expect("its body");
+        let (tag, body) = read_message(stream).await;
+        let len = body.len() + 4;
         since_pause += len + 1;
         if let Some(pause) = pace.filter(|_| since_pause >= 64 * 1024) {
             since_pause = 0;
             tokio::time::sleep(pause).await;
         }
-        match header[0] {
+        match tag {
             b'D' => {
                 rows += 1;
                 bytes += len;
@@ -383,6 +384,46 @@ fn psycopg(script: &str, conninfo: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_with_a_login_packet_are_handed_on_but_not_after_an_ssl_request() {
+    let pg = PgInstance::start();
+    let pki = tempfile::tempdir().unwrap();
+    let tls = tls_section(pki.path());
+    let proxy = ProxyHandle::start(&standalone_config(&pg, &tls)).await;
+
+    // A startup packet and a query in one write (pass-through, trust).
+    let mut client = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+    let mut both = startup_message("postgres", "postgres");
+    both.extend_from_slice(&query_message("SELECT repeat('x', 10)"));
+    client.write_all(&both).await.unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        read_until_ready(&mut client, None).await;
+        read_until_ready(&mut client, None).await
+    })
+    .await
+    .expect("the pipelined query was answered within 10 s");
+    assert_eq!(answered, (1, 4 + 2 + 4 + 10), "one row of 10 bytes");
+
+    // Plain bytes after an SSLRequest, before its answer: as PostgreSQL,
+    // the proxy refuses them rather than let them pass for encrypted ones.
+    let mut client = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+    let mut both = vec![0, 0, 0, 8, 4, 210, 22, 47];
+    both.extend_from_slice(&startup_message("postgres", "postgres"));
+    client.write_all(&both).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut answer))
+        .await
+        .expect("the proxy answered and closed within 10 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert_eq!(answer.first(), Some(&b'E'), "not refused: {text}");
+    assert!(
+        text.contains("08P01") && text.contains("unencrypted data after SSL request"),
+        "{text}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libpq_18_asks_for_protocol_3_2_and_direct_ssl_through_the_proxy() {
     let pg = PgInstance::start();
     let pki = tempfile::tempdir().unwrap();
@@ -442,18 +483,9 @@ async fn a_newer_protocol_with_options_is_negotiated_down_to_3_2() {
     startup[4..8].copy_from_slice(&((3u32 << 16) | 5).to_be_bytes());
     let mut stream = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
     stream.write_all(&startup).await.unwrap();
-    let mut messages = Vec::new();
-    loop {
-        let mut header = [0u8; 5];
-        stream.read_exact(&mut header).await.expect("a message");
-        let len = u32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
-        let mut body = vec![0u8; len - 4];
-        stream.read_exact(&mut body).await.expect("its body");
-        assert_ne!(header[0], b'E', "{}", String::from_utf8_lossy(&body));
-        messages.push((header[0], body));
-        if header[0] == b'Z' {
-            break;
-        }
+    let messages = read_to_ready(&mut stream).await;
+    for (tag, body) in &messages {
+        assert_ne!(*tag, b'E', "{}", String::from_utf8_lossy(body));
     }
     let (tag, negotiate) = &messages[0];
     assert_eq!(*tag, b'v', "NegotiateProtocolVersion comes first");

@@ -8,8 +8,8 @@
 mod common;
 
 use common::proxy::{
-    lookup_function, run_client, server_with_users, standalone_config, tls_section, verifier_of,
-    ProxyHandle,
+    lookup_function, read_to_ready, run_client, server_with_users, standalone_config, tls_section,
+    verifier_of, ProxyHandle,
 };
 use tokio_postgres::error::SqlState;
 
@@ -189,5 +189,50 @@ async fn psql_with_channel_binding_required_logs_in_through_the_proxys_tls() {
     // Without TLS there is nothing to bind to, and libpq refuses.
     let (ok, out) = psql("sslmode=disable channel_binding=require", "wonder");
     assert!(!ok && out.contains("channel binding"), "{out}");
+    proxy.stop().await;
+}
+
+/// A client may send its first query in the same packet as its password,
+/// before the server's AuthenticationOk, as PostgreSQL and PgBouncer
+/// allow: the proxy reads the login ahead and must hand on what follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_sent_with_the_password_is_answered_in_transaction_mode() {
+    use pgmirror::proxy::auth::md5::Md5Verifier;
+    use pgmirror::wire::startup::startup_message;
+    use pgmirror::wire::{auth::password_message, extended::encode_query};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (pg, setup) = server_with_users().await;
+    let dir = tempfile::tempdir().unwrap();
+    let userlist = dir.path().join("userlist.txt");
+    let verifier = verifier_of(&setup, "old").await;
+    std::fs::write(&userlist, format!("\"old\" \"{verifier}\"\n")).unwrap();
+    let config = format!(
+        "{}auth = \"userlist\"\nauth_file = {userlist:?}\npool_mode = \"transaction\"\n",
+        standalone_config(&pg, "")
+    );
+    let proxy = ProxyHandle::start(&config).await;
+
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    let startup = startup_message(&[("user", "old"), ("database", "postgres")]);
+    client.write_all(&startup).await.unwrap();
+    let mut request = [0u8; 13];
+    client.read_exact(&mut request).await.unwrap();
+    assert_eq!(&request[..9], b"R\0\0\0\x0c\0\0\0\x05", "an md5 request");
+    let salt: [u8; 4] = request[9..].try_into().unwrap();
+    let answer = verifier.parse::<Md5Verifier>().unwrap().answer(salt);
+    let mut both = password_message(&answer);
+    both.extend_from_slice(&encode_query("SELECT current_user::text"));
+    client.write_all(&both).await.unwrap();
+
+    let login = read_to_ready(&mut client).await;
+    assert_eq!(login.first().map(|(tag, _)| *tag), Some(b'R'), "{login:?}");
+    let answered = read_to_ready(&mut client).await;
+    let row = answered
+        .iter()
+        .find(|(tag, _)| *tag == b'D')
+        .unwrap_or_else(|| panic!("no row: {answered:?}"));
+    assert!(row.1.ends_with(b"old"), "{row:?}");
     proxy.stop().await;
 }

@@ -27,7 +27,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -63,6 +63,11 @@ const HOLD_RETRY_MAX: Duration = Duration::from_secs(2);
 /// What a held client may send before it is authenticated (a pipelining
 /// client's first messages), kept for its server.
 const MAX_EARLY_CLIENT_BYTES: usize = 64 * 1024;
+/// The client's reads up to the end of its login go through a buffer of
+/// this size: a login message then takes one read instead of two (its
+/// header, then its body), and a read that leaves room tells tokio the
+/// socket is drained, which spares the read that would find nothing.
+const LOGIN_READ_BUFFER: usize = 1024;
 
 /// Why a connection ended, or could not start.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +104,8 @@ pub enum ConnError {
     ClientLeft,
     #[error("the client sent more than {MAX_EARLY_CLIENT_BYTES} bytes before authentication")]
     ClientTooChatty,
+    #[error("received unencrypted data after SSL request; this could be a client bug or an attempted man-in-the-middle attack")]
+    DataAfterSslRequest,
     #[error("the pgmirror proxy is shutting down")]
     ShuttingDown,
     #[error("{0}")]
@@ -118,7 +125,7 @@ impl ConnError {
         match self {
             ConnError::Io(_) | ConnError::ClientLeft => None,
             ConnError::TooManyClients(_) | ConnError::PoolFull(_) => Some("53300"),
-            ConnError::ClientTooChatty => Some("08P01"),
+            ConnError::ClientTooChatty | ConnError::DataAfterSslRequest => Some("08P01"),
             ConnError::ShuttingDown => Some("57P01"),
             ConnError::AdminRefused(_) => Some("28000"),
             ConnError::ConsoleMessage(_) => Some("08P01"),
@@ -259,11 +266,11 @@ impl<'a> InClient<'a> {
 /// in (or refused).
 async fn open(
     ctx: &Arc<Context>,
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     admitted: bool,
 ) -> Result<Opening<'_>, ConnError> {
-    crate::proxy::socket::tune(&tcp, &ctx.tcp)?;
+    crate::proxy::socket::tune_accepted(&tcp, &ctx.tcp)?;
     let deadline = Instant::now() + ctx.startup_timeout;
     if let Some(acceptor) = ctx.tls.clone() {
         // Direct SSL (sslnegotiation=direct): a TLS handshake where a
@@ -281,6 +288,7 @@ async fn open(
     }
     let mut negotiated_ssl = false;
     let mut negotiated_gss = false;
+    let mut tcp = BufReader::with_capacity(LOGIN_READ_BUFFER, tcp);
     loop {
         let packet = match read_first(&mut tcp, deadline, ctx.startup_timeout).await {
             Ok(packet) => packet,
@@ -290,6 +298,14 @@ async fn open(
             FeStartup::SslRequest if !negotiated_ssl => {
                 negotiated_ssl = true;
                 if let Some(acceptor) = ctx.tls.clone() {
+                    // Bytes sent before the answer would be taken as the
+                    // start of the encrypted stream by nobody, or as plain
+                    // text after it by a careless server: PostgreSQL's
+                    // refusal of a man-in-the-middle's injection.
+                    if !tcp.buffer().is_empty() {
+                        return refuse(&mut tcp, ConnError::DataAfterSslRequest).await;
+                    }
+                    let mut tcp = tcp.into_inner();
                     tcp.write_all(b"S").await?;
                     let tls = serve_tls(ctx, acceptor, tcp, peer, admitted, deadline, false);
                     return Box::pin(tls).await;
@@ -319,10 +335,11 @@ async fn serve_tls(
     direct: bool,
 ) -> Result<Opening<'_>, ConnError> {
     let accept = acceptor.accept(tcp);
-    let mut tls = tokio::time::timeout_at(deadline, accept)
+    let tls = tokio::time::timeout_at(deadline, accept)
         .await
         .map_err(|_| ConnError::StartupTimeout(ctx.startup_timeout))??;
-    if direct && tls.get_ref().1.alpn_protocol() != Some(crate::tls::POSTGRESQL_ALPN) {
+    let mut tls = BufReader::with_capacity(LOGIN_READ_BUFFER, tls);
+    if direct && tls.get_ref().get_ref().1.alpn_protocol() != Some(crate::tls::POSTGRESQL_ALPN) {
         return refuse(
             &mut tls,
             ConnError::Unexpected("direct SSL without ALPN \"postgresql\""),
@@ -380,9 +397,12 @@ async fn read_first<S: AsyncRead + Unpin>(
         .map_err(|_| ConnError::StartupTimeout(limit))?
 }
 
+/// A client past its first packet: its login, then the client in. The
+/// bytes it sent beyond its login messages, which the login buffer read
+/// ahead, are the first of its session.
 async fn dispatch<S>(
     ctx: &Arc<Context>,
-    mut stream: S,
+    mut stream: BufReader<S>,
     peer: SocketAddr,
     tls: bool,
     admitted: bool,
@@ -488,6 +508,7 @@ where
         .pools
         .settings(&session)
         .is_some_and(|settings| settings.mode == PoolMode::Transaction);
+    let early = stream.buffer().to_vec();
     let mode = match login {
         Some(login) if transaction_mode => InMode::Transaction(Box::new(transaction::Client {
             ctx,
@@ -496,6 +517,7 @@ where
             key,
             routes,
             params,
+            early,
         })),
         login => InMode::Session(Box::new(SessionClient {
             ctx,
@@ -504,9 +526,11 @@ where
             key,
             routes,
             startup: plan.to_server,
+            early,
         })),
     };
-    Ok(Opening::In(InClient { mode, counted }, stream.into()))
+    let stream = stream.into_inner().into();
+    Ok(Opening::In(InClient { mode, counted }, stream))
 }
 
 /// A session-mode client past its login (proxy-side or none yet).
@@ -518,6 +542,8 @@ struct SessionClient<'a> {
     routes: watch::Receiver<Route>,
     /// The startup packet for its server.
     startup: Vec<u8>,
+    /// What it sent after its login messages, for its server.
+    early: Vec<u8>,
 }
 
 /// Serves a session-mode client: a slot of its pool (if pooled) and a
@@ -534,6 +560,7 @@ async fn serve_session<S: splice::Duplex>(
         key,
         mut routes,
         startup,
+        early,
     } = *client;
     let server = take_server(
         ctx,
@@ -542,6 +569,7 @@ async fn serve_session<S: splice::Duplex>(
         &mut routes,
         &mut stream,
         login.as_ref(),
+        early,
     );
     let TakenServer {
         lease,
@@ -622,6 +650,7 @@ async fn take_server<S: AsyncRead + AsyncWrite + Unpin>(
     routes: &mut watch::Receiver<Route>,
     stream: &mut S,
     login: Option<&Login>,
+    mut early: Vec<u8>,
 ) -> Result<TakenServer, ConnError> {
     // A pooled session's client takes a slot of its pool first (waiting,
     // up to the hold timeout, while the pool is full), perhaps with an
@@ -631,7 +660,6 @@ async fn take_server<S: AsyncRead + AsyncWrite + Unpin>(
         Some(pool) => Some(pool.checkout(startup, routes, hold_deadline).await?),
         None => None,
     };
-    let mut early = Vec::new();
     // The hold does not count against authentication: the rest of the
     // login gets a full startup_timeout from the moment a server is had.
     let (connected, born, deadline) = match lease.as_mut().and_then(|lease| lease.reused.take()) {

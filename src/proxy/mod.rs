@@ -149,6 +149,13 @@ pub async fn serve(
     config: ProxyConfig,
     shutdown: CancellationToken,
 ) -> Result<(), ProxyError> {
+    socket::tune_listener(&listener, &config.tcp).map_err(|source| ProxyError::Bind {
+        address: listener.local_addr().map_or_else(
+            |_| "the proxy's socket".into(),
+            |address| address.to_string(),
+        ),
+        source,
+    })?;
     let tls = match &config.tls {
         Some(files) => Some(crate::tls::client_facing_acceptor(&files.cert, &files.key)?),
         None => None,

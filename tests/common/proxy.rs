@@ -246,3 +246,32 @@ pub fn lookup_function() -> String {
     assert!(sql.contains("SECURITY DEFINER"), "{sql}");
     sql.replace("PASSWORD '...'", "PASSWORD 'lookup-only'")
 }
+
+/// Reads a client's messages up to ReadyForQuery, within 10 s: their tags
+/// and bodies.
+pub async fn read_to_ready<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Vec<(u8, Vec<u8>)> {
+    let read = async {
+        let mut messages = Vec::new();
+        loop {
+            let (tag, body) = read_message(stream).await;
+            messages.push((tag, body));
+            if tag == b'Z' {
+                return messages;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("ReadyForQuery within 10 s")
+}
+
+/// Reads one backend message: its tag and body.
+pub async fn read_message<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> (u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut header = [0u8; 5];
+    stream.read_exact(&mut header).await.expect("a message");
+    let len = u32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len - 4];
+    stream.read_exact(&mut body).await.expect("its body");
+    (header[0], body)
+}

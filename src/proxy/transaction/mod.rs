@@ -146,6 +146,8 @@ pub struct Client<'a> {
     pub routes: watch::Receiver<Route>,
     /// The startup packet's parameters, let go once read.
     pub params: Vec<(String, String)>,
+    /// What it sent after its login messages.
+    pub early: Vec<u8>,
 }
 
 /// A server connection held for one transaction.
@@ -250,6 +252,7 @@ pub(super) async fn serve<S: Duplex>(
         key,
         routes,
         params,
+        early,
     } = *client;
     let Some(pool) = ctx.pools.pool(&key) else {
         return refuse(
@@ -279,7 +282,7 @@ pub(super) async fn serve<S: Duplex>(
     // Plain TCP splits without a lock between the halves, as in the splice.
     let (mut client_read, mut client_write) = stream.halves();
     // Allocated as the client sends, and let go while it is idle.
-    let mut input = Vec::new();
+    let mut input = early;
     // The sub-futures are boxed: while the client is idle, its task holds
     // only what the wait for its next message needs.
     let greeted = Box::pin(session.greet(&mut client_read, &mut client_write, &mut input));
