@@ -3,7 +3,8 @@
 //! after a failover never routes below the epoch it saw, even when the old
 //! principal's PostgreSQL is still writable and no agent answers; a
 //! statement in flight on a principal superseded while its PostgreSQL stays
-//! up ends at the route change.
+//! up ends at the route change. The read-write probe keeps one session per
+//! server and replaces it when it is lost.
 
 mod common;
 
@@ -37,6 +38,59 @@ async fn two_read_write_servers_with_no_agent_answering_hold() {
         .await
         .expect_err("two writable servers: the proxy must not pick one");
     assert!(held(&err), "{err:?}");
+}
+
+/// The backends of the proxy's read-write probe on `server`.
+async fn probe_backends(server: &tokio_postgres::Client) -> Vec<i32> {
+    server
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+            &[&pgmirror::proxy::routing::PROBE_APPLICATION_NAME],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// Waits up to 5 s for exactly one probe backend other than `not`.
+async fn one_probe_backend(server: &tokio_postgres::Client, not: Option<i32>) -> i32 {
+    for _ in 0..50 {
+        if let [pid] = probe_backends(server).await[..] {
+            if Some(pid) != not {
+                return pid;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "not one new probe backend within 5 s: {:?}",
+        probe_backends(server).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_write_probe_keeps_one_session_and_replaces_a_lost_one() {
+    let pg = PgInstance::start();
+    let proxy = ProxyHandle::start(&common::proxy::standalone_config(&pg, "")).await;
+    let server = pg.connect().await;
+    let first = one_probe_backend(&server, None).await;
+    // Four poll rounds later, the same session answers the probe.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(probe_backends(&server).await, vec![first]);
+    proxy.connect("").await.expect("routed by the probe");
+
+    server
+        .execute("SELECT pg_terminate_backend($1)", &[&first])
+        .await
+        .unwrap();
+    let second = one_probe_backend(&server, Some(first)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(probe_backends(&server).await, vec![second]);
+    let client = proxy.connect("").await.expect("still routed by the probe");
+    client.simple_query("SELECT 1").await.unwrap();
+    proxy.stop().await;
 }
 
 fn agent_pid(partner: &common::cluster::Partner) -> Pid {

@@ -61,6 +61,10 @@ use crate::proxy::server_tls::{ServerConnectError, ServerTls, ServerTlsError};
 use crate::roles::{Epoch, Role};
 use crate::tls::EndpointTls;
 
+/// The application_name of the proxy's read-write probes, as
+/// pg_stat_activity shows them.
+pub const PROBE_APPLICATION_NAME: &str = "pgmirror-proxy-probe";
+
 /// How often the agents are asked for their status.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// How long a poll round still waits for the other agents once one
@@ -404,6 +408,7 @@ impl Discoverer {
             self.config.partners.iter().map(|_| None).collect();
         let mut known_postgres: Vec<String> =
             self.config.postgres.iter().map(|e| e.to_string()).collect();
+        let mut probes = ProbeConnections::default();
         let mut memory = RouteMemory::default();
         if let Some(store) = &self.epochs {
             match store.load() {
@@ -448,10 +453,16 @@ impl Discoverer {
             let (mut next, mut decision) = choose(&memory, &round);
             let mut tls_failure = None;
             if decision == Decision::Probe {
-                let probed = probe_all(&known_postgres, &self.probe, &self.server_tls).await;
+                let probed = probes
+                    .probe_all(&known_postgres, &self.probe, &self.server_tls)
+                    .await;
                 round.read_write = Some(probed.read_write);
                 tls_failure = probed.tls_failure;
                 (next, decision) = choose(&memory, &round);
+            } else {
+                // Agents answer: no backend is kept for probes that
+                // will not run again until they all fall silent.
+                probes.close_all();
             }
             if next.highest > memory.highest {
                 if let Some(store) = &self.epochs {
@@ -587,46 +598,107 @@ struct Probed {
     tls_failure: Option<ServerTlsError>,
 }
 
-/// Every PostgreSQL in `addresses` that accepts writes, probed at once.
-async fn probe_all(addresses: &[String], probe: &ProbeConfig, server_tls: &ServerTls) -> Probed {
-    let probes = addresses
-        .iter()
-        .map(|address| probe_read_write(address, probe, server_tls));
-    let outcomes = futures::future::join_all(probes).await;
-    let mut probed = Probed {
-        read_write: Vec::new(),
-        tls_failure: None,
-    };
-    for (address, outcome) in addresses.iter().zip(outcomes) {
-        match outcome {
-            Ok(true) => probed.read_write.push(address.clone()),
-            Ok(false) => {}
-            Err(failure) => {
-                probed.tls_failure.get_or_insert(failure);
+/// The read-write probes' connections, one per server address, kept from
+/// one round to the next as the agents' control connections are: a fresh
+/// connection every round forked a backend on each server twice a second
+/// for as long as no agent answered (15 ms of PostgreSQL's CPU a second,
+/// and a line per probe in a log with log_connections). A connection that
+/// fails is replaced within the same round.
+#[derive(Default)]
+struct ProbeConnections {
+    open: std::collections::HashMap<String, ProbeConnection>,
+}
+
+/// A probe's session: its client, and the task that runs its connection.
+struct ProbeConnection {
+    client: tokio_postgres::Client,
+    connection: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ProbeConnection {
+    fn drop(&mut self) {
+        // A connection to a frozen server would otherwise wait on it
+        // until TCP gives up.
+        self.connection.abort();
+    }
+}
+
+/// The probe's question: false is a read-write server. It reads the
+/// server's current state, so a kept session sees a promotion.
+const PROBE_QUERY: &str = "SELECT pg_is_in_recovery()";
+
+impl ProbeConnections {
+    /// Every PostgreSQL in `addresses` that accepts writes, probed at
+    /// once. Connections to addresses no longer known are closed.
+    async fn probe_all(
+        &mut self,
+        addresses: &[String],
+        probe: &ProbeConfig,
+        server_tls: &ServerTls,
+    ) -> Probed {
+        self.open.retain(|address, _| addresses.contains(address));
+        let mut held: Vec<Option<ProbeConnection>> = addresses
+            .iter()
+            .map(|address| self.open.remove(address))
+            .collect();
+        let probes = addresses
+            .iter()
+            .zip(held.iter_mut())
+            .map(|(address, held)| probe_read_write(address, probe, server_tls, held));
+        let outcomes = futures::future::join_all(probes).await;
+        let mut probed = Probed {
+            read_write: Vec::new(),
+            tls_failure: None,
+        };
+        for ((address, outcome), held) in addresses.iter().zip(outcomes).zip(held) {
+            match outcome {
+                Ok(true) => probed.read_write.push(address.clone()),
+                Ok(false) => {}
+                Err(failure) => {
+                    probed.tls_failure.get_or_insert(failure);
+                }
+            }
+            if let Some(connection) = held {
+                self.open.insert(address.clone(), connection);
             }
         }
+        probed
     }
-    probed
+
+    fn close_all(&mut self) {
+        self.open.clear();
+    }
 }
 
 /// `SELECT pg_is_in_recovery()` is false: the server is read-write. The
-/// connection is opened like a client's (`[server_tls]`), and
-/// tokio-postgres runs over it without TLS of its own.
+/// question goes on the connection kept in `held` when it still works,
+/// else on a new one, opened like a client's (`[server_tls]`), with
+/// tokio-postgres running over it without TLS of its own; `held` keeps a
+/// connection that answered. A probe that runs out of time drops its
+/// connection.
 async fn probe_read_write(
     address: &str,
     probe: &ProbeConfig,
     server_tls: &ServerTls,
+    held: &mut Option<ProbeConnection>,
 ) -> Result<bool, ServerTlsError> {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .user(&probe.user)
-        .dbname(&probe.database)
-        .application_name("pgmirror-proxy-probe")
-        .ssl_mode(tokio_postgres::config::SslMode::Disable);
-    if let Some(password) = &probe.password {
-        config.password(password);
-    }
     let attempt = async {
+        if let Some(kept) = held.take() {
+            if let Ok(row) = kept.client.query_one(PROBE_QUERY, &[]).await {
+                let in_recovery = row.try_get::<_, bool>(0).ok();
+                *held = Some(kept);
+                return Ok(in_recovery);
+            }
+        }
+        let mut config = tokio_postgres::Config::new();
+        config
+            .user(&probe.user)
+            .dbname(&probe.database)
+            .application_name(PROBE_APPLICATION_NAME)
+            .ssl_mode(tokio_postgres::config::SslMode::Disable);
+        if let Some(password) = &probe.password {
+            config.password(password);
+        }
         let stream = match server_tls.connect(address).await {
             Ok(stream) => stream,
             Err(ServerConnectError::Tls(failure)) => return Err(failure),
@@ -636,14 +708,15 @@ async fn probe_read_write(
         else {
             return Ok(None);
         };
-        let connection = tokio::spawn(connection);
-        let row = client
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await
-            .ok();
-        drop(client);
-        let _ = connection.await;
-        Ok(row.and_then(|row| row.try_get::<_, bool>(0).ok()))
+        let connection = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let opened = ProbeConnection { client, connection };
+        let Ok(row) = opened.client.query_one(PROBE_QUERY, &[]).await else {
+            return Ok(None);
+        };
+        *held = Some(opened);
+        Ok(row.try_get::<_, bool>(0).ok())
     };
     match tokio::time::timeout(POLL_TIMEOUT, attempt).await {
         Ok(Ok(in_recovery)) => Ok(in_recovery == Some(false)),
