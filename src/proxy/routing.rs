@@ -603,7 +603,8 @@ struct Probed {
 /// connection every round forked a backend on each server twice a second
 /// for as long as no agent answered (15 ms of PostgreSQL's CPU a second,
 /// and a line per probe in a log with log_connections). A connection that
-/// fails is replaced within the same round.
+/// fails is replaced within the same round, and one is renewed after
+/// [`PROBE_SESSION_LIFETIME`].
 #[derive(Default)]
 struct ProbeConnections {
     open: std::collections::HashMap<String, ProbeConnection>,
@@ -613,6 +614,20 @@ struct ProbeConnections {
 struct ProbeConnection {
     client: tokio_postgres::Client,
     connection: tokio::task::JoinHandle<()>,
+    opened: tokio::time::Instant,
+}
+
+/// How long a probe's session is kept: a smart shutdown (`pg_ctl stop -m
+/// smart`) waits for every session to end, so the probe's must not live
+/// forever.
+const PROBE_SESSION_LIFETIME: Duration = Duration::from_secs(60);
+
+impl ProbeConnection {
+    /// Whether the server is in recovery; None when the session failed.
+    async fn ask(&self) -> Option<Option<bool>> {
+        let row = self.client.query_one(PROBE_QUERY, &[]).await.ok()?;
+        Some(row.try_get::<_, bool>(0).ok())
+    }
 }
 
 impl Drop for ProbeConnection {
@@ -683,9 +698,11 @@ async fn probe_read_write(
     held: &mut Option<ProbeConnection>,
 ) -> Result<bool, ServerTlsError> {
     let attempt = async {
-        if let Some(kept) = held.take() {
-            if let Ok(row) = kept.client.query_one(PROBE_QUERY, &[]).await {
-                let in_recovery = row.try_get::<_, bool>(0).ok();
+        let kept = held
+            .take()
+            .filter(|kept| kept.opened.elapsed() < PROBE_SESSION_LIFETIME);
+        if let Some(kept) = kept {
+            if let Some(in_recovery) = kept.ask().await {
                 *held = Some(kept);
                 return Ok(in_recovery);
             }
@@ -711,12 +728,16 @@ async fn probe_read_write(
         let connection = tokio::spawn(async move {
             let _ = connection.await;
         });
-        let opened = ProbeConnection { client, connection };
-        let Ok(row) = opened.client.query_one(PROBE_QUERY, &[]).await else {
+        let opened = ProbeConnection {
+            client,
+            connection,
+            opened: tokio::time::Instant::now(),
+        };
+        let Some(in_recovery) = opened.ask().await else {
             return Ok(None);
         };
         *held = Some(opened);
-        Ok(row.try_get::<_, bool>(0).ok())
+        Ok(in_recovery)
     };
     match tokio::time::timeout(POLL_TIMEOUT, attempt).await {
         Ok(Ok(in_recovery)) => Ok(in_recovery == Some(false)),
