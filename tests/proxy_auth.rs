@@ -2,8 +2,9 @@
 //! scram-sha-256, pg_hba scram-sha-256 or md5 over TCP): SCRAM and md5
 //! users from a userlist copied from pg_authid, verifiers fetched with an
 //! auth query through a SECURITY DEFINER function (and a clear error
-//! without it), and psql with `channel_binding=require` over the proxy's
-//! TLS. No client's plaintext password is in any config file.
+//! without it), psql with `channel_binding=require` over the proxy's TLS,
+//! and a query sent along with the password, answered in transaction mode.
+//! No client's plaintext password is in any config file.
 
 mod common;
 

@@ -14,6 +14,9 @@
 //!
 //! The splice (`splice`) then copies bytes both ways, with the commit
 //! fence (I2) and the failover goodbye (I4) on the server's side.
+//! The client's reads up to the end of its login are buffered, and what
+//! the buffer read past the login is the first input of its session; only
+//! before the answer to an SSLRequest is nothing allowed to come early.
 //! The first packets (and TLS handshake) run under the startup timeout;
 //! the hold while no principal serves runs under the hold timeout; the
 //! authentication exchange then gets a fresh startup timeout. Dropping the
@@ -298,10 +301,10 @@ async fn open(
             FeStartup::SslRequest if !negotiated_ssl => {
                 negotiated_ssl = true;
                 if let Some(acceptor) = ctx.tls.clone() {
-                    // Bytes sent before the answer would be taken as the
-                    // start of the encrypted stream by nobody, or as plain
-                    // text after it by a careless server: PostgreSQL's
-                    // refusal of a man-in-the-middle's injection.
+                    // Bytes that came before the answer came in plain
+                    // text; passing them on as if they had come through
+                    // TLS is the injection PostgreSQL refuses since
+                    // CVE-2021-23214.
                     if !tcp.buffer().is_empty() {
                         return refuse(&mut tcp, ConnError::DataAfterSslRequest).await;
                     }

@@ -247,8 +247,8 @@ pub fn lookup_function() -> String {
     sql.replace("PASSWORD '...'", "PASSWORD 'lookup-only'")
 }
 
-/// Reads a client's messages up to ReadyForQuery, within 10 s: their tags
-/// and bodies.
+/// Reads backend messages, as a client, up to ReadyForQuery within 10 s:
+/// their tags and bodies.
 pub async fn read_to_ready<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Vec<(u8, Vec<u8>)> {
     let read = async {
         let mut messages = Vec::new();
