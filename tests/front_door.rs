@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::proxy::{
-    read_message, read_to_ready, standalone_config, tls_section, trusting_client, ProxyHandle,
+    read_message, read_to_ready, standalone_config, tls_proxy, tls_section, trusting_client,
+    ProxyHandle,
 };
 use common::PgInstance;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -110,10 +111,7 @@ const READERS: [(&str, Duration, Option<Duration>); 3] = [
 /// `bench/tls-slow` sets PGMIRROR_TLS_ROUNDS (rounds of [`READERS`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_client_that_stalls_before_reading_gets_every_byte() {
-    let pg = PgInstance::start();
-    let pki = tempfile::tempdir().unwrap();
-    let tls = tls_section(pki.path());
-    let proxy = ProxyHandle::start(&standalone_config(&pg, &tls)).await;
+    let (_pg, pki, proxy) = tls_proxy().await;
     let rounds: usize = std::env::var("PGMIRROR_TLS_ROUNDS")
         .ok()
         .and_then(|rounds| rounds.parse().ok())
@@ -385,10 +383,7 @@ fn psycopg(script: &str, conninfo: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_sent_with_a_login_packet_are_handed_on_but_not_after_an_ssl_request() {
-    let pg = PgInstance::start();
-    let pki = tempfile::tempdir().unwrap();
-    let tls = tls_section(pki.path());
-    let proxy = ProxyHandle::start(&standalone_config(&pg, &tls)).await;
+    let (_pg, _pki, proxy) = tls_proxy().await;
 
     // A startup packet and a query in one write (pass-through, trust).
     let mut client = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
@@ -425,10 +420,7 @@ async fn bytes_sent_with_a_login_packet_are_handed_on_but_not_after_an_ssl_reque
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libpq_18_asks_for_protocol_3_2_and_direct_ssl_through_the_proxy() {
-    let pg = PgInstance::start();
-    let pki = tempfile::tempdir().unwrap();
-    let tls = tls_section(pki.path());
-    let proxy = ProxyHandle::start(&standalone_config(&pg, &tls)).await;
+    let (_pg, _pki, proxy) = tls_proxy().await;
     let conninfo = proxy.conninfo("postgres", "postgres");
     // Protocol 3.2 asked for: the proxy serves it (PostgreSQL 15 behind
     // it is asked for 3.0) and hands out a 32-byte cancel key, with which a

@@ -11,17 +11,14 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{Pair, PairOptions, SLOW};
 use common::proxy::{
-    run_client, standalone_config, tls_section, trusting_client, ProxyHandle, ADMIN,
+    run_client, standalone_config, tls_proxy, trusting_client, ProxyHandle, ADMIN,
 };
 use common::{free_port, PgInstance};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_pgbench_and_tls_clients_work_through_the_proxy() {
-    let pg = PgInstance::start();
-    let pki = tempfile::tempdir().unwrap();
-    let tls = tls_section(pki.path());
-    let proxy = ProxyHandle::start(&standalone_config(&pg, &tls)).await;
+    let (_pg, pki, proxy) = tls_proxy().await;
     let port = proxy.port.to_string();
 
     let (ok, out) = run_client(

@@ -247,6 +247,17 @@ pub fn lookup_function() -> String {
     sql.replace("PASSWORD '...'", "PASSWORD 'lookup-only'")
 }
 
+/// A fresh PostgreSQL behind a standalone proxy that offers TLS to its
+/// clients, with the directory of the test CA and certificates (kept
+/// for as long as the proxy runs).
+pub async fn tls_proxy() -> (super::PgInstance, tempfile::TempDir, ProxyHandle) {
+    let pg = super::PgInstance::start();
+    let pki = tempfile::tempdir().unwrap();
+    let tls = tls_section(pki.path());
+    let proxy = ProxyHandle::start(&standalone_config(&pg, &tls)).await;
+    (pg, pki, proxy)
+}
+
 /// Reads backend messages, as a client, up to ReadyForQuery within 10 s:
 /// their tags and bodies.
 pub async fn read_to_ready<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Vec<(u8, Vec<u8>)> {
