@@ -12,6 +12,11 @@ use pgmirror::runtime::{self, Threads};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc: fewer instructions per allocation than glibc's malloc on the
+/// proxy's login path, at the same memory per idle client.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Database mirroring for PostgreSQL: a principal and a mirror kept in step
 /// by shipping WAL, a witness for automatic failover, and a proxy that sends
 /// clients to the current principal.
