@@ -458,13 +458,23 @@ impl Session<'_> {
             Ok(attached) => attached,
             Err(refusal) => return refusal.tell(client_write).await.map(Some),
         };
+        let reported = &attached.state.reported;
+        let statuses_len: usize = reported
+            .iter()
+            .map(|(name, value)| extended::parameter_status_len(name, value))
+            .sum();
+        let registration = self.registration;
+        let key_data = backend_key_data(registration.pid, &registration.secret);
+        let ready = extended::ready_for_query(IDLE);
         let mut greeting = extended::authentication_ok();
-        for (name, value) in &attached.state.reported {
+        // Sized once: grown message by message, the greeting was a login's
+        // largest run of reallocations.
+        greeting.reserve(statuses_len + key_data.len() + ready.len());
+        for (name, value) in reported {
             extended::put_parameter_status(&mut greeting, name, value);
         }
-        let registration = self.registration;
-        greeting.extend_from_slice(&backend_key_data(registration.pid, &registration.secret));
-        greeting.extend_from_slice(&extended::ready_for_query(IDLE));
+        greeting.extend_from_slice(&key_data);
+        greeting.extend_from_slice(&ready);
         client_write.write_all(&greeting).await?;
         client_write.flush().await?;
         self.release(attached, Touched::default()).await;
