@@ -34,9 +34,10 @@ impl Md5Verifier {
         let mut hasher = Md5::new();
         hasher.update(self.0.as_bytes());
         hasher.update(salt);
-        let digest = hasher.finalize();
-        let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
-        format!("md5{hex}")
+        let mut answer = String::with_capacity(35);
+        answer.push_str("md5");
+        answer.push_str(&hex::encode(hasher.finalize()));
+        answer
     }
 
     /// Whether a client's answer to `salt` is right, in constant time.

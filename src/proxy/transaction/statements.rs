@@ -35,12 +35,7 @@ impl Statement {
         hash.update(&[0]);
         hash.update(types);
         let digest = hash.finish();
-        let hex: String = digest
-            .as_ref()
-            .iter()
-            .take(16)
-            .map(|byte| format!("{byte:02x}"))
-            .collect();
+        let hex = hex::encode(&digest.as_ref()[..16]);
         Statement {
             query: query.to_string(),
             types: types.to_vec(),
