@@ -551,6 +551,12 @@ const RAW_TIMEOUT: Duration = Duration::from_secs(10);
 impl Raw {
     /// Logs in as the md5 user `old` with its verifier.
     async fn login(port: u16, verifier: &Md5Verifier) -> Raw {
+        Raw::login_greeted(port, verifier).await.0
+    }
+
+    /// [`Raw::login`], and the ParameterStatus messages it was greeted
+    /// with, in order.
+    async fn login_greeted(port: u16, verifier: &Md5Verifier) -> (Raw, Vec<Vec<u8>>) {
         let stream = TcpStream::connect(("127.0.0.1", port))
             .await
             .expect("connect");
@@ -565,9 +571,10 @@ impl Raw {
         let mut answer = verifier.answer(salt).into_bytes();
         answer.push(0);
         raw.send(&[frame(b'p', &answer)]).await;
-        let login = raw.until_ready().await;
+        let mut statuses = Vec::new();
+        let login = raw.until_ready_keeping(&mut statuses).await;
         assert!(login.contains(&"AuthenticationOk".to_string()), "{login:?}");
-        raw
+        (raw, statuses)
     }
 
     async fn send(&mut self, messages: &[Vec<u8>]) {
@@ -594,10 +601,17 @@ impl Raw {
     /// Messages up to and including ReadyForQuery, each as [`describe`]
     /// writes it (ParameterStatus and BackendKeyData left out).
     async fn until_ready(&mut self) -> Vec<String> {
+        self.until_ready_keeping(&mut Vec::new()).await
+    }
+
+    /// [`Raw::until_ready`], keeping the ParameterStatus bodies in `statuses`.
+    async fn until_ready_keeping(&mut self, statuses: &mut Vec<Vec<u8>>) -> Vec<String> {
         let mut seen = Vec::new();
         loop {
             let (tag, body) = self.message().await;
-            if !matches!(tag, b'S' | b'K' | b'N') {
+            if tag == b'S' {
+                statuses.push(body);
+            } else if !matches!(tag, b'K' | b'N') {
                 seen.push(describe(tag, &body));
             }
             if tag == b'Z' {
@@ -1602,6 +1616,46 @@ async fn a_client_waits_for_a_busy_pool_up_to_hold_timeout_then_gets_53300() {
         value(&waiter, "SHOW application_name").await,
         "patient",
         "the refused client lost its session"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_is_greeted_while_every_connection_of_its_pool_is_busy() {
+    let pooled = pooled(1).await;
+    let port = pooled.proxy.port;
+    let verifier: Md5Verifier = verifier_of(&pooled.setup, "old").await.parse().unwrap();
+    // The first login takes the pool's one connection to see what the
+    // server reports; then it holds it in a transaction.
+    let (mut holder, first) = Raw::login_greeted(port, &verifier).await;
+    assert!(
+        first
+            .iter()
+            .any(|status| status.starts_with(b"server_version\0")),
+        "no server_version in the greeting: {first:?}"
+    );
+    holder.simple("BEGIN").await;
+
+    // A login with the same parameters is greeted at once, as the server
+    // greeted the first, and does not wait (up to hold_timeout, 5 s) for
+    // the connection.
+    let greeted = Raw::login_greeted(port, &verifier);
+    let (mut waiter, second) = tokio::time::timeout(Duration::from_secs(3), greeted)
+        .await
+        .expect("the login waited for the busy connection");
+    assert_eq!(second, first, "greeted otherwise than the server greets");
+
+    // Its first statement is what waits for the connection.
+    let query = tokio::spawn(async move { waiter.simple("SELECT 'waited'").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!query.is_finished(), "the statement did not wait");
+    holder.simple("COMMIT").await;
+    let answer = tokio::time::timeout(Duration::from_secs(5), query)
+        .await
+        .expect("the statement got the connection")
+        .unwrap();
+    assert!(
+        answer.contains(&"DataRow(waited)".to_string()),
+        "{answer:?}"
     );
 }
 

@@ -112,9 +112,27 @@ struct Pool {
     gauges: [Gauge; 3],
     /// One shared map per set of session parameters its clients have in
     /// force, so that a connection's parameters and its next client's are
-    /// usually the same map (see `transaction::settings`). Forgotten when
-    /// no client or connection holds them any more.
-    parameter_sets: BTreeMap<ServerSettings, Weak<ServerSettings>>,
+    /// usually the same map (see `transaction::settings`), and the greeting
+    /// kept for it. Forgotten when no client or connection holds them any
+    /// more.
+    parameter_sets: BTreeMap<ServerSettings, ParameterSet>,
+}
+
+/// A set of session parameters that clients of a pool have in force.
+struct ParameterSet {
+    shared: Weak<ServerSettings>,
+    greeting: Option<Arc<KeptGreeting>>,
+}
+
+/// The ParameterStatus messages a connection of a pool reported with a set
+/// of parameters in force, and the principal and epoch it was opened for:
+/// the next client with the same parameters is greeted with them without
+/// taking a connection, as PgBouncer greets its clients, while the route
+/// still names that principal at that epoch (I4).
+pub struct KeptGreeting {
+    pub principal: Principal,
+    pub epoch: Epoch,
+    pub statuses: Vec<u8>,
 }
 
 impl Pool {
@@ -232,13 +250,17 @@ pub struct Lease {
 
 impl Route {
     /// Whether an idle connection may serve a client now: the route names
-    /// its principal, at its epoch (I4). A route that names no principal
-    /// (held) serves none.
+    /// its principal, at its epoch (I4).
     fn serves(&self, idle: &IdleServer) -> bool {
-        self.epoch == idle.epoch
-            && self.principal.as_ref().is_some_and(|principal| {
-                principal.server_name == idle.principal.server_name
-                    && principal.address == idle.principal.address
+        self.names(&idle.principal, idle.epoch)
+    }
+
+    /// Whether the route names `principal` at `epoch`. A route that names
+    /// no principal (held) names none.
+    fn names(&self, principal: &Principal, epoch: Epoch) -> bool {
+        self.epoch == epoch
+            && self.principal.as_ref().is_some_and(|current| {
+                current.server_name == principal.server_name && current.address == principal.address
             })
     }
 }
@@ -329,7 +351,8 @@ impl Pools {
             close_all(&mut pool.idle, |idle| {
                 idle.expired(&shared.settings, now) || route.supersedes(idle.epoch, &idle.principal)
             });
-            pool.parameter_sets.retain(|_, set| set.strong_count() > 0);
+            pool.parameter_sets
+                .retain(|_, set| set.shared.strong_count() > 0);
             if pool.idle.len() != before {
                 pool.record();
             }
@@ -397,12 +420,46 @@ impl PoolHandle {
     /// its other clients with the same values use, or `in_force` itself.
     pub fn shared_settings(&self, in_force: &Arc<ServerSettings>) -> Arc<ServerSettings> {
         let mut pool = self.0.lock();
-        if let Some(shared) = pool.parameter_sets.get(&**in_force).and_then(Weak::upgrade) {
+        let set = pool.parameter_sets.get(&**in_force);
+        if let Some(shared) = set.and_then(|set| set.shared.upgrade()) {
             return shared;
         }
-        let set = Arc::downgrade(in_force);
+        let set = ParameterSet {
+            shared: Arc::downgrade(in_force),
+            greeting: None,
+        };
         pool.parameter_sets.insert((**in_force).clone(), set);
         in_force.clone()
+    }
+
+    /// The greeting kept for clients with `in_force`'s parameters, while
+    /// `route` still names the principal and epoch it came from (I4).
+    pub fn kept_greeting(
+        &self,
+        in_force: &ServerSettings,
+        route: &Route,
+    ) -> Option<Arc<KeptGreeting>> {
+        let pool = self.0.lock();
+        let greeting = pool.parameter_sets.get(in_force)?.greeting.as_ref()?;
+        route
+            .names(&greeting.principal, greeting.epoch)
+            .then(|| greeting.clone())
+    }
+
+    /// Keeps `greeting` for the next client with `in_force`'s parameters.
+    pub fn keep_greeting(&self, in_force: &ServerSettings, greeting: Arc<KeptGreeting>) {
+        if let Some(set) = self.0.lock().parameter_sets.get_mut(in_force) {
+            set.greeting = Some(greeting);
+        }
+    }
+
+    /// Forgets every kept greeting: a server reported a change in a
+    /// transaction (a client's SET, or a reload of its configuration), and
+    /// the next login takes a connection to see what it reports now.
+    pub fn forget_greetings(&self) {
+        for set in self.0.lock().parameter_sets.values_mut() {
+            set.greeting = None;
+        }
     }
 
     /// Takes a slot in the pool, with an idle connection whose startup
@@ -768,6 +825,53 @@ mod tests {
         let lease = checkout(&pools, &routes, Instant::now()).await.unwrap();
         lease.give_back(idle_server(client, made_for), made_for);
         (pools, server_end)
+    }
+
+    #[test]
+    fn a_kept_greeting_serves_only_its_parameters_principal_and_epoch() {
+        let settings = PoolSettings {
+            mode: crate::config::PoolMode::Transaction,
+            size: 2,
+            idle_timeout: Duration::from_secs(600),
+            lifetime: Duration::from_secs(3600),
+            reset_query: "DISCARD ALL".into(),
+        };
+        let pools = Pools::new(BTreeMap::from([("shop".to_string(), settings)]));
+        let pool = pools.pool(&key()).expect("a pooled session");
+        let set = |name: &str| {
+            let values = ServerSettings::from([("application_name".into(), name.into())]);
+            pool.shared_settings(&Arc::new(values))
+        };
+        let (web, batch) = (set("web"), set("batch"));
+        let made_for = route(3, "a");
+        let greeting = KeptGreeting {
+            principal: made_for.principal.clone().unwrap(),
+            epoch: made_for.epoch,
+            statuses: b"S".to_vec(),
+        };
+        pool.keep_greeting(&web, Arc::new(greeting));
+
+        assert!(pool.kept_greeting(&web, &made_for).is_some());
+        assert!(
+            pool.kept_greeting(&batch, &made_for).is_none(),
+            "other parameters"
+        );
+        // I4: a greeting from a former principal or epoch is not served.
+        assert!(
+            pool.kept_greeting(&web, &route(4, "a")).is_none(),
+            "a newer epoch"
+        );
+        assert!(
+            pool.kept_greeting(&web, &route(3, "b")).is_none(),
+            "another principal"
+        );
+        let held = Route {
+            epoch: made_for.epoch,
+            ..Default::default()
+        };
+        assert!(pool.kept_greeting(&web, &held).is_none(), "no principal");
+        pool.forget_greetings();
+        assert!(pool.kept_greeting(&web, &made_for).is_none(), "forgotten");
     }
 
     /// A connection made for `made_for`, logged in with `b"startup"`.

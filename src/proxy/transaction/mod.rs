@@ -3,12 +3,14 @@
 //! when it sends a statement and gives it back at the ReadyForQuery that
 //! says the server is idle outside a transaction with nothing outstanding.
 //! The proxy logs the client in itself (proxy-side authentication is
-//! required) and carries what a session would keep: its parameters (the
-//! startup packet's and its top-level SET/RESET, `settings`), applied to
-//! whichever connection runs its next transaction, and its named prepared
-//! statements (`statements`), prepared on each connection under a name of
-//! the proxy's (`replies` keeps the replies in step). What needs a session
-//! of its own is refused at the top level (`sql`).
+//! required), greets it with what a connection of its pool reported with
+//! the same parameters (kept by the pool, `pool::KeptGreeting`), and
+//! carries what a session would keep: its parameters (the startup
+//! packet's and its top-level SET/RESET, `settings`), applied to whichever
+//! connection runs its next transaction, and its named prepared statements
+//! (`statements`), prepared on each connection under a name of the
+//! proxy's (`replies` keeps the replies in step). What needs a session of
+//! its own is refused at the top level (`sql`).
 //!
 //! A failover is invisible to a client outside a transaction: the pool
 //! drops the former principal's connections (I4) and its next statement
@@ -44,7 +46,9 @@ use crate::proxy::connection::{hold_and_connect, refuse, ConnError, End};
 use crate::proxy::fence::{
     CommitFence, FenceCause, Step, FRONTEND_AWAITS_READY, SQLSTATE_COMPLETION_UNKNOWN,
 };
-use crate::proxy::pool::{own_query, IdleServer, Lease, PoolHandle, PoolKey, OWN_REPLY_MAX};
+use crate::proxy::pool::{
+    own_query, IdleServer, KeptGreeting, Lease, PoolHandle, PoolKey, OWN_REPLY_MAX,
+};
 use crate::proxy::routing::{Principal, Route, RouteChanges};
 use crate::proxy::server_tls::ServerStream;
 use crate::proxy::splice::{fenced, Duplex, SHUTTING_DOWN};
@@ -93,6 +97,8 @@ pub struct ServerState {
     pub settings: Arc<ServerSettings>,
     /// The parameters the server reported (ParameterStatus), as now.
     pub reported: BTreeMap<String, String>,
+    /// The server reported a change while a client's transaction ran.
+    reported_in_transaction: bool,
     /// The server's BackendKeyData, for forwarding cancels.
     pub key: Option<(u32, u32)>,
     /// Its relay's buffers, empty between transactions.
@@ -441,9 +447,11 @@ fn alive(server: &mut ServerStream) -> bool {
 }
 
 impl Session<'_> {
-    /// The login's end: a server connection gets the client's parameters,
-    /// and what it then reports is the client's ParameterStatus. Some when
-    /// the client's connection ends instead.
+    /// The login's end: the client's ParameterStatus are what a server
+    /// connection reports with its parameters in force, kept by the pool
+    /// from an earlier login with the same parameters or else seen now on
+    /// a connection given them (a server refusing them refuses the login).
+    /// Some when the client's connection ends instead.
     async fn greet<R, W>(
         &mut self,
         client_read: &mut R,
@@ -454,30 +462,51 @@ impl Session<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let attached = match self.attach(client_read, input).await {
-            Ok(attached) => attached,
-            Err(refusal) => return refusal.tell(client_write).await.map(Some),
+        let in_force = self.settings.in_force().clone();
+        let from_pool = self.pool.kept_greeting(&in_force, &self.routes.borrow());
+        let kept = match from_pool {
+            Some(kept) => {
+                // As if it had attached: a failover from here on counts
+                // as its reattachment.
+                self.last = Some((kept.principal.server_name.clone(), kept.epoch));
+                kept
+            }
+            None => {
+                let attached = match self.attach(client_read, input).await {
+                    Ok(attached) => attached,
+                    Err(refusal) => return refusal.tell(client_write).await.map(Some),
+                };
+                let reported = &attached.state.reported;
+                let statuses_len = reported
+                    .iter()
+                    .map(|(name, value)| extended::parameter_status_len(name, value))
+                    .sum();
+                let mut statuses = Vec::with_capacity(statuses_len);
+                for (name, value) in reported {
+                    extended::put_parameter_status(&mut statuses, name, value);
+                }
+                let seen = Arc::new(KeptGreeting {
+                    principal: attached.principal.clone(),
+                    epoch: attached.epoch,
+                    statuses,
+                });
+                self.pool.keep_greeting(&in_force, seen.clone());
+                self.release(attached, Touched::default()).await;
+                seen
+            }
         };
-        let reported = &attached.state.reported;
-        let statuses_len: usize = reported
-            .iter()
-            .map(|(name, value)| extended::parameter_status_len(name, value))
-            .sum();
         let registration = self.registration;
         let key_data = backend_key_data(registration.pid, &registration.secret);
         let ready = extended::ready_for_query(IDLE);
         let mut greeting = extended::authentication_ok();
         // Sized once: grown message by message, the greeting was a login's
         // largest run of reallocations.
-        greeting.reserve(statuses_len + key_data.len() + ready.len());
-        for (name, value) in reported {
-            extended::put_parameter_status(&mut greeting, name, value);
-        }
+        greeting.reserve(kept.statuses.len() + key_data.len() + ready.len());
+        greeting.extend_from_slice(&kept.statuses);
         greeting.extend_from_slice(&key_data);
         greeting.extend_from_slice(&ready);
         client_write.write_all(&greeting).await?;
         client_write.flush().await?;
-        self.release(attached, Touched::default()).await;
         Ok(None)
     }
 
@@ -684,6 +713,9 @@ impl Session<'_> {
     /// still arrive and hit the next client's query.
     async fn release(&mut self, mut attached: Attached, touched: Touched) {
         self.registration.clear_server_key();
+        if std::mem::take(&mut attached.state.reported_in_transaction) {
+            self.pool.forget_greetings();
+        }
         if !touched.is_empty() {
             let mut sql = String::new();
             if touched.reset_all {
@@ -1368,6 +1400,7 @@ impl Relay<'_> {
             PARAMETER_STATUS => {
                 if let Some((name, value)) = decode_parameter_status(message) {
                     state.reported.insert(name.to_string(), value.to_string());
+                    state.reported_in_transaction = true;
                 }
             }
             _ => {}
