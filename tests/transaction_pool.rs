@@ -7,7 +7,8 @@
 //! pipelined queries, COPY, a cancel that reaches only its own query,
 //! session state (SET, RESET, startup parameters) carried across server
 //! connections, a client that leaves mid-transaction or mid-query, a wait
-//! for a busy pool up to hold_timeout, a pooled connection that dies while
+//! for a busy pool up to hold_timeout, a login greeted while its pool is
+//! busy (from the pool's kept greeting), a pooled connection that dies while
 //! idle, session features refused with 0A000, a stopping proxy telling idle
 //! and busy clients 57P01, and the config that refuses
 //! transaction mode with pass-through authentication.
