@@ -789,6 +789,7 @@ pub async fn own_query(server: &mut ServerStream, sql: &str) -> Result<OwnReply,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::PoolMode;
     use crate::proxy::routing::Discovery;
     use tokio::net::{TcpListener, TcpStream};
     use tokio::task::JoinHandle;
@@ -805,17 +806,22 @@ mod tests {
         }
     }
 
-    /// A pool of `app` in session `shop` holding one idle connection made
-    /// for `made_for`; the server's end of it.
-    async fn one_idle(made_for: &Route) -> (Pools, TcpStream) {
+    /// The pools of session `shop`, two connections each, in `mode`.
+    fn shop_pools(mode: PoolMode) -> Pools {
         let settings = PoolSettings {
-            mode: crate::config::PoolMode::Session,
+            mode,
             size: 2,
             idle_timeout: Duration::from_secs(600),
             lifetime: Duration::from_secs(3600),
             reset_query: "DISCARD ALL".into(),
         };
-        let pools = Pools::new(BTreeMap::from([("shop".to_string(), settings)]));
+        Pools::new(BTreeMap::from([("shop".to_string(), settings)]))
+    }
+
+    /// A pool of `app` in session `shop` holding one idle connection made
+    /// for `made_for`; the server's end of it.
+    async fn one_idle(made_for: &Route) -> (Pools, TcpStream) {
+        let pools = shop_pools(PoolMode::Session);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -829,14 +835,7 @@ mod tests {
 
     #[test]
     fn a_kept_greeting_serves_only_its_parameters_principal_and_epoch() {
-        let settings = PoolSettings {
-            mode: crate::config::PoolMode::Transaction,
-            size: 2,
-            idle_timeout: Duration::from_secs(600),
-            lifetime: Duration::from_secs(3600),
-            reset_query: "DISCARD ALL".into(),
-        };
-        let pools = Pools::new(BTreeMap::from([("shop".to_string(), settings)]));
+        let pools = shop_pools(PoolMode::Transaction);
         let pool = pools.pool(&key()).expect("a pooled session");
         let set = |name: &str| {
             let values = ServerSettings::from([("application_name".into(), name.into())]);
